@@ -1,0 +1,10 @@
+//! `ferry` subcommands for ferry-fs.
+
+/// Subcommands of this family.
+#[derive(clap::Subcommand)]
+pub enum Command {}
+
+/// Runs one subcommand.
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {}
+}

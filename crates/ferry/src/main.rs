@@ -1,0 +1,41 @@
+//! `ferry`: one command line over ferry-fs, ferry-spawn and ferry-remote.
+//!
+//! Each family of subcommands lives in its own module and is flattened into
+//! one clap enum here, so `main` only parses, dispatches and reports errors.
+
+mod fs_cmd;
+mod remote_cmd;
+mod spawn_cmd;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Local-first file system, fast process spawning, remote memory mapping")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Fs(fs_cmd::Command),
+    #[command(flatten)]
+    Spawn(spawn_cmd::Command),
+    #[command(flatten)]
+    Remote(remote_cmd::Command),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fs(c) => fs_cmd::run(c),
+        Command::Spawn(c) => spawn_cmd::run(c),
+        Command::Remote(c) => remote_cmd::run(c),
+    };
+    if let Err(err) = result {
+        // One line, the whole cause chain: "ferry: mount: /mnt/x: no such directory".
+        eprintln!("ferry: {err:#}");
+        std::process::exit(1);
+    }
+}
