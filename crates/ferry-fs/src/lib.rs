@@ -1,1 +1,40 @@
-//! ferry-fs
+/*!
+ferry-fs: a local-first file system over FUSE.
+
+Every write, data and metadata alike, finishes on local disk. The layers, in
+the order a request travels:
+
+* [`fuse`] — [`fuse::FerryFs`] translates fuser requests and owns the cache
+  policy (writeback cache, readdirplus, timeouts);
+* [`vfs`] — [`vfs::Vfs`] keeps POSIX semantics: names, link counts, rename
+  rules, open handles, unlinked-but-open files;
+* [`store`] — [`store::Store`] is the truth for this host: metadata in
+  SQLite, file bytes in plain files, and every mutation committed together
+  with its record in the change log;
+* [`log`] — [`log::Change`], the durable ordered outbox that replication
+  ships to a backend.
+
+[`mount`] ties them to a mountpoint, and [`fsck`] checks offline that the
+log describes exactly the store.
+
+```no_run
+use ferry_fs::mount::{mount, MountConfig};
+
+let cfg = MountConfig::new("/var/lib/ferry/vol".into(), "/mnt/vol".into());
+let mounted = mount(&cfg)?; // returns once the kernel has the mount
+mounted.run()?;             // serves until `ferry umount /mnt/vol`
+# Ok::<(), Box<dyn std::error::Error>>(())
+```
+*/
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+pub mod error;
+pub mod fsck;
+pub mod fuse;
+pub mod log;
+pub mod mount;
+pub mod store;
+pub mod vfs;
+
+pub use error::StoreError;

@@ -1,10 +1,278 @@
-//! `ferry` subcommands for ferry-fs.
+//! `ferry` subcommands for ferry-fs: mount, umount, fsck.
+//!
+//! `ferry mount` without `--foreground` behaves like sshfs: it starts the
+//! daemon (this binary again, in the foreground mode, in its own session),
+//! waits until the kernel has the mount, and returns. The daemon reports
+//! "ready" or its one-line error on its stdout, which is a pipe to the
+//! parent, so the parent can exit with the daemon's own words.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_fs::mount::{self, MountConfig};
 
 /// Subcommands of this family.
 #[derive(clap::Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Mount a ferry volume; returns once the mount is live.
+    Mount(MountArgs),
+    /// Flush and unmount a ferry volume, and wait for its daemon to finish.
+    Umount {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+        /// Give up waiting for the daemon after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Check offline that a store is intact and its change log matches it.
+    Fsck {
+        /// The store directory (the daemon must not be running on it).
+        #[arg(long)]
+        store: PathBuf,
+    },
+}
+
+/// Arguments of `ferry mount`.
+#[derive(clap::Args)]
+pub struct MountArgs {
+    /// Local store directory [default: $XDG_DATA_HOME/ferry/<mountpoint> or
+    /// ~/.local/share/ferry/<mountpoint>].
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Mount options: allow_other, default_permissions, ro, rw, threads=N,
+    /// plus fstab's usual ones (ignored).
+    #[arg(short = 'o', value_name = "OPTS")]
+    options: Vec<String>,
+    /// Stay in the foreground and serve until unmounted.
+    #[arg(long, short = 'f')]
+    foreground: bool,
+    /// Where to mount.
+    mountpoint: PathBuf,
+}
 
 /// Runs one subcommand.
 pub fn run(command: Command) -> anyhow::Result<()> {
-    match command {}
+    match command {
+        Command::Mount(args) => mount_cmd(args),
+        Command::Umount {
+            mountpoint,
+            timeout,
+        } => umount_cmd(&mountpoint, Duration::from_secs(timeout)),
+        Command::Fsck { store } => {
+            let report = ferry_fs::fsck::check(&store)?;
+            println!(
+                "{}: ok: {} inodes, {} entries, {} log records, {} stray data files",
+                store.display(),
+                report.inodes,
+                report.entries,
+                report.records,
+                report.stray_data_files
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Rewrites a `mount.fuse.ferry SOURCE MOUNTPOINT [-o OPTS]` invocation —
+/// how mount(8) and /etc/fstab call a `fuse.ferry` file system — into
+/// `ferry mount --store SOURCE [-o OPTS] MOUNTPOINT`. Other argv pass through.
+pub fn mount_helper_argv(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    let args: Vec<OsString> = args.collect();
+    let invoked_as = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if !matches!(invoked_as, "mount.fuse.ferry" | "mount.ferry") {
+        return args;
+    }
+    let mut out: Vec<OsString> = vec!["ferry".into(), "mount".into()];
+    let mut positional = Vec::new();
+    let mut rest = args.into_iter().skip(1);
+    while let Some(arg) = rest.next() {
+        match arg.to_str() {
+            Some("-o") => {
+                out.push("-o".into());
+                out.extend(rest.next());
+            }
+            // mount(8) passes -n (no mtab), -s (sloppy), -v (verbose): none
+            // change what ferry does.
+            Some("-n" | "-s" | "-v" | "-f") => {}
+            _ => positional.push(arg),
+        }
+    }
+    let mut positional = positional.into_iter();
+    if let Some(source) = positional.next() {
+        out.push("--store".into());
+        out.push(source);
+    }
+    out.extend(positional);
+    out
+}
+
+/// The default store for a mountpoint: one directory per volume, named
+/// after the mountpoint's absolute path.
+fn default_store(mountpoint: &Path) -> anyhow::Result<PathBuf> {
+    let base = match std::env::var_os("XDG_DATA_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(
+            std::env::var_os("HOME").context("neither XDG_DATA_HOME nor HOME is set")?,
+        )
+        .join(".local/share"),
+    };
+    let abs = std::path::absolute(mountpoint)?;
+    let name: String = abs
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '-' } else { c })
+        .collect();
+    Ok(base
+        .join("ferry")
+        .join(if name.is_empty() { "root".into() } else { name }))
+}
+
+fn mount_cmd(args: MountArgs) -> anyhow::Result<()> {
+    let store = match args.store {
+        Some(s) => s,
+        None => default_store(&args.mountpoint)?,
+    };
+    let mut cfg = MountConfig::new(store, args.mountpoint.clone());
+    for opts in &args.options {
+        cfg.apply_options(opts)?;
+    }
+    if args.foreground {
+        serve(&cfg)
+    } else {
+        // Fail fast, in the caller's terminal, on what can be seen from here.
+        mount::preflight(&cfg.mountpoint)?;
+        start_daemon(&cfg, &args.options)
+    }
+}
+
+/// Re-executes this binary as the daemon and waits for its verdict.
+fn start_daemon(cfg: &MountConfig, options: &[String]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.store)
+        .with_context(|| format!("creating store {}", cfg.store.display()))?;
+    let log_path = cfg.store.join("ferry.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("mount")
+        .arg("--foreground")
+        .arg("--store")
+        .arg(&cfg.store);
+    for o in options {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.arg(&cfg.mountpoint)
+        .env("FERRY_DAEMON", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    let mut child = cmd.spawn().context("starting the ferry daemon")?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut line = String::new();
+    // Bounded: the daemon answers or exits (EOF) once the mount is settled.
+    BufReader::new(stdout).read_line(&mut line)?;
+    match line.trim_end() {
+        "ready" => Ok(()),
+        "" => {
+            let status = child.wait()?;
+            bail!(
+                "the ferry daemon exited ({status}) before mounting; see {}",
+                log_path.display()
+            )
+        }
+        err => {
+            let _ = child.wait();
+            bail!("{}", err.strip_prefix("error: ").unwrap_or(err))
+        }
+    }
+}
+
+/// The daemon: mounts, reports, serves until unmounted or signalled.
+fn serve(cfg: &MountConfig) -> anyhow::Result<()> {
+    let daemon = std::env::var_os("FERRY_DAEMON").is_some();
+    if daemon {
+        // Leave the caller's session, so its hangup does not reach us.
+        let _ = nix::unistd::setsid();
+    }
+    // Block the stop signals in every thread fuser will start; one thread
+    // waits for them and unmounts, which ends the session cleanly.
+    let signals = stop_signals();
+    signals.thread_block()?;
+    let mut mounted = match mount::mount(cfg) {
+        Ok(m) => m,
+        Err(e) => {
+            if daemon {
+                println!("error: {e}");
+            }
+            return Err(e.into());
+        }
+    };
+    let mut unmounter = mounted.unmounter();
+    std::thread::Builder::new()
+        .name("ferry-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                tracing::info!("{sig}: unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    tracing::error!("unmount on {sig}: {e}");
+                }
+            }
+        })?;
+    if daemon {
+        let mut out = std::io::stdout();
+        writeln!(out, "ready")?;
+        out.flush()?;
+        // The parent has its answer; later output belongs in the log.
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        nix::unistd::dup2_stdout(&null)?;
+    }
+    mounted.run().context("serving the mount")
+}
+
+fn stop_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set
+}
+
+fn umount_cmd(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let Some(source) = mount::mounted_source(mountpoint) else {
+        bail!("{} is not mounted", mountpoint.display());
+    };
+    mount::unmount(mountpoint).with_context(|| format!("unmounting {}", mountpoint.display()))?;
+    // The daemon holds the store's lock until it has closed the store; once
+    // the lock is free, the volume is fully at rest and may be mounted again.
+    let lock = Path::new(&source).join("lock");
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match std::fs::File::open(&lock) {
+            Ok(f) => {
+                if nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_ok() {
+                    return Ok(());
+                }
+            }
+            // Not a ferry store we can see: nothing to wait for.
+            Err(_) => return Ok(()),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!(
+        "unmounted {}, but its daemon did not finish within {}s",
+        mountpoint.display(),
+        timeout.as_secs()
+    )
 }

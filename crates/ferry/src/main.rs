@@ -10,7 +10,11 @@ mod spawn_cmd;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Local-first file system, fast process spawning, remote memory mapping")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Local-first file system, fast process spawning, remote memory mapping"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,7 +31,14 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse_from(fs_cmd::mount_helper_argv(std::env::args_os()));
     let result = match cli.command {
         Command::Fs(c) => fs_cmd::run(c),
         Command::Spawn(c) => spawn_cmd::run(c),

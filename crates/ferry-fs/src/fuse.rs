@@ -1,0 +1,559 @@
+//! The FUSE protocol layer: translates fuser requests into [`Vfs`] calls.
+//!
+//! Each handler logs one trace line, delegates, and sends exactly one reply.
+//! Cache policy lives here because it is a property of the protocol:
+//!
+//! * **Entry and attribute timeouts: 1 s** (see [`TTL`]). Every change to
+//!   this volume on this host passes through the kernel, which updates or
+//!   invalidates its own caches as it goes, so the timeout only bounds how
+//!   long a change made *behind* the kernel's back (another host's, once
+//!   replication lands) can stay invisible; those are also invalidated
+//!   explicitly. One second keeps `stat` storms in the kernel while staying
+//!   well under what a person notices.
+//! * **Writeback cache**: writes complete in the page cache and reach the
+//!   daemon in large batches, which is what makes small-file creation and
+//!   sequential writes run near local speed. `mmap` and `read`/`write` share
+//!   that one page cache, so they are coherent.
+//! * **Readdirplus**: a listing returns attributes too, so `ls -l` costs one
+//!   request per batch instead of one per entry.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tracing::{debug, warn};
+
+use crate::vfs::{Caller, SetAttr, Vfs};
+
+/// How long the kernel may trust an entry or attribute reply (module docs).
+pub const TTL: Duration = Duration::from_secs(1);
+
+/// Largest write the kernel sends in one request: 1 MiB, so sequential I/O
+/// costs few round trips.
+const MAX_WRITE: u32 = 1 << 20;
+
+/// The [`Filesystem`] fuser drives, one per mount.
+pub struct FerryFs {
+    vfs: Arc<Vfs>,
+}
+
+impl FerryFs {
+    /// Serves `vfs` over FUSE.
+    pub fn new(vfs: Arc<Vfs>) -> FerryFs {
+        FerryFs { vfs }
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+/// Replies to an entry-creating request.
+fn entry(reply: ReplyEntry, result: Result<fuser::FileAttr, Errno>) {
+    match result {
+        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn empty(reply: ReplyEmpty, result: Result<(), Errno>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+/// Answers a getxattr/listxattr: the size probe, the value, or ERANGE.
+fn xattr(reply: ReplyXattr, size: u32, result: Result<Vec<u8>, Errno>) {
+    match result {
+        Ok(value) if size == 0 => reply.size(value.len() as u32),
+        Ok(value) if value.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(value) => reply.data(&value),
+        Err(e) => reply.error(e),
+    }
+}
+
+impl Filesystem for FerryFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_WRITEBACK_CACHE
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_SPLICE_READ
+            | InitFlags::FUSE_SPLICE_WRITE
+            | InitFlags::FUSE_SPLICE_MOVE;
+        if let Err(missing) = config.add_capabilities(wanted) {
+            // Older kernels lack some; everything still works without them.
+            warn!("kernel lacks FUSE capabilities {missing:?}; continuing without them");
+            let _ = config.add_capabilities(wanted - missing);
+        }
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        let _ = config.set_time_granularity(Duration::from_nanos(1));
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        debug!(parent = parent.0, ?name, "lookup");
+        entry(reply, self.vfs.lookup(parent.0, name.as_bytes()));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.vfs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        debug!(ino = ino.0, "getattr");
+        match self.vfs.getattr(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        debug!(ino = ino.0, ?mode, ?uid, ?gid, ?size, "setattr");
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            ctime,
+        };
+        match self.vfs.setattr(ino.0, &set, fh.map(|f| f.0)) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        debug!(ino = ino.0, "readlink");
+        match self.vfs.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        debug!(parent = parent.0, ?name, mode, "mknod");
+        entry(
+            reply,
+            self.vfs
+                .make(caller(req), parent.0, name.as_bytes(), mode, rdev, None),
+        );
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        debug!(parent = parent.0, ?name, mode, "mkdir");
+        let mode = libc::S_IFDIR | (mode & 0o7777);
+        entry(
+            reply,
+            self.vfs
+                .make(caller(req), parent.0, name.as_bytes(), mode, 0, None),
+        );
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        debug!(parent = parent.0, ?name, "unlink");
+        empty(reply, self.vfs.remove(parent.0, name.as_bytes(), false));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        debug!(parent = parent.0, ?name, "rmdir");
+        empty(reply, self.vfs.remove(parent.0, name.as_bytes(), true));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        debug!(parent = parent.0, ?link_name, ?target, "symlink");
+        let mode = libc::S_IFLNK | 0o777;
+        let target = target.as_os_str().as_bytes();
+        entry(
+            reply,
+            self.vfs.make(
+                caller(req),
+                parent.0,
+                link_name.as_bytes(),
+                mode,
+                0,
+                Some(target),
+            ),
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        debug!(
+            parent = parent.0,
+            ?name,
+            newparent = newparent.0,
+            ?newname,
+            "rename"
+        );
+        empty(
+            reply,
+            self.vfs.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.bits(),
+            ),
+        );
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        debug!(ino = ino.0, newparent = newparent.0, ?newname, "link");
+        entry(reply, self.vfs.link(ino.0, newparent.0, newname.as_bytes()));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        debug!(ino = ino.0, flags = flags.0, "open");
+        match self.vfs.open(ino.0, flags.0) {
+            // KEEP_CACHE: only this daemon changes the data files, and the
+            // kernel already saw every change it made.
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        debug!(fh = fh.0, offset, size, "read");
+        match self.vfs.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        debug!(fh = fh.0, offset, len = data.len(), "write");
+        match self.vfs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Writes are already in the data file (the kernel flushed its
+        // writeback cache before sending this); nothing is buffered here.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        debug!(fh = fh.0, "release");
+        self.vfs.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        debug!(fh = fh.0, datasync, "fsync");
+        empty(reply, self.vfs.fsync(Some(fh.0), datasync));
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // Listings resume from cookies in the store, so a directory handle
+        // carries no state.
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        debug!(ino = ino.0, offset, "readdir");
+        let result = self.vfs.readdir(ino.0, offset, false, |next, name, attr| {
+            !reply.add(attr.ino, next, attr.kind, OsStr::from_bytes(name))
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        debug!(ino = ino.0, offset, "readdirplus");
+        let result = self.vfs.readdir(ino.0, offset, true, |next, name, attr| {
+            !reply.add(
+                attr.ino,
+                next,
+                OsStr::from_bytes(name),
+                &TTL,
+                attr,
+                Generation(0),
+            )
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        debug!("fsyncdir");
+        empty(reply, self.vfs.fsync(None, false));
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match (self.vfs.statfs(), self.vfs.inode_count()) {
+            (Ok(s), Ok(used)) => reply.statfs(
+                s.blocks(),
+                s.blocks_free(),
+                s.blocks_available(),
+                s.files().max(used),
+                s.files_free(),
+                s.block_size() as u32,
+                crate::vfs::NAME_MAX as u32,
+                s.fragment_size() as u32,
+            ),
+            (Err(e), _) | (_, Err(e)) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        debug!(ino = ino.0, ?name, len = value.len(), "setxattr");
+        empty(
+            reply,
+            self.vfs.setxattr(ino.0, name.as_bytes(), value, flags),
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        debug!(ino = ino.0, ?name, size, "getxattr");
+        xattr(reply, size, self.vfs.getxattr(ino.0, name.as_bytes()));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        debug!(ino = ino.0, size, "listxattr");
+        xattr(reply, size, self.vfs.listxattr(ino.0));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        debug!(ino = ino.0, ?name, "removexattr");
+        empty(reply, self.vfs.removexattr(ino.0, name.as_bytes()));
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        debug!(ino = ino.0, "access");
+        empty(reply, self.vfs.access(caller(req), ino.0, mask.bits()));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        debug!(parent = parent.0, ?name, mode, flags, "create");
+        let made = self
+            .vfs
+            .make(caller(req), parent.0, name.as_bytes(), mode, 0, None)
+            .and_then(|attr| Ok((attr, self.vfs.open(attr.ino.0, flags)?)));
+        match made {
+            Ok((attr, fh)) => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        debug!(fh = fh.0, offset, length, mode, "fallocate");
+        empty(reply, self.vfs.fallocate(fh.0, offset, length, mode));
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        debug!(fh = fh.0, offset, whence, "lseek");
+        match self.vfs.lseek(fh.0, offset, whence) {
+            Ok(off) => reply.offset(off),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        debug!(fh_in = fh_in.0, fh_out = fh_out.0, len, "copy_file_range");
+        match self
+            .vfs
+            .copy_file_range((fh_in.0, offset_in), (fh_out.0, offset_out), len)
+        {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Mounting and unmounting a volume: option parsing, preflight checks that
+//! turn the common failures into one clear sentence, and the FUSE session.
+//!
+//! ferry always asks the kernel for `default_permissions`: the kernel then
+//! enforces mode bits, ownership rules for chmod/chown/utimes, and sticky
+//! directories with its cached attributes, which is both faster than a round
+//! trip per check and exactly the kernel's own semantics.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+
+use crate::error::StoreError;
+use crate::fuse::FerryFs;
+use crate::store::Store;
+use crate::vfs::Vfs;
+
+/// How to mount a volume.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// The local store directory.
+    pub store: PathBuf,
+    /// Where to mount it.
+    pub mountpoint: PathBuf,
+    /// Let other users in (`allow_other`).
+    pub allow_other: bool,
+    /// Mount read-only (`ro`).
+    pub read_only: bool,
+    /// FUSE request threads, each with its own cloned `/dev/fuse` fd.
+    pub threads: usize,
+}
+
+impl MountConfig {
+    /// A config with the defaults: private, read-write, four request threads
+    /// (two per core here; more only queue on the store's one connection).
+    pub fn new(store: PathBuf, mountpoint: PathBuf) -> MountConfig {
+        MountConfig {
+            store,
+            mountpoint,
+            allow_other: false,
+            read_only: false,
+            threads: 4,
+        }
+    }
+
+    /// Applies a comma-separated `-o` list. Standard options that only
+    /// mount(8) or fstab care about (`defaults`, `_netdev`, `nofail`, …) are
+    /// accepted and ignored; anything unknown is an error, not a surprise.
+    pub fn apply_options(&mut self, opts: &str) -> Result<(), MountError> {
+        for opt in opts.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            match opt {
+                "allow_other" => self.allow_other = true,
+                "ro" => self.read_only = true,
+                "rw" => self.read_only = false,
+                // Always on (module docs); accepted for fstab lines that say it.
+                "default_permissions" => {}
+                "defaults" | "_netdev" | "nofail" | "auto" | "noauto" | "user" | "nouser"
+                | "users" | "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "async"
+                | "atime" | "noatime" | "relatime" => {}
+                _ => match opt.split_once('=') {
+                    Some(("threads", n)) => {
+                        self.threads = n
+                            .parse()
+                            .ok()
+                            .filter(|&n| (1..=64).contains(&n))
+                            .ok_or_else(|| MountError::BadOption(opt.to_string()))?;
+                    }
+                    Some(("x-systemd.automount" | "x-systemd.requires" | "comment", _)) => {}
+                    _ => return Err(MountError::BadOption(opt.to_string())),
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a mount failed, in words a person can act on.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum MountError {
+    /// The mountpoint does not exist.
+    NoMountpoint(PathBuf),
+    /// The mountpoint is not a directory.
+    NotADirectory(PathBuf),
+    /// Something is already mounted there.
+    AlreadyMounted(PathBuf),
+    /// `/dev/fuse` is missing.
+    NoFuse,
+    /// An unknown `-o` option.
+    BadOption(String),
+    /// The store refused to open.
+    Store(StoreError),
+    /// The kernel refused the mount.
+    Mount(PathBuf, io::Error),
+}
+
+impl fmt::Display for MountError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MountError::NoMountpoint(p) => write!(f, "mountpoint {} does not exist", p.display()),
+            MountError::NotADirectory(p) => {
+                write!(f, "mountpoint {} is not a directory", p.display())
+            }
+            MountError::AlreadyMounted(p) => write!(f, "{} is already mounted", p.display()),
+            MountError::NoFuse => write!(
+                f,
+                "/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3"
+            ),
+            MountError::BadOption(o) => write!(f, "unknown mount option {o:?}"),
+            MountError::Store(e) => e.fmt(f),
+            MountError::Mount(p, e) => write!(f, "mounting {}: {e}", p.display()),
+        }
+    }
+}
+
+impl std::error::Error for MountError {}
+
+impl From<StoreError> for MountError {
+    fn from(e: StoreError) -> MountError {
+        MountError::Store(e)
+    }
+}
+
+/// Checks what can be checked before touching the store or the kernel.
+pub fn preflight(mountpoint: &Path) -> Result<(), MountError> {
+    match std::fs::metadata(mountpoint) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(MountError::NoMountpoint(mountpoint.to_path_buf()))
+        }
+        // ENOTCONN: a dead FUSE mount is still a mount.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(MountError::AlreadyMounted(mountpoint.to_path_buf()))
+        }
+        Err(e) => return Err(MountError::Mount(mountpoint.to_path_buf(), e)),
+        Ok(m) if !m.is_dir() => return Err(MountError::NotADirectory(mountpoint.to_path_buf())),
+        Ok(_) => {}
+    }
+    if mounted_source(mountpoint).is_some() {
+        return Err(MountError::AlreadyMounted(mountpoint.to_path_buf()));
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(MountError::NoFuse);
+    }
+    Ok(())
+}
+
+/// The source (for ferry: the store) of the mount at `mountpoint`, if any,
+/// read from `/proc/self/mountinfo`.
+pub fn mounted_source(mountpoint: &Path) -> Option<String> {
+    let target = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().rev().find_map(|line| {
+        // Fields: id parent dev root MOUNTPOINT opts ... - fstype SOURCE superopts
+        let mut fields = line.split(' ');
+        let point = unescape(fields.nth(4)?);
+        let (_, rest) = line.split_once(" - ")?;
+        let source = unescape(rest.split(' ').nth(1)?);
+        (Path::new(&point) == target).then_some(source)
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit)
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A live mount: the kernel has answered INIT, so the mountpoint works.
+pub struct Mounted {
+    session: Session<FerryFs>,
+}
+
+impl Mounted {
+    /// Serves requests until the volume is unmounted.
+    pub fn run(self) -> io::Result<()> {
+        self.session.run()
+    }
+
+    /// A handle that unmounts from another thread (a signal handler thread).
+    pub fn unmounter(&mut self) -> SessionUnmounter {
+        self.session.unmount_callable()
+    }
+}
+
+/// Opens the store and mounts it; returns once the mount is live.
+pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
+    preflight(&cfg.mountpoint)?;
+    let store = Store::open(&cfg.store)?;
+    let vfs = Vfs::new(store, cfg.read_only).map_err(|e| {
+        MountError::Store(StoreError::Db {
+            path: cfg.store.clone(),
+            source: e,
+        })
+    })?;
+    let store_name = std::fs::canonicalize(&cfg.store).unwrap_or_else(|_| cfg.store.clone());
+    let mut options = vec![
+        MountOption::FSName(store_name.to_string_lossy().into_owned()),
+        MountOption::Subtype("ferry".into()),
+        MountOption::DefaultPermissions,
+        if cfg.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    // Device nodes and set-user-ID files are only honoured when root mounts,
+    // as on any local file system.
+    if nix::unistd::geteuid().is_root() {
+        options.extend([MountOption::Dev, MountOption::Suid]);
+    }
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(cfg.threads);
+    config.clone_fd = true;
+    let fs = FerryFs::new(Arc::new(vfs));
+    let session = Session::new(fs, &cfg.mountpoint, &config)
+        .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
+    Ok(Mounted { session })
+}
+
+/// Flushes and unmounts the ferry volume at `mountpoint`.
+///
+/// `syncfs` first pushes the kernel's dirty pages to the daemon, so the
+/// unmount itself has nothing left to lose. Root unmounts directly; other
+/// users go through `fusermount3`, which checks they own the mount.
+pub fn unmount(mountpoint: &Path) -> io::Result<()> {
+    let dir = std::fs::File::open(mountpoint)?;
+    nix::unistd::syncfs(&dir).map_err(io::Error::from)?;
+    drop(dir);
+    if nix::unistd::geteuid().is_root() {
+        nix::mount::umount(mountpoint).map_err(io::Error::from)
+    } else {
+        let status = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(mountpoint)
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "fusermount3 -u failed ({status})"
+            )))
+        }
+    }
+}

@@ -1,0 +1,801 @@
+//! The local store: the truth for this host.
+//!
+//! Metadata (inodes, directory entries, xattrs) lives in one SQLite database
+//! in WAL mode; file contents live in plain files under `data/`, one per
+//! regular inode, so reads and writes never pass through the database.
+//!
+//! Every mutation runs in one [`Tx`] that also appends its record to the
+//! change log (see [`crate::log`]), so after any crash the log describes
+//! exactly the changes that are in the store: both commit or neither does.
+//!
+//! Durability: commits use `synchronous=NORMAL`, which survives a crash of
+//! the daemon (the WAL is written before commit returns) but not a power cut.
+//! [`Store::sync`] fsyncs the WAL, which makes every earlier commit durable;
+//! `fsync` and `fsyncdir` call it, so once they return the change survives
+//! power loss too.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::error::StoreError;
+use crate::log::Change;
+
+/// `PRAGMA application_id` of a ferry store ("FRRY"): tells a ferry store
+/// apart from any other SQLite file before its tables are read.
+const APPLICATION_ID: i32 = 0x4652_5259;
+
+/// The store layout version this build reads and writes (`PRAGMA user_version`).
+pub const FORMAT_VERSION: i32 = 1;
+
+/// Inode number of the root directory, fixed by FUSE.
+pub const ROOT_INO: u64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+-- ino is the local number FUSE sees; (host, counter) is the identity that is
+-- unique across hosts. AUTOINCREMENT: a number is never reused, so a stale
+-- kernel handle can never reach a different file.
+CREATE TABLE inode(
+    ino INTEGER PRIMARY KEY AUTOINCREMENT,
+    host INTEGER NOT NULL,
+    counter INTEGER NOT NULL,
+    mode INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    nlink INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    atime INTEGER NOT NULL,
+    mtime INTEGER NOT NULL,
+    ctime INTEGER NOT NULL,
+    crtime INTEGER NOT NULL,
+    rdev INTEGER NOT NULL,
+    target BLOB,
+    version INTEGER NOT NULL,
+    UNIQUE(host, counter));
+-- id doubles as the readdir cookie: it only grows, so a listing resumed at
+-- an offset sees every entry that existed throughout exactly once.
+CREATE TABLE dentry(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    parent INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    ino INTEGER NOT NULL,
+    UNIQUE(parent, name));
+CREATE INDEX dentry_by_ino ON dentry(ino);
+CREATE TABLE xattr(ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY(ino, name)) WITHOUT ROWID;
+CREATE TABLE log(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL,
+    ino INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    parent INTEGER,
+    name BLOB,
+    parent2 INTEGER,
+    name2 BLOB,
+    at INTEGER NOT NULL);
+";
+
+/// File type bits of `mode`, as stored (the `S_IFMT` part).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A regular file, whose bytes live in `data/`.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link; its target is in the row.
+    Symlink,
+    /// A named pipe.
+    Fifo,
+    /// A unix socket.
+    Socket,
+    /// A character device.
+    CharDev,
+    /// A block device.
+    BlockDev,
+}
+
+impl Kind {
+    /// The kind encoded in a full `st_mode`, if it is a valid one.
+    pub fn from_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return None,
+        })
+    }
+}
+
+/// Nanoseconds since the Unix epoch, the store's one time unit.
+pub type Nanos = i64;
+
+/// The current time in [`Nanos`].
+pub fn now() -> Nanos {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_nanos() as Nanos
+}
+
+/// One inode row.
+#[derive(Clone, Debug)]
+pub struct Inode {
+    /// Local inode number.
+    pub ino: u64,
+    /// Host that created it (half of the global identity).
+    pub host: u32,
+    /// Per-host counter (the other half).
+    pub counter: u64,
+    /// Full `st_mode`: type and permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Link count (for directories: 2 + subdirectories).
+    pub nlink: u32,
+    /// Size for everything but regular files, whose size is their data file's.
+    pub size: u64,
+    /// Access time.
+    pub atime: Nanos,
+    /// Modification time (regular files: see [`crate::vfs`], the data file's wins).
+    pub mtime: Nanos,
+    /// Status change time.
+    pub ctime: Nanos,
+    /// Creation time.
+    pub crtime: Nanos,
+    /// Device number for device nodes.
+    pub rdev: u32,
+    /// Version, bumped by every logged change to this inode.
+    pub version: u64,
+}
+
+impl Inode {
+    /// The file type.
+    pub fn kind(&self) -> Kind {
+        Kind::from_mode(self.mode).unwrap_or(Kind::File)
+    }
+
+    /// The global identity, `host:counter`, as other hosts will know it.
+    pub fn global_id(&self) -> String {
+        format!("{:08x}:{:x}", self.host, self.counter)
+    }
+}
+
+/// A directory entry as listed by readdir.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Cookie: readdir resumes after it.
+    pub cookie: u64,
+    /// Entry name.
+    pub name: Vec<u8>,
+    /// Target inode.
+    pub inode: Inode,
+}
+
+/// The local store: one database connection, the data directory, the WAL.
+pub struct Store {
+    conn: Mutex<Connection>,
+    dir: PathBuf,
+    host: u32,
+    /// Held for the life of the store: a second daemon on the same store
+    /// would corrupt it, so the `flock` on `lock` refuses it.
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Store {
+    /// Opens the store in `dir`, creating a fresh one when `dir` holds none.
+    ///
+    /// A store that exists is checked: it must be a ferry store of this
+    /// format version and pass SQLite's `quick_check`. Anything else is
+    /// refused, never repaired, so a damaged store is left as evidence.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir.join("data")).map_err(|e| StoreError::io(dir, e))?;
+        let lock = lock_store(dir)?;
+        let db_path = dir.join("meta.db");
+        let fresh = !db_path.exists();
+        let conn = Connection::open(&db_path).map_err(|e| StoreError::db(&db_path, e))?;
+        let bad = |e| StoreError::db(&db_path, e);
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(bad)?;
+        if fresh {
+            init_schema(&conn).map_err(bad)?;
+        } else {
+            check_store(&conn, &db_path)?;
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(bad)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(bad)?;
+        let host: i64 = conn
+            .query_row("SELECT value FROM meta WHERE key='host'", [], |r| r.get(0))
+            .map_err(bad)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            dir: dir.to_path_buf(),
+            host: host as u32,
+            _lock: lock,
+        })
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// This host's id, the first half of every global identity it creates.
+    pub fn host(&self) -> u32 {
+        self.host
+    }
+
+    /// Path of the data file of regular inode `ino`.
+    pub fn data_path(&self, ino: u64) -> PathBuf {
+        self.dir.join("data").join(format!("{ino:x}"))
+    }
+
+    /// Runs `f` in one immediate transaction and commits if it returns `Ok`.
+    pub fn write<T, E: From<rusqlite::Error>>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.lock();
+        let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = Tx {
+            txn,
+            host: self.host,
+        };
+        let out = f(&tx)?;
+        tx.txn.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` on a read view (reads share the writer's connection).
+    pub fn read<T>(&self, f: impl FnOnce(&Reader<'_>) -> T) -> T {
+        let conn = self.lock();
+        f(&Reader { conn: &conn })
+    }
+
+    /// Makes every committed transaction durable against power loss.
+    pub fn sync(&self) -> io::Result<()> {
+        let wal = self.dir.join("meta.db-wal");
+        match File::open(&wal) {
+            Ok(f) => f.sync_all(),
+            // No WAL: everything was checkpointed into the (synced) database.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves no half transaction behind
+        // (it rolls back on drop), so the poisoned connection is still sound.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn lock_store(dir: &Path) -> Result<nix::fcntl::Flock<File>, StoreError> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| StoreError::io(&path, e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            StoreError::Locked(dir.to_path_buf())
+        } else {
+            StoreError::io(&path, e.into())
+        }
+    })
+}
+
+fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+    conn.execute_batch(&format!(
+        "BEGIN; {SCHEMA} PRAGMA user_version={FORMAT_VERSION};"
+    ))?;
+    let host = random_host_id()?;
+    let t = now();
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES ('format', 'ferry-store'), ('host', ?1), ('created', ?2)",
+        params![host, t],
+    )?;
+    conn.execute(
+        "INSERT INTO inode(ino, host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, version)
+         VALUES (?1, 0, ?1, ?2, ?3, ?4, 2, 0, ?5, ?5, ?5, ?5, 0, 1)",
+        params![
+            ROOT_INO,
+            libc::S_IFDIR | 0o755,
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+            t
+        ],
+    )?;
+    conn.execute_batch("COMMIT;")
+}
+
+fn check_store(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let bad = |e| StoreError::db(path, e);
+    let app: i32 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(bad)?;
+    if app != APPLICATION_ID {
+        return Err(StoreError::Foreign(path.to_path_buf()));
+    }
+    let version: i32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(bad)?;
+    if version != FORMAT_VERSION {
+        return Err(StoreError::Version {
+            path: path.to_path_buf(),
+            found: version,
+            expected: FORMAT_VERSION,
+        });
+    }
+    let verdict: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(bad)?;
+    if verdict != "ok" {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: verdict,
+        });
+    }
+    Ok(())
+}
+
+/// A host id that is unique with overwhelming probability: 32 random bits
+/// from the kernel. Zero is reserved for the root, which every host shares.
+fn random_host_id() -> rusqlite::Result<u32> {
+    use std::io::Read;
+    let mut buf = [0u8; 4];
+    for _ in 0..16 {
+        File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut buf))
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let id = u32::from_ne_bytes(buf);
+        if id != 0 {
+            return Ok(id);
+        }
+    }
+    Err(rusqlite::Error::InvalidQuery)
+}
+
+const INODE_COLUMNS: &str =
+    "ino, host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, version";
+
+fn inode_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Inode> {
+    Ok(Inode {
+        ino: r.get::<_, i64>(at)? as u64,
+        host: r.get::<_, i64>(at + 1)? as u32,
+        counter: r.get::<_, i64>(at + 2)? as u64,
+        mode: r.get(at + 3)?,
+        uid: r.get(at + 4)?,
+        gid: r.get(at + 5)?,
+        nlink: r.get(at + 6)?,
+        size: r.get::<_, i64>(at + 7)? as u64,
+        atime: r.get(at + 8)?,
+        mtime: r.get(at + 9)?,
+        ctime: r.get(at + 10)?,
+        crtime: r.get(at + 11)?,
+        rdev: r.get(at + 12)?,
+        version: r.get::<_, i64>(at + 13)? as u64,
+    })
+}
+
+/// Read-only queries, shared by [`Reader`] and [`Tx`].
+pub trait Queries {
+    /// The connection the queries run on.
+    fn conn(&self) -> &Connection;
+
+    /// The inode `ino`, if it exists.
+    fn inode(&self, ino: u64) -> rusqlite::Result<Option<Inode>> {
+        self.conn()
+            .prepare_cached(&format!("SELECT {INODE_COLUMNS} FROM inode WHERE ino=?1"))?
+            .query_row([ino as i64], |r| inode_from_row(r, 0))
+            .optional()
+    }
+
+    /// The inode named `name` in directory `parent`.
+    fn lookup(&self, parent: u64, name: &[u8]) -> rusqlite::Result<Option<Inode>> {
+        self.conn()
+            .prepare_cached(&format!(
+                "SELECT {} FROM dentry d JOIN inode i ON i.ino=d.ino WHERE d.parent=?1 AND d.name=?2",
+                prefixed("i.")
+            ))?
+            .query_row(params![parent as i64, name], |r| inode_from_row(r, 0))
+            .optional()
+    }
+
+    /// Up to `limit` entries of `dir` with a cookie above `after`, in cookie order.
+    fn entries(&self, dir: u64, after: u64, limit: usize) -> rusqlite::Result<Vec<Entry>> {
+        let mut stmt = self.conn().prepare_cached(&format!(
+            "SELECT d.id, d.name, {} FROM dentry d JOIN inode i ON i.ino=d.ino
+             WHERE d.parent=?1 AND d.id>?2 ORDER BY d.id LIMIT ?3",
+            prefixed("i.")
+        ))?;
+        let rows = stmt.query_map(params![dir as i64, after as i64, limit as i64], |r| {
+            Ok(Entry {
+                cookie: r.get::<_, i64>(0)? as u64,
+                name: r.get(1)?,
+                inode: inode_from_row(r, 2)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Whether directory `dir` has any entry.
+    fn has_entries(&self, dir: u64) -> rusqlite::Result<bool> {
+        self.conn()
+            .prepare_cached("SELECT 1 FROM dentry WHERE parent=?1 LIMIT 1")?
+            .exists([dir as i64])
+    }
+
+    /// The parent directory of directory `dir` (directories have one name).
+    fn parent_of(&self, dir: u64) -> rusqlite::Result<Option<u64>> {
+        self.conn()
+            .prepare_cached("SELECT parent FROM dentry WHERE ino=?1 LIMIT 1")?
+            .query_row([dir as i64], |r| r.get::<_, i64>(0).map(|p| p as u64))
+            .optional()
+    }
+
+    /// A symlink's target.
+    fn symlink_target(&self, ino: u64) -> rusqlite::Result<Option<Vec<u8>>> {
+        self.conn()
+            .prepare_cached("SELECT target FROM inode WHERE ino=?1")?
+            .query_row([ino as i64], |r| r.get(0))
+            .optional()
+            .map(Option::flatten)
+    }
+
+    /// The value of xattr `name` of `ino`.
+    fn xattr(&self, ino: u64, name: &[u8]) -> rusqlite::Result<Option<Vec<u8>>> {
+        self.conn()
+            .prepare_cached("SELECT value FROM xattr WHERE ino=?1 AND name=?2")?
+            .query_row(params![ino as i64, name], |r| r.get(0))
+            .optional()
+    }
+
+    /// The xattr names of `ino`, in a stable order.
+    fn xattr_names(&self, ino: u64) -> rusqlite::Result<Vec<Vec<u8>>> {
+        let mut stmt = self
+            .conn()
+            .prepare_cached("SELECT name FROM xattr WHERE ino=?1 ORDER BY name")?;
+        let names = stmt.query_map([ino as i64], |r| r.get(0))?;
+        names.collect()
+    }
+
+    /// Number of inodes and the sum of directory/symlink sizes, for statfs.
+    fn inode_count(&self) -> rusqlite::Result<u64> {
+        self.conn()
+            .query_row("SELECT count(*) FROM inode", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+    }
+}
+
+fn prefixed(prefix: &str) -> String {
+    INODE_COLUMNS
+        .split(", ")
+        .map(|c| format!("{prefix}{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A read-only view of the store.
+pub struct Reader<'a> {
+    conn: &'a Connection,
+}
+
+impl Queries for Reader<'_> {
+    fn conn(&self) -> &Connection {
+        self.conn
+    }
+}
+
+/// One write transaction. Every mutating method bumps the inode's version
+/// and appends the matching [`Change`] to the log, in this transaction.
+pub struct Tx<'a> {
+    txn: rusqlite::Transaction<'a>,
+    host: u32,
+}
+
+impl Queries for Tx<'_> {
+    fn conn(&self) -> &Connection {
+        &self.txn
+    }
+}
+
+/// What a new inode starts as.
+pub struct NewInode<'a> {
+    /// Full mode, type included.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number (device nodes only).
+    pub rdev: u32,
+    /// Symlink target (symlinks only).
+    pub target: Option<&'a [u8]>,
+}
+
+impl Tx<'_> {
+    /// Creates an inode and links it as `parent/name`; logs `Create`.
+    pub fn create(&self, parent: u64, name: &[u8], new: &NewInode<'_>) -> rusqlite::Result<Inode> {
+        let t = now();
+        let is_dir = new.mode & libc::S_IFMT == libc::S_IFDIR;
+        let size = new.target.map_or(0, |t| t.len() as i64);
+        self.txn
+            .prepare_cached(
+                "INSERT INTO inode(host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, target, version)
+                 VALUES (?1, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?7, ?8, ?9, 1)",
+            )?
+            .execute(params![
+                self.host,
+                new.mode,
+                new.uid,
+                new.gid,
+                if is_dir { 2 } else { 1 },
+                size,
+                t,
+                new.rdev,
+                new.target
+            ])?;
+        let ino = self.txn.last_insert_rowid() as u64;
+        // A host's counter is its local inode number: unique on this host,
+        // never reused (AUTOINCREMENT), and free to compute.
+        self.txn
+            .prepare_cached("UPDATE inode SET counter=ino WHERE ino=?1")?
+            .execute([ino as i64])?;
+        self.insert_dentry(parent, name, ino)?;
+        if is_dir {
+            self.add_nlink(parent, 1)?;
+        }
+        self.touch_dir(parent, t)?;
+        self.log(&Change::Create { ino, parent, name })?;
+        Ok(self.inode(ino)?.expect("inode inserted above"))
+    }
+
+    /// Adds the name `parent/name` for the existing `ino`; logs `Link`.
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> rusqlite::Result<()> {
+        let t = now();
+        self.insert_dentry(parent, name, ino)?;
+        self.txn
+            .prepare_cached("UPDATE inode SET nlink=nlink+1, ctime=?2 WHERE ino=?1")?
+            .execute(params![ino as i64, t])?;
+        self.touch_dir(parent, t)?;
+        self.log(&Change::Link { ino, parent, name })
+    }
+
+    /// Removes the name `parent/name` of `victim`; logs `Unlink`. Returns
+    /// the victim's remaining link count (a directory's is 0).
+    pub fn unlink(&self, parent: u64, name: &[u8], victim: &Inode) -> rusqlite::Result<u32> {
+        let t = now();
+        self.txn
+            .prepare_cached("DELETE FROM dentry WHERE parent=?1 AND name=?2")?
+            .execute(params![parent as i64, name])?;
+        let nlink = if victim.kind() == Kind::Dir {
+            self.add_nlink(parent, -1)?;
+            0
+        } else {
+            victim.nlink.saturating_sub(1)
+        };
+        self.txn
+            .prepare_cached("UPDATE inode SET nlink=?2, ctime=?3 WHERE ino=?1")?
+            .execute(params![victim.ino as i64, nlink, t])?;
+        self.touch_dir(parent, t)?;
+        self.log(&Change::Unlink {
+            ino: victim.ino,
+            parent,
+            name,
+        })?;
+        Ok(nlink)
+    }
+
+    /// Deletes inode `ino` and its xattrs for good (its last name and last
+    /// open handle are gone); logs `Delete`.
+    pub fn delete(&self, ino: u64) -> rusqlite::Result<()> {
+        self.log(&Change::Delete { ino })?;
+        self.txn
+            .prepare_cached("DELETE FROM xattr WHERE ino=?1")?
+            .execute([ino as i64])?;
+        self.txn
+            .prepare_cached("DELETE FROM inode WHERE ino=?1")?
+            .execute([ino as i64])?;
+        Ok(())
+    }
+
+    /// Moves `parent/name` (inode `moved`) to `newparent/newname`, which the
+    /// caller has already cleared; logs `Rename`.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        moved: &Inode,
+    ) -> rusqlite::Result<()> {
+        let t = now();
+        self.txn
+            .prepare_cached("DELETE FROM dentry WHERE parent=?1 AND name=?2")?
+            .execute(params![parent as i64, name])?;
+        self.insert_dentry(newparent, newname, moved.ino)?;
+        if moved.kind() == Kind::Dir && parent != newparent {
+            self.add_nlink(parent, -1)?;
+            self.add_nlink(newparent, 1)?;
+        }
+        self.txn
+            .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
+            .execute(params![moved.ino as i64, t])?;
+        self.touch_dir(parent, t)?;
+        self.touch_dir(newparent, t)?;
+        self.log(&Change::Rename {
+            ino: moved.ino,
+            parent,
+            name,
+            newparent,
+            newname,
+        })
+    }
+
+    /// Swaps the inodes behind two names (RENAME_EXCHANGE); logs `Exchange`.
+    pub fn exchange(
+        &self,
+        (parent, name, a): (u64, &[u8], &Inode),
+        (newparent, newname, b): (u64, &[u8], &Inode),
+    ) -> rusqlite::Result<()> {
+        let t = now();
+        let set = |p: u64, n: &[u8], ino: u64| -> rusqlite::Result<usize> {
+            self.txn
+                .prepare_cached("UPDATE dentry SET ino=?3 WHERE parent=?1 AND name=?2")?
+                .execute(params![p as i64, n, ino as i64])
+        };
+        set(parent, name, b.ino)?;
+        set(newparent, newname, a.ino)?;
+        if parent != newparent {
+            let dirs = |i: &Inode| i64::from(i.kind() == Kind::Dir);
+            let delta = dirs(b) - dirs(a);
+            self.add_nlink(parent, delta)?;
+            self.add_nlink(newparent, -delta)?;
+        }
+        for ino in [a.ino, b.ino] {
+            self.txn
+                .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
+                .execute(params![ino as i64, t])?;
+        }
+        self.touch_dir(parent, t)?;
+        self.touch_dir(newparent, t)?;
+        self.log(&Change::Exchange {
+            ino: a.ino,
+            parent,
+            name,
+            newparent,
+            newname,
+        })
+    }
+
+    /// Writes back the attributes of `inode` (mode, owner, size, times) and
+    /// logs `SetAttr`. The caller computed the new values.
+    pub fn set_attr(&self, inode: &Inode) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached(
+                "UPDATE inode SET mode=?2, uid=?3, gid=?4, size=?5, atime=?6, mtime=?7, ctime=?8 WHERE ino=?1",
+            )?
+            .execute(params![
+                inode.ino as i64,
+                inode.mode,
+                inode.uid,
+                inode.gid,
+                inode.size as i64,
+                inode.atime,
+                inode.mtime,
+                inode.ctime
+            ])?;
+        self.log(&Change::SetAttr { ino: inode.ino })
+    }
+
+    /// Records that the contents of `ino` are about to change; logs `Content`.
+    ///
+    /// Called *before* the data file is written: if the daemon dies between
+    /// the two, the log claims a change that did not happen, which is
+    /// harmless (replication re-reads the file), whereas the other order
+    /// could lose a change.
+    pub fn content(&self, ino: u64) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
+            .execute(params![ino as i64, now()])?;
+        self.log(&Change::Content { ino })
+    }
+
+    /// Sets xattr `name` of `ino`; logs `Xattr`.
+    pub fn set_xattr(&self, ino: u64, name: &[u8], value: &[u8]) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("INSERT OR REPLACE INTO xattr(ino, name, value) VALUES (?1, ?2, ?3)")?
+            .execute(params![ino as i64, name, value])?;
+        self.xattr_changed(ino)
+    }
+
+    /// Removes xattr `name` of `ino`; returns whether it existed. Logs `Xattr`.
+    pub fn remove_xattr(&self, ino: u64, name: &[u8]) -> rusqlite::Result<bool> {
+        let n = self
+            .txn
+            .prepare_cached("DELETE FROM xattr WHERE ino=?1 AND name=?2")?
+            .execute(params![ino as i64, name])?;
+        if n > 0 {
+            self.xattr_changed(ino)?;
+        }
+        Ok(n > 0)
+    }
+
+    fn xattr_changed(&self, ino: u64) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
+            .execute(params![ino as i64, now()])?;
+        self.log(&Change::Xattr { ino })
+    }
+
+    fn insert_dentry(&self, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("INSERT INTO dentry(parent, name, ino) VALUES (?1, ?2, ?3)")?
+            .execute(params![parent as i64, name, ino as i64])?;
+        Ok(())
+    }
+
+    fn add_nlink(&self, dir: u64, delta: i64) -> rusqlite::Result<()> {
+        if delta != 0 {
+            self.txn
+                .prepare_cached("UPDATE inode SET nlink=nlink+?2 WHERE ino=?1")?
+                .execute(params![dir as i64, delta])?;
+        }
+        Ok(())
+    }
+
+    /// A directory's mtime and ctime change with its entries. The directory
+    /// itself is not versioned for this: its entries are logged on their own.
+    fn touch_dir(&self, dir: u64, t: Nanos) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("UPDATE inode SET mtime=?2, ctime=?2 WHERE ino=?1")?
+            .execute(params![dir as i64, t])?;
+        Ok(())
+    }
+
+    /// Bumps the version of the change's inode and appends the record.
+    fn log(&self, change: &Change<'_>) -> rusqlite::Result<()> {
+        let ino = change.ino();
+        self.txn
+            .prepare_cached("UPDATE inode SET version=version+1 WHERE ino=?1")?
+            .execute([ino as i64])?;
+        let version: i64 = self
+            .txn
+            .prepare_cached("SELECT version FROM inode WHERE ino=?1")?
+            .query_row([ino as i64], |r| r.get(0))?;
+        let (parent, name, parent2, name2) = change.places();
+        self.txn
+            .prepare_cached(
+                "INSERT INTO log(op, ino, version, parent, name, parent2, name2, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                change.op(),
+                ino as i64,
+                version,
+                parent.map(|p| p as i64),
+                name,
+                parent2.map(|p| p as i64),
+                name2,
+                now()
+            ])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,993 @@
+//! POSIX semantics over the store: names, link counts, rename rules, open
+//! handles, the life of unlinked-but-open files, and which changes are logged.
+//!
+//! Every operation returns `Result<_, Errno>` so the FUSE layer only
+//! translates. Permission bits are enforced by the kernel (ferry always
+//! mounts with `default_permissions`, see [`crate::mount`]); this layer keeps
+//! the rules the kernel leaves to the file system: set-group-ID directories,
+//! name limits, xattr limits, and rename's type and emptiness rules.
+//!
+//! Regular files: the data file under the store is the truth for the bytes,
+//! the size, and the modification time, so a write touches no database row.
+//! The first write after a file is opened logs one `Content` record; later
+//! writes through the same open are coalesced into it.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{Errno, FileAttr, FileType, TimeOrNow};
+use tracing::{error, warn};
+
+use crate::store::{self, Inode, Kind, Nanos, NewInode, Queries, Store, Tx, ROOT_INO};
+
+/// Longest name accepted, as on every Linux file system.
+pub const NAME_MAX: usize = 255;
+/// Longest xattr name (the kernel's XATTR_NAME_MAX).
+pub const XATTR_NAME_MAX: usize = 255;
+/// Largest xattr value (the kernel's XATTR_SIZE_MAX).
+pub const XATTR_SIZE_MAX: usize = 65536;
+
+/// Who is asking: the kernel's view of the calling process.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    /// Effective (fs) uid.
+    pub uid: u32,
+    /// Effective (fs) gid.
+    pub gid: u32,
+}
+
+/// What `setattr` asks to change.
+#[derive(Default, Debug)]
+pub struct SetAttr {
+    /// New permission bits (type bits are ignored).
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size (regular files).
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<TimeOrNow>,
+    /// New modification time.
+    pub mtime: Option<TimeOrNow>,
+    /// New change time (sent by the kernel's writeback cache).
+    pub ctime: Option<SystemTime>,
+}
+
+/// An open regular file.
+pub struct Handle {
+    /// The inode it belongs to.
+    pub ino: u64,
+    /// The data file, always opened read-write so the kernel's writeback
+    /// cache may write through any handle.
+    pub file: File,
+    writable: bool,
+}
+
+/// Per-inode bookkeeping for open files.
+#[derive(Default)]
+struct OpenState {
+    /// Writable handles open on the inode.
+    writers: u32,
+    /// Whether the current run of writes already logged its `Content` record.
+    logged: bool,
+}
+
+/// The file system, minus the FUSE protocol.
+pub struct Vfs {
+    store: Store,
+    read_only: bool,
+    /// FUSE lookup counts: an inode with no names lives until the kernel
+    /// forgets it, because open files and cwds still reach it.
+    lookups: Mutex<HashMap<u64, u64>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    open: Mutex<HashMap<u64, OpenState>>,
+    next_fh: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves the maps consistent at each step,
+    // so a panic elsewhere does not make them unusable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Maps a database error to EIO, logging it: the kernel can only say EIO.
+fn db_err(e: rusqlite::Error) -> Errno {
+    error!("store: {e}");
+    Errno::EIO
+}
+
+/// An `Errno` from an I/O error, EIO if it carries none.
+fn io_err(e: std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Errors inside a store transaction: an errno decided by POSIX rules, or
+/// a database failure. Either way the transaction rolls back.
+enum TxError {
+    Errno(Errno),
+    Db(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for TxError {
+    fn from(e: rusqlite::Error) -> TxError {
+        TxError::Db(e)
+    }
+}
+
+impl From<Errno> for TxError {
+    fn from(e: Errno) -> TxError {
+        TxError::Errno(e)
+    }
+}
+
+impl From<TxError> for Errno {
+    fn from(e: TxError) -> Errno {
+        match e {
+            TxError::Errno(e) => e,
+            TxError::Db(e) => db_err(e),
+        }
+    }
+}
+
+fn check_name(name: &[u8]) -> Result<(), Errno> {
+    if name.len() > NAME_MAX {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
+
+fn to_system_time(t: Nanos) -> SystemTime {
+    if t >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(t as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(t.unsigned_abs())
+    }
+}
+
+fn to_nanos(t: SystemTime) -> Nanos {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as Nanos,
+        Err(e) => -(e.duration().as_nanos() as Nanos),
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+impl Vfs {
+    /// Wraps an opened store, first finishing any deletion a crash
+    /// interrupted: inodes with no names cannot be open after a restart.
+    pub fn new(store: Store, read_only: bool) -> Result<Vfs, rusqlite::Error> {
+        let vfs = Vfs {
+            store,
+            read_only,
+            lookups: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        };
+        if !read_only {
+            vfs.reap_orphans()?;
+        }
+        Ok(vfs)
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn reap_orphans(&self) -> rusqlite::Result<()> {
+        let orphans: Vec<u64> = self.store.read(|r| {
+            let mut stmt = r
+                .conn()
+                .prepare("SELECT ino FROM inode WHERE nlink=0 AND ino!=?1")?;
+            let rows = stmt.query_map([ROOT_INO as i64], |row| row.get::<_, i64>(0))?;
+            rows.map(|r| r.map(|i| i as u64))
+                .collect::<rusqlite::Result<Vec<u64>>>()
+        })?;
+        for ino in orphans {
+            self.store.write(|tx| tx.delete(ino))?;
+            self.remove_data(ino);
+        }
+        Ok(())
+    }
+
+    fn writable(&self) -> Result<(), Errno> {
+        if self.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    // ----- attributes -----------------------------------------------------
+
+    /// The attributes of `inode` as the kernel sees them. For regular files
+    /// the data file supplies size, blocks and mtime, and its ctime moves the
+    /// inode's ctime forward (a write or truncate changes both).
+    pub fn attr(&self, inode: &Inode) -> Result<FileAttr, Errno> {
+        let kind = inode.kind();
+        let (size, blocks, mtime, ctime) = if kind == Kind::File {
+            let meta = std::fs::metadata(self.store.data_path(inode.ino)).map_err(|e| {
+                error!(
+                    "data file of inode {} ({}): {e}",
+                    inode.ino,
+                    inode.global_id()
+                );
+                Errno::EIO
+            })?;
+            let data_ctime = meta.ctime() * 1_000_000_000 + meta.ctime_nsec();
+            let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            (
+                meta.len(),
+                meta.blocks(),
+                mtime,
+                inode.ctime.max(data_ctime),
+            )
+        } else {
+            (
+                inode.size,
+                inode.size.div_ceil(512),
+                inode.mtime,
+                inode.ctime,
+            )
+        };
+        Ok(FileAttr {
+            ino: fuser::INodeNo(inode.ino),
+            size,
+            blocks,
+            atime: to_system_time(inode.atime),
+            mtime: to_system_time(mtime),
+            ctime: to_system_time(ctime),
+            crtime: to_system_time(inode.crtime),
+            kind: file_type(kind),
+            perm: (inode.mode & 0o7777) as u16,
+            nlink: inode.nlink,
+            uid: inode.uid,
+            gid: inode.gid,
+            rdev: inode.rdev,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    fn inode(&self, ino: u64) -> Result<Inode, Errno> {
+        self.store
+            .read(|r| r.inode(ino))
+            .map_err(db_err)?
+            .ok_or(Errno::ENOENT)
+    }
+
+    /// `getattr`.
+    pub fn getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
+        self.attr(&self.inode(ino)?)
+    }
+
+    /// `setattr`: chmod, chown, truncate and utimensat in one request.
+    pub fn setattr(&self, ino: u64, set: &SetAttr, fh: Option<u64>) -> Result<FileAttr, Errno> {
+        self.writable()?;
+        let now = store::now();
+        let nanos = |t: &TimeOrNow| match t {
+            TimeOrNow::Now => now,
+            TimeOrNow::SpecificTime(t) => to_nanos(*t),
+        };
+        let is_file = self.inode(ino)?.kind() == Kind::File;
+        if let Some(size) = set.size {
+            match self.inode(ino)?.kind() {
+                Kind::File => {}
+                Kind::Dir => return Err(Errno::EISDIR),
+                _ => return Err(Errno::EINVAL),
+            }
+            // Like every write: logged first, then the data file changes.
+            self.will_modify(ino)?;
+            self.data_file(ino, fh)?.set_len(size).map_err(io_err)?;
+        }
+        let inode = self.store.write(|tx| -> Result<Inode, TxError> {
+            let mut inode = tx.inode(ino)?.ok_or(Errno::ENOENT)?;
+            if let Some(mode) = set.mode {
+                inode.mode = (inode.mode & libc::S_IFMT) | (mode & 0o7777);
+            }
+            if let Some(uid) = set.uid {
+                inode.uid = uid;
+            }
+            if let Some(gid) = set.gid {
+                inode.gid = gid;
+            }
+            if let Some(t) = &set.atime {
+                inode.atime = nanos(t);
+            }
+            if let Some(t) = &set.mtime {
+                inode.mtime = nanos(t);
+            }
+            inode.ctime = set.ctime.map_or(now, to_nanos);
+            tx.set_attr(&inode)?;
+            Ok(inode)
+        })?;
+        if is_file && set.mtime.is_some() {
+            // After the commit, so the log never misses it; the data file
+            // is where a regular file's mtime lives.
+            let file = self.data_file(ino, fh)?;
+            file.set_modified(to_system_time(inode.mtime))
+                .map_err(io_err)?;
+        }
+        self.attr(&inode)
+    }
+
+    /// The data file of `ino`: the open handle's when there is one.
+    fn data_file(&self, ino: u64, fh: Option<u64>) -> Result<FileRef, Errno> {
+        if let Some(h) = fh.and_then(|fh| lock(&self.handles).get(&fh).cloned()) {
+            if h.ino == ino {
+                return Ok(FileRef::Handle(h));
+            }
+        }
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.store.data_path(ino))
+            .map(FileRef::Owned)
+            .map_err(io_err)
+    }
+
+    // ----- names ----------------------------------------------------------
+
+    /// `lookup`: counts a kernel reference on success.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
+        check_name(name)?;
+        let inode = self
+            .store
+            .read(|r| r.lookup(parent, name))
+            .map_err(db_err)?
+            .ok_or(Errno::ENOENT)?;
+        let attr = self.attr(&inode)?;
+        self.remember(inode.ino);
+        Ok(attr)
+    }
+
+    fn remember(&self, ino: u64) {
+        *lock(&self.lookups).entry(ino).or_default() += 1;
+    }
+
+    /// `forget`: drops `n` kernel references; the last one of an inode
+    /// with no names deletes it.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let gone = {
+            let mut lookups = lock(&self.lookups);
+            match lookups.get_mut(&ino) {
+                Some(count) if *count > n => {
+                    *count -= n;
+                    false
+                }
+                Some(_) => {
+                    lookups.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        if gone && ino != ROOT_INO && !self.read_only {
+            if let Err(e) = self.delete_if_unlinked(ino) {
+                warn!("forget {ino}: {e:?}");
+            }
+        }
+    }
+
+    fn delete_if_unlinked(&self, ino: u64) -> Result<(), Errno> {
+        let deleted = self
+            .store
+            .write(|tx| -> rusqlite::Result<bool> {
+                match tx.inode(ino)? {
+                    Some(inode) if inode.nlink == 0 => tx.delete(ino).map(|()| true),
+                    _ => Ok(false),
+                }
+            })
+            .map_err(db_err)?;
+        if deleted {
+            self.remove_data(ino);
+        }
+        Ok(())
+    }
+
+    fn remove_data(&self, ino: u64) {
+        let path = self.store.data_path(ino);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!("removing {}: {e}", path.display()),
+        }
+    }
+
+    /// Creates any kind of inode as `parent/name`.
+    ///
+    /// Ownership follows POSIX with BSD group semantics on set-group-ID
+    /// directories: the new inode takes the directory's group, and a new
+    /// directory inherits the set-group-ID bit.
+    pub fn make(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<FileAttr, Errno> {
+        self.writable()?;
+        check_name(name)?;
+        let kind = Kind::from_mode(mode).ok_or(Errno::EINVAL)?;
+        let inode = self.store.write(|tx| -> Result<Inode, TxError> {
+            let dir = tx.inode(parent)?.ok_or(Errno::ENOENT)?;
+            if dir.kind() != Kind::Dir {
+                return Err(Errno::ENOTDIR.into());
+            }
+            if dir.nlink == 0 {
+                // Creating in a removed directory (a process's cwd).
+                return Err(Errno::ENOENT.into());
+            }
+            if tx.lookup(parent, name)?.is_some() {
+                return Err(Errno::EEXIST.into());
+            }
+            let mut mode = mode;
+            let mut gid = caller.gid;
+            if dir.mode & libc::S_ISGID != 0 {
+                gid = dir.gid;
+                if kind == Kind::Dir {
+                    mode |= libc::S_ISGID;
+                }
+            }
+            let inode = tx.create(
+                parent,
+                name,
+                &NewInode {
+                    mode,
+                    uid: caller.uid,
+                    gid,
+                    rdev,
+                    target,
+                },
+            )?;
+            if kind == Kind::File {
+                // Created inside the transaction: a crash leaves either both
+                // or an orphan data file, never an inode without data.
+                create_data_file(&self.store.data_path(inode.ino))?;
+            }
+            Ok(inode)
+        })?;
+        let attr = self.attr(&inode)?;
+        self.remember(inode.ino);
+        Ok(attr)
+    }
+
+    /// `readlink`.
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        self.store
+            .read(|r| r.symlink_target(ino))
+            .map_err(db_err)?
+            .ok_or(Errno::EINVAL)
+    }
+
+    /// `link`: a new name for an existing non-directory.
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
+        self.writable()?;
+        check_name(name)?;
+        let inode = self.store.write(|tx| -> Result<Inode, TxError> {
+            let inode = tx.inode(ino)?.ok_or(Errno::ENOENT)?;
+            if inode.kind() == Kind::Dir {
+                return Err(Errno::EPERM.into());
+            }
+            if inode.nlink == 0 {
+                return Err(Errno::ENOENT.into());
+            }
+            let dir = tx.inode(parent)?.ok_or(Errno::ENOENT)?;
+            if dir.kind() != Kind::Dir {
+                return Err(Errno::ENOTDIR.into());
+            }
+            if tx.lookup(parent, name)?.is_some() {
+                return Err(Errno::EEXIST.into());
+            }
+            tx.link(ino, parent, name)?;
+            Ok(tx.inode(ino)?.expect("linked inode exists"))
+        })?;
+        let attr = self.attr(&inode)?;
+        self.remember(ino);
+        Ok(attr)
+    }
+
+    /// `unlink` (`dir == false`) and `rmdir` (`dir == true`).
+    pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> Result<(), Errno> {
+        self.writable()?;
+        check_name(name)?;
+        let victim = self.store.write(|tx| -> Result<Inode, TxError> {
+            let victim = tx.lookup(parent, name)?.ok_or(Errno::ENOENT)?;
+            check_removable(tx, &victim, dir)?;
+            tx.unlink(parent, name, &victim)?;
+            Ok(victim)
+        })?;
+        self.delete_if_forgotten(victim.ino);
+        Ok(())
+    }
+
+    /// Deletes an inode that just lost its last name, unless the kernel
+    /// still holds it (it is open, or a cwd): then `forget` deletes it.
+    fn delete_if_forgotten(&self, ino: u64) {
+        if !lock(&self.lookups).contains_key(&ino) {
+            if let Err(e) = self.delete_if_unlinked(ino) {
+                warn!("delete {ino}: {e:?}");
+            }
+        }
+    }
+
+    /// `rename`, with RENAME_NOREPLACE and RENAME_EXCHANGE.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<(), Errno> {
+        self.writable()?;
+        check_name(name)?;
+        check_name(newname)?;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let replaced = self.store.write(|tx| -> Result<Option<Inode>, TxError> {
+            let moved = tx.lookup(parent, name)?.ok_or(Errno::ENOENT)?;
+            let newdir = tx.inode(newparent)?.ok_or(Errno::ENOENT)?;
+            if newdir.kind() != Kind::Dir {
+                return Err(Errno::ENOTDIR.into());
+            }
+            let target = tx.lookup(newparent, newname)?;
+            if let Some(t) = &target {
+                if t.ino == moved.ino {
+                    // Two names of one inode: POSIX says do nothing.
+                    return Ok(None);
+                }
+            }
+            if moved.kind() == Kind::Dir {
+                check_not_ancestor(tx, moved.ino, newparent)?;
+            }
+            if exchange {
+                let other = target.ok_or(Errno::ENOENT)?;
+                if other.kind() == Kind::Dir {
+                    check_not_ancestor(tx, other.ino, parent)?;
+                }
+                tx.exchange((parent, name, &moved), (newparent, newname, &other))?;
+                return Ok(None);
+            }
+            if let Some(t) = &target {
+                if noreplace {
+                    return Err(Errno::EEXIST.into());
+                }
+                match (moved.kind() == Kind::Dir, t.kind() == Kind::Dir) {
+                    (true, false) => return Err(Errno::ENOTDIR.into()),
+                    (false, true) => return Err(Errno::EISDIR.into()),
+                    _ => {}
+                }
+                check_removable(tx, t, t.kind() == Kind::Dir)?;
+                tx.unlink(newparent, newname, t)?;
+            }
+            tx.rename(parent, name, newparent, newname, &moved)?;
+            Ok(target)
+        })?;
+        if let Some(t) = replaced {
+            self.delete_if_forgotten(t.ino);
+        }
+        Ok(())
+    }
+
+    // ----- directories ----------------------------------------------------
+
+    /// Lists `dir` from readdir offset `offset`, calling `emit` with each
+    /// entry's next offset until it returns `false` (the reply is full).
+    ///
+    /// Offsets 1 and 2 are `.` and `..`; an entry's offset is its cookie + 2.
+    /// With `plus`, every emitted entry except `.` and `..` counts a kernel
+    /// reference, as readdirplus replies do.
+    pub fn readdir(
+        &self,
+        dir: u64,
+        offset: u64,
+        plus: bool,
+        mut emit: impl FnMut(u64, &[u8], &FileAttr) -> bool,
+    ) -> Result<(), Errno> {
+        let me = self.inode(dir)?;
+        if me.kind() != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        if offset < 1 && !emit(1, b".", &self.attr(&me)?) {
+            return Ok(());
+        }
+        if offset < 2 {
+            let parent = self
+                .store
+                .read(|r| r.parent_of(dir))
+                .map_err(db_err)?
+                .unwrap_or(dir);
+            let up = self.inode(parent).unwrap_or_else(|_| me.clone());
+            if !emit(2, b"..", &self.attr(&up)?) {
+                return Ok(());
+            }
+        }
+        let mut after = offset.saturating_sub(2);
+        // Bounded by the directory's size: each batch advances the cookie.
+        loop {
+            let batch = self
+                .store
+                .read(|r| r.entries(dir, after, 128))
+                .map_err(db_err)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for entry in &batch {
+                let attr = match self.attr(&entry.inode) {
+                    Ok(a) => a,
+                    // Deleted between the query and now: skip, as if
+                    // the listing had started a moment later.
+                    Err(_) => continue,
+                };
+                if !emit(entry.cookie + 2, &entry.name, &attr) {
+                    return Ok(());
+                }
+                if plus {
+                    self.remember(entry.inode.ino);
+                }
+                after = entry.cookie;
+            }
+        }
+    }
+
+    // ----- files ----------------------------------------------------------
+
+    /// Opens the data file of `ino` and returns a handle number.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64, Errno> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if writable {
+            self.writable()?;
+        }
+        let inode = self.inode(ino)?;
+        if inode.kind() != Kind::File {
+            return Err(Errno::EINVAL);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!self.read_only)
+            .open(self.store.data_path(ino))
+            .map_err(|e| {
+                error!("open data file of inode {ino}: {e}");
+                Errno::EIO
+            })?;
+        if writable {
+            lock(&self.open).entry(ino).or_default().writers += 1;
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(
+            fh,
+            Arc::new(Handle {
+                ino,
+                file,
+                writable,
+            }),
+        );
+        Ok(fh)
+    }
+
+    /// The handle `fh`.
+    pub fn handle(&self, fh: u64) -> Result<Arc<Handle>, Errno> {
+        lock(&self.handles).get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// `read`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let h = self.handle(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match h.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Logs the first change of a run of writes to `ino` (see module docs).
+    pub fn will_modify(&self, ino: u64) -> Result<(), Errno> {
+        self.writable()?;
+        {
+            let open = lock(&self.open);
+            if open.get(&ino).is_some_and(|s| s.logged) {
+                return Ok(());
+            }
+        }
+        self.store.write(|tx| tx.content(ino)).map_err(db_err)?;
+        let mut open = lock(&self.open);
+        let state = open.entry(ino).or_default();
+        // Only a run inside an open is coalesced; without writers (a
+        // truncate by path, say) every change is logged on its own.
+        if state.writers > 0 {
+            state.logged = true;
+        }
+        Ok(())
+    }
+
+    /// `write`.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        let h = self.handle(fh)?;
+        self.will_modify(h.ino)?;
+        h.file.write_all_at(data, offset).map_err(io_err)?;
+        Ok(data.len() as u32)
+    }
+
+    /// `release`: closes the handle; the last writer ends the run of writes.
+    pub fn release(&self, fh: u64) {
+        let Some(h) = lock(&self.handles).remove(&fh) else {
+            return;
+        };
+        if h.writable {
+            let mut open = lock(&self.open);
+            if let Some(state) = open.get_mut(&h.ino) {
+                state.writers = state.writers.saturating_sub(1);
+                if state.writers == 0 {
+                    open.remove(&h.ino);
+                }
+            }
+        }
+    }
+
+    /// `fsync`: the file's bytes, then every committed metadata change.
+    pub fn fsync(&self, fh: Option<u64>, datasync: bool) -> Result<(), Errno> {
+        if let Some(fh) = fh {
+            let h = self.handle(fh)?;
+            if datasync {
+                h.file.sync_data().map_err(io_err)?;
+            } else {
+                h.file.sync_all().map_err(io_err)?;
+            }
+        }
+        self.store.sync().map_err(io_err)
+    }
+
+    /// `fallocate`, any mode the data file's file system supports.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
+        let h = self.handle(fh)?;
+        let (offset, length) = (
+            i64::try_from(offset).map_err(|_| Errno::EFBIG)?,
+            i64::try_from(length).map_err(|_| Errno::EFBIG)?,
+        );
+        self.will_modify(h.ino)?;
+        let mode = nix::fcntl::FallocateFlags::from_bits_retain(mode);
+        nix::fcntl::fallocate(h.file.as_fd(), mode, offset, length)
+            .map_err(|e| Errno::from_i32(e as i32))
+    }
+
+    /// `lseek` for SEEK_DATA and SEEK_HOLE (others never reach the daemon).
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let h = self.handle(fh)?;
+        let whence = match whence {
+            libc::SEEK_DATA => nix::unistd::Whence::SeekData,
+            libc::SEEK_HOLE => nix::unistd::Whence::SeekHole,
+            libc::SEEK_SET => nix::unistd::Whence::SeekSet,
+            libc::SEEK_END => nix::unistd::Whence::SeekEnd,
+            _ => return Err(Errno::EINVAL),
+        };
+        nix::unistd::lseek(h.file.as_fd(), offset, whence).map_err(|e| Errno::from_i32(e as i32))
+    }
+
+    /// `copy_file_range` between two open files, done by the kernel on the
+    /// data files (a reflink where the store's file system can).
+    pub fn copy_file_range(
+        &self,
+        (fh_in, off_in): (u64, u64),
+        (fh_out, off_out): (u64, u64),
+        len: u64,
+    ) -> Result<u32, Errno> {
+        let (src, dst) = (self.handle(fh_in)?, self.handle(fh_out)?);
+        self.will_modify(dst.ino)?;
+        let mut off_in = i64::try_from(off_in).map_err(|_| Errno::EINVAL)?;
+        let mut off_out = i64::try_from(off_out).map_err(|_| Errno::EINVAL)?;
+        // The reply carries a u32 count; the kernel loops for the rest.
+        let len = len.min(1 << 30) as usize;
+        let n = nix::fcntl::copy_file_range(
+            src.file.as_fd(),
+            Some(&mut off_in),
+            dst.file.as_fd(),
+            Some(&mut off_out),
+            len,
+        )
+        .map_err(|e| Errno::from_i32(e as i32))?;
+        Ok(n as u32)
+    }
+
+    // ----- xattrs ---------------------------------------------------------
+
+    /// `setxattr` with XATTR_CREATE / XATTR_REPLACE.
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<(), Errno> {
+        self.writable()?;
+        check_xattr_name(name)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(Errno::E2BIG);
+        }
+        self.store.write(|tx| -> Result<(), TxError> {
+            tx.inode(ino)?.ok_or(Errno::ENOENT)?;
+            let exists = tx.xattr(ino, name)?.is_some();
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(Errno::EEXIST.into());
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return Err(Errno::ENODATA.into());
+            }
+            tx.set_xattr(ino, name, value)?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// `getxattr`.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
+        check_xattr_name(name)?;
+        self.store
+            .read(|r| r.xattr(ino, name))
+            .map_err(db_err)?
+            .ok_or(Errno::ENODATA)
+    }
+
+    /// `listxattr`: the names, each NUL-terminated.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        let names = self.store.read(|r| r.xattr_names(ino)).map_err(db_err)?;
+        let mut out = Vec::new();
+        for n in names {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// `removexattr`.
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<(), Errno> {
+        self.writable()?;
+        check_xattr_name(name)?;
+        let existed = self
+            .store
+            .write(|tx| tx.remove_xattr(ino, name))
+            .map_err(db_err)?;
+        if existed {
+            Ok(())
+        } else {
+            Err(Errno::ENODATA)
+        }
+    }
+
+    /// `statfs`: the store's file system, with ferry's inode count.
+    pub fn statfs(&self) -> Result<nix::sys::statvfs::Statvfs, Errno> {
+        nix::sys::statvfs::statvfs(self.store.dir()).map_err(|e| Errno::from_i32(e as i32))
+    }
+
+    /// Number of inodes in use, for statfs.
+    pub fn inode_count(&self) -> Result<u64, Errno> {
+        self.store.read(|r| r.inode_count()).map_err(db_err)
+    }
+
+    /// `access`: the classic owner/group/other check, for mounts where the
+    /// kernel asks (it does not with `default_permissions`).
+    pub fn access(&self, caller: Caller, ino: u64, mask: i32) -> Result<(), Errno> {
+        let inode = self.inode(ino)?;
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        let mode = inode.mode;
+        let bits = if caller.uid == 0 {
+            // Root may do anything, but execute needs some x bit (or a dir).
+            if mask & libc::X_OK != 0 && inode.kind() != Kind::Dir && mode & 0o111 == 0 {
+                return Err(Errno::EACCES);
+            }
+            return Ok(());
+        } else if caller.uid == inode.uid {
+            (mode >> 6) & 7
+        } else if caller.gid == inode.gid {
+            (mode >> 3) & 7
+        } else {
+            mode & 7
+        };
+        if (mask as u32) & !bits != 0 {
+            return Err(Errno::EACCES);
+        }
+        Ok(())
+    }
+}
+
+/// Either an open handle's data file or one opened for a single request.
+enum FileRef {
+    Handle(Arc<Handle>),
+    Owned(File),
+}
+
+impl std::ops::Deref for FileRef {
+    type Target = File;
+    fn deref(&self) -> &File {
+        match self {
+            FileRef::Handle(h) => &h.file,
+            FileRef::Owned(f) => f,
+        }
+    }
+}
+
+fn create_data_file(path: &std::path::Path) -> Result<(), Errno> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|e| {
+            error!("creating {}: {e}", path.display());
+            Errno::EIO
+        })
+}
+
+fn check_xattr_name(name: &[u8]) -> Result<(), Errno> {
+    if name.is_empty() {
+        return Err(Errno::EINVAL);
+    }
+    if name.len() > XATTR_NAME_MAX {
+        return Err(Errno::ERANGE);
+    }
+    // POSIX ACLs would need the kernel to trust them (FUSE_POSIX_ACL);
+    // refusing them keeps mode bits the only permission source.
+    if name.starts_with(b"system.") {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    Ok(())
+}
+
+/// POSIX rules for removing `victim` by unlink (`dir == false`) or rmdir.
+fn check_removable(tx: &Tx<'_>, victim: &Inode, dir: bool) -> Result<(), TxError> {
+    match (dir, victim.kind() == Kind::Dir) {
+        (true, false) => Err(Errno::ENOTDIR.into()),
+        (false, true) => Err(Errno::EISDIR.into()),
+        (true, true) if tx.has_entries(victim.ino)? => Err(Errno::ENOTEMPTY.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses to move directory `dir` under itself: walks up from `dest` to
+/// the root (bounded by the tree's depth, which has no cycles).
+fn check_not_ancestor(tx: &Tx<'_>, dir: u64, dest: u64) -> Result<(), TxError> {
+    let mut at = dest;
+    while at != ROOT_INO {
+        if at == dir {
+            return Err(Errno::EINVAL.into());
+        }
+        match tx.parent_of(at)? {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    Ok(())
+}
