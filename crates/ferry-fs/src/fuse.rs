@@ -3,13 +3,13 @@
 //! Each handler logs one trace line, delegates, and sends exactly one reply.
 //! Cache policy lives here because it is a property of the protocol:
 //!
-//! * **Entry and attribute timeouts: 1 s** (see [`TTL`]). Every change to
+//! * **Entry and attribute timeouts: 60 s** (see [`TTL`]). Every change to
 //!   this volume on this host passes through the kernel, which updates or
-//!   invalidates its own caches as it goes, so the timeout only bounds how
-//!   long a change made *behind* the kernel's back (another host's, once
-//!   replication lands) can stay invisible; those are also invalidated
-//!   explicitly. One second keeps `stat` storms in the kernel while staying
-//!   well under what a person notices.
+//!   invalidates its own caches as it goes, and changes made behind its back
+//!   (another host's, applied by replication) are invalidated explicitly
+//!   through the FUSE notify channel. So the timeout is only a backstop for
+//!   a lost invalidation, and a long one lets `stat` of a whole tree run
+//!   from the kernel's cache at local speed.
 //! * **Writeback cache**: writes complete in the page cache and reach the
 //!   daemon in large batches, which is what makes small-file creation and
 //!   sequential writes run near local speed. `mmap` and `read`/`write` share
@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 use crate::vfs::{Caller, SetAttr, Vfs};
 
 /// How long the kernel may trust an entry or attribute reply (module docs).
-pub const TTL: Duration = Duration::from_secs(1);
+pub const TTL: Duration = Duration::from_secs(60);
 
 /// Largest write the kernel sends in one request: 1 MiB, so sequential I/O
 /// costs few round trips.
@@ -278,7 +278,7 @@ impl Filesystem for FerryFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         debug!(ino = ino.0, flags = flags.0, "open");
-        match self.vfs.open(ino.0, flags.0) {
+        match self.vfs.open(ino.0, flags.0, false) {
             // KEEP_CACHE: only this daemon changes the data files, and the
             // kernel already saw every change it made.
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
@@ -491,7 +491,7 @@ impl Filesystem for FerryFs {
         let made = self
             .vfs
             .make(caller(req), parent.0, name.as_bytes(), mode, 0, None)
-            .and_then(|attr| Ok((attr, self.vfs.open(attr.ino.0, flags)?)));
+            .and_then(|attr| Ok((attr, self.vfs.open(attr.ino.0, flags, true)?)));
         match made {
             Ok((attr, fh)) => reply.created(
                 &TTL,
