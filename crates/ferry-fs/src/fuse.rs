@@ -10,24 +10,30 @@
 //!   through the FUSE notify channel. So the timeout is only a backstop for
 //!   a lost invalidation, and a long one lets `stat` of a whole tree run
 //!   from the kernel's cache at local speed.
-//! * **Writeback cache**: writes complete in the page cache and reach the
-//!   daemon in large batches, which is what makes small-file creation and
-//!   sequential writes run near local speed. `mmap` and `read`/`write` share
-//!   that one page cache, so they are coherent.
+//! * **Passthrough when the daemon may use it** (it needs CAP_SYS_ADMIN):
+//!   an open regular file is backed by its data file in the kernel, so
+//!   `read`, `write` and `mmap` run at the speed of the store's file system
+//!   and never reach the daemon; size limits (EFBIG) are that file system's.
+//!   The daemon learns of writes at open time and logs the change then.
+//! * **Writeback cache otherwise** (the kernel refuses it together with
+//!   passthrough): writes complete in the page cache and reach the daemon in
+//!   large batches. `mmap` and `read`/`write` share that one page cache, so
+//!   they are coherent either way.
 //! * **Readdirplus**: a listing returns attributes too, so `ls -l` costs one
 //!   request per batch instead of one per entry.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, warn};
 
@@ -43,12 +49,83 @@ const MAX_WRITE: u32 = 1 << 20;
 /// The [`Filesystem`] fuser drives, one per mount.
 pub struct FerryFs {
     vfs: Arc<Vfs>,
+    /// Whether opens are passed through (decided at `init`).
+    passthrough: bool,
+    backings: Mutex<Backings>,
+}
+
+/// Kernel backing ids of passed-through files. The kernel insists that all
+/// open files of one inode share one backing id, so ids are per inode and
+/// counted; the last release closes the id.
+#[derive(Default)]
+struct Backings {
+    by_ino: HashMap<u64, (Arc<BackingId>, usize)>,
+    ino_of_fh: HashMap<u64, u64>,
 }
 
 impl FerryFs {
-    /// Serves `vfs` over FUSE.
-    pub fn new(vfs: Arc<Vfs>) -> FerryFs {
-        FerryFs { vfs }
+    /// Serves `vfs` over FUSE; `passthrough` asks for kernel passthrough,
+    /// which `init` falls back from when the kernel refuses it.
+    pub fn new(vfs: Arc<Vfs>, passthrough: bool) -> FerryFs {
+        FerryFs {
+            vfs,
+            passthrough,
+            backings: Mutex::new(Backings::default()),
+        }
+    }
+
+    /// The backing id for handle `fh` of `ino`, registering the handle's
+    /// data file with the kernel if the inode has none yet.
+    fn backing(
+        &self,
+        ino: u64,
+        fh: u64,
+        register: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> std::io::Result<Arc<BackingId>> {
+        let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        let id = match b.by_ino.get_mut(&ino) {
+            Some((id, count)) => {
+                *count += 1;
+                id.clone()
+            }
+            None => {
+                let handle = self
+                    .vfs
+                    .handle(fh)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.code()))?;
+                let id = Arc::new(register(&handle.file)?);
+                b.by_ino.insert(ino, (id.clone(), 1));
+                id
+            }
+        };
+        b.ino_of_fh.insert(fh, ino);
+        Ok(id)
+    }
+
+    fn release_backing(&self, fh: u64) {
+        let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(ino) = b.ino_of_fh.remove(&fh) else {
+            return;
+        };
+        if let Some((_, count)) = b.by_ino.get_mut(&ino) {
+            *count -= 1;
+            if *count == 0 {
+                b.by_ino.remove(&ino);
+            }
+        }
+    }
+
+    /// Work an open needs before its reply in passthrough mode: writes will
+    /// bypass the daemon, so the change is logged now, and a writer other
+    /// than root strips set-user/group-ID bits as a write would.
+    fn before_passthrough_open(&self, req: &Request, ino: u64, flags: i32) -> Result<(), Errno> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.vfs.will_modify(ino)?;
+            if req.uid() != 0 {
+                self.vfs.clear_setid(ino)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -86,7 +163,20 @@ fn xattr(reply: ReplyXattr, size: u32, result: Result<Vec<u8>, Errno>) {
 
 impl Filesystem for FerryFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let wanted = InitFlags::FUSE_WRITEBACK_CACHE
+        if self.passthrough {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                warn!("kernel refuses FUSE passthrough; using the writeback cache");
+                self.passthrough = false;
+            }
+        }
+        let cache = if self.passthrough {
+            InitFlags::empty()
+        } else {
+            InitFlags::FUSE_WRITEBACK_CACHE
+        };
+        let wanted = cache
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
@@ -276,14 +366,30 @@ impl Filesystem for FerryFs {
         entry(reply, self.vfs.link(ino.0, newparent.0, newname.as_bytes()));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         debug!(ino = ino.0, flags = flags.0, "open");
-        match self.vfs.open(ino.0, flags.0, false) {
-            // KEEP_CACHE: only this daemon changes the data files, and the
-            // kernel already saw every change it made.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e),
+        let fh = match self.vfs.open(ino.0, flags.0, false) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(e),
+        };
+        if self.passthrough {
+            if let Err(e) = self.before_passthrough_open(req, ino.0, flags.0) {
+                self.vfs.release(fh);
+                return reply.error(e);
+            }
+            match self.backing(ino.0, fh, |f| reply.open_backing(f)) {
+                Ok(id) => {
+                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+                }
+                Err(e) => warn!(
+                    "passthrough open of inode {}: {e}; serving it through the daemon",
+                    ino.0
+                ),
+            }
         }
+        // KEEP_CACHE: only this daemon changes the data files, and the
+        // kernel already saw every change it made.
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn read(
@@ -347,6 +453,7 @@ impl Filesystem for FerryFs {
         reply: ReplyEmpty,
     ) {
         debug!(fh = fh.0, "release");
+        self.release_backing(fh.0);
         self.vfs.release(fh.0);
         reply.ok();
     }
@@ -492,16 +599,51 @@ impl Filesystem for FerryFs {
             .vfs
             .make(caller(req), parent.0, name.as_bytes(), mode, 0, None)
             .and_then(|attr| Ok((attr, self.vfs.open(attr.ino.0, flags, true)?)));
-        match made {
-            Ok((attr, fh)) => reply.created(
-                &TTL,
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(e),
+        let (attr, fh) = match made {
+            Ok(made) => made,
+            Err(e) => return reply.error(e),
+        };
+        if self.passthrough {
+            match self.backing(attr.ino.0, fh, |f| reply.open_backing(f)) {
+                Ok(id) => {
+                    return reply.created_passthrough(
+                        &TTL,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &id,
+                    )
+                }
+                Err(e) => warn!(
+                    "passthrough create of inode {}: {e}; serving it through the daemon",
+                    attr.ino.0
+                ),
+            }
         }
+        reply.created(
+            &TTL,
+            &attr,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE,
+        );
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Terminal probes (TCGETS from isatty) land here for every file a
+        // program opens; "not a terminal" is the right answer to all.
+        reply.error(Errno::ENOTTY);
     }
 
     fn fallocate(

@@ -31,6 +31,9 @@ pub struct MountConfig {
     pub read_only: bool,
     /// FUSE request threads, each with its own cloned `/dev/fuse` fd.
     pub threads: usize,
+    /// Pass open files through to their data files when the kernel and
+    /// privileges allow (`-o passthrough`, the default, or `nopassthrough`).
+    pub passthrough: bool,
 }
 
 impl MountConfig {
@@ -43,6 +46,7 @@ impl MountConfig {
             allow_other: false,
             read_only: false,
             threads: 4,
+            passthrough: true,
         }
     }
 
@@ -55,6 +59,8 @@ impl MountConfig {
                 "allow_other" => self.allow_other = true,
                 "ro" => self.read_only = true,
                 "rw" => self.read_only = false,
+                "passthrough" => self.passthrough = true,
+                "nopassthrough" => self.passthrough = false,
                 // Always on (module docs); accepted for fstab lines that say it.
                 "default_permissions" => {}
                 "defaults" | "_netdev" | "nofail" | "auto" | "noauto" | "user" | "nouser"
@@ -235,7 +241,9 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
     };
     config.n_threads = Some(cfg.threads);
     config.clone_fd = true;
-    let fs = FerryFs::new(Arc::new(vfs));
+    // Passthrough registers files with the kernel, which takes CAP_SYS_ADMIN.
+    let passthrough = cfg.passthrough && nix::unistd::geteuid().is_root();
+    let fs = FerryFs::new(Arc::new(vfs), passthrough);
     let session = Session::new(fs, &cfg.mountpoint, &config)
         .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
     Ok(Mounted { session })
@@ -248,7 +256,11 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
 /// users go through `fusermount3`, which checks they own the mount.
 pub fn unmount(mountpoint: &Path) -> io::Result<()> {
     let dir = std::fs::File::open(mountpoint)?;
-    nix::unistd::syncfs(&dir).map_err(io::Error::from)?;
+    if let Err(e) = nix::unistd::syncfs(&dir) {
+        // An earlier write-back failed (say, a write past the store's
+        // largest file size); the unmount must still happen.
+        tracing::warn!("flushing {}: {e}", mountpoint.display());
+    }
     drop(dir);
     if nix::unistd::geteuid().is_root() {
         nix::mount::umount(mountpoint).map_err(io::Error::from)

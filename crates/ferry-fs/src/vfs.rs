@@ -760,6 +760,25 @@ impl Vfs {
         Ok(())
     }
 
+    /// Clears the set-user-ID bit, and the set-group-ID bit of a
+    /// group-executable file, as Linux does when someone other than root
+    /// writes to the file.
+    pub fn clear_setid(&self, ino: u64) -> Result<(), Errno> {
+        let inode = self.inode(ino)?;
+        let mut strip = inode.mode & libc::S_ISUID;
+        if inode.mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+            strip |= libc::S_ISGID;
+        }
+        if strip == 0 {
+            return Ok(());
+        }
+        let set = SetAttr {
+            mode: Some(inode.mode & !strip & 0o7777),
+            ..SetAttr::default()
+        };
+        self.setattr(ino, &set, None).map(drop)
+    }
+
     /// `write`.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
         let h = self.handle(fh)?;
