@@ -513,80 +513,104 @@ pub fn clock_past(sec: i64, nsec: i64) {
 /// Runs `f` in a forked child as `(uid, gid)` (supplementary groups: just
 /// `gid`), or with unchanged credentials for `None`; returns `Ok(())` or the
 /// errno the child reported. The child is bounded to 30 s.
-///
-/// Forking a multi-threaded test process is fine here: the child only calls
-/// async-signal-safe syscalls plus glibc's malloc (fork-safe), and always
-/// `_exit`s without unwinding into the test harness.
 pub fn as_user(cred: Option<(u32, u32)>, f: impl FnOnce() -> io::Result<()>) -> Result<(), i32> {
-    let mut fds = [0i32; 2];
-    // SAFETY: fds is a valid array of two ints.
-    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    assert_eq!(rc, 0, "pipe2: {}", io::Error::last_os_error());
-    // SAFETY: see the doc comment; the child never returns from this block.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
-    if pid == 0 {
-        let code: i32 = (|| {
-            if let Some((uid, gid)) = cred {
-                let groups = [gid];
-                // SAFETY: plain credential syscalls on this (child) process.
-                unsafe {
-                    if libc::setgroups(1, groups.as_ptr()) != 0
-                        || libc::setgid(gid) != 0
-                        || libc::setuid(uid) != 0
-                    {
-                        return 1000 + io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    Forked::spawn(cred, f)
+        .wait(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("child running as {cred:?} did not finish in 30 s"))
+}
+
+/// A forked child process running a closure, which reports `Ok` or an errno
+/// over a CLOEXEC pipe. Killed and reaped on drop.
+///
+/// Forking a multi-threaded test process is fine here: the child calls only
+/// syscalls plus glibc's malloc (fork-safe), never prints, and always
+/// `_exit`s without unwinding into the test harness.
+pub struct Forked {
+    pid: i32,
+    pipe: i32,
+}
+
+impl Forked {
+    /// Forks; the child drops to `cred` (if any), runs `f` and exits.
+    pub fn spawn(cred: Option<(u32, u32)>, f: impl FnOnce() -> io::Result<()>) -> Forked {
+        let mut fds = [0i32; 2];
+        // SAFETY: fds is a valid array of two ints.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(rc, 0, "pipe2: {}", io::Error::last_os_error());
+        // SAFETY: see the type's doc; the child never returns from this block.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            let code: i32 = (|| {
+                if let Some((uid, gid)) = cred {
+                    let groups = [gid];
+                    // SAFETY: plain credential syscalls on this (child) process.
+                    unsafe {
+                        if libc::setgroups(1, groups.as_ptr()) != 0
+                            || libc::setgid(gid) != 0
+                            || libc::setuid(uid) != 0
+                        {
+                            return 1000 + io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                        }
                     }
                 }
-            }
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-                Ok(Ok(())) => 0,
-                Ok(Err(e)) => e.raw_os_error().unwrap_or(-1),
-                Err(_) => -2,
-            }
-        })();
-        let bytes = code.to_ne_bytes();
-        // SAFETY: writes 4 bytes from a live buffer, then exits the child
-        // without running the parent's atexit handlers or destructors.
-        unsafe {
-            libc::write(fds[1], bytes.as_ptr().cast(), 4);
-            libc::_exit(0);
-        }
-    }
-    // SAFETY: the write end belongs to us; the child has its own copy.
-    unsafe { libc::close(fds[1]) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut status = 0;
-    loop {
-        // SAFETY: waiting for our own child with a valid status pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            break;
-        }
-        if Instant::now() > deadline {
-            // SAFETY: killing and reaping our own child.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                    Ok(Ok(())) => 0,
+                    Ok(Err(e)) => e.raw_os_error().unwrap_or(-1),
+                    Err(_) => -2,
+                }
+            })();
+            let bytes = code.to_ne_bytes();
+            // SAFETY: writes 4 bytes from a live buffer, then exits the child
+            // without running the parent's atexit handlers or destructors.
             unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-                libc::close(fds[0]);
+                libc::write(fds[1], bytes.as_ptr().cast(), 4);
+                libc::_exit(0);
             }
-            panic!("child running as {cred:?} did not finish in 30 s");
         }
-        thread::sleep(Duration::from_millis(1));
+        // SAFETY: the write end belongs to us; the child has its own copy.
+        unsafe { libc::close(fds[1]) };
+        Forked { pid, pipe: fds[0] }
     }
-    let mut buf = [0u8; 4];
-    // SAFETY: reads at most 4 bytes into a live buffer; then closes our fd.
-    let n = unsafe {
-        let n = libc::read(fds[0], buf.as_mut_ptr().cast(), 4);
-        libc::close(fds[0]);
-        n
-    };
-    assert_eq!(n, 4, "child as {cred:?} died without reporting (status {status:#x})");
-    match i32::from_ne_bytes(buf) {
-        0 => Ok(()),
-        -2 => panic!("closure panicked in child as {cred:?}"),
-        c if c >= 1000 => panic!("dropping to {cred:?} failed: errno {}", c - 1000),
-        c => Err(c),
+
+    /// Waits at most `timeout` for the child's report; `None` (after
+    /// killing it) on timeout. Panics if the closure panicked or the
+    /// credential change failed.
+    pub fn wait(mut self, timeout: Duration) -> Option<Result<(), i32>> {
+        let mut status = 0;
+        let reaped = poll_until(timeout, || {
+            // SAFETY: waiting for our own child with a valid status pointer.
+            unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) == self.pid }
+        });
+        if !reaped {
+            return None; // Drop kills and reaps.
+        }
+        self.pid = 0;
+        let mut buf = [0u8; 4];
+        // SAFETY: reads at most 4 bytes into a live buffer.
+        let n = unsafe { libc::read(self.pipe, buf.as_mut_ptr().cast(), 4) };
+        assert_eq!(n, 4, "child died without reporting (status {status:#x})");
+        Some(match i32::from_ne_bytes(buf) {
+            0 => Ok(()),
+            -2 => panic!("closure panicked in forked child"),
+            c if c >= 1000 => panic!("dropping privileges failed: errno {}", c - 1000),
+            c => Err(c),
+        })
+    }
+}
+
+impl Drop for Forked {
+    fn drop(&mut self) {
+        // SAFETY: killing and reaping our own child (if not reaped yet), and
+        // closing our end of the pipe.
+        unsafe {
+            if self.pid > 0 {
+                libc::kill(self.pid, libc::SIGKILL);
+                let mut status = 0;
+                libc::waitpid(self.pid, &mut status, 0);
+            }
+            libc::close(self.pipe);
+        }
     }
 }
 
