@@ -84,7 +84,9 @@ fn small_files(dir: &Path, n: usize) -> [f64; 3] {
 /// Sequential write of `mib` MiB (MiB/s before fsync, MiB/s including
 /// fsync), then cold sequential read (MiB/s).
 fn sequential(file: &Path, mib: usize) -> [f64; 3] {
-    let block: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let block: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     let t = Instant::now();
     let mut f = File::create(file).unwrap();
     for _ in 0..mib {
@@ -109,17 +111,32 @@ fn sequential(file: &Path, mib: usize) -> [f64; 3] {
     let read = t.elapsed();
     assert_eq!(total, mib << 20, "read back a different size");
     fs::remove_file(file).unwrap();
-    [rate(mib as f64, written), rate(mib as f64, synced), rate(mib as f64, read)]
+    [
+        rate(mib as f64, written),
+        rate(mib as f64, synced),
+        rate(mib as f64, read),
+    ]
 }
 
 /// Seconds for `tar xzf tarball -C dir`; the tree is removed afterwards.
 fn untar(tarball: &Path, dir: &Path) -> f64 {
     fs::create_dir(dir).unwrap();
     let t = Instant::now();
-    let out = support::run_bounded(Command::new("tar").arg("xzf").arg(tarball).arg("-C").arg(dir), Duration::from_secs(600))
-        .expect("tar");
+    let out = support::run_bounded(
+        Command::new("tar")
+            .arg("xzf")
+            .arg(tarball)
+            .arg("-C")
+            .arg(dir),
+        Duration::from_secs(600),
+    )
+    .expect("tar");
     let took = t.elapsed().as_secs_f64();
-    assert!(out.status.success(), "tar failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tar failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     fs::remove_dir_all(dir).unwrap();
     took
 }
@@ -129,13 +146,19 @@ fn pick_tarball() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("FERRY_BENCH_TARBALL") {
         return Some(PathBuf::from(p));
     }
-    let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
     let mut best: Option<(u64, PathBuf)> = None;
-    for reg in fs::read_dir(Path::new(&home).join("registry/cache")).ok()?.flatten() {
+    for reg in fs::read_dir(Path::new(&home).join("registry/cache"))
+        .ok()?
+        .flatten()
+    {
         for e in fs::read_dir(reg.path()).ok()?.flatten() {
             let p = e.path();
             let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-            if p.extension().is_some_and(|x| x == "crate") && best.as_ref().is_none_or(|(l, _)| len > *l) {
+            if p.extension().is_some_and(|x| x == "crate")
+                && best.as_ref().is_none_or(|(l, _)| len > *l)
+            {
                 best = Some((len, p));
             }
         }
@@ -170,19 +193,46 @@ fn main() {
     let tarball = pick_tarball();
     let cold = drop_caches();
 
-    eprintln!("mounting {:?}", targets.iter().map(|t| t.name()).collect::<Vec<_>>());
-    let mounts: Vec<Mount> = targets.iter().map(|&t| Mount::with(t, DEFAULT_OPTIONS)).collect();
-    let read_kind = if cold { "cold, after drop_caches" } else { "WARM: drop_caches failed" };
+    eprintln!(
+        "mounting {:?}",
+        targets.iter().map(|t| t.name()).collect::<Vec<_>>()
+    );
+    let mounts: Vec<Mount> = targets
+        .iter()
+        .map(|&t| Mount::with(t, DEFAULT_OPTIONS))
+        .collect();
+    let read_kind = if cold {
+        "cold, after drop_caches"
+    } else {
+        "WARM: drop_caches failed"
+    };
     let mut metrics: Vec<Metric> = [
-        (format!("create + 4 KiB write + close ({files} files)"), "ops/s", true),
+        (
+            format!("create + 4 KiB write + close ({files} files)"),
+            "ops/s",
+            true,
+        ),
         ("stat".into(), "ops/s", true),
         ("unlink".into(), "ops/s", true),
-        (format!("seq write {mib} MiB, 1 MiB writes, no fsync"), "MiB/s", true),
+        (
+            format!("seq write {mib} MiB, 1 MiB writes, no fsync"),
+            "MiB/s",
+            true,
+        ),
         (format!("seq write {mib} MiB + final fsync"), "MiB/s", true),
-        (format!("seq read {mib} MiB, 1 MiB reads ({read_kind})"), "MiB/s", true),
+        (
+            format!("seq read {mib} MiB, 1 MiB reads ({read_kind})"),
+            "MiB/s",
+            true,
+        ),
     ]
     .into_iter()
-    .map(|(name, unit, hi)| Metric { name, unit, higher_is_better: hi, samples: vec![Vec::new(); targets.len()] })
+    .map(|(name, unit, hi)| Metric {
+        name,
+        unit,
+        higher_is_better: hi,
+        samples: vec![Vec::new(); targets.len()],
+    })
     .collect();
     if let Some(t) = &tarball {
         let name = t.file_name().unwrap().to_string_lossy().into_owned();
@@ -239,7 +289,11 @@ fn main() {
     println!("|---|---|---|---|---|---|---|");
     for m in &metrics {
         let cell = |t: Target| fmt(col(t).and_then(|i| median(&m.samples[i])));
-        let better = if m.higher_is_better { "higher is better" } else { "lower is better" };
+        let better = if m.higher_is_better {
+            "higher is better"
+        } else {
+            "lower is better"
+        };
         println!(
             "| {} | {} ({better}) | {} | {} | {} | {} | {} |",
             m.name,

@@ -36,7 +36,10 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// prefixes can never legitimately change.
 fn writer(mnt: &Path, log_path: &Path, seed: u64) -> io::Result<()> {
     let mut rng = Rng::new(seed);
-    let mut log = OpenOptions::new().create(true).append(true).open(log_path)?;
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)?;
     let mut synced: Vec<(String, Vec<u8>)> = Vec::new();
     let mut unsynced: Vec<String> = Vec::new();
     fs::create_dir(mnt.join("sub"))?;
@@ -113,7 +116,10 @@ fn read_log(path: &Path) -> HashMap<String, (usize, String)> {
     for line in complete.lines() {
         let parts: Vec<&str> = line.split(' ').collect();
         assert_eq!(parts.len(), 3, "bad log line {line:?}");
-        last.insert(parts[0].to_string(), (parts[1].parse().unwrap(), parts[2].to_string()));
+        last.insert(
+            parts[0].to_string(),
+            (parts[1].parse().unwrap(), parts[2].to_string()),
+        );
     }
     last
 }
@@ -121,7 +127,10 @@ fn read_log(path: &Path) -> HashMap<String, (usize, String)> {
 /// Runs `ferry fsck --store` and asserts it is consistent.
 fn fsck(store: &Path, trial: &str) {
     let out = support::run_bounded(
-        std::process::Command::new(support::ferry_bin()).arg("fsck").arg("--store").arg(store),
+        std::process::Command::new(support::ferry_bin())
+            .arg("fsck")
+            .arg("--store")
+            .arg(store),
         Duration::from_secs(120),
     );
     assert!(
@@ -145,17 +154,32 @@ fn trial(n: u64, seed: u64) {
     };
     // Let the writer make some durable progress, then crash at a random
     // moment (the sleep picks the crash point; it synchronises nothing).
-    let progressed = support::poll_until(Duration::from_secs(10), || fs::metadata(&log).is_ok_and(|m| m.len() > 0));
-    assert!(progressed, "{tag}: writer made no fsync'd progress in 10 s; daemon:\n{}", m.daemon_log());
+    let progressed = support::poll_until(Duration::from_secs(10), || {
+        fs::metadata(&log).is_ok_and(|m| m.len() > 0)
+    });
+    assert!(
+        progressed,
+        "{tag}: writer made no fsync'd progress in 10 s; daemon:\n{}",
+        m.daemon_log()
+    );
     thread::sleep(Duration::from_millis(rng.below(400)));
     m.kill9();
     drop(child); // SIGKILL + reap; it may be stuck in a dead mount's request.
     let durable = read_log(&log);
     m.remount();
     for (name, (len, sum)) in &durable {
-        let data = fs::read(mnt.join(name)).unwrap_or_else(|e| panic!("{tag}: fsync'd {name} lost: {e}"));
-        assert!(data.len() >= *len, "{tag}: {name} has {} bytes, {len} were fsync'd", data.len());
-        assert_eq!(format!("{:016x}", fnv64(&data[..*len])), *sum, "{tag}: {name}: fsync'd bytes differ");
+        let data =
+            fs::read(mnt.join(name)).unwrap_or_else(|e| panic!("{tag}: fsync'd {name} lost: {e}"));
+        assert!(
+            data.len() >= *len,
+            "{tag}: {name} has {} bytes, {len} were fsync'd",
+            data.len()
+        );
+        assert_eq!(
+            format!("{:016x}", fnv64(&data[..*len])),
+            *sum,
+            "{tag}: {name}: fsync'd bytes differ"
+        );
     }
     m.unmount();
     if m.target() == Target::Ferry {
@@ -175,7 +199,11 @@ fn fsynced_data_survives_kill9() {
     for n in 0..trials {
         // Each trial's seed is printed so it can be replayed alone (with
         // FERRY_CRASH_TRIALS=1 FERRY_CRASH_SEED=<it>).
-        let seed = if trials == 1 { support::env_u64("FERRY_CRASH_SEED", 0xC0FFEE) } else { seeds.next_u64() };
+        let seed = if trials == 1 {
+            support::env_u64("FERRY_CRASH_SEED", 0xC0FFEE)
+        } else {
+            seeds.next_u64()
+        };
         trial(n, seed);
     }
 }

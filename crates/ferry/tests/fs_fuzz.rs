@@ -33,32 +33,117 @@ const TAIL: usize = 40;
 /// One operation, with every argument drawn up front.
 #[derive(Clone, Debug)]
 enum Op {
-    Open { path: String, flags: i32, mode: u32, slot: usize },
-    Close { slot: usize },
-    Write { slot: usize, len: usize, seed: u64 },
-    Pwrite { slot: usize, off: i64, len: usize, seed: u64 },
-    Read { slot: usize, len: usize },
-    Pread { slot: usize, off: i64, len: usize },
-    Seek { slot: usize, off: i64, end: bool },
-    Ftruncate { slot: usize, len: i64 },
-    Fsync { slot: usize },
-    MmapWrite { slot: usize, off: u64, len: usize, seed: u64 },
-    Fallocate { slot: usize, mode: i32, off: i64, len: i64 },
-    Truncate { path: String, len: i64 },
-    Rename { from: String, to: String, flags: u32 },
-    Link { from: String, to: String },
-    Unlink { path: String },
-    Mkdir { path: String, mode: u32 },
-    Rmdir { path: String },
-    Symlink { target: String, path: String },
-    Readlink { path: String },
-    Chmod { path: String, mode: u32 },
-    Setxattr { path: String, name: String, len: usize, seed: u64, flags: i32 },
-    Getxattr { path: String, name: String },
-    Removexattr { path: String, name: String },
-    Listxattr { path: String },
-    Stat { path: String },
-    Readdir { path: String },
+    Open {
+        path: String,
+        flags: i32,
+        mode: u32,
+        slot: usize,
+    },
+    Close {
+        slot: usize,
+    },
+    Write {
+        slot: usize,
+        len: usize,
+        seed: u64,
+    },
+    Pwrite {
+        slot: usize,
+        off: i64,
+        len: usize,
+        seed: u64,
+    },
+    Read {
+        slot: usize,
+        len: usize,
+    },
+    Pread {
+        slot: usize,
+        off: i64,
+        len: usize,
+    },
+    Seek {
+        slot: usize,
+        off: i64,
+        end: bool,
+    },
+    Ftruncate {
+        slot: usize,
+        len: i64,
+    },
+    Fsync {
+        slot: usize,
+    },
+    MmapWrite {
+        slot: usize,
+        off: u64,
+        len: usize,
+        seed: u64,
+    },
+    Fallocate {
+        slot: usize,
+        mode: i32,
+        off: i64,
+        len: i64,
+    },
+    Truncate {
+        path: String,
+        len: i64,
+    },
+    Rename {
+        from: String,
+        to: String,
+        flags: u32,
+    },
+    Link {
+        from: String,
+        to: String,
+    },
+    Unlink {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+        mode: u32,
+    },
+    Rmdir {
+        path: String,
+    },
+    Symlink {
+        target: String,
+        path: String,
+    },
+    Readlink {
+        path: String,
+    },
+    Chmod {
+        path: String,
+        mode: u32,
+    },
+    Setxattr {
+        path: String,
+        name: String,
+        len: usize,
+        seed: u64,
+        flags: i32,
+    },
+    Getxattr {
+        path: String,
+        name: String,
+    },
+    Removexattr {
+        path: String,
+        name: String,
+    },
+    Listxattr {
+        path: String,
+    },
+    Stat {
+        path: String,
+    },
+    Readdir {
+        path: String,
+    },
 }
 
 /// What an op returned, in a form both sides produce identically.
@@ -71,7 +156,10 @@ fn gen_path(rng: &mut Rng) -> String {
         60..=89 => 2,
         _ => 3,
     };
-    (0..depth).map(|_| *rng.pick(&NAMES)).collect::<Vec<_>>().join("/")
+    (0..depth)
+        .map(|_| *rng.pick(&NAMES))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn gen_offset(rng: &mut Rng) -> i64 {
@@ -98,8 +186,14 @@ fn gen_op(rng: &mut Rng) -> Op {
     let slot = rng.below(SLOTS as u64) as usize;
     match rng.below(100) {
         0..=15 => {
-            let mut flags = *rng.pick(&[libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR, libc::O_RDWR]);
-            for (pct, f) in [(85, libc::O_CREAT), (10, libc::O_EXCL), (12, libc::O_TRUNC), (15, libc::O_APPEND)] {
+            let mut flags =
+                *rng.pick(&[libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR, libc::O_RDWR]);
+            for (pct, f) in [
+                (85, libc::O_CREAT),
+                (10, libc::O_EXCL),
+                (12, libc::O_TRUNC),
+                (15, libc::O_APPEND),
+            ] {
                 if rng.chance(pct) {
                     flags |= f;
                 }
@@ -108,47 +202,110 @@ fn gen_op(rng: &mut Rng) -> Op {
                 flags |= libc::O_DIRECTORY;
             }
             let mode = *rng.pick(&[0o644, 0o600, 0o755, 0o444]);
-            Op::Open { path: gen_path(rng), flags, mode, slot }
+            Op::Open {
+                path: gen_path(rng),
+                flags,
+                mode,
+                slot,
+            }
         }
         16..=17 => Op::Close { slot },
-        18..=24 => Op::Write { slot, len: gen_len(rng), seed: rng.next_u64() },
-        25..=31 => Op::Pwrite { slot, off: gen_offset(rng), len: gen_len(rng), seed: rng.next_u64() },
-        32..=34 => Op::Read { slot, len: gen_len(rng) },
-        35..=37 => Op::Pread { slot, off: gen_offset(rng), len: gen_len(rng) },
-        38..=39 => Op::Seek { slot, off: gen_offset(rng), end: rng.chance(30) },
-        40..=42 => Op::Ftruncate { slot, len: gen_offset(rng) },
+        18..=24 => Op::Write {
+            slot,
+            len: gen_len(rng),
+            seed: rng.next_u64(),
+        },
+        25..=31 => Op::Pwrite {
+            slot,
+            off: gen_offset(rng),
+            len: gen_len(rng),
+            seed: rng.next_u64(),
+        },
+        32..=34 => Op::Read {
+            slot,
+            len: gen_len(rng),
+        },
+        35..=37 => Op::Pread {
+            slot,
+            off: gen_offset(rng),
+            len: gen_len(rng),
+        },
+        38..=39 => Op::Seek {
+            slot,
+            off: gen_offset(rng),
+            end: rng.chance(30),
+        },
+        40..=42 => Op::Ftruncate {
+            slot,
+            len: gen_offset(rng),
+        },
         43..=44 => Op::Fsync { slot },
-        45..=47 => Op::MmapWrite { slot, off: rng.next_u64(), len: gen_len(rng), seed: rng.next_u64() },
+        45..=47 => Op::MmapWrite {
+            slot,
+            off: rng.next_u64(),
+            len: gen_len(rng),
+            seed: rng.next_u64(),
+        },
         48..=49 => {
             let mode = *rng.pick(&[
                 0,
                 libc::FALLOC_FL_KEEP_SIZE,
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             ]);
-            Op::Fallocate { slot, mode, off: gen_offset(rng), len: 1 + rng.below(65_536) as i64 }
+            Op::Fallocate {
+                slot,
+                mode,
+                off: gen_offset(rng),
+                len: 1 + rng.below(65_536) as i64,
+            }
         }
-        50..=51 => Op::Truncate { path: gen_path(rng), len: gen_offset(rng) },
+        50..=51 => Op::Truncate {
+            path: gen_path(rng),
+            len: gen_offset(rng),
+        },
         52..=58 => {
             let flags = match rng.below(10) {
                 0 => libc::RENAME_NOREPLACE,
                 1 => libc::RENAME_EXCHANGE,
                 _ => 0,
             };
-            Op::Rename { from: gen_path(rng), to: gen_path(rng), flags }
+            Op::Rename {
+                from: gen_path(rng),
+                to: gen_path(rng),
+                flags,
+            }
         }
-        59..=61 => Op::Link { from: gen_path(rng), to: gen_path(rng) },
-        62..=66 => Op::Unlink { path: gen_path(rng) },
-        67..=72 => Op::Mkdir { path: gen_path(rng), mode: *rng.pick(&[0o755, 0o700, 0o777]) },
-        73..=75 => Op::Rmdir { path: gen_path(rng) },
+        59..=61 => Op::Link {
+            from: gen_path(rng),
+            to: gen_path(rng),
+        },
+        62..=66 => Op::Unlink {
+            path: gen_path(rng),
+        },
+        67..=72 => Op::Mkdir {
+            path: gen_path(rng),
+            mode: *rng.pick(&[0o755, 0o700, 0o777]),
+        },
+        73..=75 => Op::Rmdir {
+            path: gen_path(rng),
+        },
         76..=78 => {
             // Relative targets without "..": they can never leave the root.
             let target = rng.pick(&["a", "b", "c", "a/b", "b/c", "zz"]).to_string();
-            Op::Symlink { target, path: gen_path(rng) }
+            Op::Symlink {
+                target,
+                path: gen_path(rng),
+            }
         }
-        79 => Op::Readlink { path: gen_path(rng) },
+        79 => Op::Readlink {
+            path: gen_path(rng),
+        },
         80..=82 => {
             let mode = *rng.pick(&[0o644, 0o600, 0o755, 0o700, 0o444, 0o4755, 0o2755, 0o1777]);
-            Op::Chmod { path: gen_path(rng), mode }
+            Op::Chmod {
+                path: gen_path(rng),
+                mode,
+            }
         }
         83..=86 => Op::Setxattr {
             path: gen_path(rng),
@@ -157,11 +314,23 @@ fn gen_op(rng: &mut Rng) -> Op {
             seed: rng.next_u64(),
             flags: *rng.pick(&[0, 0, libc::XATTR_CREATE, libc::XATTR_REPLACE]),
         },
-        87..=88 => Op::Getxattr { path: gen_path(rng), name: rng.pick(&["user.a", "user.b"]).to_string() },
-        89 => Op::Removexattr { path: gen_path(rng), name: rng.pick(&["user.a", "user.b"]).to_string() },
-        90 => Op::Listxattr { path: gen_path(rng) },
-        91..=95 => Op::Stat { path: gen_path(rng) },
-        _ => Op::Readdir { path: rng.pick(&[".", "a", "b", "a/b", "c"]).to_string() },
+        87..=88 => Op::Getxattr {
+            path: gen_path(rng),
+            name: rng.pick(&["user.a", "user.b"]).to_string(),
+        },
+        89 => Op::Removexattr {
+            path: gen_path(rng),
+            name: rng.pick(&["user.a", "user.b"]).to_string(),
+        },
+        90 => Op::Listxattr {
+            path: gen_path(rng),
+        },
+        91..=95 => Op::Stat {
+            path: gen_path(rng),
+        },
+        _ => Op::Readdir {
+            path: rng.pick(&[".", "a", "b", "a/b", "c"]).to_string(),
+        },
     }
 }
 
@@ -187,7 +356,10 @@ impl std::os::fd::AsRawFd for Slot {
 
 impl Side {
     fn new(root: &Path) -> Side {
-        Side { root: root.to_path_buf(), fds: (0..SLOTS).map(|_| None).collect() }
+        Side {
+            root: root.to_path_buf(),
+            fds: (0..SLOTS).map(|_| None).collect(),
+        }
     }
 
     fn p(&self, rel: &str) -> PathBuf {
@@ -204,24 +376,40 @@ impl Side {
     }
 
     fn apply(&mut self, op: &Op) -> Outcome {
-        let unit = |r: std::io::Result<()>| r.map(|()| String::new()).map_err(|e| errno::<()>(Err(e)));
+        let unit =
+            |r: std::io::Result<()>| r.map(|()| String::new()).map_err(|e| errno::<()>(Err(e)));
         let err = |e: std::io::Error| e.raw_os_error().unwrap_or(-1);
         match op {
-            Op::Open { path, flags, mode, slot } => {
+            Op::Open {
+                path,
+                flags,
+                mode,
+                slot,
+            } => {
                 self.fds[*slot] = None;
                 let f = sys::open(&self.p(path), *flags, *mode).map_err(err)?;
                 self.fds[*slot] = Some(f);
                 Ok(String::new())
             }
-            Op::Close { slot } => self.fds[*slot].take().map(|_| String::new()).ok_or(libc::EBADF),
+            Op::Close { slot } => self.fds[*slot]
+                .take()
+                .map(|_| String::new())
+                .ok_or(libc::EBADF),
             Op::Write { slot, len, seed } => {
                 let data = Rng::new(*seed).bytes(*len);
                 let n = self.file(*slot)?.write(&data).map_err(err)?;
                 Ok(n.to_string())
             }
-            Op::Pwrite { slot, off, len, seed } => {
+            Op::Pwrite {
+                slot,
+                off,
+                len,
+                seed,
+            } => {
                 let data = Rng::new(*seed).bytes(*len);
-                sys::pwrite(&self.fd(*slot), &data, *off).map(|n| n.to_string()).map_err(err)
+                sys::pwrite(&self.fd(*slot), &data, *off)
+                    .map(|n| n.to_string())
+                    .map_err(err)
             }
             Op::Read { slot, len } => {
                 let mut buf = vec![0; *len];
@@ -229,14 +417,28 @@ impl Side {
                 let n = f.read(&mut buf).map_err(err)?;
                 Ok(digest(&buf[..n]))
             }
-            Op::Pread { slot, off, len } => sys::pread(&self.fd(*slot), *len, *off).map(|d| digest(&d)).map_err(err),
+            Op::Pread { slot, off, len } => sys::pread(&self.fd(*slot), *len, *off)
+                .map(|d| digest(&d))
+                .map_err(err),
             Op::Seek { slot, off, end } => {
-                let to = if *end { SeekFrom::End(-(*off % 5000)) } else { SeekFrom::Start(*off as u64) };
-                self.file(*slot)?.seek(to).map(|p| p.to_string()).map_err(err)
+                let to = if *end {
+                    SeekFrom::End(-(*off % 5000))
+                } else {
+                    SeekFrom::Start(*off as u64)
+                };
+                self.file(*slot)?
+                    .seek(to)
+                    .map(|p| p.to_string())
+                    .map_err(err)
             }
             Op::Ftruncate { slot, len } => unit(sys::ftruncate(&self.fd(*slot), *len)),
             Op::Fsync { slot } => unit(self.file(*slot)?.sync_all()),
-            Op::MmapWrite { slot, off, len, seed } => {
+            Op::MmapWrite {
+                slot,
+                off,
+                len,
+                seed,
+            } => {
                 let size = self.file(*slot)?.metadata().map_err(err)?.len();
                 if size == 0 || *len == 0 {
                     return Ok(format!("size {size}"));
@@ -245,30 +447,59 @@ impl Side {
                 let start = off % size;
                 let len = (*len as u64).min(size - start);
                 let map_off = start & !4095;
-                let mut map = sys::Mapping::shared(&self.fd(*slot), (start + len - map_off) as usize, map_off as i64)
-                    .map_err(err)?;
+                let mut map = sys::Mapping::shared(
+                    &self.fd(*slot),
+                    (start + len - map_off) as usize,
+                    map_off as i64,
+                )
+                .map_err(err)?;
                 let at = (start - map_off) as usize;
-                map.bytes()[at..at + len as usize].copy_from_slice(&Rng::new(*seed).bytes(len as usize));
+                map.bytes()[at..at + len as usize]
+                    .copy_from_slice(&Rng::new(*seed).bytes(len as usize));
                 map.sync().map_err(err)?;
                 Ok(format!("size {size}"))
             }
-            Op::Fallocate { slot, mode, off, len } => unit(sys::fallocate(&self.fd(*slot), *mode, *off, *len)),
+            Op::Fallocate {
+                slot,
+                mode,
+                off,
+                len,
+            } => unit(sys::fallocate(&self.fd(*slot), *mode, *off, *len)),
             Op::Truncate { path, len } => unit(sys::truncate(&self.p(path), *len)),
-            Op::Rename { from, to, flags } => unit(sys::renameat2(&self.p(from), &self.p(to), *flags)),
+            Op::Rename { from, to, flags } => {
+                unit(sys::renameat2(&self.p(from), &self.p(to), *flags))
+            }
             Op::Link { from, to } => unit(fs::hard_link(self.p(from), self.p(to))),
             Op::Unlink { path } => unit(fs::remove_file(self.p(path))),
             Op::Mkdir { path, mode } => unit(sys::mkdir(&self.p(path), *mode)),
             Op::Rmdir { path } => unit(fs::remove_dir(self.p(path))),
             Op::Symlink { target, path } => unit(symlink(target, self.p(path))),
-            Op::Readlink { path } => fs::read_link(self.p(path)).map(|t| t.display().to_string()).map_err(err),
+            Op::Readlink { path } => fs::read_link(self.p(path))
+                .map(|t| t.display().to_string())
+                .map_err(err),
             Op::Chmod { path, mode } => unit(sys::chmod(&self.p(path), *mode)),
-            Op::Setxattr { path, name, len, seed, flags } => {
-                unit(sys::setxattr(&self.p(path), name, &Rng::new(*seed).bytes(*len), *flags))
-            }
-            Op::Getxattr { path, name } => sys::getxattr(&self.p(path), name, 1024).map(|v| digest(&v)).map_err(err),
+            Op::Setxattr {
+                path,
+                name,
+                len,
+                seed,
+                flags,
+            } => unit(sys::setxattr(
+                &self.p(path),
+                name,
+                &Rng::new(*seed).bytes(*len),
+                *flags,
+            )),
+            Op::Getxattr { path, name } => sys::getxattr(&self.p(path), name, 1024)
+                .map(|v| digest(&v))
+                .map_err(err),
             Op::Removexattr { path, name } => unit(sys::removexattr(&self.p(path), name)),
-            Op::Listxattr { path } => sys::listxattr(&self.p(path), 4096).map(|n| user_names(n).join(",")).map_err(err),
-            Op::Stat { path } => fs::symlink_metadata(self.p(path)).map(|m| describe_meta(&m)).map_err(err),
+            Op::Listxattr { path } => sys::listxattr(&self.p(path), 4096)
+                .map(|n| user_names(n).join(","))
+                .map_err(err),
+            Op::Stat { path } => fs::symlink_metadata(self.p(path))
+                .map(|m| describe_meta(&m))
+                .map_err(err),
             Op::Readdir { path } => {
                 let mut names: Vec<String> = fs::read_dir(self.p(path))
                     .map_err(err)?
@@ -292,8 +523,18 @@ fn user_names(mut names: Vec<String>) -> Vec<String> {
 /// Type, mode, size (not for directories: their size is fs-specific) and
 /// link count.
 fn describe_meta(m: &fs::Metadata) -> String {
-    let size = if m.is_dir() { "-".to_string() } else { m.len().to_string() };
-    format!("mode {:o} size {size} nlink {} uid {} gid {}", m.mode(), m.nlink(), m.uid(), m.gid())
+    let size = if m.is_dir() {
+        "-".to_string()
+    } else {
+        m.len().to_string()
+    };
+    format!(
+        "mode {:o} size {size} nlink {} uid {} gid {}",
+        m.mode(),
+        m.nlink(),
+        m.uid(),
+        m.gid()
+    )
 }
 
 /// Everything a tree is compared on, one entry per path.
@@ -306,7 +547,11 @@ struct Entry {
 
 impl fmt::Debug for Entry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let x: Vec<_> = self.xattrs.iter().map(|(n, v)| format!("{n}={}", digest(v))).collect();
+        let x: Vec<_> = self
+            .xattrs
+            .iter()
+            .map(|(n, v)| format!("{n}={}", digest(v)))
+            .collect();
         write!(f, "{} [{}] xattrs {x:?}", self.meta, digest(&self.content))
     }
 }
@@ -321,13 +566,20 @@ fn snapshot(root: &Path) -> (BTreeMap<String, Entry>, Vec<Vec<String>>) {
         let dir = root.join(&rel);
         for e in fs::read_dir(&dir).unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display())) {
             let name = e.unwrap().file_name().to_string_lossy().into_owned();
-            let rel = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
             let path = root.join(&rel);
             let m = fs::symlink_metadata(&path).unwrap();
             let content = if m.is_file() {
                 fs::read(&path).unwrap()
             } else if m.file_type().is_symlink() {
-                fs::read_link(&path).unwrap().into_os_string().into_encoded_bytes()
+                fs::read_link(&path)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
             } else {
                 stack.push(rel.clone());
                 Vec::new()
@@ -346,7 +598,14 @@ fn snapshot(root: &Path) -> (BTreeMap<String, Entry>, Vec<Vec<String>>) {
             if !m.is_dir() {
                 groups.entry(m.ino()).or_default().push(rel.clone());
             }
-            entries.insert(rel, Entry { meta: describe_meta(&m), content, xattrs });
+            entries.insert(
+                rel,
+                Entry {
+                    meta: describe_meta(&m),
+                    content,
+                    xattrs,
+                },
+            );
         }
     }
     let mut groups: Vec<Vec<String>> = groups.into_values().filter(|g| g.len() > 1).collect();
@@ -372,7 +631,9 @@ fn tree_diff(a: &Path, b: &Path) -> Vec<String> {
         }
     }
     if ga != gb {
-        diffs.push(format!("hard-link groups: mount {ga:?} vs reference {gb:?}"));
+        diffs.push(format!(
+            "hard-link groups: mount {ga:?} vs reference {gb:?}"
+        ));
     }
     diffs
 }
@@ -380,7 +641,11 @@ fn tree_diff(a: &Path, b: &Path) -> Vec<String> {
 /// Panics with everything needed to replay: seed, op index, the ops before.
 fn fail(seed: u64, index: usize, ops: &[Op], what: String) -> ! {
     let from = ops.len().saturating_sub(TAIL);
-    let tail: Vec<String> = ops[from..].iter().enumerate().map(|(i, op)| format!("  #{}: {op:?}", from + i)).collect();
+    let tail: Vec<String> = ops[from..]
+        .iter()
+        .enumerate()
+        .map(|(i, op)| format!("  #{}: {op:?}", from + i))
+        .collect();
     panic!(
         "fuzz mismatch at op #{index} (seed {seed}): {what}\nlast {} ops:\n{}\nreplay: FERRY_FUZZ_SEED={seed} FERRY_FUZZ_OPS={}",
         tail.len(),
@@ -397,29 +662,52 @@ fn run(seed: u64, count: usize) {
     let mut ops = Vec::with_capacity(count);
     // Successes per op kind: a run where nearly everything fails is no test.
     let mut ok: BTreeMap<String, (u32, u32)> = BTreeMap::new();
-    eprintln!("fuzz: seed {seed}, {count} ops, target {}", mount.target().name());
+    eprintln!(
+        "fuzz: seed {seed}, {count} ops, target {}",
+        mount.target().name()
+    );
     for i in 0..count {
         let op = gen_op(&mut rng);
         ops.push(op.clone());
         let (ra, rb) = (a.apply(&op), b.apply(&op));
         if ra != rb {
-            fail(seed, i, &ops, format!("mount gave {ra:?}, reference gave {rb:?}"));
+            fail(
+                seed,
+                i,
+                &ops,
+                format!("mount gave {ra:?}, reference gave {rb:?}"),
+            );
         }
-        let kind = format!("{op:?}").split([' ', '{']).next().unwrap_or("").to_string();
+        let kind = format!("{op:?}")
+            .split([' ', '{'])
+            .next()
+            .unwrap_or("")
+            .to_string();
         let e = ok.entry(kind).or_default();
         e.0 += ra.is_ok() as u32;
         e.1 += 1;
         if (i + 1) % COMPARE_EVERY == 0 || i + 1 == count {
             let diffs = tree_diff(mount.path(), reference.path());
             if !diffs.is_empty() {
-                fail(seed, i, &ops, format!("trees differ:\n{}", diffs.join("\n")));
+                fail(
+                    seed,
+                    i,
+                    &ops,
+                    format!("trees differ:\n{}", diffs.join("\n")),
+                );
             }
         }
     }
-    let stats: Vec<String> = ok.iter().map(|(k, (n, t))| format!("{k} {n}/{t}")).collect();
+    let stats: Vec<String> = ok
+        .iter()
+        .map(|(k, (n, t))| format!("{k} {n}/{t}"))
+        .collect();
     eprintln!("fuzz: succeeded/attempted: {}", stats.join(", "));
     let total_ok: u32 = ok.values().map(|v| v.0).sum();
-    assert!(total_ok as usize * 4 > count, "under 25% of ops succeeded: the generator needs tuning");
+    assert!(
+        total_ok as usize * 4 > count,
+        "under 25% of ops succeeded: the generator needs tuning"
+    );
     // What was there must still be there after a clean unmount and remount.
     drop((a, b));
     if !mount.is_raw() {
@@ -427,7 +715,12 @@ fn run(seed: u64, count: usize) {
         mount.remount();
         let diffs = tree_diff(mount.path(), reference.path());
         if !diffs.is_empty() {
-            fail(seed, count, &ops, format!("trees differ after remount:\n{}", diffs.join("\n")));
+            fail(
+                seed,
+                count,
+                &ops,
+                format!("trees differ after remount:\n{}", diffs.join("\n")),
+            );
         }
     }
 }
@@ -445,7 +738,9 @@ fn random_ops_match_reference_dir() {
 fn generator_is_deterministic() {
     let draw = |seed| {
         let mut rng = Rng::new(seed);
-        (0..500).map(|_| format!("{:?}", gen_op(&mut rng))).collect::<Vec<_>>()
+        (0..500)
+            .map(|_| format!("{:?}", gen_op(&mut rng)))
+            .collect::<Vec<_>>()
     };
     assert_eq!(draw(42), draw(42));
     assert_ne!(draw(42), draw(43));

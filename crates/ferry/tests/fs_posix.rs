@@ -43,7 +43,12 @@ fn stamps(p: &Path) -> ((i64, i64), (i64, i64)) {
 /// Waits (bounded) until the clock is past every timestamp of `paths`, so
 /// an update done next is visible as a strictly later stamp.
 fn tick(paths: &[&Path]) {
-    let latest = paths.iter().map(|p| stamps(p)).map(|(m, c)| m.max(c)).max().unwrap();
+    let latest = paths
+        .iter()
+        .map(|p| stamps(p))
+        .map(|(m, c)| m.max(c))
+        .max()
+        .unwrap();
     clock_past(latest.0, latest.1);
 }
 
@@ -54,10 +59,18 @@ fn assert_updates(p: &Path, mtime: bool, ctime: bool, op: impl FnOnce()) {
     op();
     let (m1, c1) = stamps(p);
     if mtime {
-        assert!(m1 > m0, "mtime of {} not updated: {m0:?} -> {m1:?}", p.display());
+        assert!(
+            m1 > m0,
+            "mtime of {} not updated: {m0:?} -> {m1:?}",
+            p.display()
+        );
     }
     if ctime {
-        assert!(c1 > c0, "ctime of {} not updated: {c0:?} -> {c1:?}", p.display());
+        assert!(
+            c1 > c0,
+            "ctime of {} not updated: {c0:?} -> {c1:?}",
+            p.display()
+        );
     }
 }
 
@@ -111,7 +124,10 @@ mod chmod {
         assert_eq!(errno(sys::chmod(&m.join("nope"), 0o644)), libc::ENOENT);
         assert_eq!(errno(sys::chmod(&m.join("f/x"), 0o644)), libc::ENOTDIR);
         let f = m.join("f");
-        assert_eq!(as_user(Some(NOBODY), || sys::chmod(&f, 0o777)), Err(libc::EPERM));
+        assert_eq!(
+            as_user(Some(NOBODY), || sys::chmod(&f, 0o777)),
+            Err(libc::EPERM)
+        );
         assert_eq!(mode(&f), 0o644);
     }
 
@@ -136,7 +152,9 @@ mod chown {
         let m = Mount::new();
         let f = m.join("f");
         touch(&f, b"");
-        assert_updates(&f, false, true, || sys::chown(&f, Some(NOBODY.0), Some(DAEMON.1)).unwrap());
+        assert_updates(&f, false, true, || {
+            sys::chown(&f, Some(NOBODY.0), Some(DAEMON.1)).unwrap()
+        });
         assert_eq!((lstat(&f).uid(), lstat(&f).gid()), (NOBODY.0, DAEMON.1));
         sys::chown(&f, None, Some(0)).unwrap();
         assert_eq!((lstat(&f).uid(), lstat(&f).gid()), (NOBODY.0, 0));
@@ -149,13 +167,22 @@ mod chown {
         touch(&f, b"");
         sys::chown(&f, Some(NOBODY.0), Some(0)).unwrap();
         // Giving a file away, or to a group one is not in, is EPERM.
-        assert_eq!(as_user(Some(NOBODY), || sys::chown(&f, Some(DAEMON.0), None)), Err(libc::EPERM));
-        assert_eq!(as_user(Some(NOBODY), || sys::chown(&f, None, Some(DAEMON.1))), Err(libc::EPERM));
+        assert_eq!(
+            as_user(Some(NOBODY), || sys::chown(&f, Some(DAEMON.0), None)),
+            Err(libc::EPERM)
+        );
+        assert_eq!(
+            as_user(Some(NOBODY), || sys::chown(&f, None, Some(DAEMON.1))),
+            Err(libc::EPERM)
+        );
         // To one's own group is fine.
         as_user(Some(NOBODY), || sys::chown(&f, None, Some(NOBODY.1))).unwrap();
         assert_eq!(lstat(&f).gid(), NOBODY.1);
         // A non-owner may not chown at all.
-        assert_eq!(as_user(Some(DAEMON), || sys::chown(&f, None, Some(DAEMON.1))), Err(libc::EPERM));
+        assert_eq!(
+            as_user(Some(DAEMON), || sys::chown(&f, None, Some(DAEMON.1))),
+            Err(libc::EPERM)
+        );
     }
 
     #[test]
@@ -198,7 +225,10 @@ mod link {
         assert_eq!(lstat(&a).ino(), lstat(&b).ino());
         assert_eq!(lstat(&a).nlink(), 2);
         assert!(stamps(&a).1 > ac0, "link must update the file's ctime");
-        assert!(stamps(m.path()).0 > dm0, "link must update the parent's mtime");
+        assert!(
+            stamps(m.path()).0 > dm0,
+            "link must update the parent's mtime"
+        );
         fs::write(&b, b"other").unwrap();
         assert_eq!(fs::read(&a).unwrap(), b"other");
         fs::remove_file(&a).unwrap();
@@ -213,15 +243,27 @@ mod link {
         touch(&m.join("b"), b"");
         sys::mkdir(&m.join("d"), 0o755).unwrap();
         assert_eq!(errno(fs::hard_link(m.join("a"), m.join("b"))), libc::EEXIST);
-        assert_eq!(errno(fs::hard_link(m.join("nope"), m.join("c"))), libc::ENOENT);
-        assert_eq!(errno(fs::hard_link(m.join("a"), m.join("nope/c"))), libc::ENOENT);
-        assert_eq!(errno(fs::hard_link(m.join("a"), m.join("b/c"))), libc::ENOTDIR);
+        assert_eq!(
+            errno(fs::hard_link(m.join("nope"), m.join("c"))),
+            libc::ENOENT
+        );
+        assert_eq!(
+            errno(fs::hard_link(m.join("a"), m.join("nope/c"))),
+            libc::ENOENT
+        );
+        assert_eq!(
+            errno(fs::hard_link(m.join("a"), m.join("b/c"))),
+            libc::ENOTDIR
+        );
         assert_eq!(errno(fs::hard_link(m.join("d"), m.join("d2"))), libc::EPERM);
         // nobody owns the file (so protected_hardlinks allows it) but may not
         // write the root-owned 0755 directory.
         let (a, c) = (m.join("a"), m.join("c"));
         sys::chown(&a, Some(NOBODY.0), None).unwrap();
-        assert_eq!(as_user(Some(NOBODY), || fs::hard_link(&a, &c)), Err(libc::EACCES));
+        assert_eq!(
+            as_user(Some(NOBODY), || fs::hard_link(&a, &c)),
+            Err(libc::EACCES)
+        );
     }
 }
 
@@ -233,7 +275,9 @@ mod mkdir {
         let m = Mount::new();
         let root = m.path();
         let n0 = lstat(root).nlink();
-        assert_updates(root, true, true, || sys::mkdir(&m.join("d"), 0o755).unwrap());
+        assert_updates(root, true, true, || {
+            sys::mkdir(&m.join("d"), 0o755).unwrap()
+        });
         let d = lstat(&m.join("d"));
         assert!(d.is_dir());
         assert_eq!(d.mode() & 0o7777, 0o755);
@@ -256,12 +300,19 @@ mod mkdir {
         sys::mkdir(&m.join("d"), 0o755).unwrap();
         symlink("dangling", m.join("l")).unwrap();
         for existing in ["f", "d", "l"] {
-            assert_eq!(errno(sys::mkdir(&m.join(existing), 0o755)), libc::EEXIST, "{existing}");
+            assert_eq!(
+                errno(sys::mkdir(&m.join(existing), 0o755)),
+                libc::EEXIST,
+                "{existing}"
+            );
         }
         assert_eq!(errno(sys::mkdir(&m.join("nope/x"), 0o755)), libc::ENOENT);
         assert_eq!(errno(sys::mkdir(&m.join("f/x"), 0o755)), libc::ENOTDIR);
         let d = m.join("d/x");
-        assert_eq!(as_user(Some(NOBODY), || sys::mkdir(&d, 0o755)), Err(libc::EACCES));
+        assert_eq!(
+            as_user(Some(NOBODY), || sys::mkdir(&d, 0o755)),
+            Err(libc::EACCES)
+        );
     }
 }
 
@@ -307,7 +358,9 @@ mod mknod {
         let m = Mount::new();
         let d = open_dir(&m, "open");
         let (c, fifo) = (d.join("c"), d.join("fifo"));
-        let r = as_user(Some(NOBODY), || sys::mknod(&c, libc::S_IFCHR | 0o600, libc::makedev(1, 3)));
+        let r = as_user(Some(NOBODY), || {
+            sys::mknod(&c, libc::S_IFCHR | 0o600, libc::makedev(1, 3))
+        });
         assert_eq!(r, Err(libc::EPERM));
         as_user(Some(NOBODY), || sys::mkfifo(&fifo, 0o600)).unwrap();
         assert_eq!(lstat(&fifo).uid(), NOBODY.0);
@@ -322,13 +375,18 @@ mod open {
         let m = Mount::new();
         let f = m.join("f");
         let flags = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
-        assert_updates(m.path(), true, true, || drop(sys::open(&f, flags, 0o640).unwrap()));
+        assert_updates(m.path(), true, true, || {
+            drop(sys::open(&f, flags, 0o640).unwrap())
+        });
         assert_eq!(mode(&f), 0o640);
         assert_eq!(lstat(&f).len(), 0);
         assert_eq!(errno(sys::open(&f, flags, 0o640)), libc::EEXIST);
         symlink("dangling", m.join("l")).unwrap();
         assert_eq!(errno(sys::open(&m.join("l"), flags, 0o640)), libc::EEXIST);
-        assert!(!m.join("dangling").exists(), "O_EXCL must not follow the symlink");
+        assert!(
+            !m.join("dangling").exists(),
+            "O_EXCL must not follow the symlink"
+        );
         // Without O_EXCL, O_CREAT through a dangling symlink creates the target.
         drop(sys::open(&m.join("l"), libc::O_CREAT | libc::O_WRONLY, 0o600).unwrap());
         assert!(lstat(&m.join("dangling")).is_file());
@@ -339,14 +397,20 @@ mod open {
         let m = Mount::new();
         let f = m.join("f");
         touch(&f, b"0123456789");
-        assert_updates(&f, true, true, || drop(sys::open(&f, libc::O_WRONLY | libc::O_TRUNC, 0).unwrap()));
+        assert_updates(&f, true, true, || {
+            drop(sys::open(&f, libc::O_WRONLY | libc::O_TRUNC, 0).unwrap())
+        });
         assert_eq!(lstat(&f).len(), 0);
         touch(&f, b"head");
         let mut a = sys::open(&f, libc::O_WRONLY | libc::O_APPEND, 0).unwrap();
         a.seek(SeekFrom::Start(0)).unwrap();
         a.write_all(b"-tail").unwrap();
         assert_eq!(fs::read(&f).unwrap(), b"head-tail");
-        assert_eq!(a.stream_position().unwrap(), 9, "O_APPEND moves the offset to the end");
+        assert_eq!(
+            a.stream_position().unwrap(),
+            9,
+            "O_APPEND moves the offset to the end"
+        );
     }
 
     #[test]
@@ -355,13 +419,46 @@ mod open {
         touch(&m.join("f"), b"");
         symlink("f", m.join("l")).unwrap();
         sys::mkdir(&m.join("d"), 0o755).unwrap();
-        assert_eq!(errno(sys::open(&m.join("nope"), libc::O_RDONLY, 0)), libc::ENOENT);
-        assert_eq!(errno(sys::open(&m.join("f/x"), libc::O_RDONLY, 0)), libc::ENOTDIR);
-        assert_eq!(errno(sys::open(&m.join("f"), libc::O_RDONLY | libc::O_DIRECTORY, 0)), libc::ENOTDIR);
-        assert_eq!(errno(sys::open(&m.join("d"), libc::O_WRONLY, 0)), libc::EISDIR);
-        assert_eq!(errno(sys::open(&m.join("d"), libc::O_RDWR, 0)), libc::EISDIR);
-        assert_eq!(errno(sys::open(&m.join("l"), libc::O_RDONLY | libc::O_NOFOLLOW, 0)), libc::ELOOP);
-        assert_eq!(errno(sys::open(&m.join("nope/x"), libc::O_CREAT | libc::O_WRONLY, 0o644)), libc::ENOENT);
+        assert_eq!(
+            errno(sys::open(&m.join("nope"), libc::O_RDONLY, 0)),
+            libc::ENOENT
+        );
+        assert_eq!(
+            errno(sys::open(&m.join("f/x"), libc::O_RDONLY, 0)),
+            libc::ENOTDIR
+        );
+        assert_eq!(
+            errno(sys::open(
+                &m.join("f"),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0
+            )),
+            libc::ENOTDIR
+        );
+        assert_eq!(
+            errno(sys::open(&m.join("d"), libc::O_WRONLY, 0)),
+            libc::EISDIR
+        );
+        assert_eq!(
+            errno(sys::open(&m.join("d"), libc::O_RDWR, 0)),
+            libc::EISDIR
+        );
+        assert_eq!(
+            errno(sys::open(
+                &m.join("l"),
+                libc::O_RDONLY | libc::O_NOFOLLOW,
+                0
+            )),
+            libc::ELOOP
+        );
+        assert_eq!(
+            errno(sys::open(
+                &m.join("nope/x"),
+                libc::O_CREAT | libc::O_WRONLY,
+                0o644
+            )),
+            libc::ENOENT
+        );
     }
 
     #[test]
@@ -370,16 +467,31 @@ mod open {
         let f = m.join("f");
         touch(&f, b"secret");
         sys::chmod(&f, 0o600).unwrap();
-        assert_eq!(as_user(Some(NOBODY), || sys::open(&f, libc::O_RDONLY, 0).map(drop)), Err(libc::EACCES));
+        assert_eq!(
+            as_user(Some(NOBODY), || sys::open(&f, libc::O_RDONLY, 0).map(drop)),
+            Err(libc::EACCES)
+        );
         sys::chmod(&f, 0o604).unwrap();
         as_user(Some(NOBODY), || sys::open(&f, libc::O_RDONLY, 0).map(drop)).unwrap();
-        assert_eq!(as_user(Some(NOBODY), || sys::open(&f, libc::O_WRONLY, 0).map(drop)), Err(libc::EACCES));
+        assert_eq!(
+            as_user(Some(NOBODY), || sys::open(&f, libc::O_WRONLY, 0).map(drop)),
+            Err(libc::EACCES)
+        );
         let g = m.join("g");
-        let r = as_user(Some(NOBODY), || sys::open(&g, libc::O_CREAT | libc::O_WRONLY, 0o644).map(drop));
-        assert_eq!(r, Err(libc::EACCES), "root-owned 0755 dir is not writable by nobody");
+        let r = as_user(Some(NOBODY), || {
+            sys::open(&g, libc::O_CREAT | libc::O_WRONLY, 0o644).map(drop)
+        });
+        assert_eq!(
+            r,
+            Err(libc::EACCES),
+            "root-owned 0755 dir is not writable by nobody"
+        );
         let d = open_dir(&m, "open");
         let n = d.join("n");
-        as_user(Some(NOBODY), || sys::open(&n, libc::O_CREAT | libc::O_WRONLY, 0o644).map(drop)).unwrap();
+        as_user(Some(NOBODY), || {
+            sys::open(&n, libc::O_CREAT | libc::O_WRONLY, 0o644).map(drop)
+        })
+        .unwrap();
         assert_eq!((lstat(&n).uid(), lstat(&n).gid()), NOBODY);
     }
 
@@ -391,10 +503,14 @@ mod open {
         let mut m = Mount::new();
         touch(&m.join("f"), b"kept");
         m.unmount();
-        drop(m);
-        let m = Mount::with(support::Target::Ferry, "allow_other,default_permissions,ro");
+        m.remount_with(&format!("{},ro", support::DEFAULT_OPTIONS));
+        assert_eq!(fs::read(m.join("f")).unwrap(), b"kept");
         assert_eq!(errno(sys::open(&m.join("g"), libc::O_CREAT | libc::O_WRONLY, 0o644)), libc::EROFS);
+        assert_eq!(errno(sys::open(&m.join("f"), libc::O_WRONLY, 0)), libc::EROFS);
         assert_eq!(errno(sys::mkdir(&m.join("d"), 0o755)), libc::EROFS);
+        assert_eq!(errno(fs::remove_file(m.join("f"))), libc::EROFS);
+        assert_eq!(errno(sys::setxattr(&m.join("f"), "user.a", b"1", 0)), libc::EROFS);
+        assert_eq!(errno(sys::chmod(&m.join("f"), 0o600)), libc::EROFS);
     }
 }
 
@@ -443,18 +559,32 @@ mod rename {
     #[test]
     fn directories_fix_links_and_dotdot() {
         let m = Mount::new();
-        for d in ["p1", "p2", "p1/sub", "p1/sub/deep", "empty", "full", "full/x"] {
+        for d in [
+            "p1",
+            "p2",
+            "p1/sub",
+            "p1/sub/deep",
+            "empty",
+            "full",
+            "full/x",
+        ] {
             sys::mkdir(&m.join(d), 0o755).unwrap();
         }
         fs::rename(m.join("p1/sub"), m.join("p2/sub")).unwrap();
         assert_eq!(lstat(&m.join("p1")).nlink(), 2);
         assert_eq!(lstat(&m.join("p2")).nlink(), 3);
-        assert_eq!(lstat(&m.join("p2/sub/..")).ino(), lstat(&m.join("p2")).ino());
+        assert_eq!(
+            lstat(&m.join("p2/sub/..")).ino(),
+            lstat(&m.join("p2")).ino()
+        );
         assert!(lstat(&m.join("p2/sub/deep")).is_dir());
         // Over an empty dir: allowed; over a non-empty one: ENOTEMPTY.
         fs::rename(m.join("p2/sub"), m.join("empty")).unwrap();
         assert!(lstat(&m.join("empty/deep")).is_dir());
-        assert_eq!(errno(fs::rename(m.join("empty"), m.join("full"))), libc::ENOTEMPTY);
+        assert_eq!(
+            errno(fs::rename(m.join("empty"), m.join("full"))),
+            libc::ENOTEMPTY
+        );
     }
 
     #[test]
@@ -464,15 +594,24 @@ mod rename {
             sys::mkdir(&m.join(d), 0o755).unwrap();
         }
         touch(&m.join("f"), b"");
-        assert_eq!(errno(fs::rename(m.join("d"), m.join("d/sub/x"))), libc::EINVAL);
+        assert_eq!(
+            errno(fs::rename(m.join("d"), m.join("d/sub/x"))),
+            libc::EINVAL
+        );
         assert_eq!(errno(fs::rename(m.join("d"), m.join("d/x"))), libc::EINVAL);
         assert_eq!(errno(fs::rename(m.join("d"), m.join("f"))), libc::ENOTDIR);
         assert_eq!(errno(fs::rename(m.join("f"), m.join("e"))), libc::EISDIR);
         assert_eq!(errno(fs::rename(m.join("nope"), m.join("x"))), libc::ENOENT);
-        assert_eq!(errno(fs::rename(m.join("f"), m.join("nope/x"))), libc::ENOENT);
+        assert_eq!(
+            errno(fs::rename(m.join("f"), m.join("nope/x"))),
+            libc::ENOENT
+        );
         assert_eq!(errno(fs::rename(m.join("f"), m.join("f/x"))), libc::ENOTDIR);
         let (f, g) = (m.join("f"), m.join("g"));
-        assert_eq!(as_user(Some(NOBODY), || fs::rename(&f, &g)), Err(libc::EACCES));
+        assert_eq!(
+            as_user(Some(NOBODY), || fs::rename(&f, &g)),
+            Err(libc::EACCES)
+        );
     }
 
     #[test]
@@ -482,7 +621,10 @@ mod rename {
         touch(&f, b"file");
         sys::mkdir(&d, 0o755).unwrap();
         touch(&m.join("d/inner"), b"");
-        assert_eq!(errno(sys::renameat2(&f, &d, libc::RENAME_NOREPLACE)), libc::EEXIST);
+        assert_eq!(
+            errno(sys::renameat2(&f, &d, libc::RENAME_NOREPLACE)),
+            libc::EEXIST
+        );
         sys::renameat2(&f, &x, libc::RENAME_NOREPLACE).unwrap();
         assert_eq!(fs::read(&x).unwrap(), b"file");
         let (fi, di) = (lstat(&x).ino(), lstat(&d).ino());
@@ -492,7 +634,10 @@ mod rename {
         assert!(lstat(&m.join("x/inner")).is_file());
         assert_eq!(fs::read(&d).unwrap(), b"file");
         assert_eq!(lstat(m.path()).nlink(), n0);
-        assert_eq!(errno(sys::renameat2(&x, &m.join("nope"), libc::RENAME_EXCHANGE)), libc::ENOENT);
+        assert_eq!(
+            errno(sys::renameat2(&x, &m.join("nope"), libc::RENAME_EXCHANGE)),
+            libc::ENOENT
+        );
         let flags = libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE;
         assert_eq!(errno(sys::renameat2(&x, &d, flags)), libc::EINVAL);
     }
@@ -506,7 +651,9 @@ mod rmdir {
         let m = Mount::new();
         sys::mkdir(&m.join("d"), 0o755).unwrap();
         let n0 = lstat(m.path()).nlink();
-        assert_updates(m.path(), true, true, || fs::remove_dir(m.join("d")).unwrap());
+        assert_updates(m.path(), true, true, || {
+            fs::remove_dir(m.join("d")).unwrap()
+        });
         assert_eq!(errno(fs::symlink_metadata(m.join("d"))), libc::ENOENT);
         assert_eq!(lstat(m.path()).nlink(), n0 - 1);
     }
@@ -522,7 +669,10 @@ mod rmdir {
         assert_eq!(errno(fs::remove_dir(m.join("nope"))), libc::ENOENT);
         assert_eq!(errno(fs::remove_dir(m.join("e/."))), libc::EINVAL);
         let e = m.join("e");
-        assert_eq!(as_user(Some(NOBODY), || fs::remove_dir(&e)), Err(libc::EACCES));
+        assert_eq!(
+            as_user(Some(NOBODY), || fs::remove_dir(&e)),
+            Err(libc::EACCES)
+        );
     }
 }
 
@@ -555,8 +705,14 @@ mod symlink {
         symlink("b", m.join("a")).unwrap();
         symlink("a", m.join("b")).unwrap();
         assert_eq!(errno(fs::metadata(m.join("a"))), libc::ELOOP);
-        assert_eq!(errno(sys::open(&m.join("a"), libc::O_RDONLY, 0)), libc::ELOOP);
-        assert_eq!(errno(symlink("y".repeat(4096), m.join("toolong"))), libc::ENAMETOOLONG);
+        assert_eq!(
+            errno(sys::open(&m.join("a"), libc::O_RDONLY, 0)),
+            libc::ELOOP
+        );
+        assert_eq!(
+            errno(symlink("y".repeat(4096), m.join("toolong"))),
+            libc::ENAMETOOLONG
+        );
         assert_eq!(errno(fs::read_link(m.join("f"))), libc::EINVAL);
     }
 }
@@ -593,7 +749,10 @@ mod truncate {
         assert_eq!(errno(sys::truncate(&f, 1 << 62)), libc::EFBIG);
         let ro = sys::open(&f, libc::O_RDONLY, 0).unwrap();
         assert_eq!(errno(sys::ftruncate(&ro, 0)), libc::EINVAL);
-        assert_eq!(as_user(Some(NOBODY), || sys::truncate(&f, 0)), Err(libc::EACCES));
+        assert_eq!(
+            as_user(Some(NOBODY), || sys::truncate(&f, 0)),
+            Err(libc::EACCES)
+        );
     }
 }
 
@@ -612,8 +771,13 @@ mod unlink {
         assert_eq!(errno(fs::symlink_metadata(&a)), libc::ENOENT);
         assert_eq!(lstat(&b).nlink(), 1);
         assert!(stamps(m.path()).0 > dir0.0 && stamps(m.path()).1 > dir0.1);
-        assert!(stamps(&b).1 > b0.1, "unlink updates the remaining link's ctime");
-        assert!(!fs::read_dir(m.path()).unwrap().any(|e| e.unwrap().file_name() == "a"));
+        assert!(
+            stamps(&b).1 > b0.1,
+            "unlink updates the remaining link's ctime"
+        );
+        assert!(!fs::read_dir(m.path())
+            .unwrap()
+            .any(|e| e.unwrap().file_name() == "a"));
     }
 
     #[test]
@@ -644,7 +808,10 @@ mod unlink {
         assert_eq!(errno(fs::remove_file(m.join("nope"))), libc::ENOENT);
         assert_eq!(errno(fs::remove_file(m.join("f/x"))), libc::ENOTDIR);
         let f = m.join("f");
-        assert_eq!(as_user(Some(NOBODY), || fs::remove_file(&f)), Err(libc::EACCES));
+        assert_eq!(
+            as_user(Some(NOBODY), || fs::remove_file(&f)),
+            Err(libc::EACCES)
+        );
     }
 }
 
@@ -657,20 +824,38 @@ mod utimensat {
         let m = Mount::new();
         let f = m.join("f");
         touch(&f, b"");
-        sys::utimensat(&f, Some([ts(1_000_000_000, 123_456_789), ts(1_500_000_000, 987_654_321)]), 0).unwrap();
+        sys::utimensat(
+            &f,
+            Some([
+                ts(1_000_000_000, 123_456_789),
+                ts(1_500_000_000, 987_654_321),
+            ]),
+            0,
+        )
+        .unwrap();
         let md = lstat(&f);
         assert_eq!((md.atime(), md.atime_nsec()), (1_000_000_000, 123_456_789));
         assert_eq!((md.mtime(), md.mtime_nsec()), (1_500_000_000, 987_654_321));
         // UTIME_OMIT keeps atime; UTIME_NOW sets mtime to about now; ctime moves.
         tick(&[&f]);
         let c0 = stamps(&f).1;
-        sys::utimensat(&f, Some([ts(0, libc::UTIME_OMIT), ts(0, libc::UTIME_NOW)]), 0).unwrap();
+        sys::utimensat(
+            &f,
+            Some([ts(0, libc::UTIME_OMIT), ts(0, libc::UTIME_NOW)]),
+            0,
+        )
+        .unwrap();
         let md = lstat(&f);
         assert_eq!((md.atime(), md.atime_nsec()), (1_000_000_000, 123_456_789));
         assert!(md.mtime() > 1_600_000_000);
         assert!(stamps(&f).1 > c0, "ctime updated");
         // Both omitted: nothing changes, not even ctime may go backwards.
-        sys::utimensat(&f, Some([ts(0, libc::UTIME_OMIT), ts(0, libc::UTIME_OMIT)]), 0).unwrap();
+        sys::utimensat(
+            &f,
+            Some([ts(0, libc::UTIME_OMIT), ts(0, libc::UTIME_OMIT)]),
+            0,
+        )
+        .unwrap();
         assert_eq!(lstat(&f).mtime(), md.mtime());
         // Times before 1970 round-trip too.
         sys::utimensat(&f, Some([ts(-1000, 0), ts(-2000, 5)]), 0).unwrap();
@@ -697,9 +882,15 @@ mod utimensat {
         // A writer who is not the owner may set "now" but not explicit times.
         as_user(Some(NOBODY), || sys::utimensat(&f, None, 0)).unwrap();
         let explicit = Some([ts(5, 0), ts(5, 0)]);
-        assert_eq!(as_user(Some(NOBODY), || sys::utimensat(&f, explicit, 0)), Err(libc::EPERM));
+        assert_eq!(
+            as_user(Some(NOBODY), || sys::utimensat(&f, explicit, 0)),
+            Err(libc::EPERM)
+        );
         sys::chmod(&f, 0o644).unwrap();
-        assert_eq!(as_user(Some(NOBODY), || sys::utimensat(&f, None, 0)), Err(libc::EACCES));
+        assert_eq!(
+            as_user(Some(NOBODY), || sys::utimensat(&f, None, 0)),
+            Err(libc::EACCES)
+        );
         sys::chown(&f, Some(NOBODY.0), None).unwrap();
         as_user(Some(NOBODY), || sys::utimensat(&f, explicit, 0)).unwrap();
         assert_eq!(lstat(&f).mtime(), 5);
@@ -715,12 +906,18 @@ mod xattr {
         let f = m.join("f");
         touch(&f, b"");
         let binary: Vec<u8> = (0..=255u8).collect();
-        assert_updates(&f, false, true, || sys::setxattr(&f, "user.bin", &binary, 0).unwrap());
+        assert_updates(&f, false, true, || {
+            sys::setxattr(&f, "user.bin", &binary, 0).unwrap()
+        });
         sys::setxattr(&f, "user.empty", b"", 0).unwrap();
         sys::setxattr(&f, "user.text", b"hello", 0).unwrap();
         assert_eq!(sys::getxattr(&f, "user.bin", 1024).unwrap(), binary);
         assert_eq!(sys::getxattr(&f, "user.empty", 16).unwrap(), b"");
-        assert_eq!(sys::getxattr(&f, "user.text", 0).unwrap().len(), 5, "size query");
+        assert_eq!(
+            sys::getxattr(&f, "user.text", 0).unwrap().len(),
+            5,
+            "size query"
+        );
         let mut names = sys::listxattr(&f, 4096).unwrap();
         names.retain(|n| n.starts_with("user."));
         names.sort();
@@ -740,15 +937,24 @@ mod xattr {
         let f = m.join("f");
         touch(&f, b"");
         sys::setxattr(&f, "user.a", b"0123456789", 0).unwrap();
-        assert_eq!(errno(sys::setxattr(&f, "user.a", b"x", libc::XATTR_CREATE)), libc::EEXIST);
-        assert_eq!(errno(sys::setxattr(&f, "user.b", b"x", libc::XATTR_REPLACE)), libc::ENODATA);
+        assert_eq!(
+            errno(sys::setxattr(&f, "user.a", b"x", libc::XATTR_CREATE)),
+            libc::EEXIST
+        );
+        assert_eq!(
+            errno(sys::setxattr(&f, "user.b", b"x", libc::XATTR_REPLACE)),
+            libc::ENODATA
+        );
         assert_eq!(errno(sys::getxattr(&f, "user.b", 64)), libc::ENODATA);
         assert_eq!(errno(sys::removexattr(&f, "user.b")), libc::ENODATA);
         assert_eq!(errno(sys::getxattr(&f, "user.a", 4)), libc::ERANGE);
         let need = sys::listxattr_size(&f).unwrap();
         assert!(need >= "user.a\0".len());
         assert_eq!(errno(sys::listxattr(&f, need - 1)), libc::ERANGE);
-        assert_eq!(errno(sys::getxattr(&m.join("nope"), "user.a", 64)), libc::ENOENT);
+        assert_eq!(
+            errno(sys::getxattr(&m.join("nope"), "user.a", 64)),
+            libc::ENOENT
+        );
     }
 
     #[test]
@@ -760,13 +966,19 @@ mod xattr {
         // Path calls follow the link; user.* on a symlink itself is EPERM.
         sys::setxattr(&m.join("l"), "user.via", b"1", 0).unwrap();
         assert_eq!(sys::getxattr(&f, "user.via", 8).unwrap(), b"1");
-        assert_eq!(errno(sys::lsetxattr(&m.join("l"), "user.x", b"1", 0)), libc::EPERM);
+        assert_eq!(
+            errno(sys::lsetxattr(&m.join("l"), "user.x", b"1", 0)),
+            libc::EPERM
+        );
         sys::setxattr(&f, "user.r", b"1", 0).unwrap();
         let r = as_user(Some(NOBODY), || sys::setxattr(&f, "user.n", b"1", 0));
         assert_eq!(r, Err(libc::EACCES), "0644 file: others may not set xattrs");
         as_user(Some(NOBODY), || sys::getxattr(&f, "user.r", 8).map(drop)).unwrap();
         sys::chmod(&f, 0o600).unwrap();
-        assert_eq!(as_user(Some(NOBODY), || sys::getxattr(&f, "user.r", 8).map(drop)), Err(libc::EACCES));
+        assert_eq!(
+            as_user(Some(NOBODY), || sys::getxattr(&f, "user.r", 8).map(drop)),
+            Err(libc::EACCES)
+        );
     }
 }
 
@@ -784,8 +996,14 @@ mod special_bits {
         as_user(Some(DAEMON), || fs::write(&theirs, b"d")).unwrap();
         as_user(Some(NOBODY), || fs::write(&mine, b"n")).unwrap();
         let other = d.join("other");
-        assert_eq!(as_user(Some(NOBODY), || fs::remove_file(&theirs)), Err(libc::EPERM));
-        assert_eq!(as_user(Some(NOBODY), || fs::rename(&theirs, &other)), Err(libc::EPERM));
+        assert_eq!(
+            as_user(Some(NOBODY), || fs::remove_file(&theirs)),
+            Err(libc::EPERM)
+        );
+        assert_eq!(
+            as_user(Some(NOBODY), || fs::rename(&theirs, &other)),
+            Err(libc::EPERM)
+        );
         as_user(Some(NOBODY), || fs::rename(&mine, &other)).unwrap();
         as_user(Some(NOBODY), || fs::remove_file(&other)).unwrap();
         fs::remove_file(&theirs).unwrap();
@@ -821,7 +1039,11 @@ mod special_bits {
             w.write_all(b"echo hi\n")
         })
         .unwrap();
-        assert_eq!(mode(&f), 0o777, "an unprivileged write clears S_ISUID and S_ISGID");
+        assert_eq!(
+            mode(&f),
+            0o777,
+            "an unprivileged write clears S_ISUID and S_ISGID"
+        );
         assert_eq!(fs::read(&f).unwrap(), b"#!/bin/sh\necho hi\n");
     }
 }
@@ -846,9 +1068,15 @@ mod data {
         let data = fs::read(&f).unwrap();
         assert_eq!(data.len(), 12288);
         assert!(data[..4096].iter().all(|&b| b == 0xAB));
-        assert!(data[4096..8192].iter().all(|&b| b == 0), "punched range reads as zeros");
+        assert!(
+            data[4096..8192].iter().all(|&b| b == 0),
+            "punched range reads as zeros"
+        );
         assert!(data[8192..].iter().all(|&b| b == 0xAB));
-        assert_eq!(errno(sys::fallocate(&file, libc::FALLOC_FL_PUNCH_HOLE, 0, 4096)), libc::EOPNOTSUPP);
+        assert_eq!(
+            errno(sys::fallocate(&file, libc::FALLOC_FL_PUNCH_HOLE, 0, 4096)),
+            libc::EOPNOTSUPP
+        );
         assert_eq!(errno(sys::fallocate(&file, 0, 0, 0)), libc::EINVAL);
         assert_eq!(errno(sys::fallocate(&file, 0, -1, 10)), libc::EINVAL);
     }
@@ -862,8 +1090,14 @@ mod data {
         let dst = sys::open(&m.join("dst"), libc::O_CREAT | libc::O_RDWR, 0o644).unwrap();
         let mut copied = 0;
         while copied < 50_000 {
-            let n = sys::copy_file_range(&src, 1000 + copied as i64, &dst, 10 + copied as i64, 50_000 - copied)
-                .unwrap();
+            let n = sys::copy_file_range(
+                &src,
+                1000 + copied as i64,
+                &dst,
+                10 + copied as i64,
+                50_000 - copied,
+            )
+            .unwrap();
             assert!(n > 0, "copy_file_range made no progress");
             copied += n;
         }
@@ -871,7 +1105,11 @@ mod data {
         assert_eq!(out.len(), 50_010);
         assert_eq!(&out[..10], &[0; 10]);
         assert_eq!(&out[10..], &src_data[1000..51_000]);
-        assert_eq!(sys::copy_file_range(&src, 200_000, &dst, 0, 10).unwrap(), 0, "at EOF");
+        assert_eq!(
+            sys::copy_file_range(&src, 200_000, &dst, 0, 10).unwrap(),
+            0,
+            "at EOF"
+        );
     }
 
     #[test]
@@ -888,10 +1126,16 @@ mod data {
         let hole = sys::lseek(&f, 0, libc::SEEK_HOLE).unwrap();
         assert!(hole >= 4096 && hole <= size, "SEEK_HOLE from 0 gave {hole}");
         let data = sys::lseek(&f, 2 * MIB, libc::SEEK_DATA).unwrap();
-        assert!(data >= 2 * MIB && data <= 4 * MIB, "SEEK_DATA in the hole gave {data}");
+        assert!(
+            (2 * MIB..=4 * MIB).contains(&data),
+            "SEEK_DATA in the hole gave {data}"
+        );
         assert_eq!(sys::lseek(&f, 4 * MIB + 10, libc::SEEK_HOLE).unwrap(), size);
         assert_eq!(errno(sys::lseek(&f, size, libc::SEEK_DATA)), libc::ENXIO);
-        assert_eq!(errno(sys::lseek(&f, size + 1, libc::SEEK_HOLE)), libc::ENXIO);
+        assert_eq!(
+            errno(sys::lseek(&f, size + 1, libc::SEEK_HOLE)),
+            libc::ENXIO
+        );
         assert_eq!(errno(sys::lseek(&f, -1, libc::SEEK_SET)), libc::EINVAL);
     }
 }
@@ -912,7 +1156,10 @@ mod locks {
             let g = sys::open(&p, libc::O_RDWR, 0)?;
             let conflict = sys::fcntl_lock(&g, libc::F_SETLK, libc::F_WRLCK, 5, 10);
             assert_eq!(errno(conflict), libc::EAGAIN, "overlapping write lock");
-            assert_eq!(errno(sys::fcntl_lock(&g, libc::F_SETLK, libc::F_RDLCK, 0, 1)), libc::EAGAIN);
+            assert_eq!(
+                errno(sys::fcntl_lock(&g, libc::F_SETLK, libc::F_RDLCK, 0, 1)),
+                libc::EAGAIN
+            );
             let probe = sys::fcntl_lock(&g, libc::F_GETLK, libc::F_WRLCK, 0, 100)?;
             assert_eq!(probe.l_type, libc::F_WRLCK as i16);
             assert_eq!(probe.l_pid, me, "F_GETLK names the holder");
@@ -935,11 +1182,17 @@ mod locks {
         let a = sys::open(&p, libc::O_RDONLY, 0).unwrap();
         let b = sys::open(&p, libc::O_RDONLY, 0).unwrap();
         sys::flock(&a, libc::LOCK_EX).unwrap();
-        assert_eq!(errno(sys::flock(&b, libc::LOCK_SH | libc::LOCK_NB)), libc::EWOULDBLOCK);
+        assert_eq!(
+            errno(sys::flock(&b, libc::LOCK_SH | libc::LOCK_NB)),
+            libc::EWOULDBLOCK
+        );
         sys::flock(&a, libc::LOCK_UN).unwrap();
         sys::flock(&a, libc::LOCK_SH).unwrap();
         sys::flock(&b, libc::LOCK_SH | libc::LOCK_NB).unwrap();
-        assert_eq!(errno(sys::flock(&b, libc::LOCK_EX | libc::LOCK_NB)), libc::EWOULDBLOCK);
+        assert_eq!(
+            errno(sys::flock(&b, libc::LOCK_EX | libc::LOCK_NB)),
+            libc::EWOULDBLOCK
+        );
         drop(a);
         sys::flock(&b, libc::LOCK_EX | libc::LOCK_NB).unwrap();
     }
@@ -956,7 +1209,11 @@ mod mmap {
         let f = sys::open(&p, libc::O_RDWR, 0).unwrap();
         let mut map = sys::Mapping::shared(&f, 8192, 0).unwrap();
         map.bytes()[100..105].copy_from_slice(b"mmap!");
-        assert_eq!(sys::pread(&f, 5, 100).unwrap(), b"mmap!", "read() sees mmap store");
+        assert_eq!(
+            sys::pread(&f, 5, 100).unwrap(),
+            b"mmap!",
+            "read() sees mmap store"
+        );
         sys::pwrite(&f, b"write", 5000).unwrap();
         assert_eq!(&map.bytes()[5000..5005], b"write", "mmap sees write()");
         map.sync().unwrap();
@@ -996,7 +1253,10 @@ mod dir {
         let m = Mount::new();
         let st = sys::statfs(m.path()).unwrap();
         assert!(st.f_bsize > 0);
-        assert!(st.f_blocks >= st.f_bfree && st.f_bfree >= st.f_bavail, "{st:?}");
+        assert!(
+            st.f_blocks >= st.f_bfree && st.f_bfree >= st.f_bavail,
+            "{st:?}"
+        );
         assert!(st.f_blocks > 0);
         assert_eq!(st.f_namelen, 255);
     }
@@ -1039,7 +1299,7 @@ mod dir {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) && i < 200_000 {
                     let name = d.join(format!("churn-{}", i % 50));
-                    if i % 2 == 0 {
+                    if i & 1 == 0 {
                         touch(&name, b"");
                     } else {
                         let _ = fs::remove_file(&name);
@@ -1051,7 +1311,9 @@ mod dir {
         for pass in 0..20 {
             let mut seen: HashMap<String, u32> = HashMap::new();
             for e in fs::read_dir(&d).unwrap() {
-                *seen.entry(e.unwrap().file_name().into_string().unwrap()).or_default() += 1;
+                *seen
+                    .entry(e.unwrap().file_name().into_string().unwrap())
+                    .or_default() += 1;
             }
             let dups: Vec<_> = seen.iter().filter(|(_, &c)| c > 1).collect();
             assert!(dups.is_empty(), "pass {pass}: duplicates {dups:?}");
@@ -1075,7 +1337,10 @@ mod bad_input {
         let m = Mount::new();
         let (ok, bad) = (m.join(&long_name(255)), m.join(&long_name(256)));
         touch(&ok, b"");
-        assert_eq!(errno(sys::open(&bad, libc::O_CREAT | libc::O_WRONLY, 0o644)), libc::ENAMETOOLONG);
+        assert_eq!(
+            errno(sys::open(&bad, libc::O_CREAT | libc::O_WRONLY, 0o644)),
+            libc::ENAMETOOLONG
+        );
         assert_eq!(errno(sys::mkdir(&bad, 0o755)), libc::ENAMETOOLONG);
         assert_eq!(errno(symlink("x", &bad)), libc::ENAMETOOLONG);
         assert_eq!(errno(fs::hard_link(&ok, &bad)), libc::ENAMETOOLONG);
@@ -1083,7 +1348,11 @@ mod bad_input {
         assert_eq!(errno(sys::mkfifo(&bad, 0o644)), libc::ENAMETOOLONG);
         assert_eq!(errno(fs::symlink_metadata(&bad)), libc::ENAMETOOLONG);
         let deep = m.join(&"a/".repeat(2100));
-        assert_eq!(errno(fs::symlink_metadata(&deep)), libc::ENAMETOOLONG, "path > PATH_MAX");
+        assert_eq!(
+            errno(fs::symlink_metadata(&deep)),
+            libc::ENAMETOOLONG,
+            "path > PATH_MAX"
+        );
         assert!(lstat(&ok).is_file());
     }
 
@@ -1097,8 +1366,16 @@ mod bad_input {
         assert_eq!(errno(sys::ftruncate(&f, 1 << 62)), libc::EFBIG);
         assert_eq!(errno(sys::ftruncate(&f, -5)), libc::EINVAL);
         assert_eq!(errno(sys::lseek(&f, -1, libc::SEEK_CUR)), libc::EINVAL);
-        assert_eq!(sys::pread(&f, 10, 1 << 40).unwrap(), b"", "read past EOF is empty");
-        assert_eq!(f.metadata().unwrap().len(), 0, "failed writes left no trace");
+        assert_eq!(
+            sys::pread(&f, 10, 1 << 40).unwrap(),
+            b"",
+            "read past EOF is empty"
+        );
+        assert_eq!(
+            f.metadata().unwrap().len(),
+            0,
+            "failed writes left no trace"
+        );
     }
 
     #[test]
@@ -1106,19 +1383,31 @@ mod bad_input {
         let m = Mount::new();
         let f = m.join("f");
         touch(&f, b"");
-        assert_eq!(errno(sys::setxattr(&f, "user.big", &vec![0; 65537], 0)), libc::E2BIG);
+        assert_eq!(
+            errno(sys::setxattr(&f, "user.big", &vec![0; 65537], 0)),
+            libc::E2BIG
+        );
         let long = format!("user.{}", "n".repeat(251));
         assert_eq!(errno(sys::setxattr(&f, &long, b"v", 0)), libc::ERANGE);
         assert_eq!(errno(sys::getxattr(&f, &long, 8)), libc::ERANGE);
         assert_eq!(errno(sys::setxattr(&f, "user.", b"v", 0)), libc::EINVAL);
-        assert_eq!(errno(sys::setxattr(&f, "nonamespace", b"v", 0)), libc::EOPNOTSUPP);
+        assert_eq!(
+            errno(sys::setxattr(&f, "nonamespace", b"v", 0)),
+            libc::EOPNOTSUPP
+        );
     }
 
     /// Runs `ferry ARGS…` bounded; returns (status ok, trimmed stderr).
     fn ferry(args: &[&std::ffi::OsStr]) -> (bool, String) {
-        let out = support::run_bounded(Command::new(support::ferry_bin()).args(args), Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("ferry {args:?}: {e}"));
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+        let out = support::run_bounded(
+            Command::new(support::ferry_bin()).args(args),
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|e| panic!("ferry {args:?}: {e}"));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )
     }
 
     #[test]
@@ -1131,10 +1420,17 @@ mod bad_input {
         sys::mkdir(&m.join("d"), 0o755).unwrap();
         m.unmount();
         let out = support::run_bounded(
-            Command::new(support::ferry_bin()).arg("fsck").arg("--store").arg(m.store()),
+            Command::new(support::ferry_bin())
+                .arg("fsck")
+                .arg("--store")
+                .arg(m.store()),
             Duration::from_secs(60),
         );
-        assert!(matches!(&out, Ok(o) if o.status.success() && !o.stdout.is_empty()), "{}", support::describe(&out));
+        assert!(
+            matches!(&out, Ok(o) if o.status.success() && !o.stdout.is_empty()),
+            "{}",
+            support::describe(&out)
+        );
     }
 
     #[test]
@@ -1157,7 +1453,12 @@ mod bad_input {
                     stack.push(p);
                 } else if md.is_file() && md.len() > 0 {
                     let f = sys::open(&p, libc::O_WRONLY, 0).unwrap();
-                    sys::pwrite(&f, &support::Rng::new(7).bytes(md.len().min(8192) as usize), 0).unwrap();
+                    sys::pwrite(
+                        &f,
+                        &support::Rng::new(7).bytes(md.len().min(8192) as usize),
+                        0,
+                    )
+                    .unwrap();
                     corrupted += 1;
                 }
             }
@@ -1165,7 +1466,11 @@ mod bad_input {
         assert!(corrupted > 0, "store has no files to corrupt");
         let (ok, err) = ferry(&["fsck".as_ref(), "--store".as_ref(), m.store().as_os_str()]);
         assert!(!ok, "fsck accepted a corrupted store");
-        assert_eq!(err.lines().count(), 1, "fsck reason must be one line: {err:?}");
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "fsck reason must be one line: {err:?}"
+        );
         // Foreground mount of a bad store must exit (not serve) with one line.
         let mnt = m.scratch().join("mnt2");
         sys::mkdir(&mnt, 0o755).unwrap();
@@ -1182,8 +1487,16 @@ mod bad_input {
         // A directory that is not a ferry store (but not empty) is refused too.
         let foreign = m.scratch().join("foreign");
         sys::mkdir(&foreign, 0o755).unwrap();
-        touch(&foreign.join("data.db"), b"SQLite format 3\0 this is someone else's file");
-        let (ok, err) = ferry(&["mount".as_ref(), "--store".as_ref(), foreign.as_os_str(), mnt.as_os_str()]);
+        touch(
+            &foreign.join("data.db"),
+            b"SQLite format 3\0 this is someone else's file",
+        );
+        let (ok, err) = ferry(&[
+            "mount".as_ref(),
+            "--store".as_ref(),
+            foreign.as_os_str(),
+            mnt.as_os_str(),
+        ]);
         assert!(!ok && !support::is_mounted(&mnt), "foreign store mounted");
         assert_eq!(err.lines().count(), 1, "refusal must be one line: {err:?}");
     }

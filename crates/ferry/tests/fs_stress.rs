@@ -55,8 +55,15 @@ fn worker(t: usize, shared: &Path, own: &Path, ops: u64, seed: u64, progress: &A
     let mut rng = Rng::new(seed);
     let mut model = Model::default();
     let mut tally = Tally::default();
-    let mut log = OpenOptions::new().append(true).open(shared.join("log")).unwrap();
-    let counter = OpenOptions::new().read(true).write(true).open(shared.join("counter")).unwrap();
+    let mut log = OpenOptions::new()
+        .append(true)
+        .open(shared.join("log"))
+        .unwrap();
+    let counter = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(shared.join("counter"))
+        .unwrap();
     let pool = shared.join("pool");
     fs::create_dir(own).unwrap();
     for i in 0..ops {
@@ -82,7 +89,12 @@ fn worker(t: usize, shared: &Path, own: &Path, ops: u64, seed: u64, progress: &A
                 let name = any(&mut rng);
                 let len = 1 + rng.below(500) as usize;
                 let data = rng.bytes(len);
-                OpenOptions::new().append(true).open(own.join(&name)).unwrap().write_all(&data).unwrap();
+                OpenOptions::new()
+                    .append(true)
+                    .open(own.join(&name))
+                    .unwrap()
+                    .write_all(&data)
+                    .unwrap();
                 model.inodes[model.names[&name]].extend_from_slice(&data);
             }
             25..=32 if !names.is_empty() => {
@@ -117,11 +129,17 @@ fn worker(t: usize, shared: &Path, own: &Path, ops: u64, seed: u64, progress: &A
                 );
                 let nlink = model.names.values().filter(|&&v| v == id).count() as u64;
                 use std::os::unix::fs::MetadataExt;
-                assert_eq!(fs::metadata(own.join(&name)).unwrap().nlink(), nlink, "t{t} op {i}: {name} nlink");
+                assert_eq!(
+                    fs::metadata(own.join(&name)).unwrap().nlink(),
+                    nlink,
+                    "t{t} op {i}: {name} nlink"
+                );
             }
             53..=56 => {
-                let mut listed: Vec<String> =
-                    fs::read_dir(own).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+                let mut listed: Vec<String> = fs::read_dir(own)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect();
                 listed.sort();
                 let mut expect = names.clone();
                 expect.sort();
@@ -146,7 +164,12 @@ fn worker(t: usize, shared: &Path, own: &Path, ops: u64, seed: u64, progress: &A
                 fs::rename(&tmp, pool.join(&name)).unwrap();
                 tally.pool.insert(name);
                 if rng.chance(40) {
-                    let victim = tally.pool.iter().nth(rng.below(tally.pool.len() as u64) as usize).unwrap().clone();
+                    let victim = tally
+                        .pool
+                        .iter()
+                        .nth(rng.below(tally.pool.len() as u64) as usize)
+                        .unwrap()
+                        .clone();
                     fs::remove_file(pool.join(&victim)).unwrap();
                     tally.pool.remove(&victim);
                 }
@@ -155,10 +178,16 @@ fn worker(t: usize, shared: &Path, own: &Path, ops: u64, seed: u64, progress: &A
                 let mut seen = BTreeSet::new();
                 for e in fs::read_dir(&pool).unwrap() {
                     let name = e.unwrap().file_name().into_string().unwrap();
-                    assert!(seen.insert(name.clone()), "t{t} op {i}: {name} listed twice in pool");
+                    assert!(
+                        seen.insert(name.clone()),
+                        "t{t} op {i}: {name} listed twice in pool"
+                    );
                 }
                 for mine in &tally.pool {
-                    assert!(seen.contains(mine), "t{t} op {i}: own pool entry {mine} not listed");
+                    assert!(
+                        seen.contains(mine),
+                        "t{t} op {i}: own pool entry {mine} not listed"
+                    );
                 }
             }
             _ => {
@@ -170,7 +199,10 @@ fn worker(t: usize, shared: &Path, own: &Path, ops: u64, seed: u64, progress: &A
     }
     // Final check of the private directory against the model.
     for (name, &id) in &model.names {
-        assert!(fs::read(own.join(name)).unwrap() == model.inodes[id], "t{t}: final {name} differs");
+        assert!(
+            fs::read(own.join(name)).unwrap() == model.inodes[id],
+            "t{t}: final {name} differs"
+        );
     }
     tally
 }
@@ -206,7 +238,14 @@ fn eight_threads_lose_no_update() {
                 .name(format!("stress-{t}"))
                 .spawn(move || {
                     let _done = done;
-                    worker(t, &shared, &own, ops, seed.wrapping_add(t as u64), &progress[t])
+                    worker(
+                        t,
+                        &shared,
+                        &own,
+                        ops,
+                        seed.wrapping_add(t as u64),
+                        &progress[t],
+                    )
                 })
                 .unwrap()
         })
@@ -215,7 +254,9 @@ fn eight_threads_lose_no_update() {
     if !finished {
         let at: Vec<u64> = progress.iter().map(|p| p.load(Ordering::Relaxed)).collect();
         // Dropping the mount (lazy unmount + kill) unblocks any stuck syscall.
-        panic!("watchdog: threads not done after {timeout:?} (deadlock?); op index per thread: {at:?}");
+        panic!(
+            "watchdog: threads not done after {timeout:?} (deadlock?); op index per thread: {at:?}"
+        );
     }
     let tallies: Vec<Tally> = handles
         .into_iter()
@@ -225,27 +266,57 @@ fn eight_threads_lose_no_update() {
     // O_APPEND: every record present exactly once, none torn.
     let log = fs::read(shared.join("log")).unwrap();
     let appends: u64 = tallies.iter().map(|t| t.appends).sum();
-    assert_eq!(log.len() as u64, appends * RECORD as u64, "appended bytes lost or duplicated");
+    assert_eq!(
+        log.len() as u64,
+        appends * RECORD as u64,
+        "appended bytes lost or duplicated"
+    );
     let mut seen = BTreeSet::new();
     for rec in log.chunks(RECORD) {
         let text = std::str::from_utf8(rec).expect("torn record");
         let mut it = text.split(' ');
         let (t, s) = (it.next().unwrap(), it.next().unwrap());
-        assert!(rec == record(t[1..].parse().unwrap(), s[1..].parse().unwrap()), "torn record {text:?}");
-        assert!(seen.insert((t.to_string(), s.to_string())), "record {t} {s} twice");
+        assert!(
+            rec == record(t[1..].parse().unwrap(), s[1..].parse().unwrap()),
+            "torn record {text:?}"
+        );
+        assert!(
+            seen.insert((t.to_string(), s.to_string())),
+            "record {t} {s} twice"
+        );
     }
     // flock'd read-modify-write: no increment lost.
-    let counter = u64::from_le_bytes(fs::read(shared.join("counter")).unwrap().try_into().unwrap());
-    assert_eq!(counter, tallies.iter().map(|t| t.increments).sum::<u64>(), "counter increments lost");
+    let counter = u64::from_le_bytes(
+        fs::read(shared.join("counter"))
+            .unwrap()
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(
+        counter,
+        tallies.iter().map(|t| t.increments).sum::<u64>(),
+        "counter increments lost"
+    );
     // Pool: exactly the union of what each thread left there.
-    let listed: BTreeSet<String> =
-        fs::read_dir(shared.join("pool")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    let expect: BTreeSet<String> = tallies.iter().flat_map(|t| t.pool.iter().cloned()).collect();
-    assert_eq!(listed, expect, "pool directory differs from the union of thread actions");
+    let listed: BTreeSet<String> = fs::read_dir(shared.join("pool"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let expect: BTreeSet<String> = tallies
+        .iter()
+        .flat_map(|t| t.pool.iter().cloned())
+        .collect();
+    assert_eq!(
+        listed, expect,
+        "pool directory differs from the union of thread actions"
+    );
     // xattrs: each thread's last value.
     for (t, tally) in tallies.iter().enumerate() {
         if let Some(v) = &tally.last_xattr {
-            assert_eq!(sys::getxattr(&shared.join("x"), &format!("user.t{t}"), 256).unwrap(), v.as_bytes());
+            assert_eq!(
+                sys::getxattr(&shared.join("x"), &format!("user.t{t}"), 256).unwrap(),
+                v.as_bytes()
+            );
         }
     }
     eprintln!(

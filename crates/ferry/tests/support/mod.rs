@@ -239,7 +239,11 @@ impl Mount {
             Target::Bindfs => {
                 let mut c = Command::new("bindfs");
                 // bindfs has its own permission options; pass only what it knows.
-                c.arg("-f").arg("-o").arg(&self.options).arg(&self.store).arg(&self.mnt);
+                c.arg("-f")
+                    .arg("-o")
+                    .arg(&self.options)
+                    .arg(&self.store)
+                    .arg(&self.mnt);
                 c
             }
             Target::Raw => unreachable!("raw has no daemon"),
@@ -251,7 +255,11 @@ impl Mount {
         if self.is_raw() {
             return;
         }
-        assert!(!is_mounted(&self.mnt), "{} is already mounted", self.mnt.display());
+        assert!(
+            !is_mounted(&self.mnt),
+            "{} is already mounted",
+            self.mnt.display()
+        );
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -270,7 +278,10 @@ impl Mount {
             if is_mounted(&self.mnt) {
                 return;
             }
-            let exited = self.daemon.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let exited = self
+                .daemon
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = exited {
                 self.daemon = None;
                 panic!(
@@ -301,13 +312,22 @@ impl Mount {
             let _ = wait_bounded(&mut child, UNMOUNT_TIMEOUT);
         }
         if !self.is_raw() {
-            let _ = run_bounded(Command::new("umount").arg("-l").arg(&self.mnt), UNMOUNT_TIMEOUT);
+            let _ = run_bounded(
+                Command::new("umount").arg("-l").arg(&self.mnt),
+                UNMOUNT_TIMEOUT,
+            );
         }
     }
 
     /// Starts a new daemon on the same store (after [`Mount::kill9`] or
     /// [`Mount::unmount`]). No-op on `raw`.
     pub fn remount(&mut self) {
+        self.start();
+    }
+
+    /// Like [`Mount::remount`], but with new `-o` options (e.g. adding `ro`).
+    pub fn remount_with(&mut self, options: &str) {
+        self.options = options.to_string();
         self.start();
     }
 
@@ -327,7 +347,10 @@ impl Mount {
             _ => Command::new("umount"),
         };
         let result = run_bounded(cmd.arg(&self.mnt), UNMOUNT_TIMEOUT);
-        let daemon_exit = self.daemon.as_mut().map(|c| wait_bounded(c, UNMOUNT_TIMEOUT));
+        let daemon_exit = self
+            .daemon
+            .as_mut()
+            .map(|c| wait_bounded(c, UNMOUNT_TIMEOUT));
         let clean = matches!(&result, Ok(o) if o.status.success())
             && matches!(daemon_exit, None | Some(Some(_)))
             && !is_mounted(&self.mnt);
@@ -346,7 +369,10 @@ impl Mount {
     /// Best effort, never blocks unboundedly: lazy unmount and SIGKILL.
     fn force_unmount(&mut self) {
         if is_mounted(&self.mnt) {
-            let _ = run_bounded(Command::new("umount").arg("-l").arg(&self.mnt), UNMOUNT_TIMEOUT);
+            let _ = run_bounded(
+                Command::new("umount").arg("-l").arg(&self.mnt),
+                UNMOUNT_TIMEOUT,
+            );
         }
         if let Some(mut child) = self.daemon.take() {
             let _ = child.kill();
@@ -502,7 +528,10 @@ pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// Used before an operation whose ctime/mtime update we check.
 pub fn clock_past(sec: i64, nsec: i64) {
     let passed = poll_until(Duration::from_secs(2), || {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: ts is a valid out-pointer.
         unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
         (ts.tv_sec, ts.tv_nsec) > (sec, nsec)
@@ -666,12 +695,16 @@ impl Rng {
 /// A `u64` from env var `name`, or `default` when unset.
 pub fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
-        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v}: not a number")),
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
         Err(_) => default,
     }
 }
 
 /// FNV-1a 64: a checksum for recorded file contents (no extra crate).
 pub fn fnv64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }

@@ -95,13 +95,24 @@ pub fn ftruncate(fd: &impl AsRawFd, len: i64) -> io::Result<()> {
 pub fn renameat2(from: &Path, to: &Path, flags: u32) -> io::Result<()> {
     let (f, t) = (cstr(from), cstr(to));
     // SAFETY: valid C strings.
-    cvt(unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), flags) })
-        .map(drop)
+    cvt(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
 }
 
 /// A timespec for `utimensat`; `nsec` may be `UTIME_NOW` or `UTIME_OMIT`.
 pub fn ts(sec: i64, nsec: i64) -> libc::timespec {
-    libc::timespec { tv_sec: sec, tv_nsec: nsec }
+    libc::timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    }
 }
 
 /// `utimensat(AT_FDCWD, path, [atime, mtime], flags)`; `times: None` is NULL
@@ -121,16 +132,32 @@ fn xname(name: &str) -> CString {
 pub fn setxattr(path: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
     let (p, n) = (cstr(path), xname(name));
     // SAFETY: valid C strings; value is a live slice of the given length.
-    cvt(unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) })
-        .map(drop)
+    cvt(unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
 }
 
 /// `lsetxattr(path, name, value, flags)`: on the symlink itself.
 pub fn lsetxattr(path: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
     let (p, n) = (cstr(path), xname(name));
     // SAFETY: as setxattr.
-    cvt(unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) })
-        .map(drop)
+    cvt(unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
 }
 
 /// `getxattr(path, name, buf, cap)`: the value, read with a buffer of `cap`
@@ -139,7 +166,11 @@ pub fn lsetxattr(path: &Path, name: &str, value: &[u8], flags: i32) -> io::Resul
 pub fn getxattr(path: &Path, name: &str, cap: usize) -> io::Result<Vec<u8>> {
     let (p, n) = (cstr(path), xname(name));
     let mut buf = vec![0u8; cap];
-    let ptr = if cap == 0 { std::ptr::null_mut() } else { buf.as_mut_ptr().cast() };
+    let ptr = if cap == 0 {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    };
     // SAFETY: valid C strings; ptr is NULL (with size 0) or a buffer of cap bytes.
     let n = cvt(unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), ptr, cap) })? as usize;
     buf.resize(n, 0);
@@ -191,8 +222,17 @@ pub fn copy_file_range(
 ) -> io::Result<usize> {
     let (mut a, mut b) = (off_in, off_out);
     // SAFETY: plain fd syscall with pointers to two live i64 offsets.
-    cvt(unsafe { libc::copy_file_range(fd_in.as_raw_fd(), &mut a, fd_out.as_raw_fd(), &mut b, len, 0) })
-        .map(|n| n as usize)
+    cvt(unsafe {
+        libc::copy_file_range(
+            fd_in.as_raw_fd(),
+            &mut a,
+            fd_out.as_raw_fd(),
+            &mut b,
+            len,
+            0,
+        )
+    })
+    .map(|n| n as usize)
 }
 
 /// `lseek(fd, offset, whence)` with SEEK_DATA / SEEK_HOLE allowed.
@@ -225,7 +265,13 @@ pub fn flock(fd: &impl AsRawFd, op: i32) -> io::Result<()> {
 
 /// `fcntl(fd, cmd, &flock{type, SEEK_SET, start, len})`; returns the struct
 /// as the kernel left it (F_GETLK fills in the conflicting lock).
-pub fn fcntl_lock(fd: &impl AsRawFd, cmd: i32, ltype: i32, start: i64, len: i64) -> io::Result<libc::flock> {
+pub fn fcntl_lock(
+    fd: &impl AsRawFd,
+    cmd: i32,
+    ltype: i32,
+    start: i64,
+    len: i64,
+) -> io::Result<libc::flock> {
     // SAFETY: flock is plain old data; zero is a valid bit pattern.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = ltype as i16;
@@ -270,7 +316,10 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Mapping { ptr: ptr.cast(), len })
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
     }
 
     /// The mapped bytes. Callers keep accesses inside the file's size
