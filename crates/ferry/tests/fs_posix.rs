@@ -505,11 +505,24 @@ mod open {
         m.unmount();
         m.remount_with(&format!("{},ro", support::DEFAULT_OPTIONS));
         assert_eq!(fs::read(m.join("f")).unwrap(), b"kept");
-        assert_eq!(errno(sys::open(&m.join("g"), libc::O_CREAT | libc::O_WRONLY, 0o644)), libc::EROFS);
-        assert_eq!(errno(sys::open(&m.join("f"), libc::O_WRONLY, 0)), libc::EROFS);
+        assert_eq!(
+            errno(sys::open(
+                &m.join("g"),
+                libc::O_CREAT | libc::O_WRONLY,
+                0o644
+            )),
+            libc::EROFS
+        );
+        assert_eq!(
+            errno(sys::open(&m.join("f"), libc::O_WRONLY, 0)),
+            libc::EROFS
+        );
         assert_eq!(errno(sys::mkdir(&m.join("d"), 0o755)), libc::EROFS);
         assert_eq!(errno(fs::remove_file(m.join("f"))), libc::EROFS);
-        assert_eq!(errno(sys::setxattr(&m.join("f"), "user.a", b"1", 0)), libc::EROFS);
+        assert_eq!(
+            errno(sys::setxattr(&m.join("f"), "user.a", b"1", 0)),
+            libc::EROFS
+        );
         assert_eq!(errno(sys::chmod(&m.join("f"), 0o600)), libc::EROFS);
     }
 }
@@ -1499,5 +1512,98 @@ mod bad_input {
         ]);
         assert!(!ok && !support::is_mounted(&mnt), "foreign store mounted");
         assert_eq!(err.lines().count(), 1, "refusal must be one line: {err:?}");
+    }
+}
+
+/// The same permission matrix with and without `default_permissions`:
+/// without it the kernel leaves every check to ferry itself, so ferry's vfs
+/// must give the same answers.
+mod permissions {
+    use super::*;
+
+    /// Runs the unprivileged checks that matter most on `m`.
+    fn matrix(m: &Mount) {
+        let (secret, public, dir) = (m.join("secret"), m.join("public"), m.join("private"));
+        touch(&secret, b"s");
+        sys::chmod(&secret, 0o600).unwrap();
+        touch(&public, b"p");
+        sys::mkdir(&dir, 0o700).unwrap();
+        touch(&dir.join("inner"), b"");
+        let nobody = |f: &dyn Fn() -> std::io::Result<()>| as_user(Some(NOBODY), f);
+        let read = |p: &Path| sys::open(p, libc::O_RDONLY, 0).map(drop);
+        let write = |p: &Path| sys::open(p, libc::O_WRONLY, 0).map(drop);
+        assert_eq!(nobody(&|| read(&secret)), Err(libc::EACCES), "read 0600");
+        assert_eq!(nobody(&|| read(&public)), Ok(()), "read 0644");
+        assert_eq!(nobody(&|| write(&public)), Err(libc::EACCES), "write 0644");
+        assert_eq!(
+            nobody(&|| fs::read_dir(&dir).map(drop)),
+            Err(libc::EACCES),
+            "list 0700 dir"
+        );
+        assert_eq!(
+            nobody(&|| fs::metadata(dir.join("inner")).map(drop)),
+            Err(libc::EACCES),
+            "search 0700 dir"
+        );
+        let created = m.join("created");
+        assert_eq!(
+            nobody(&|| write_new(&created)),
+            Err(libc::EACCES),
+            "create in 0755 dir"
+        );
+        assert_eq!(
+            nobody(&|| fs::remove_file(&public)),
+            Err(libc::EACCES),
+            "unlink in 0755 dir"
+        );
+        assert_eq!(
+            nobody(&|| sys::mkdir(&m.join("d"), 0o755)),
+            Err(libc::EACCES),
+            "mkdir in 0755 dir"
+        );
+        assert_eq!(
+            nobody(&|| sys::chmod(&public, 0o666)),
+            Err(libc::EPERM),
+            "chmod by non-owner"
+        );
+        assert_eq!(
+            nobody(&|| sys::chown(&public, Some(NOBODY.0), None)),
+            Err(libc::EPERM),
+            "chown"
+        );
+        assert_eq!(
+            nobody(&|| sys::setxattr(&public, "user.x", b"1", 0)),
+            Err(libc::EACCES),
+            "setxattr"
+        );
+        let t = Some([sys::ts(1, 0), sys::ts(1, 0)]);
+        assert_eq!(
+            nobody(&|| sys::utimensat(&public, t, 0)),
+            Err(libc::EPERM),
+            "utimes by non-owner"
+        );
+        assert_eq!(
+            nobody(&|| sys::truncate(&public, 0)),
+            Err(libc::EACCES),
+            "truncate 0644"
+        );
+        // Nothing changed underneath.
+        assert_eq!(fs::read(&public).unwrap(), b"p");
+        assert!(!created.exists());
+        assert_eq!(mode(&public), 0o644);
+    }
+
+    fn write_new(p: &Path) -> std::io::Result<()> {
+        sys::open(p, libc::O_CREAT | libc::O_WRONLY, 0o644).map(drop)
+    }
+
+    #[test]
+    fn enforced_with_default_permissions() {
+        matrix(&Mount::new());
+    }
+
+    #[test]
+    fn enforced_by_ferry_without_default_permissions() {
+        matrix(&Mount::with(support::Target::from_env(), "allow_other"));
     }
 }
