@@ -181,6 +181,10 @@ fn trial(n: u64, seed: u64) {
             "{tag}: {name}: fsync'd bytes differ"
         );
     }
+    // The recovered file system takes new writes.
+    fs::write(mnt.join("after-crash"), b"alive")
+        .unwrap_or_else(|e| panic!("{tag}: write after remount: {e}"));
+    assert_eq!(fs::read(mnt.join("after-crash")).unwrap(), b"alive");
     m.unmount();
     if m.target() == Target::Ferry {
         fsck(m.store(), &tag);

@@ -3,7 +3,8 @@
 //! result (value or errno) must match, and so must the whole trees (names,
 //! types, modes, sizes, link counts, hard-link groups, bytes, symlink
 //! targets, user xattrs), checked every `COMPARE_EVERY` ops, at the end, and
-//! (on ferry) again after an unmount and remount.
+//! (on ferry) again after an unmount and remount; every `REMOUNT_EVERY` ops
+//! the daemon is restarted mid-sequence (all descriptors closed first).
 //!
 //! Deterministic given the seed: operations are drawn from the seed alone,
 //! never from results, so a printed seed and op count replay a failure.
@@ -27,6 +28,8 @@ use support::{errno, sys, Mount, Rng, TempDir};
 const SLOTS: usize = 4;
 /// How often the whole trees are compared.
 const COMPARE_EVERY: usize = 250;
+/// How often (ferry only) all fds are closed and the daemon restarted.
+const REMOUNT_EVERY: usize = 1000;
 /// How many ops of history a failure report shows.
 const TAIL: usize = 40;
 
@@ -149,17 +152,49 @@ enum Op {
 /// What an op returned, in a form both sides produce identically.
 type Outcome = Result<String, i32>;
 
-fn gen_path(rng: &mut Rng) -> String {
-    const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+/// Last components for directories and for files overlap only partly, so
+/// most creates succeed while type clashes (EISDIR, ENOTDIR, EEXIST) still
+/// come up.
+const DIR_NAMES: [&str; 3] = ["a", "b", "c"];
+const FILE_NAMES: [&str; 4] = ["c", "d", "e", "f"];
+
+/// A path of 1–3 components: intermediate ones are directory names.
+fn gen_path_ending(rng: &mut Rng, last: &[&str]) -> String {
     let depth = match rng.below(100) {
         0..=59 => 1,
         60..=89 => 2,
         _ => 3,
     };
-    (0..depth)
-        .map(|_| *rng.pick(&NAMES))
-        .collect::<Vec<_>>()
-        .join("/")
+    let mut parts: Vec<&str> = (1..depth).map(|_| *rng.pick(&DIR_NAMES)).collect();
+    parts.push(*rng.pick(last));
+    parts.join("/")
+}
+
+/// A path whose last component may name a file or a directory.
+fn gen_path(rng: &mut Rng) -> String {
+    if rng.chance(50) {
+        gen_path_ending(rng, &DIR_NAMES)
+    } else {
+        gen_path_ending(rng, &FILE_NAMES)
+    }
+}
+
+/// A path that names a file more often than not.
+fn gen_file(rng: &mut Rng) -> String {
+    if rng.chance(85) {
+        gen_path_ending(rng, &FILE_NAMES)
+    } else {
+        gen_path_ending(rng, &DIR_NAMES)
+    }
+}
+
+/// A path that names a directory more often than not.
+fn gen_dir(rng: &mut Rng) -> String {
+    if rng.chance(85) {
+        gen_path_ending(rng, &DIR_NAMES)
+    } else {
+        gen_path_ending(rng, &FILE_NAMES)
+    }
 }
 
 fn gen_offset(rng: &mut Rng) -> i64 {
@@ -186,8 +221,13 @@ fn gen_op(rng: &mut Rng) -> Op {
     let slot = rng.below(SLOTS as u64) as usize;
     match rng.below(100) {
         0..=15 => {
-            let mut flags =
-                *rng.pick(&[libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR, libc::O_RDWR]);
+            let mut flags = *rng.pick(&[
+                libc::O_RDONLY,
+                libc::O_WRONLY,
+                libc::O_RDWR,
+                libc::O_RDWR,
+                libc::O_RDWR,
+            ]);
             for (pct, f) in [
                 (85, libc::O_CREAT),
                 (10, libc::O_EXCL),
@@ -203,7 +243,7 @@ fn gen_op(rng: &mut Rng) -> Op {
             }
             let mode = *rng.pick(&[0o644, 0o600, 0o755, 0o444]);
             Op::Open {
-                path: gen_path(rng),
+                path: gen_file(rng),
                 flags,
                 mode,
                 slot,
@@ -260,7 +300,7 @@ fn gen_op(rng: &mut Rng) -> Op {
             }
         }
         50..=51 => Op::Truncate {
-            path: gen_path(rng),
+            path: gen_file(rng),
             len: gen_offset(rng),
         },
         52..=58 => {
@@ -269,32 +309,37 @@ fn gen_op(rng: &mut Rng) -> Op {
                 1 => libc::RENAME_EXCHANGE,
                 _ => 0,
             };
+            // Mostly file onto file or dir onto dir, so the namespace does
+            // not fill up with directories under file names.
+            let pick: fn(&mut Rng) -> String = match rng.below(10) {
+                0..=5 => gen_file,
+                6..=8 => gen_dir,
+                _ => gen_path,
+            };
             Op::Rename {
-                from: gen_path(rng),
-                to: gen_path(rng),
+                from: pick(rng),
+                to: pick(rng),
                 flags,
             }
         }
         59..=61 => Op::Link {
-            from: gen_path(rng),
-            to: gen_path(rng),
+            from: gen_file(rng),
+            to: gen_file(rng),
         },
         62..=66 => Op::Unlink {
-            path: gen_path(rng),
+            path: gen_file(rng),
         },
         67..=72 => Op::Mkdir {
-            path: gen_path(rng),
+            path: gen_dir(rng),
             mode: *rng.pick(&[0o755, 0o700, 0o777]),
         },
-        73..=75 => Op::Rmdir {
-            path: gen_path(rng),
-        },
+        73..=75 => Op::Rmdir { path: gen_dir(rng) },
         76..=78 => {
             // Relative targets without "..": they can never leave the root.
-            let target = rng.pick(&["a", "b", "c", "a/b", "b/c", "zz"]).to_string();
+            let target = rng.pick(&["a", "c", "d", "a/d", "b/e", "zz"]).to_string();
             Op::Symlink {
                 target,
-                path: gen_path(rng),
+                path: gen_file(rng),
             }
         }
         79 => Op::Readlink {
@@ -686,6 +731,15 @@ fn run(seed: u64, count: usize) {
         let e = ok.entry(kind).or_default();
         e.0 += ra.is_ok() as u32;
         e.1 += 1;
+        // Now and then (at fixed indices, so replay stays exact): close all
+        // descriptors on both sides and restart the daemon, so later ops
+        // run against what ferry persisted rather than what it cached.
+        if (i + 1) % REMOUNT_EVERY == 0 && !mount.is_raw() && i + 1 < count {
+            a.fds.iter_mut().for_each(|f| *f = None);
+            b.fds.iter_mut().for_each(|f| *f = None);
+            mount.unmount();
+            mount.remount();
+        }
         if (i + 1) % COMPARE_EVERY == 0 || i + 1 == count {
             let diffs = tree_diff(mount.path(), reference.path());
             if !diffs.is_empty() {

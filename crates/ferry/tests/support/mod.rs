@@ -563,8 +563,11 @@ impl Forked {
     /// Forks; the child drops to `cred` (if any), runs `f` and exits.
     pub fn spawn(cred: Option<(u32, u32)>, f: impl FnOnce() -> io::Result<()>) -> Forked {
         let mut fds = [0i32; 2];
+        // Non-blocking: the parent reads only after reaping the child, and a
+        // sibling fork from another test thread may hold a copy of the write
+        // end, so a child that died silently must not leave us blocked.
         // SAFETY: fds is a valid array of two ints.
-        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
         assert_eq!(rc, 0, "pipe2: {}", io::Error::last_os_error());
         // SAFETY: see the type's doc; the child never returns from this block.
         let pid = unsafe { libc::fork() };
