@@ -200,10 +200,14 @@ impl Store {
     /// format version and pass SQLite's `quick_check`. Anything else is
     /// refused, never repaired, so a damaged store is left as evidence.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir.join("data")).map_err(|e| StoreError::io(dir, e))?;
-        let lock = lock_store(dir)?;
         let db_path = dir.join("meta.db");
         let fresh = !db_path.exists();
+        if fresh && dir.exists() && !holds_only_ferry_files(dir)? {
+            // Never take over a directory that holds someone else's files.
+            return Err(StoreError::Foreign(dir.to_path_buf()));
+        }
+        std::fs::create_dir_all(dir.join("data")).map_err(|e| StoreError::io(dir, e))?;
+        let lock = lock_store(dir)?;
         let conn = Connection::open(&db_path).map_err(|e| StoreError::db(&db_path, e))?;
         let bad = |e| StoreError::db(&db_path, e);
         conn.busy_timeout(std::time::Duration::from_secs(10))
@@ -290,6 +294,26 @@ impl Store {
         // (it rolls back on drop), so the poisoned connection is still sound.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Whether `dir` holds nothing but what ferry itself puts in a store
+/// before its database exists (the lock, the log, the data directory).
+fn holds_only_ferry_files(dir: &Path) -> Result<bool, StoreError> {
+    for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
+        let entry = entry.map_err(|e| StoreError::io(dir, e))?;
+        let name = entry.file_name();
+        let ours = match name.to_str() {
+            Some("lock" | "ferry.log") => true,
+            Some("data") => std::fs::read_dir(entry.path())
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false),
+            _ => false,
+        };
+        if !ours {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn lock_store(dir: &Path) -> Result<nix::fcntl::Flock<File>, StoreError> {

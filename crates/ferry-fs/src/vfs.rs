@@ -154,10 +154,18 @@ fn to_system_time(t: Nanos) -> SystemTime {
     }
 }
 
-fn to_nanos(t: SystemTime) -> Nanos {
+/// A time the kernel sent, in [`Nanos`].
+///
+/// fuser 0.18 decodes a pre-1970 `(secs, nsecs)` as `EPOCH - (|secs| s +
+/// nsecs ns)` where the kernel means `secs s + nsecs ns`; this undoes that,
+/// so times before 1970 round-trip exactly.
+fn from_kernel_time(t: SystemTime) -> Nanos {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_nanos() as Nanos,
-        Err(e) => -(e.duration().as_nanos() as Nanos),
+        Err(e) => {
+            let d = e.duration();
+            -(d.as_secs() as Nanos * 1_000_000_000) + Nanos::from(d.subsec_nanos())
+        }
     }
 }
 
@@ -289,7 +297,7 @@ impl Vfs {
         let now = store::now();
         let nanos = |t: &TimeOrNow| match t {
             TimeOrNow::Now => now,
-            TimeOrNow::SpecificTime(t) => to_nanos(*t),
+            TimeOrNow::SpecificTime(t) => from_kernel_time(*t),
         };
         let is_file = self.inode(ino)?.kind() == Kind::File;
         let only_times = set.mode.is_none()
@@ -335,7 +343,7 @@ impl Vfs {
             if let Some(t) = &set.mtime {
                 inode.mtime = nanos(t);
             }
-            inode.ctime = set.ctime.map_or(now, to_nanos);
+            inode.ctime = set.ctime.map_or(now, from_kernel_time);
             tx.set_attr(&inode)?;
             Ok(inode)
         })?;
@@ -994,17 +1002,21 @@ fn create_data_file(path: &std::path::Path) -> Result<(), Errno> {
         })
 }
 
+/// The rules Linux file systems apply to xattr names. The kernel leaves
+/// them to FUSE file systems, which see every name.
 fn check_xattr_name(name: &[u8]) -> Result<(), Errno> {
-    if name.is_empty() {
-        return Err(Errno::EINVAL);
-    }
     if name.len() > XATTR_NAME_MAX {
         return Err(Errno::ERANGE);
     }
-    // POSIX ACLs would need the kernel to trust them (FUSE_POSIX_ACL);
-    // refusing them keeps mode bits the only permission source.
-    if name.starts_with(b"system.") {
-        return Err(Errno::EOPNOTSUPP);
+    // POSIX ACLs (system.*) would need the kernel to trust them
+    // (FUSE_POSIX_ACL); refusing them keeps mode bits the only permission
+    // source. Names outside a namespace are not supported anywhere.
+    let suffix = [&b"user."[..], b"trusted.", b"security."]
+        .iter()
+        .find_map(|ns| name.strip_prefix(*ns))
+        .ok_or(Errno::EOPNOTSUPP)?;
+    if suffix.is_empty() {
+        return Err(Errno::EINVAL);
     }
     Ok(())
 }
