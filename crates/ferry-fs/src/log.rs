@@ -189,3 +189,40 @@ impl Change<'_> {
         })
     }
 }
+
+/// A log record as stored, owning its names.
+#[derive(Clone, Debug)]
+pub struct LogRecord {
+    /// Position in the log.
+    pub seq: u64,
+    /// The `op` column.
+    pub op: String,
+    /// The inode whose version the change bumped.
+    pub ino: u64,
+    /// First directory.
+    pub parent: Option<u64>,
+    /// First name.
+    pub name: Option<Vec<u8>>,
+    /// Second directory (rename, exchange).
+    pub parent2: Option<u64>,
+    /// Second name (rename, exchange).
+    pub name2: Option<Vec<u8>>,
+    /// When it was logged.
+    pub at: crate::store::Nanos,
+}
+
+impl LogRecord {
+    /// The change this record describes; `None` if it is undecodable.
+    pub fn change(&self) -> Option<Change<'_>> {
+        Change::decode(
+            &self.op,
+            self.ino,
+            (
+                self.parent,
+                self.name.as_deref(),
+                self.parent2,
+                self.name2.as_deref(),
+            ),
+        )
+    }
+}

@@ -23,7 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::error::StoreError;
-use crate::log::Change;
+use crate::log::{Change, LogRecord};
 
 /// `PRAGMA application_id` of a ferry store ("FRRY"): tells a ferry store
 /// apart from any other SQLite file before its tables are read.
@@ -56,6 +56,9 @@ CREATE TABLE inode(
     rdev INTEGER NOT NULL,
     target BLOB,
     version INTEGER NOT NULL,
+    -- 1: the data file holds the bytes; 0: only the backend does (a
+    -- restored or evicted file, fetched on first open).
+    cached INTEGER NOT NULL DEFAULT 1,
     UNIQUE(host, counter));
 -- id doubles as the readdir cookie: new entries get a larger one, so a
 -- listing resumed at an offset sees every entry that existed throughout
@@ -69,6 +72,14 @@ CREATE TABLE dentry(
 CREATE INDEX dentry_by_ino ON dentry(ino);
 CREATE TABLE xattr(ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY(ino, name)) WITHOUT ROWID;
+-- Replication bookkeeping: the backend version each shipped object is at
+-- (keys: see replicate::Key), the chunk list of each shipped or restored
+-- file, and conflicts kept for a person (or part 3's resolver) to settle.
+CREATE TABLE remote(key BLOB PRIMARY KEY, version INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE chunk(ino INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
+    len INTEGER NOT NULL, PRIMARY KEY(ino, idx)) WITHOUT ROWID;
+CREATE TABLE conflict(key BLOB PRIMARY KEY, at INTEGER NOT NULL, object TEXT NOT NULL,
+    detail TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE log(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     op TEXT NOT NULL,
@@ -158,6 +169,8 @@ pub struct Inode {
     pub rdev: u32,
     /// Version, bumped by every logged change to this inode.
     pub version: u64,
+    /// Whether the data file holds the bytes (regular files).
+    pub cached: bool,
 }
 
 impl Inode {
@@ -407,7 +420,7 @@ fn random_host_id() -> rusqlite::Result<u32> {
 }
 
 const INODE_COLUMNS: &str =
-    "ino, host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, version";
+    "ino, host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, version, cached";
 
 fn inode_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Inode> {
     Ok(Inode {
@@ -425,6 +438,7 @@ fn inode_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Inode> {
         crtime: r.get(at + 11)?,
         rdev: r.get(at + 12)?,
         version: r.get::<_, i64>(at + 13)? as u64,
+        cached: r.get(at + 14)?,
     })
 }
 
@@ -515,6 +529,101 @@ pub trait Queries {
         self.conn()
             .query_row("SELECT count(*) FROM inode", [], |r| r.get::<_, i64>(0))
             .map(|n| n as u64)
+    }
+
+    /// The local inode of global identity `host:counter`.
+    fn ino_of(&self, host: u32, counter: u64) -> rusqlite::Result<Option<u64>> {
+        self.conn()
+            .prepare_cached("SELECT ino FROM inode WHERE host=?1 AND counter=?2")?
+            .query_row(params![host, counter as i64], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|o| o.map(|i| i as u64))
+    }
+
+    /// Up to `limit` log records after `seq`, in order.
+    fn log_after(&self, seq: u64, limit: usize) -> rusqlite::Result<Vec<LogRecord>> {
+        let mut stmt = self.conn().prepare_cached(
+            "SELECT seq, op, ino, parent, name, parent2, name2, at FROM log
+             WHERE seq>?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![seq as i64, limit as i64], |r| {
+            Ok(LogRecord {
+                seq: r.get::<_, i64>(0)? as u64,
+                op: r.get(1)?,
+                ino: r.get::<_, i64>(2)? as u64,
+                parent: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                name: r.get(4)?,
+                parent2: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+                name2: r.get(6)?,
+                at: r.get(7)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// The newest log sequence number (0 for an empty log).
+    fn log_head(&self) -> rusqlite::Result<u64> {
+        self.conn()
+            .query_row("SELECT coalesce(max(seq), 0) FROM log", [], |r| r.get::<_, i64>(0))
+            .map(|v| v as u64)
+    }
+
+    /// An integer from the `meta` table.
+    fn meta_int(&self, key: &str) -> rusqlite::Result<Option<i64>> {
+        self.conn()
+            .prepare_cached("SELECT value FROM meta WHERE key=?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()
+    }
+
+    /// The backend version a replicated object is at, if it was shipped.
+    fn remote_version(&self, key: &[u8]) -> rusqlite::Result<Option<u64>> {
+        self.conn()
+            .prepare_cached("SELECT version FROM remote WHERE key=?1")?
+            .query_row([key], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|o| o.map(|v| v as u64))
+    }
+
+    /// Whether an unresolved conflict holds the object back.
+    fn in_conflict(&self, key: &[u8]) -> rusqlite::Result<bool> {
+        self.conn()
+            .prepare_cached("SELECT 1 FROM conflict WHERE key=?1")?
+            .exists([key])
+    }
+
+    /// The recorded conflicts: (object, detail, when).
+    fn conflicts(&self) -> rusqlite::Result<Vec<(String, String, Nanos)>> {
+        let mut stmt = self
+            .conn()
+            .prepare_cached("SELECT object, detail, at FROM conflict ORDER BY at")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect()
+    }
+
+    /// The chunk list of a file: (BLAKE3 hash, length) in order.
+    fn chunks(&self, ino: u64) -> rusqlite::Result<Vec<(Vec<u8>, u32)>> {
+        let mut stmt = self
+            .conn()
+            .prepare_cached("SELECT hash, len FROM chunk WHERE ino=?1 ORDER BY idx")?;
+        let rows = stmt.query_map([ino as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    }
+
+    /// The inodes named by records after `seq` whose bytes may need shipping.
+    fn pending_content(&self, seq: u64) -> rusqlite::Result<Vec<u64>> {
+        let mut stmt = self.conn().prepare_cached(
+            "SELECT DISTINCT ino FROM log WHERE seq>?1 AND op IN ('create', 'content', 'setattr')",
+        )?;
+        let rows = stmt.query_map([seq as i64], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
+        rows.collect()
+    }
+
+    /// Count and oldest time of the records after `seq`.
+    fn pending(&self, seq: u64) -> rusqlite::Result<(u64, Option<Nanos>)> {
+        self.conn()
+            .prepare_cached("SELECT count(*), min(at) FROM log WHERE seq>?1")?
+            .query_row([seq as i64], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
     }
 }
 
@@ -777,6 +886,137 @@ impl Tx<'_> {
             .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
             .execute(params![ino as i64, now()])?;
         self.log(&Change::Xattr { ino })
+    }
+
+    // ----- replication bookkeeping: never logged, it is not a change ------
+
+    /// Sets an integer in the `meta` table.
+    pub fn set_meta_int(&self, key: &str, value: i64) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?
+            .execute(params![key, value])?;
+        Ok(())
+    }
+
+    /// Records the backend version of a replicated object (`None`: it is
+    /// gone from the backend).
+    pub fn set_remote_version(&self, key: &[u8], version: Option<u64>) -> rusqlite::Result<()> {
+        match version {
+            Some(v) => self
+                .txn
+                .prepare_cached("INSERT OR REPLACE INTO remote(key, version) VALUES (?1, ?2)")?
+                .execute(params![key, v as i64])?,
+            None => self
+                .txn
+                .prepare_cached("DELETE FROM remote WHERE key=?1")?
+                .execute([key])?,
+        };
+        Ok(())
+    }
+
+    /// Keeps a conflict; the object is not shipped again until it is settled.
+    pub fn add_conflict(&self, key: &[u8], object: &str, detail: &str) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO conflict(key, at, object, detail) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![key, now(), object, detail])?;
+        Ok(())
+    }
+
+    /// Replaces the chunk list of a file.
+    pub fn set_chunks(&self, ino: u64, chunks: &[([u8; 32], u32)]) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("DELETE FROM chunk WHERE ino=?1")?
+            .execute([ino as i64])?;
+        let mut stmt = self
+            .txn
+            .prepare_cached("INSERT INTO chunk(ino, idx, hash, len) VALUES (?1, ?2, ?3, ?4)")?;
+        for (idx, (hash, len)) in chunks.iter().enumerate() {
+            stmt.execute(params![ino as i64, idx as i64, &hash[..], len])?;
+        }
+        Ok(())
+    }
+
+    /// Marks whether a file's data file holds its bytes.
+    pub fn set_cached(&self, ino: u64, cached: bool) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("UPDATE inode SET cached=?2 WHERE ino=?1")?
+            .execute(params![ino as i64, cached])?;
+        Ok(())
+    }
+
+    /// Inserts or overwrites an inode that came from the backend, keyed by
+    /// its global identity; returns its local number. Regular files arrive
+    /// uncached. Not logged: it is the backend's state, not a local change.
+    pub fn import_inode(&self, inode: &Inode, target: Option<&[u8]>) -> rusqlite::Result<u64> {
+        let existing = self.ino_of(inode.host, inode.counter)?;
+        let ino = match existing {
+            Some(ino) => ino,
+            None => {
+                self.txn
+                    .prepare_cached(
+                        "INSERT INTO inode(host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, version)
+                         VALUES (?1, ?2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)",
+                    )?
+                    .execute(params![inode.host, inode.counter as i64])?;
+                self.txn.last_insert_rowid() as u64
+            }
+        };
+        self.txn
+            .prepare_cached(
+                "UPDATE inode SET mode=?2, uid=?3, gid=?4, size=?5, atime=?6, mtime=?7, ctime=?8,
+                 crtime=?8, rdev=?9, target=?10, cached=?11 WHERE ino=?1",
+            )?
+            .execute(params![
+                ino as i64,
+                inode.mode,
+                inode.uid,
+                inode.gid,
+                inode.size as i64,
+                inode.atime,
+                inode.mtime,
+                inode.ctime,
+                inode.rdev,
+                target,
+                inode.cached
+            ])?;
+        Ok(ino)
+    }
+
+    /// Replaces the xattrs of an imported inode.
+    pub fn import_xattrs(&self, ino: u64, xattrs: &[(Vec<u8>, Vec<u8>)]) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("DELETE FROM xattr WHERE ino=?1")?
+            .execute([ino as i64])?;
+        for (name, value) in xattrs {
+            self.txn
+                .prepare_cached("INSERT INTO xattr(ino, name, value) VALUES (?1, ?2, ?3)")?
+                .execute(params![ino as i64, name, value])?;
+        }
+        Ok(())
+    }
+
+    /// Inserts an imported entry, then recomputes link counts of everything
+    /// in `recount` (`nlink` follows entries, as `fsck` checks).
+    pub fn import_entry(&self, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("INSERT OR REPLACE INTO dentry(parent, name, ino) VALUES (?1, ?2, ?3)")?
+            .execute(params![parent as i64, name, ino as i64])?;
+        Ok(())
+    }
+
+    /// Recomputes every link count from the entries, after an import.
+    pub fn recount_links(&self) -> rusqlite::Result<()> {
+        self.txn.execute_batch(&format!(
+            "UPDATE inode SET nlink = (SELECT count(*) FROM dentry d WHERE d.ino = inode.ino)
+                 WHERE mode & {ifmt} != {ifdir};
+             UPDATE inode SET nlink = 2 + (SELECT count(*) FROM dentry d JOIN inode c ON c.ino = d.ino
+                 WHERE d.parent = inode.ino AND c.mode & {ifmt} = {ifdir})
+                 WHERE mode & {ifmt} = {ifdir};",
+            ifmt = libc::S_IFMT,
+            ifdir = libc::S_IFDIR
+        ))
     }
 
     fn insert_dentry(&self, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
