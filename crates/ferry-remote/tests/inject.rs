@@ -121,6 +121,9 @@ fn futex_wait_continues_after_injection_into_its_thread() {
     assert_eq!(stopped.registers().orig_rax, libc::SYS_futex as u64);
     assert_eq!(stopped.syscall(libc::SYS_gettid, [0; 6]).unwrap(), victim.tid() as u64);
     stopped.resume().unwrap();
+    // Wake it only once it waits again: a wake sent before the restarted
+    // FUTEX_WAIT re-checks the word would (rightly) make it return EAGAIN.
+    victim.wait_blocked();
     let done = victim.finish("wake");
     assert_eq!((done["ret"].as_str(), done["word"].as_str()), ("0", "1"));
     assert_eq!(u64::from_str_radix(&done["mask"], 16).unwrap(), victim.ready_mask());

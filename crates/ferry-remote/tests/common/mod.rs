@@ -79,7 +79,7 @@ impl Victim {
     }
 
     /// Waits until the reporting thread sleeps in the kernel (state S).
-    fn wait_blocked(&self) {
+    pub fn wait_blocked(&self) {
         let path = format!("/proc/{}/task/{}/stat", self.pid, self.tid());
         for _ in 0..500 {
             let stat = std::fs::read_to_string(&path).unwrap_or_default();
