@@ -42,7 +42,7 @@ pub enum Refusal {
     },
     /// Another tracer (a debugger, strace, CRIU) is attached already.
     AlreadyTraced {
-        /// Its pid.
+        /// Its thread id, as `TracerPid:` shows it.
         tracer: Pid,
     },
     /// The target runs under seccomp strict mode: only read, write, exit and

@@ -40,10 +40,17 @@ pub fn fields(line: &str) -> HashMap<String, String> {
 
 impl Victim {
     pub fn spawn(mode: &str, args: &[&str]) -> Victim {
-        let mut child = Command::new(TESTPROC)
-            .arg("victim")
-            .arg(mode)
-            .args(args)
+        Victim::start(Command::new(TESTPROC).arg("victim").arg(mode).args(args))
+    }
+
+    /// Like [`Victim::spawn`], running as `uid` (and the same gid).
+    pub fn spawn_as(uid: u32, mode: &str, args: &[&str]) -> Victim {
+        use std::os::unix::process::CommandExt;
+        Victim::start(Command::new(TESTPROC).arg("victim").arg(mode).args(args).uid(uid).gid(uid))
+    }
+
+    fn start(command: &mut Command) -> Victim {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
