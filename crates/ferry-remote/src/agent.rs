@@ -46,7 +46,12 @@ const PING: u32 = u32::MAX;
 const REQUEST_LEN: usize = 64;
 const REPLY_LEN: usize = 16;
 /// The system calls an agent serves.
-const SERVED: [i64; 4] = [libc::SYS_mmap, libc::SYS_munmap, libc::SYS_mprotect, libc::SYS_madvise];
+const SERVED: [i64; 4] = [
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+];
 
 /// The abstract socket name of the agent of process `pid` (without the leading NUL).
 pub fn socket_name(pid: Pid) -> String {
@@ -85,11 +90,11 @@ pub fn start() -> Result<Agent> {
 }
 
 fn accept_loop(listener: UnixListener) {
-    for conn in listener.incoming() {
-        // A failed accept (EMFILE, ECONNABORTED) concerns one client; keep serving the rest.
-        if let Ok(stream) = conn {
-            let _ = thread::Builder::new().name("ferry-agent-conn".into()).spawn(move || serve(stream));
-        }
+    // A failed accept (EMFILE, ECONNABORTED) concerns one client; keep serving the rest.
+    for stream in listener.incoming().flatten() {
+        let _ = thread::Builder::new()
+            .name("ferry-agent-conn".into())
+            .spawn(move || serve(stream));
     }
 }
 
@@ -124,7 +129,9 @@ fn serve(mut stream: UnixStream) {
     }
 }
 
-fn read_request(stream: &mut UnixStream) -> io::Result<(u32, [u64; 6], Option<std::os::fd::OwnedFd>)> {
+fn read_request(
+    stream: &mut UnixStream,
+) -> io::Result<(u32, [u64; 6], Option<std::os::fd::OwnedFd>)> {
     let mut buf = [0u8; REQUEST_LEN];
     let (n, fd) = sys::recv_with_fd(stream.as_fd(), &mut buf)?;
     if n == 0 {
@@ -174,8 +181,14 @@ impl Client {
 
     /// Sends system call `nr` (one the agent serves) and waits for its result.
     pub fn call(&mut self, nr: i64, args: [u64; 6], fd: Option<BorrowedFd<'_>>) -> Result<u64> {
-        let served = u32::try_from(nr).ok().filter(|nr| SERVED.contains(&i64::from(*nr)));
-        let nr32 = served.ok_or(Error::RemoteSyscall { pid: self.pid, nr, errno: libc::ENOSYS })?;
+        let served = u32::try_from(nr)
+            .ok()
+            .filter(|nr| SERVED.contains(&i64::from(*nr)));
+        let nr32 = served.ok_or(Error::RemoteSyscall {
+            pid: self.pid,
+            nr,
+            errno: libc::ENOSYS,
+        })?;
         self.request(nr32, args, fd)
     }
 

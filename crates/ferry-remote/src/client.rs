@@ -94,13 +94,21 @@ impl Remote {
     /// Reaches `pid` through its agent only.
     pub fn agent(pid: Pid) -> Result<Remote> {
         let client = agent::Client::connect(pid)?;
-        Ok(Remote { pid, via: Via::Agent(client), last_stop: Duration::ZERO })
+        Ok(Remote {
+            pid,
+            via: Via::Agent(client),
+            last_stop: Duration::ZERO,
+        })
     }
 
     /// Reaches `pid` by injection only.
     pub fn injection(pid: Pid, options: &Options) -> Result<Remote> {
         let target = Target::open(pid, options)?;
-        Ok(Remote { pid, via: Via::Injection(target), last_stop: Duration::ZERO })
+        Ok(Remote {
+            pid,
+            via: Via::Injection(target),
+            last_stop: Duration::ZERO,
+        })
     }
 
     /// The target process.
@@ -185,7 +193,14 @@ impl Remote {
     /// user's process over a root `ferry`, typically, does not).
     pub fn share(&mut self, len: u64, prot: i32, addr: Option<u64>) -> Result<SharedRegion> {
         const NAME: &CStr = c"ferry-share";
-        let shared = Mmap { addr, len, prot, flags: libc::MAP_SHARED, fd: None, offset: 0 };
+        let shared = Mmap {
+            addr,
+            len,
+            prot,
+            flags: libc::MAP_SHARED,
+            fd: None,
+            offset: 0,
+        };
         let (memfd, remote_addr) = match &mut self.via {
             Via::Agent(client) => {
                 let memfd = sys::memfd_create(NAME).map_err(Error::local("memfd_create"))?;
@@ -216,10 +231,17 @@ impl Remote {
             Ok(addr) => addr,
             Err(source) => {
                 let _ = self.munmap(remote_addr, len);
-                return Err(Error::Local { op: "mmap the shared region here", source });
+                return Err(Error::Local {
+                    op: "mmap the shared region here",
+                    source,
+                });
             }
         };
-        Ok(SharedRegion { memfd, local_addr, remote_addr, len })
+        Ok(SharedRegion {
+            memfd,
+            local_addr,
+            remote_addr,
+            len,
+        })
     }
 }
-

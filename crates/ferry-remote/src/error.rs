@@ -111,10 +111,16 @@ impl fmt::Display for Error {
             Error::Refused { pid, .. } => write!(f, "cannot act on process {pid}"),
             Error::Ptrace { tid, op, .. } => write!(f, "{op} on thread {tid}"),
             Error::TargetGone { tid, status } => {
-                write!(f, "thread {tid} exited while attached (wait status {status:#x})")
+                write!(
+                    f,
+                    "thread {tid} exited while attached (wait status {status:#x})"
+                )
             }
             Error::NoSyscallInstruction { pid } => {
-                write!(f, "process {pid}: no syscall instruction found in its vDSO or libc")
+                write!(
+                    f,
+                    "process {pid}: no syscall instruction found in its vDSO or libc"
+                )
             }
             Error::RemoteSyscall { pid, nr, errno } => write!(
                 f,

@@ -67,8 +67,11 @@ impl fmt::Display for Mapping {
 
 /// Reads the mappings of process `pid`.
 pub fn read(pid: Pid) -> Result<Vec<Mapping>> {
-    let text = fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|source| Error::Memory { pid, addr: 0, source })?;
+    let text = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| Error::Memory {
+        pid,
+        addr: 0,
+        source,
+    })?;
     Ok(text.lines().filter_map(Mapping::parse).collect())
 }
 
@@ -79,9 +82,15 @@ mod tests {
     #[test]
     fn parses_anonymous_file_and_pseudo_lines() {
         let m = Mapping::parse("7f0000000000-7f0000100000 rw-s 00000000 00:01 1234                       /memfd:ferry (deleted)").unwrap();
-        assert_eq!((m.start, m.end, m.perms.as_str()), (0x7f0000000000, 0x7f0000100000, "rw-s"));
+        assert_eq!(
+            (m.start, m.end, m.perms.as_str()),
+            (0x7f0000000000, 0x7f0000100000, "rw-s")
+        );
         assert_eq!(m.path, "/memfd:ferry (deleted)");
-        let v = Mapping::parse("7ffd1000-7ffd3000 r-xp 00000000 00:00 0                          [vdso]").unwrap();
+        let v = Mapping::parse(
+            "7ffd1000-7ffd3000 r-xp 00000000 00:00 0                          [vdso]",
+        )
+        .unwrap();
         assert_eq!(v.path, "[vdso]");
         let a = Mapping::parse("55550000-55551000 ---p 00001000 00:00 0 ").unwrap();
         assert_eq!((a.offset, a.path.as_str()), (0x1000, ""));

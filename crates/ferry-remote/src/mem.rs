@@ -42,4 +42,3 @@ pub fn read_vec(pid: Pid, addr: u64, len: usize) -> Result<Vec<u8>> {
     read(pid, addr, &mut buf)?;
     Ok(buf)
 }
-

@@ -29,7 +29,14 @@ pub struct Mmap<'fd> {
 impl Mmap<'_> {
     /// A private anonymous mapping of `len` bytes with protection `prot`.
     pub fn anonymous(len: u64, prot: i32) -> Mmap<'static> {
-        Mmap { addr: None, len, prot, flags: libc::MAP_PRIVATE, fd: None, offset: 0 }
+        Mmap {
+            addr: None,
+            len,
+            prot,
+            flags: libc::MAP_PRIVATE,
+            fd: None,
+            offset: 0,
+        }
     }
 }
 
@@ -90,11 +97,20 @@ impl<'fd> Op<'fd> {
                         u64::MAX // -1
                     }
                 };
-                let args = [m.addr.unwrap_or(0), m.len, m.prot as u64, flags as u64, fd, m.offset];
+                let args = [
+                    m.addr.unwrap_or(0),
+                    m.len,
+                    m.prot as u64,
+                    flags as u64,
+                    fd,
+                    m.offset,
+                ];
                 (libc::SYS_mmap, args)
             }
             Op::Munmap { addr, len } => (libc::SYS_munmap, [addr, len, 0, 0, 0, 0]),
-            Op::Mprotect { addr, len, prot } => (libc::SYS_mprotect, [addr, len, prot as u64, 0, 0, 0]),
+            Op::Mprotect { addr, len, prot } => {
+                (libc::SYS_mprotect, [addr, len, prot as u64, 0, 0, 0])
+            }
             Op::Madvise { addr, len, advice } => {
                 (libc::SYS_madvise, [addr, len, advice as u64, 0, 0, 0])
             }
@@ -126,7 +142,11 @@ mod tests {
         assert_eq!(nr, libc::SYS_mmap);
         assert_eq!(args[3] as i32, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS);
         assert_eq!(args[4], u64::MAX);
-        let fixed = Mmap { addr: Some(0x7000_0000), flags: libc::MAP_SHARED, ..Mmap::anonymous(8192, 3) };
+        let fixed = Mmap {
+            addr: Some(0x7000_0000),
+            flags: libc::MAP_SHARED,
+            ..Mmap::anonymous(8192, 3)
+        };
         let (_, args) = Op::Mmap(fixed).syscall(Some(7));
         assert_eq!(args[0], 0x7000_0000);
         assert_eq!(args[3] as i32, libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE);

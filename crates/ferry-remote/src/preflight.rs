@@ -122,7 +122,10 @@ pub struct Facts {
 
 /// Fields of one `/proc/PID/status` file, by name.
 fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
-    status.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':')).map(str::trim)
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
 }
 
 fn parse_uids(field: Option<&str>) -> [u32; 3] {
@@ -159,12 +162,19 @@ impl Facts {
             return facts;
         };
         facts.exists = true;
-        facts.state = status_field(&status, "State").and_then(|s| s.chars().next()).unwrap_or('?');
+        facts.state = status_field(&status, "State")
+            .and_then(|s| s.chars().next())
+            .unwrap_or('?');
         facts.uids = parse_uids(status_field(&status, "Uid"));
-        facts.tracer = status_field(&status, "TracerPid").and_then(|s| s.parse().ok()).unwrap_or(0);
-        facts.seccomp = status_field(&status, "Seccomp").and_then(|s| s.parse().ok()).unwrap_or(0);
-        facts.seccomp_filters =
-            status_field(&status, "Seccomp_filters").and_then(|s| s.parse().ok()).unwrap_or(0);
+        facts.tracer = status_field(&status, "TracerPid")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        facts.seccomp = status_field(&status, "Seccomp")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        facts.seccomp_filters = status_field(&status, "Seccomp_filters")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         // Walk up from the target; bounded because pid 1 is its own root.
         let mut cursor = pid;
         for _ in 0..4096 {
@@ -192,10 +202,15 @@ impl Facts {
             return Err(Refusal::OwnProcess);
         }
         if self.tracer != 0 {
-            return Err(Refusal::AlreadyTraced { tracer: self.tracer });
+            return Err(Refusal::AlreadyTraced {
+                tracer: self.tracer,
+            });
         }
         if !self.our_cap_ptrace && self.uids.iter().any(|&uid| uid != self.our_uid) {
-            return Err(Refusal::DifferentUser { target_uids: self.uids, our_uid: self.our_uid });
+            return Err(Refusal::DifferentUser {
+                target_uids: self.uids,
+                our_uid: self.our_uid,
+            });
         }
         match self.yama {
             Some(scope @ 3..) => return Err(Refusal::Yama { scope }),
@@ -207,9 +222,9 @@ impl Facts {
         }
         match self.seccomp {
             1 => Err(Refusal::SeccompStrict),
-            2 if !allow_seccomp_filter => {
-                Err(Refusal::SeccompFilter { filters: self.seccomp_filters })
-            }
+            2 if !allow_seccomp_filter => Err(Refusal::SeccompFilter {
+                filters: self.seccomp_filters,
+            }),
             _ => Ok(()),
         }
     }
@@ -220,7 +235,9 @@ impl Facts {
 /// `allow_seccomp_filter` lets a target with seccomp filters through, for
 /// callers who know the filter permits the calls they inject.
 pub fn check(pid: Pid, allow_seccomp_filter: bool) -> Result<()> {
-    Facts::gather(pid).judge(allow_seccomp_filter).map_err(|reason| Error::Refused { pid, reason })
+    Facts::gather(pid)
+        .judge(allow_seccomp_filter)
+        .map_err(|reason| Error::Refused { pid, reason })
 }
 
 #[cfg(test)]
@@ -228,7 +245,13 @@ mod tests {
     use super::*;
 
     fn ok_facts() -> Facts {
-        Facts { exists: true, state: 'S', uids: [1000; 3], our_uid: 1000, ..Facts::default() }
+        Facts {
+            exists: true,
+            state: 'S',
+            uids: [1000; 3],
+            our_uid: 1000,
+            ..Facts::default()
+        }
     }
 
     #[test]
@@ -239,19 +262,81 @@ mod tests {
     #[test]
     fn every_refusal_is_reported() {
         let cases: Vec<(Facts, Refusal)> = vec![
-            (Facts { exists: false, ..ok_facts() }, Refusal::NoSuchProcess),
-            (Facts { state: 'Z', ..ok_facts() }, Refusal::Zombie),
-            (Facts { is_self: true, ..ok_facts() }, Refusal::OwnProcess),
-            (Facts { tracer: 42, ..ok_facts() }, Refusal::AlreadyTraced { tracer: 42 }),
             (
-                Facts { uids: [1000, 0, 0], ..ok_facts() },
-                Refusal::DifferentUser { target_uids: [1000, 0, 0], our_uid: 1000 },
+                Facts {
+                    exists: false,
+                    ..ok_facts()
+                },
+                Refusal::NoSuchProcess,
             ),
-            (Facts { yama: Some(1), ..ok_facts() }, Refusal::Yama { scope: 1 }),
-            (Facts { yama: Some(2), ..ok_facts() }, Refusal::Yama { scope: 2 }),
-            (Facts { yama: Some(3), our_cap_ptrace: true, ..ok_facts() }, Refusal::Yama { scope: 3 }),
-            (Facts { seccomp: 1, ..ok_facts() }, Refusal::SeccompStrict),
-            (Facts { seccomp: 2, seccomp_filters: 1, ..ok_facts() }, Refusal::SeccompFilter { filters: 1 }),
+            (
+                Facts {
+                    state: 'Z',
+                    ..ok_facts()
+                },
+                Refusal::Zombie,
+            ),
+            (
+                Facts {
+                    is_self: true,
+                    ..ok_facts()
+                },
+                Refusal::OwnProcess,
+            ),
+            (
+                Facts {
+                    tracer: 42,
+                    ..ok_facts()
+                },
+                Refusal::AlreadyTraced { tracer: 42 },
+            ),
+            (
+                Facts {
+                    uids: [1000, 0, 0],
+                    ..ok_facts()
+                },
+                Refusal::DifferentUser {
+                    target_uids: [1000, 0, 0],
+                    our_uid: 1000,
+                },
+            ),
+            (
+                Facts {
+                    yama: Some(1),
+                    ..ok_facts()
+                },
+                Refusal::Yama { scope: 1 },
+            ),
+            (
+                Facts {
+                    yama: Some(2),
+                    ..ok_facts()
+                },
+                Refusal::Yama { scope: 2 },
+            ),
+            (
+                Facts {
+                    yama: Some(3),
+                    our_cap_ptrace: true,
+                    ..ok_facts()
+                },
+                Refusal::Yama { scope: 3 },
+            ),
+            (
+                Facts {
+                    seccomp: 1,
+                    ..ok_facts()
+                },
+                Refusal::SeccompStrict,
+            ),
+            (
+                Facts {
+                    seccomp: 2,
+                    seccomp_filters: 1,
+                    ..ok_facts()
+                },
+                Refusal::SeccompFilter { filters: 1 },
+            ),
         ];
         for (facts, want) in cases {
             assert_eq!(facts.judge(false), Err(want.clone()), "{facts:?}");
@@ -261,11 +346,45 @@ mod tests {
 
     #[test]
     fn privileges_and_ancestry_lift_the_rules_they_should() {
-        let root = Facts { uids: [0; 3], our_cap_ptrace: true, ..ok_facts() };
+        let root = Facts {
+            uids: [0; 3],
+            our_cap_ptrace: true,
+            ..ok_facts()
+        };
         assert_eq!(root.judge(false), Ok(()));
-        assert_eq!(Facts { yama: Some(1), is_descendant: true, ..ok_facts() }.judge(false), Ok(()));
-        assert_eq!(Facts { yama: Some(2), our_cap_ptrace: true, ..ok_facts() }.judge(false), Ok(()));
-        assert_eq!(Facts { seccomp: 2, ..ok_facts() }.judge(true), Ok(()));
-        assert_eq!(Facts { seccomp: 1, ..ok_facts() }.judge(true), Err(Refusal::SeccompStrict));
+        assert_eq!(
+            Facts {
+                yama: Some(1),
+                is_descendant: true,
+                ..ok_facts()
+            }
+            .judge(false),
+            Ok(())
+        );
+        assert_eq!(
+            Facts {
+                yama: Some(2),
+                our_cap_ptrace: true,
+                ..ok_facts()
+            }
+            .judge(false),
+            Ok(())
+        );
+        assert_eq!(
+            Facts {
+                seccomp: 2,
+                ..ok_facts()
+            }
+            .judge(true),
+            Ok(())
+        );
+        assert_eq!(
+            Facts {
+                seccomp: 1,
+                ..ok_facts()
+            }
+            .judge(true),
+            Err(Refusal::SeccompStrict)
+        );
     }
 }

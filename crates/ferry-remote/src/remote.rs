@@ -30,7 +30,9 @@ const RED_ZONE: u64 = 128;
 pub fn find_syscall_instruction(pid: Pid) -> Result<u64> {
     let mappings = maps::read(pid)?;
     let vdso = mappings.iter().filter(|m| m.path == "[vdso]");
-    let libc_text = mappings.iter().filter(|m| m.perms.starts_with("r-x") && m.path.contains("libc"));
+    let libc_text = mappings
+        .iter()
+        .filter(|m| m.perms.starts_with("r-x") && m.path.contains("libc"));
     for m in vdso.chain(libc_text) {
         let Ok(text) = mem::read_vec(pid, m.start, (m.end - m.start) as usize) else {
             continue;
@@ -70,10 +72,12 @@ impl Stopped<'_> {
             }
             // A signal-delivery-stop: ours (the kernel's single-step SIGTRAP
             // after the syscall) or a signal that got past the mask.
-            let info = sys::ptrace_getsiginfo(tid).map_err(Error::ptrace(tid, "PTRACE_GETSIGINFO"))?;
+            let info =
+                sys::ptrace_getsiginfo(tid).map_err(Error::ptrace(tid, "PTRACE_GETSIGINFO"))?;
             self.set_at_signal_stop(true);
             if info.si_signo == libc::SIGTRAP && info.si_code > 0 {
-                let after = sys::ptrace_getregs(tid).map_err(Error::ptrace(tid, "PTRACE_GETREGS"))?;
+                let after =
+                    sys::ptrace_getregs(tid).map_err(Error::ptrace(tid, "PTRACE_GETREGS"))?;
                 if after.rip == insn + SYSCALL_INSN.len() as u64 {
                     let ret = after.rax as i64;
                     return match ret {
@@ -99,7 +103,8 @@ impl Stopped<'_> {
 
     /// Closes a descriptor in the target.
     pub fn close(&mut self, fd: RemoteFd) -> Result<()> {
-        self.syscall(libc::SYS_close, [fd.0 as u64, 0, 0, 0, 0, 0]).map(drop)
+        self.syscall(libc::SYS_close, [fd.0 as u64, 0, 0, 0, 0, 0])
+            .map(drop)
     }
 
     /// Gives the target a duplicate of one of our file descriptors.
@@ -111,11 +116,16 @@ impl Stopped<'_> {
     /// (for sharing memory, [`Stopped::create_memfd`] goes the other way).
     pub fn import_fd(&mut self, fd: BorrowedFd<'_>) -> Result<RemoteFd> {
         let me = std::process::id() as u64;
-        let by_pidfd = self.syscall(libc::SYS_pidfd_open, [me, 0, 0, 0, 0, 0]).and_then(|pidfd| {
-            let got = self.syscall(libc::SYS_pidfd_getfd, [pidfd, fd.as_raw_fd() as u64, 0, 0, 0, 0]);
-            self.close(RemoteFd(pidfd as i32))?;
-            got
-        });
+        let by_pidfd = self
+            .syscall(libc::SYS_pidfd_open, [me, 0, 0, 0, 0, 0])
+            .and_then(|pidfd| {
+                let got = self.syscall(
+                    libc::SYS_pidfd_getfd,
+                    [pidfd, fd.as_raw_fd() as u64, 0, 0, 0, 0],
+                );
+                self.close(RemoteFd(pidfd as i32))?;
+                got
+            });
         if let Ok(remote) = by_pidfd {
             return Ok(RemoteFd(remote as RawFd));
         }
@@ -139,10 +149,10 @@ impl Stopped<'_> {
     /// Creates a memfd of `len` bytes in the target, for sharing with us.
     pub fn create_memfd(&mut self, name: &CStr, len: u64) -> Result<RemoteFd> {
         let name_addr = self.write_scratch(name.to_bytes_with_nul())?;
-        let fd = RemoteFd(
-            self.syscall(libc::SYS_memfd_create, [name_addr, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0])?
-                as RawFd,
-        );
+        let fd = RemoteFd(self.syscall(
+            libc::SYS_memfd_create,
+            [name_addr, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0],
+        )? as RawFd);
         if let Err(e) = self.syscall(libc::SYS_ftruncate, [fd.0 as u64, len, 0, 0, 0, 0]) {
             self.close(fd)?;
             return Err(e);
@@ -152,7 +162,9 @@ impl Stopped<'_> {
 
     /// Duplicates a descriptor out of the target into this process.
     pub fn export_fd(&self, fd: RemoteFd) -> Result<std::os::fd::OwnedFd> {
-        let pidfd = sys::pidfd_open(self.target.pid()).map_err(Error::local("pidfd_open on the target"))?;
-        sys::pidfd_getfd(std::os::fd::AsFd::as_fd(&pidfd), fd.0).map_err(Error::local("pidfd_getfd from the target"))
+        let pidfd =
+            sys::pidfd_open(self.target.pid()).map_err(Error::local("pidfd_open on the target"))?;
+        sys::pidfd_getfd(std::os::fd::AsFd::as_fd(&pidfd), fd.0)
+            .map_err(Error::local("pidfd_getfd from the target"))
     }
 }

@@ -106,10 +106,17 @@ impl Target {
         preflight::check(pid, options.allow_seccomp_filter)?;
         let tid = options.thread.unwrap_or(pid);
         if std::fs::metadata(format!("/proc/{pid}/task/{tid}")).is_err() {
-            return Err(Error::Refused { pid, reason: preflight::Refusal::NoSuchProcess });
+            return Err(Error::Refused {
+                pid,
+                reason: preflight::Refusal::NoSuchProcess,
+            });
         }
         let syscall_insn = remote::find_syscall_instruction(pid)?;
-        Ok(Target { pid, tid, syscall_insn })
+        Ok(Target {
+            pid,
+            tid,
+            syscall_insn,
+        })
     }
 
     /// The process id.
@@ -183,17 +190,28 @@ pub struct Stopped<'t> {
 impl Stopped<'_> {
     /// The registers as they were when the thread stopped.
     pub fn registers(&self) -> &Registers {
-        &self.saved.as_ref().expect("state is saved before a guard is returned").regs
+        &self
+            .saved
+            .as_ref()
+            .expect("state is saved before a guard is returned")
+            .regs
     }
 
     /// The XSAVE area as it was when the thread stopped.
     pub fn xstate(&self) -> &[u8] {
-        &self.saved.as_ref().expect("state is saved before a guard is returned").xstate
+        &self
+            .saved
+            .as_ref()
+            .expect("state is saved before a guard is returned")
+            .xstate
     }
 
     /// The blocked-signal mask as it was when the thread stopped.
     pub fn sigmask(&self) -> u64 {
-        self.saved.as_ref().expect("state is saved before a guard is returned").sigmask
+        self.saved
+            .as_ref()
+            .expect("state is saved before a guard is returned")
+            .sigmask
     }
 
     /// Restores the thread's state, detaches, and reports how long it was stopped.
@@ -237,8 +255,13 @@ impl Stopped<'_> {
         let len = sys::ptrace_get_xstate(tid, &mut xstate)
             .map_err(Error::ptrace(tid, "PTRACE_GETREGSET NT_X86_XSTATE"))?;
         xstate.truncate(len);
-        let sigmask = sys::ptrace_getsigmask(tid).map_err(Error::ptrace(tid, "PTRACE_GETSIGMASK"))?;
-        self.saved = Some(Saved { regs, xstate, sigmask });
+        let sigmask =
+            sys::ptrace_getsigmask(tid).map_err(Error::ptrace(tid, "PTRACE_GETSIGMASK"))?;
+        self.saved = Some(Saved {
+            regs,
+            xstate,
+            sigmask,
+        });
         if !RESTORES_SIGMASK.contains(&regs.orig_rax) {
             sys::ptrace_setsigmask(tid, BLOCK_ALL_BUT_SIGTRAP)
                 .map_err(Error::ptrace(tid, "PTRACE_SETSIGMASK"))?;
@@ -278,9 +301,15 @@ impl Stopped<'_> {
         };
         if let Some(saved) = &self.saved {
             note(sys::ptrace_setregs(tid, &saved.regs), "PTRACE_SETREGS");
-            note(sys::ptrace_set_xstate(tid, &saved.xstate), "PTRACE_SETREGSET NT_X86_XSTATE");
+            note(
+                sys::ptrace_set_xstate(tid, &saved.xstate),
+                "PTRACE_SETREGSET NT_X86_XSTATE",
+            );
             if self.mask_blocked {
-                note(sys::ptrace_setsigmask(tid, saved.sigmask), "PTRACE_SETSIGMASK");
+                note(
+                    sys::ptrace_setsigmask(tid, saved.sigmask),
+                    "PTRACE_SETSIGMASK",
+                );
             }
         }
         // A signal-delivery-stop can hand one deferred signal back with its

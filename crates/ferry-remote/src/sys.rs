@@ -75,10 +75,18 @@ pub fn ptrace_setregs(tid: Pid, regs: &Registers) -> io::Result<()> {
 /// # References
 /// - [ptrace(2)](https://man7.org/linux/man-pages/man2/ptrace.2.html)
 pub fn ptrace_get_xstate(tid: Pid, buf: &mut [u8]) -> io::Result<usize> {
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     // SAFETY: the kernel writes at most iov_len bytes into buf and updates iov_len.
     check(unsafe {
-        libc::ptrace(libc::PTRACE_GETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec)
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
     })?;
     Ok(iov.iov_len)
 }
@@ -88,10 +96,18 @@ pub fn ptrace_get_xstate(tid: Pid, buf: &mut [u8]) -> io::Result<usize> {
 /// # References
 /// - [ptrace(2)](https://man7.org/linux/man-pages/man2/ptrace.2.html)
 pub fn ptrace_set_xstate(tid: Pid, buf: &[u8]) -> io::Result<()> {
-    let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
     // SAFETY: the kernel only reads iov_len bytes from buf.
     check(unsafe {
-        libc::ptrace(libc::PTRACE_SETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec)
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            tid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
     })
     .map(drop)
 }
@@ -104,7 +120,12 @@ pub fn ptrace_getsigmask(tid: Pid) -> io::Result<u64> {
     let mut mask = 0u64;
     // SAFETY: the kernel writes size_of::<u64>() bytes (the kernel sigset) into mask.
     check(unsafe {
-        libc::ptrace(libc::PTRACE_GETSIGMASK, tid, size_of::<u64>(), &mut mask as *mut u64)
+        libc::ptrace(
+            libc::PTRACE_GETSIGMASK,
+            tid,
+            size_of::<u64>(),
+            &mut mask as *mut u64,
+        )
     })?;
     Ok(mask)
 }
@@ -116,7 +137,12 @@ pub fn ptrace_getsigmask(tid: Pid) -> io::Result<u64> {
 pub fn ptrace_setsigmask(tid: Pid, mask: u64) -> io::Result<()> {
     // SAFETY: the kernel reads size_of::<u64>() bytes from mask.
     check(unsafe {
-        libc::ptrace(libc::PTRACE_SETSIGMASK, tid, size_of::<u64>(), &mask as *const u64)
+        libc::ptrace(
+            libc::PTRACE_SETSIGMASK,
+            tid,
+            size_of::<u64>(),
+            &mask as *const u64,
+        )
     })
     .map(drop)
 }
@@ -196,8 +222,14 @@ pub fn waitpid_thread(tid: Pid) -> io::Result<libc::c_int> {
 /// # References
 /// - [process_vm_readv(2)](https://man7.org/linux/man-pages/man2/process_vm_readv.2.html)
 pub fn process_vm_readv(pid: Pid, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
-    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
     // SAFETY: the kernel writes at most buf.len() bytes into buf; the remote
     // address is only dereferenced in the other process, and checked there.
     let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
@@ -209,8 +241,14 @@ pub fn process_vm_readv(pid: Pid, addr: u64, buf: &mut [u8]) -> io::Result<usize
 /// # References
 /// - [process_vm_writev(2)](https://man7.org/linux/man-pages/man2/process_vm_writev.2.html)
 pub fn process_vm_writev(pid: Pid, addr: u64, data: &[u8]) -> io::Result<usize> {
-    let local = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
-    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: data.len() };
+    let local = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: data.len(),
+    };
     // SAFETY: the kernel only reads data; the remote address is checked in the other process.
     let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
     check(n as libc::c_long).map(|n| n as usize)
@@ -233,7 +271,8 @@ pub fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
 /// - [pidfd_getfd(2)](https://man7.org/linux/man-pages/man2/pidfd_getfd.2.html)
 pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: no memory is passed.
-    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) })?;
+    let fd =
+        check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) })?;
     // SAFETY: the kernel returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
@@ -244,7 +283,8 @@ pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: RawFd) -> io::Result<OwnedF
 /// - [memfd_create(2)](https://man7.org/linux/man-pages/man2/memfd_create.2.html)
 pub fn memfd_create(name: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: name is a valid NUL-terminated string for the duration of the call.
-    let fd = check(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) } as libc::c_long)?;
+    let fd =
+        check(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) } as libc::c_long)?;
     // SAFETY: the kernel returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
@@ -259,7 +299,14 @@ pub fn mmap_shared(fd: BorrowedFd<'_>, len: usize, prot: libc::c_int) -> io::Res
     // SAFETY: with a null hint and no MAP_FIXED the kernel picks an address
     // that overlaps nothing, so no existing Rust object is affected.
     let addr = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
     };
     if addr == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
@@ -286,7 +333,13 @@ pub fn munmap(addr: usize, len: usize) -> io::Result<()> {
 /// # References
 /// - [syscall(2)](https://man7.org/linux/man-pages/man2/syscall.2.html)
 pub fn memory_syscall(nr: i64, args: [u64; 6]) -> io::Result<u64> {
-    debug_assert!([libc::SYS_mmap, libc::SYS_munmap, libc::SYS_mprotect, libc::SYS_madvise].contains(&nr));
+    debug_assert!([
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mprotect,
+        libc::SYS_madvise
+    ]
+    .contains(&nr));
     // SAFETY: these calls change this process's address space as the
     // requester asked; like a debugger's, such a request can unmap memory Rust
     // code uses, which is the contract the agent's owner accepted by starting it.
@@ -307,10 +360,17 @@ pub fn tgkill(tgid: Pid, tid: Pid, sig: libc::c_int) -> io::Result<()> {
 ///
 /// # References
 /// - [sendmsg(2)](https://man7.org/linux/man-pages/man2/sendmsg.2.html), [unix(7)](https://man7.org/linux/man-pages/man7/unix.7.html)
-pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<usize> {
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+pub fn send_with_fd(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
     let mut cmsg_buf = [0u64; 4]; // CMSG_SPACE(sizeof(int)) = 24 bytes, u64-aligned
-    // SAFETY: msghdr is plain data for which all-zero is valid.
+                                  // SAFETY: msghdr is plain data for which all-zero is valid.
     let mut msg: libc::msghdr = unsafe { zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
@@ -325,7 +385,9 @@ pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: Option<BorrowedFd<'_>
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
             (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
-            libc::CMSG_DATA(cmsg).cast::<RawFd>().write_unaligned(fd.as_raw_fd());
+            libc::CMSG_DATA(cmsg)
+                .cast::<RawFd>()
+                .write_unaligned(fd.as_raw_fd());
         }
     }
     // SAFETY: msg and everything it points to live across the call.
@@ -338,7 +400,10 @@ pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: Option<BorrowedFd<'_>
 /// # References
 /// - [recvmsg(2)](https://man7.org/linux/man-pages/man2/recvmsg.2.html), [unix(7)](https://man7.org/linux/man-pages/man7/unix.7.html)
 pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     let mut cmsg_buf = [0u64; 4];
     // SAFETY: msghdr is plain data for which all-zero is valid.
     let mut msg: libc::msghdr = unsafe { zeroed() };
@@ -348,7 +413,10 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
     msg.msg_controllen = size_of::<[u64; 4]>();
     // SAFETY: msg and its buffers live across the call; the kernel writes
     // within iov_len and msg_controllen.
-    let n = check(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) } as libc::c_long)?;
+    let n = check(
+        unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) }
+            as libc::c_long,
+    )?;
     let mut received = None;
     // SAFETY: the kernel filled msg_control with well-formed headers up to
     // msg_controllen; CMSG_FIRSTHDR/NXTHDR stay inside it.
@@ -371,7 +439,11 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
 /// # References
 /// - [unix(7)](https://man7.org/linux/man-pages/man7/unix.7.html)
 pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<libc::ucred> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
     let mut len = size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: the kernel writes at most len bytes into cred.
     check(unsafe {
@@ -394,4 +466,3 @@ pub fn geteuid() -> libc::uid_t {
     // SAFETY: geteuid cannot fail and touches no memory.
     unsafe { libc::geteuid() }
 }
-

@@ -12,7 +12,11 @@ const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
 
 fn agent_of(victim: &Victim) -> Remote {
     let remote = Remote::connect(victim.pid, &Options::default()).unwrap();
-    assert_eq!(remote.mode(), Mode::Agent, "connect must prefer an answering agent");
+    assert_eq!(
+        remote.mode(),
+        Mode::Agent,
+        "connect must prefer an answering agent"
+    );
     remote
 }
 
@@ -22,7 +26,10 @@ fn operations_show_in_maps() {
     let mut remote = agent_of(&victim);
     let addr = remote.mmap(&Mmap::anonymous(1 << 20, RW)).unwrap();
     let m = mapping_at(victim.pid, addr).unwrap();
-    assert!(m.start <= addr && m.end >= addr + (1 << 20) && m.perms == "rw-p", "{m:?}");
+    assert!(
+        m.start <= addr && m.end >= addr + (1 << 20) && m.perms == "rw-p",
+        "{m:?}"
+    );
     remote.mprotect(addr, 1 << 20, libc::PROT_READ).unwrap();
     assert_eq!(mapping_at(victim.pid, addr).unwrap().perms, "r--p");
     remote.madvise(addr, 1 << 20, libc::MADV_DONTNEED).unwrap();
@@ -49,10 +56,16 @@ fn shared_region_and_file_mapping() {
     let mut remote = agent_of(&victim);
     let fds = victim.fd_count();
     let region = remote.share(1 << 16, RW, None).unwrap();
-    assert_eq!(mapping_at(victim.pid, region.remote_addr()).unwrap().perms, "rw-s");
+    assert_eq!(
+        mapping_at(victim.pid, region.remote_addr()).unwrap().perms,
+        "rw-s"
+    );
     let memfd = std::fs::File::from(region.memfd().try_clone_to_owned().unwrap());
     memfd.write_all_at(b"ping", 0).unwrap();
-    assert_eq!(mem::read_vec(victim.pid, region.remote_addr(), 4).unwrap(), b"ping");
+    assert_eq!(
+        mem::read_vec(victim.pid, region.remote_addr(), 4).unwrap(),
+        b"ping"
+    );
     mem::write(victim.pid, region.remote_addr() + 4096, b"pong").unwrap();
     let mut back = [0u8; 4];
     memfd.read_exact_at(&mut back, 4096).unwrap();
@@ -61,10 +74,22 @@ fn shared_region_and_file_mapping() {
     let path = std::env::temp_dir().join(format!("ferry-remote-agent-{}", std::process::id()));
     std::fs::write(&path, b"mapped by the agent").unwrap();
     let file = std::fs::File::open(&path).unwrap();
-    let addr = remote.mmap(&Mmap { fd: Some(file.as_fd()), ..Mmap::anonymous(4096, libc::PROT_READ) }).unwrap();
+    let addr = remote
+        .mmap(&Mmap {
+            fd: Some(file.as_fd()),
+            ..Mmap::anonymous(4096, libc::PROT_READ)
+        })
+        .unwrap();
     std::fs::remove_file(&path).unwrap();
-    assert_eq!(mem::read_vec(victim.pid, addr, 19).unwrap(), b"mapped by the agent");
-    assert_eq!(victim.fd_count(), fds, "the agent leaked a received descriptor");
+    assert_eq!(
+        mem::read_vec(victim.pid, addr, 19).unwrap(),
+        b"mapped by the agent"
+    );
+    assert_eq!(
+        victim.fd_count(),
+        fds,
+        "the agent leaked a received descriptor"
+    );
     assert_eq!(victim.finish("b")["data"], "b");
 }
 
@@ -112,12 +137,18 @@ fn no_agent_means_injection_and_starting_twice_fails() {
     let mut victim = Victim::spawn("read", &[]);
     let remote = Remote::connect(victim.pid, &Options::default()).unwrap();
     assert_eq!(remote.mode(), Mode::Injection);
-    assert!(matches!(Remote::agent(victim.pid), Err(Error::Agent { op: "connect", .. })));
+    assert!(matches!(
+        Remote::agent(victim.pid),
+        Err(Error::Agent { op: "connect", .. })
+    ));
     drop(remote);
     assert_eq!(victim.finish("e")["data"], "e");
 
     // In this process: the first start binds the name, the second cannot.
     let agent = agent::start().unwrap();
     assert_eq!(agent.name(), agent::socket_name(std::process::id() as i32));
-    assert!(matches!(agent::start(), Err(Error::Agent { op: "bind", .. })));
+    assert!(matches!(
+        agent::start(),
+        Err(Error::Agent { op: "bind", .. })
+    ));
 }

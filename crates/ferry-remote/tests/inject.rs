@@ -44,7 +44,10 @@ fn mmap_mprotect_madvise_munmap_show_in_maps() {
     assert!(mapping_at(victim.pid, addr).is_none());
 
     // A fixed address never replaces what is there.
-    let fixed = Mmap { addr: Some(addr), ..Mmap::anonymous(MIB, libc::PROT_READ | libc::PROT_EXEC) };
+    let fixed = Mmap {
+        addr: Some(addr),
+        ..Mmap::anonymous(MIB, libc::PROT_READ | libc::PROT_EXEC)
+    };
     assert_eq!(remote.mmap(&fixed).unwrap(), addr);
     assert_eq!(mapping_at(victim.pid, addr).unwrap().perms, "r-xp");
     match remote.mmap(&fixed) {
@@ -54,7 +57,10 @@ fn mmap_mprotect_madvise_munmap_show_in_maps() {
 
     let done = victim.finish("hello");
     assert_eq!((done["n"].as_str(), done["data"].as_str()), ("5", "hello"));
-    assert_eq!(u64::from_str_radix(&done["mask"], 16).unwrap(), victim.ready_mask());
+    assert_eq!(
+        u64::from_str_radix(&done["mask"], 16).unwrap(),
+        victim.ready_mask()
+    );
 }
 
 #[test]
@@ -63,16 +69,28 @@ fn blocked_read_resumes_with_registers_xstate_and_mask_intact() {
     let target = Target::new(victim.pid).unwrap();
 
     let stopped = target.seize().unwrap();
-    let (before, xstate, mask) = (regs(stopped.registers()), stopped.xstate().to_vec(), stopped.sigmask());
+    let (before, xstate, mask) = (
+        regs(stopped.registers()),
+        stopped.xstate().to_vec(),
+        stopped.sigmask(),
+    );
     // Stopped inside read(2), which the kernel will restart.
     assert_eq!(stopped.registers().orig_rax, libc::SYS_read as u64);
     assert_eq!(stopped.registers().rax, ERESTARTSYS);
     assert_eq!(mask, victim.ready_mask());
     let mut stopped = stopped;
-    assert_eq!(stopped.syscall(libc::SYS_getpid, [0; 6]).unwrap(), victim.pid as u64);
-    let addr = stopped.syscall(libc::SYS_mmap, [0, 4096, 3, 0x22, u64::MAX, 0]).unwrap();
+    assert_eq!(
+        stopped.syscall(libc::SYS_getpid, [0; 6]).unwrap(),
+        victim.pid as u64
+    );
+    let addr = stopped
+        .syscall(libc::SYS_mmap, [0, 4096, 3, 0x22, u64::MAX, 0])
+        .unwrap();
     let stopped_for = stopped.resume().unwrap();
-    assert!(stopped_for < Duration::from_millis(100), "stopped for {stopped_for:?}");
+    assert!(
+        stopped_for < Duration::from_millis(100),
+        "stopped for {stopped_for:?}"
+    );
 
     // The spy's second look finds exactly what the first one saw.
     let again = target.seize().unwrap();
@@ -84,7 +102,10 @@ fn blocked_read_resumes_with_registers_xstate_and_mask_intact() {
     assert!(mapping_at(victim.pid, addr).is_some());
     let done = victim.finish("after");
     assert_eq!((done["n"].as_str(), done["data"].as_str()), ("5", "after"));
-    assert_eq!(u64::from_str_radix(&done["mask"], 16).unwrap(), victim.ready_mask());
+    assert_eq!(
+        u64::from_str_radix(&done["mask"], 16).unwrap(),
+        victim.ready_mask()
+    );
 }
 
 #[test]
@@ -97,14 +118,24 @@ fn nanosleep_still_sleeps_its_full_duration() {
         // The first stop finds nanosleep itself; once restarted through the
         // restart block, later stops find restart_syscall.
         let nr = stopped.registers().orig_rax;
-        assert!(nr == libc::SYS_nanosleep as u64 || nr == libc::SYS_restart_syscall as u64, "{nr}");
+        assert!(
+            nr == libc::SYS_nanosleep as u64 || nr == libc::SYS_restart_syscall as u64,
+            "{nr}"
+        );
         assert_eq!(stopped.registers().rax, ERESTART_RESTARTBLOCK);
-        let addr = stopped.syscall(libc::SYS_mmap, [0, 4096, 3, 0x22, u64::MAX, 0]).unwrap();
-        stopped.syscall(libc::SYS_munmap, [addr, 4096, 0, 0, 0, 0]).unwrap();
+        let addr = stopped
+            .syscall(libc::SYS_mmap, [0, 4096, 3, 0x22, u64::MAX, 0])
+            .unwrap();
+        stopped
+            .syscall(libc::SYS_munmap, [addr, 4096, 0, 0, 0, 0])
+            .unwrap();
         stopped.resume().unwrap();
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(started.elapsed() < Duration::from_millis(350), "injections took too long to prove anything");
+    assert!(
+        started.elapsed() < Duration::from_millis(350),
+        "injections took too long to prove anything"
+    );
     let done = common::fields(&victim.line());
     assert_eq!(done["ret"], "0", "nanosleep was cut short: {done:?}");
     let slept: u64 = done["elapsed_ms"].parse().unwrap();
@@ -114,19 +145,28 @@ fn nanosleep_still_sleeps_its_full_duration() {
 #[test]
 fn futex_wait_continues_after_injection_into_its_thread() {
     let mut victim = Victim::spawn("futex", &[]);
-    let options = Options { thread: Some(victim.tid()), ..Options::default() };
+    let options = Options {
+        thread: Some(victim.tid()),
+        ..Options::default()
+    };
     assert_ne!(victim.tid(), victim.pid);
     let target = Target::open(victim.pid, &options).unwrap();
     let mut stopped = target.seize().unwrap();
     assert_eq!(stopped.registers().orig_rax, libc::SYS_futex as u64);
-    assert_eq!(stopped.syscall(libc::SYS_gettid, [0; 6]).unwrap(), victim.tid() as u64);
+    assert_eq!(
+        stopped.syscall(libc::SYS_gettid, [0; 6]).unwrap(),
+        victim.tid() as u64
+    );
     stopped.resume().unwrap();
     // Wake it only once it waits again: a wake sent before the restarted
     // FUTEX_WAIT re-checks the word would (rightly) make it return EAGAIN.
     victim.wait_blocked();
     let done = victim.finish("wake");
     assert_eq!((done["ret"].as_str(), done["word"].as_str()), ("0", "1"));
-    assert_eq!(u64::from_str_radix(&done["mask"], 16).unwrap(), victim.ready_mask());
+    assert_eq!(
+        u64::from_str_radix(&done["mask"], 16).unwrap(),
+        victim.ready_mask()
+    );
 }
 
 #[test]
@@ -138,12 +178,25 @@ fn epoll_wait_continues_after_injection() {
         remote.munmap(addr, MIB).unwrap();
     }
     let done = victim.finish("x");
-    assert_eq!((done["ret"].as_str(), done["event"].as_str(), done["data"].as_str()), ("1", "1234", "x"));
+    assert_eq!(
+        (
+            done["ret"].as_str(),
+            done["event"].as_str(),
+            done["data"].as_str()
+        ),
+        ("1", "1234", "x")
+    );
     // epoll_wait is the one call here the kernel does not restart after a
     // stop: each stop costs the loop at most one EINTR, as under gdb or strace.
     let eintr: u32 = done["eintr"].parse().unwrap();
-    assert!((1..=20).contains(&eintr), "{eintr} EINTRs for 20 injected calls");
-    assert_eq!(u64::from_str_radix(&done["mask"], 16).unwrap(), victim.ready_mask());
+    assert!(
+        (1..=20).contains(&eintr),
+        "{eintr} EINTRs for 20 injected calls"
+    );
+    assert_eq!(
+        u64::from_str_radix(&done["mask"], 16).unwrap(),
+        victim.ready_mask()
+    );
 }
 
 /// ppoll runs with a temporary mask and the kernel restores the saved one
@@ -155,7 +208,10 @@ fn ppoll_gets_its_saved_signal_mask_back() {
     remote.mmap(&Mmap::anonymous(MIB, RW)).unwrap();
     let done = victim.finish("y");
     assert_eq!((done["ret"].as_str(), done["revents"].as_str()), ("1", "1"));
-    assert_eq!(u64::from_str_radix(&done["mask"], 16).unwrap(), victim.ready_mask());
+    assert_eq!(
+        u64::from_str_radix(&done["mask"], 16).unwrap(),
+        victim.ready_mask()
+    );
     assert_eq!(victim.ready_mask(), 1 << (libc::SIGUSR2 - 1));
 }
 
@@ -163,7 +219,10 @@ fn ppoll_gets_its_saved_signal_mask_back() {
 fn other_threads_keep_running_while_one_is_stopped() {
     let mut victim = Victim::spawn("threads", &[]);
     let counters = u64::from_str_radix(&victim.ready["counters"], 16).unwrap();
-    let workers: Vec<i32> = victim.ready["workers"].split(',').map(|t| t.parse().unwrap()).collect();
+    let workers: Vec<i32> = victim.ready["workers"]
+        .split(',')
+        .map(|t| t.parse().unwrap())
+        .collect();
     let read_counters = || {
         let bytes = mem::read_vec(victim.pid, counters, 24).unwrap();
         let word = |i: usize| u64::from_ne_bytes(bytes[8 * i..8 * i + 8].try_into().unwrap());
@@ -171,14 +230,27 @@ fn other_threads_keep_running_while_one_is_stopped() {
     };
 
     // Stop worker 0 and hold it: the others advance, it does not.
-    let target = Target::open(victim.pid, &Options { thread: Some(workers[0]), ..Options::default() }).unwrap();
+    let target = Target::open(
+        victim.pid,
+        &Options {
+            thread: Some(workers[0]),
+            ..Options::default()
+        },
+    )
+    .unwrap();
     let mut stopped = target.seize().unwrap();
-    assert_eq!(stopped.syscall(libc::SYS_gettid, [0; 6]).unwrap(), workers[0] as u64);
+    assert_eq!(
+        stopped.syscall(libc::SYS_gettid, [0; 6]).unwrap(),
+        workers[0] as u64
+    );
     let before = read_counters();
     std::thread::sleep(Duration::from_millis(50));
     let during = read_counters();
     assert_eq!(during[0], before[0], "the stopped thread ran");
-    assert!(during[1] > before[1] && during[2] > before[2], "{before:?} -> {during:?}");
+    assert!(
+        during[1] > before[1] && during[2] > before[2],
+        "{before:?} -> {during:?}"
+    );
     stopped.resume().unwrap();
     std::thread::sleep(Duration::from_millis(20));
     assert!(read_counters()[0] > during[0], "the thread did not resume");
@@ -206,7 +278,9 @@ fn signals_sent_during_injections_are_delivered_afterwards() {
     let mut remote = injection(&victim);
     let sender = std::thread::spawn(move || {
         for i in 1..=N {
-            let value = libc::sigval { sival_ptr: i as *mut libc::c_void };
+            let value = libc::sigval {
+                sival_ptr: i as *mut libc::c_void,
+            };
             // SAFETY: sigqueue reads only its arguments.
             let ret = unsafe { libc::sigqueue(pid, libc::SIGRTMIN(), value) };
             assert_eq!(ret, 0, "sigqueue: {}", std::io::Error::last_os_error());
@@ -224,7 +298,11 @@ fn signals_sent_during_injections_are_delivered_afterwards() {
     sender.join().unwrap();
     std::thread::sleep(Duration::from_millis(50));
     let done = victim.finish("s");
-    assert_eq!(done["signals"], N.to_string(), "after {injections} injections");
+    assert_eq!(
+        done["signals"],
+        N.to_string(),
+        "after {injections} injections"
+    );
     assert_eq!(done["sum"], (N * (N + 1) / 2).to_string());
     assert_eq!(done["data"], "s");
 }
@@ -235,7 +313,11 @@ fn shared_region_is_seen_on_both_sides() {
     let mut remote = injection(&victim);
     let fds_before = victim.fd_count();
     let region = remote.share(64 * 1024, RW, None).unwrap();
-    assert_eq!(victim.fd_count(), fds_before, "the target's memfd descriptor was not closed");
+    assert_eq!(
+        victim.fd_count(),
+        fds_before,
+        "the target's memfd descriptor was not closed"
+    );
     let m = mapping_at(victim.pid, region.remote_addr()).unwrap();
     assert_eq!((m.perms.as_str(), m.end - m.start), ("rw-s", 64 * 1024));
     assert!(m.path.contains("memfd:ferry-share"), "{m:?}");
@@ -243,7 +325,10 @@ fn shared_region_is_seen_on_both_sides() {
     // Caller writes, target reads.
     let memfd = std::fs::File::from(region.memfd().try_clone_to_owned().unwrap());
     memfd.write_all_at(b"from the caller", 100).unwrap();
-    assert_eq!(mem::read_vec(victim.pid, region.remote_addr() + 100, 15).unwrap(), b"from the caller");
+    assert_eq!(
+        mem::read_vec(victim.pid, region.remote_addr() + 100, 15).unwrap(),
+        b"from the caller"
+    );
     // Target writes, caller reads through its own mapping.
     mem::write(victim.pid, region.remote_addr() + 8192, b"from the target").unwrap();
     let local = region.local_addr() as *const u8;
@@ -278,7 +363,10 @@ fn file_mapping_imports_the_descriptor_and_closes_it() {
     let m = mapping_at(victim.pid, addr).unwrap();
     assert_eq!(m.perms, "r--p");
     assert!(m.path.ends_with("/data"), "{m:?}");
-    assert_eq!(mem::read_vec(victim.pid, addr, 28).unwrap(), b"file contents for the target");
+    assert_eq!(
+        mem::read_vec(victim.pid, addr, 28).unwrap(),
+        b"file contents for the target"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(victim.finish("f")["data"], "f");
 }
@@ -292,7 +380,9 @@ fn errors_and_panics_leave_the_target_running_unchanged() {
     // A failing call is an error with the errno, and changes nothing.
     let mut stopped = target.seize().unwrap();
     match stopped.syscall(libc::SYS_mmap, [0, 0, 3, 0x22, u64::MAX, 0]) {
-        Err(Error::RemoteSyscall { errno, nr, .. }) => assert_eq!((errno, nr), (libc::EINVAL, libc::SYS_mmap)),
+        Err(Error::RemoteSyscall { errno, nr, .. }) => {
+            assert_eq!((errno, nr), (libc::EINVAL, libc::SYS_mmap))
+        }
         other => panic!("expected EINVAL, got {other:?}"),
     }
     drop(stopped);
@@ -314,7 +404,9 @@ fn errors_and_panics_leave_the_target_running_unchanged() {
 fn memory_writes_reach_read_only_pages() {
     let mut victim = Victim::spawn("read", &[]);
     let mut remote = injection(&victim);
-    let addr = remote.mmap(&Mmap::anonymous(4096, libc::PROT_READ)).unwrap();
+    let addr = remote
+        .mmap(&Mmap::anonymous(4096, libc::PROT_READ))
+        .unwrap();
     mem::write(victim.pid, addr + 10, b"forced").unwrap();
     assert_eq!(mem::read_vec(victim.pid, addr + 10, 6).unwrap(), b"forced");
     assert_eq!(victim.finish("r")["data"], "r");
@@ -324,8 +416,14 @@ fn memory_writes_reach_read_only_pages() {
 fn generic_syscall_runs_in_the_target_context() {
     let mut victim = Victim::spawn("read", &[]);
     let mut remote = injection(&victim);
-    assert_eq!(remote.syscall(libc::SYS_getpid, [0; 6]).unwrap(), victim.pid as u64);
-    assert_eq!(remote.syscall(libc::SYS_getppid, [0; 6]).unwrap(), std::process::id() as u64);
+    assert_eq!(
+        remote.syscall(libc::SYS_getpid, [0; 6]).unwrap(),
+        victim.pid as u64
+    );
+    assert_eq!(
+        remote.syscall(libc::SYS_getppid, [0; 6]).unwrap(),
+        std::process::id() as u64
+    );
     assert!(remote.last_stop() > Duration::ZERO);
     assert_eq!(victim.finish("g")["data"], "g");
 }

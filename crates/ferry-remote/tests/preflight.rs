@@ -22,7 +22,10 @@ fn refusal(pid: i32, options: &Options) -> Refusal {
 #[test]
 fn no_such_process() {
     // Above the kernel's largest pid_max (2^22), so it cannot exist.
-    assert_eq!(refusal(1 << 23, &Options::default()), Refusal::NoSuchProcess);
+    assert_eq!(
+        refusal(1 << 23, &Options::default()),
+        Refusal::NoSuchProcess
+    );
 }
 
 #[test]
@@ -32,7 +35,13 @@ fn zombie() {
     // Not reaped yet: wait until it has exited and become a zombie.
     for _ in 0..500 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        if stat.rsplit(')').next().unwrap().trim_start().starts_with('Z') {
+        if stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .trim_start()
+            .starts_with('Z')
+        {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -43,7 +52,10 @@ fn zombie() {
 
 #[test]
 fn own_process() {
-    assert_eq!(refusal(std::process::id() as i32, &Options::default()), Refusal::OwnProcess);
+    assert_eq!(
+        refusal(std::process::id() as i32, &Options::default()),
+        Refusal::OwnProcess
+    );
 }
 
 #[test]
@@ -55,7 +67,9 @@ fn already_traced_and_left_running() {
         refusal(victim.pid, &Options::default()),
         // TracerPid names the tracing thread: this one.
         // SAFETY: gettid has no preconditions.
-        Refusal::AlreadyTraced { tracer: unsafe { libc::gettid() } }
+        Refusal::AlreadyTraced {
+            tracer: unsafe { libc::gettid() }
+        }
     );
     drop(held);
     assert_eq!(victim.finish("free")["data"], "free");
@@ -75,19 +89,33 @@ fn different_user_without_cap_sys_ptrace() {
 #[test]
 fn seccomp_filter_is_refused_unless_allowed_then_its_errno_is_reported() {
     let mut victim = Victim::spawn("seccomp", &[]);
-    assert_eq!(refusal(victim.pid, &Options::default()), Refusal::SeccompFilter { filters: 1 });
+    assert_eq!(
+        refusal(victim.pid, &Options::default()),
+        Refusal::SeccompFilter { filters: 1 }
+    );
 
     // Allowed explicitly: the filter answers mmap with EPERM in the target,
     // and other calls still work.
-    let options = Options { allow_seccomp_filter: true, ..Options::default() };
+    let options = Options {
+        allow_seccomp_filter: true,
+        ..Options::default()
+    };
     let mut remote = Remote::injection(victim.pid, &options).unwrap();
     match remote.mmap(&Mmap::anonymous(4096, libc::PROT_READ)) {
-        Err(Error::RemoteSyscall { errno, nr, .. }) => assert_eq!((errno, nr), (libc::EPERM, libc::SYS_mmap)),
+        Err(Error::RemoteSyscall { errno, nr, .. }) => {
+            assert_eq!((errno, nr), (libc::EPERM, libc::SYS_mmap))
+        }
         other => panic!("expected the filter's EPERM, got {other:?}"),
     }
-    assert_eq!(remote.syscall(libc::SYS_getpid, [0; 6]).unwrap(), victim.pid as u64);
+    assert_eq!(
+        remote.syscall(libc::SYS_getpid, [0; 6]).unwrap(),
+        victim.pid as u64
+    );
     let done = victim.finish("filtered");
-    assert_eq!((done["n"].as_str(), done["data"].as_str()), ("8", "filtered"));
+    assert_eq!(
+        (done["n"].as_str(), done["data"].as_str()),
+        ("8", "filtered")
+    );
 }
 
 /// Yama is not built into every kernel (not into this machine's); where it
@@ -97,7 +125,9 @@ fn seccomp_filter_is_refused_unless_allowed_then_its_errno_is_reported() {
 fn yama_scope_one_refuses_a_non_ancestor() {
     const SCOPE: &str = "/proc/sys/kernel/yama/ptrace_scope";
     let Ok(original) = std::fs::read_to_string(SCOPE) else {
-        eprintln!("Yama is not present on this kernel; its rules are covered by preflight's unit tests");
+        eprintln!(
+            "Yama is not present on this kernel; its rules are covered by preflight's unit tests"
+        );
         return;
     };
     struct Restore(String);
@@ -111,6 +141,9 @@ fn yama_scope_one_refuses_a_non_ancestor() {
     // Victim and spy are both nobody, so only Yama stands in the way.
     let mut victim = Victim::spawn_as(common::NOBODY, "read", &[]);
     let verdict = spy_as_nobody("inject", victim.pid);
-    assert!(verdict.contains("Yama { scope: 1 }"), "spy said {verdict:?}");
+    assert!(
+        verdict.contains("Yama { scope: 1 }"),
+        "spy said {verdict:?}"
+    );
     assert_eq!(victim.finish("yama")["data"], "yama");
 }

@@ -82,19 +82,39 @@ fn victim(mode: &str, rest: &[&str]) {
             let mut buf = [0u8; 64];
             // SAFETY: buf is valid for 64 bytes.
             let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
-            let data = String::from_utf8_lossy(&buf[..n.max(0) as usize]).trim().to_owned();
-            let (count, sum) = (SIG_COUNT.load(Ordering::SeqCst), SIG_SUM.load(Ordering::SeqCst));
-            say(format!("done n={n} data={data} signals={count} sum={sum} mask={:x}", mask()));
+            let data = String::from_utf8_lossy(&buf[..n.max(0) as usize])
+                .trim()
+                .to_owned();
+            let (count, sum) = (
+                SIG_COUNT.load(Ordering::SeqCst),
+                SIG_SUM.load(Ordering::SeqCst),
+            );
+            say(format!(
+                "done n={n} data={data} signals={count} sum={sum} mask={:x}",
+                mask()
+            ));
         }
         "nanosleep" => {
             let ms: u64 = rest[0].parse().expect("milliseconds");
             say(format!("ready tid={} mask={:x}", tid(), mask()));
-            let ts = libc::timespec { tv_sec: (ms / 1000) as i64, tv_nsec: ((ms % 1000) * 1_000_000) as i64 };
+            let ts = libc::timespec {
+                tv_sec: (ms / 1000) as i64,
+                tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+            };
             let start = Instant::now();
             // SAFETY: ts is valid; no remainder is requested.
-            let ret = unsafe { libc::syscall(libc::SYS_nanosleep, &ts, std::ptr::null_mut::<libc::timespec>()) };
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_nanosleep,
+                    &ts,
+                    std::ptr::null_mut::<libc::timespec>(),
+                )
+            };
             let elapsed = start.elapsed().as_millis();
-            say(format!("done ret={ret} elapsed_ms={elapsed} mask={:x}", mask()));
+            say(format!(
+                "done ret={ret} elapsed_ms={elapsed} mask={:x}",
+                mask()
+            ));
         }
         "futex" => {
             let waiter = std::thread::spawn(|| {
@@ -116,7 +136,12 @@ fn victim(mode: &str, rest: &[&str]) {
             FUTEX_WORD.store(1, Ordering::SeqCst);
             // SAFETY: as above.
             unsafe {
-                libc::syscall(libc::SYS_futex, FUTEX_WORD.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, 1)
+                libc::syscall(
+                    libc::SYS_futex,
+                    FUTEX_WORD.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1,
+                )
             };
             waiter.join().unwrap();
         }
@@ -126,7 +151,10 @@ fn victim(mode: &str, rest: &[&str]) {
                 // SAFETY: plain calls on fds we own; ev and out are valid.
                 unsafe {
                     let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
-                    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0x1234 };
+                    let mut ev = libc::epoll_event {
+                        events: libc::EPOLLIN as u32,
+                        u64: 0x1234,
+                    };
                     libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, 0, &mut ev);
                     say(ready);
                     let mut out = [libc::epoll_event { events: 0, u64: 0 }; 4];
@@ -135,7 +163,9 @@ fn victim(mode: &str, rest: &[&str]) {
                     let mut eintr = 0;
                     let n = loop {
                         let n = libc::epoll_wait(ep, out.as_mut_ptr(), 4, -1);
-                        if n != -1 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                        if n != -1
+                            || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)
+                        {
                             break n;
                         }
                         eintr += 1;
@@ -148,7 +178,11 @@ fn victim(mode: &str, rest: &[&str]) {
                 // SIGUSR2 mask aside and must put it back when ppoll returns.
                 // SAFETY: fds and the empty set are valid for the call.
                 unsafe {
-                    let mut fds = [libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 }];
+                    let mut fds = [libc::pollfd {
+                        fd: 0,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    }];
                     let mut empty: libc::sigset_t = std::mem::zeroed();
                     libc::sigemptyset(&mut empty);
                     say(ready);
@@ -157,7 +191,10 @@ fn victim(mode: &str, rest: &[&str]) {
                 }
             };
             let data = read_stdin();
-            say(format!("done ret={ret} {detail} data={data} mask={:x}", mask()));
+            say(format!(
+                "done ret={ret} {detail} data={data} mask={:x}",
+                mask()
+            ));
         }
         "threads" => {
             let mut tids = Vec::new();
@@ -195,19 +232,44 @@ fn install_seccomp_filter() {
     let filter = unsafe {
         [
             libc::BPF_STMT((libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, 4), // arch
-            libc::BPF_JUMP((libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16, AUDIT_ARCH_X86_64, 1, 0),
-            libc::BPF_STMT((libc::BPF_RET | libc::BPF_K) as u16, libc::SECCOMP_RET_ALLOW),
+            libc::BPF_JUMP(
+                (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                AUDIT_ARCH_X86_64,
+                1,
+                0,
+            ),
+            libc::BPF_STMT(
+                (libc::BPF_RET | libc::BPF_K) as u16,
+                libc::SECCOMP_RET_ALLOW,
+            ),
             libc::BPF_STMT((libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, 0), // nr
-            libc::BPF_JUMP((libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16, libc::SYS_mmap as u32, 0, 1),
-            libc::BPF_STMT((libc::BPF_RET | libc::BPF_K) as u16, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
-            libc::BPF_STMT((libc::BPF_RET | libc::BPF_K) as u16, libc::SECCOMP_RET_ALLOW),
+            libc::BPF_JUMP(
+                (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                libc::SYS_mmap as u32,
+                0,
+                1,
+            ),
+            libc::BPF_STMT(
+                (libc::BPF_RET | libc::BPF_K) as u16,
+                libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+            ),
+            libc::BPF_STMT(
+                (libc::BPF_RET | libc::BPF_K) as u16,
+                libc::SECCOMP_RET_ALLOW,
+            ),
         ]
     };
-    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut _,
+    };
     // SAFETY: prog points at a valid filter for the duration of the calls.
     unsafe {
         assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        assert_eq!(libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog), 0);
+        assert_eq!(
+            libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog),
+            0
+        );
     }
 }
 
@@ -225,15 +287,20 @@ fn install_counting_handler() {
         sa.sa_sigaction = count_signal as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
         libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGRTMIN(), &sa, std::ptr::null_mut()), 0);
+        assert_eq!(
+            libc::sigaction(libc::SIGRTMIN(), &sa, std::ptr::null_mut()),
+            0
+        );
     }
 }
 
 fn spy(how: &str, pid: i32) {
     let result = match how {
-        "inject" => ferry_remote::Remote::injection(pid, &ferry_remote::Options::default()).and_then(|mut r| {
-            r.mmap(&ferry_remote::Mmap::anonymous(4096, libc::PROT_READ)).map(drop)
-        }),
+        "inject" => ferry_remote::Remote::injection(pid, &ferry_remote::Options::default())
+            .and_then(|mut r| {
+                r.mmap(&ferry_remote::Mmap::anonymous(4096, libc::PROT_READ))
+                    .map(drop)
+            }),
         "agent" => ferry_remote::Remote::agent(pid).map(drop),
         other => panic!("unknown spy action {other}"),
     };

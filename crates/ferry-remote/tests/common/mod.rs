@@ -46,7 +46,14 @@ impl Victim {
     /// Like [`Victim::spawn`], running as `uid` (and the same gid).
     pub fn spawn_as(uid: u32, mode: &str, args: &[&str]) -> Victim {
         use std::os::unix::process::CommandExt;
-        Victim::start(Command::new(TESTPROC).arg("victim").arg(mode).args(args).uid(uid).gid(uid))
+        Victim::start(
+            Command::new(TESTPROC)
+                .arg("victim")
+                .arg(mode)
+                .args(args)
+                .uid(uid)
+                .gid(uid),
+        )
     }
 
     fn start(command: &mut Command) -> Victim {
@@ -66,7 +73,13 @@ impl Victim {
         });
         let stdin = child.stdin.take();
         let pid = child.id() as i32;
-        let mut victim = Victim { child, stdin, lines, pid, ready: HashMap::new() };
+        let mut victim = Victim {
+            child,
+            stdin,
+            lines,
+            pid,
+            ready: HashMap::new(),
+        };
         let ready = victim.line();
         assert!(ready.starts_with("ready"), "victim said {ready:?}");
         victim.ready = fields(&ready);
@@ -90,7 +103,10 @@ impl Victim {
         let path = format!("/proc/{}/task/{}/stat", self.pid, self.tid());
         for _ in 0..500 {
             let stat = std::fs::read_to_string(&path).unwrap_or_default();
-            let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next());
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
             if state == Some("S") {
                 return;
             }
@@ -100,7 +116,9 @@ impl Victim {
     }
 
     pub fn line(&mut self) -> String {
-        self.lines.recv_timeout(LINE_TIMEOUT).expect("victim line within timeout")
+        self.lines
+            .recv_timeout(LINE_TIMEOUT)
+            .expect("victim line within timeout")
     }
 
     pub fn send(&mut self, text: &str) {
@@ -119,7 +137,9 @@ impl Victim {
 
     /// The number of open descriptors of the victim.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid)).unwrap().count()
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .unwrap()
+            .count()
     }
 }
 
@@ -132,7 +152,10 @@ impl Drop for Victim {
 
 /// The mapping of `pid` that contains `addr`.
 pub fn mapping_at(pid: i32, addr: u64) -> Option<Mapping> {
-    maps::read(pid).unwrap().into_iter().find(|m| m.contains(addr))
+    maps::read(pid)
+        .unwrap()
+        .into_iter()
+        .find(|m| m.contains(addr))
 }
 
 /// Every register of a saved set, for comparison (libc's struct has no `PartialEq`).
