@@ -124,7 +124,8 @@ impl fmt::Display for Error {
             }
             Error::RemoteSyscall { pid, nr, errno } => write!(
                 f,
-                "system call {nr} in process {pid} failed: {}",
+                "{} in process {pid} failed: {}",
+                syscall_name(*nr),
                 io::Error::from_raw_os_error(*errno)
             ),
             Error::Memory { pid, addr, .. } => write!(f, "memory of process {pid} at {addr:#x}"),
@@ -136,6 +137,24 @@ impl fmt::Display for Error {
             Error::Local { op, .. } => write!(f, "{op}"),
         }
     }
+}
+
+/// The names of the calls this crate makes itself; others by number.
+fn syscall_name(nr: i64) -> String {
+    let name = match nr {
+        libc::SYS_mmap => "mmap",
+        libc::SYS_munmap => "munmap",
+        libc::SYS_mprotect => "mprotect",
+        libc::SYS_madvise => "madvise",
+        libc::SYS_memfd_create => "memfd_create",
+        libc::SYS_ftruncate => "ftruncate",
+        libc::SYS_pidfd_open => "pidfd_open",
+        libc::SYS_pidfd_getfd => "pidfd_getfd",
+        libc::SYS_openat => "openat",
+        libc::SYS_close => "close",
+        _ => return format!("system call {nr}"),
+    };
+    name.to_owned()
 }
 
 impl std::error::Error for Error {

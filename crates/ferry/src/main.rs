@@ -10,7 +10,11 @@ mod spawn_cmd;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Local-first file system, fast process spawning, remote memory mapping")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Local-first file system, fast process spawning, remote memory mapping"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
