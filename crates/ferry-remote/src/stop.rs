@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::preflight;
 use crate::remote;
-use crate::sys::{self, Pid, Registers};
+use crate::sys::{self, regset, Pid, Registers};
 
 /// System calls during which `PTRACE_SETSIGMASK` must not be used: they run
 /// with a temporary mask and restore the saved one on return (x86-64 numbers).
@@ -165,6 +165,8 @@ impl Target {
 #[derive(Clone)]
 struct Saved {
     regs: Registers,
+    /// `NT_X86_XSTATE`, or `NT_PRFPREG` on a CPU without XSAVE.
+    fpu_regset: libc::c_int,
     xstate: Vec<u8>,
     sigmask: u64,
 }
@@ -197,7 +199,7 @@ impl Stopped<'_> {
             .regs
     }
 
-    /// The XSAVE area as it was when the thread stopped.
+    /// The XSAVE area (or FXSAVE, without XSAVE) as it was when the thread stopped.
     pub fn xstate(&self) -> &[u8] {
         &self
             .saved
@@ -251,14 +253,24 @@ impl Stopped<'_> {
     fn save(&mut self) -> Result<()> {
         let tid = self.tid();
         let regs = sys::ptrace_getregs(tid).map_err(Error::ptrace(tid, "PTRACE_GETREGS"))?;
+        // XSAVE where the CPU has it, else the legacy FXSAVE area.
         let mut xstate = vec![0; XSTATE_MAX];
-        let len = sys::ptrace_get_xstate(tid, &mut xstate)
-            .map_err(Error::ptrace(tid, "PTRACE_GETREGSET NT_X86_XSTATE"))?;
+        let (fpu_regset, len) = sys::ptrace_getregset(tid, regset::NT_X86_XSTATE, &mut xstate)
+            .map(|len| (regset::NT_X86_XSTATE, len))
+            .or_else(|_| {
+                sys::ptrace_getregset(tid, regset::NT_PRFPREG, &mut xstate)
+                    .map(|len| (regset::NT_PRFPREG, len))
+            })
+            .map_err(Error::ptrace(
+                tid,
+                "PTRACE_GETREGSET NT_X86_XSTATE/NT_PRFPREG",
+            ))?;
         xstate.truncate(len);
         let sigmask =
             sys::ptrace_getsigmask(tid).map_err(Error::ptrace(tid, "PTRACE_GETSIGMASK"))?;
         self.saved = Some(Saved {
             regs,
+            fpu_regset,
             xstate,
             sigmask,
         });
@@ -302,8 +314,8 @@ impl Stopped<'_> {
         if let Some(saved) = &self.saved {
             note(sys::ptrace_setregs(tid, &saved.regs), "PTRACE_SETREGS");
             note(
-                sys::ptrace_set_xstate(tid, &saved.xstate),
-                "PTRACE_SETREGSET NT_X86_XSTATE",
+                sys::ptrace_setregset(tid, saved.fpu_regset, &saved.xstate),
+                "PTRACE_SETREGSET",
             );
             if self.mask_blocked {
                 note(

@@ -17,8 +17,13 @@ pub type Pid = libc::pid_t;
 /// The general-purpose registers of an x86-64 thread, as `PTRACE_GETREGS` returns them.
 pub type Registers = libc::user_regs_struct;
 
-/// `NT_X86_XSTATE` from `<elf.h>`: the XSAVE area (x87, SSE, AVX, AVX-512, ...).
-const NT_X86_XSTATE: libc::c_int = 0x202;
+/// Register sets for `PTRACE_GETREGSET`/`SETREGSET`, from `<elf.h>`.
+pub mod regset {
+    /// The XSAVE area (x87, SSE, AVX, AVX-512, ...), on every CPU with XSAVE.
+    pub const NT_X86_XSTATE: libc::c_int = 0x202;
+    /// The legacy 512-byte FXSAVE area (x87 + SSE), for CPUs without XSAVE.
+    pub const NT_PRFPREG: libc::c_int = libc::NT_PRFPREG;
+}
 
 fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
     if ret == -1 {
@@ -68,13 +73,13 @@ pub fn ptrace_setregs(tid: Pid, regs: &Registers) -> io::Result<()> {
         .map(drop)
 }
 
-/// `ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, &iov)`—Reads the extended (FPU/SIMD) state.
+/// `ptrace(PTRACE_GETREGSET, tid, nt, &iov)`—Reads one register set (see [`regset`]).
 ///
 /// Returns how many bytes of `buf` the kernel filled.
 ///
 /// # References
 /// - [ptrace(2)](https://man7.org/linux/man-pages/man2/ptrace.2.html)
-pub fn ptrace_get_xstate(tid: Pid, buf: &mut [u8]) -> io::Result<usize> {
+pub fn ptrace_getregset(tid: Pid, nt: libc::c_int, buf: &mut [u8]) -> io::Result<usize> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -84,18 +89,22 @@ pub fn ptrace_get_xstate(tid: Pid, buf: &mut [u8]) -> io::Result<usize> {
         libc::ptrace(
             libc::PTRACE_GETREGSET,
             tid,
-            NT_X86_XSTATE as usize,
+            nt as usize,
             &mut iov as *mut libc::iovec,
         )
     })?;
     Ok(iov.iov_len)
 }
 
-/// `ptrace(PTRACE_SETREGSET, tid, NT_X86_XSTATE, &iov)`—Writes the extended (FPU/SIMD) state.
+/// `ptrace(PTRACE_SETREGSET, tid, nt, &iov)`—Writes one register set (see [`regset`]).
+///
+/// For `NT_X86_XSTATE` the kernel accepts only a buffer of exactly the size
+/// it returned (anything else is `EFAULT`, which is what breaks gdb 13's
+/// inferior calls on recent kernels), so pass back what `getregset` filled.
 ///
 /// # References
 /// - [ptrace(2)](https://man7.org/linux/man-pages/man2/ptrace.2.html)
-pub fn ptrace_set_xstate(tid: Pid, buf: &[u8]) -> io::Result<()> {
+pub fn ptrace_setregset(tid: Pid, nt: libc::c_int, buf: &[u8]) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
@@ -105,7 +114,7 @@ pub fn ptrace_set_xstate(tid: Pid, buf: &[u8]) -> io::Result<()> {
         libc::ptrace(
             libc::PTRACE_SETREGSET,
             tid,
-            NT_X86_XSTATE as usize,
+            nt as usize,
             &mut iov as *mut libc::iovec,
         )
     })
