@@ -26,14 +26,17 @@ const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
 /// goes below that, where the kernel itself would build a signal frame.
 const RED_ZONE: u64 = 128;
 
-/// Finds a `syscall` instruction in the vDSO, or else in libc's text.
+/// Finds a `syscall` instruction in the vDSO, else in libc's text, else in any executable text.
 pub fn find_syscall_instruction(pid: Pid) -> Result<u64> {
     let mappings = maps::read(pid)?;
     let vdso = mappings.iter().filter(|m| m.path == "[vdso]");
+    let text = |m: &&maps::Mapping| m.perms.starts_with("r-x") && m.path.starts_with('/');
     let libc_text = mappings
         .iter()
-        .filter(|m| m.perms.starts_with("r-x") && m.path.contains("libc"));
-    for m in vdso.chain(libc_text) {
+        .filter(|m| text(m) && m.path.contains("libc"));
+    // A static binary, or a kernel booted with vdso=0: any executable file text.
+    let any_text = mappings.iter().filter(text);
+    for m in vdso.chain(libc_text).chain(any_text) {
         let Ok(text) = mem::read_vec(pid, m.start, (m.end - m.start) as usize) else {
             continue;
         };

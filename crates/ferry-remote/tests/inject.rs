@@ -413,8 +413,33 @@ fn memory_writes_reach_read_only_pages() {
 }
 
 #[test]
+fn a_thread_computing_in_registers_is_not_disturbed() {
+    let mut victim = Victim::spawn("spin", &[]);
+    let target = Target::new(victim.pid).unwrap();
+    for _ in 0..50 {
+        let mut stopped = target.seize().unwrap();
+        // Stopped in user code, not in a system call.
+        assert_eq!(stopped.registers().orig_rax, u64::MAX);
+        let addr = stopped
+            .syscall(libc::SYS_mmap, [0, 4096, 3, 0x22, u64::MAX, 0])
+            .unwrap();
+        stopped
+            .syscall(libc::SYS_munmap, [addr, 4096, 0, 0, 0, 0])
+            .unwrap();
+        stopped.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let done = victim.finish("stop");
+    assert_eq!(done["ok"], "true", "registers were corrupted: {done:?}");
+    assert!(done["steps"].parse::<u64>().unwrap() > 1000);
+}
+
+#[test]
 fn generic_syscall_runs_in_the_target_context() {
     let mut victim = Victim::spawn("read", &[]);
+    let insn = ferry_remote::find_syscall_instruction(victim.pid).unwrap();
+    assert_eq!(mapping_at(victim.pid, insn).unwrap().path, "[vdso]");
+    assert_eq!(mem::read_vec(victim.pid, insn, 2).unwrap(), [0x0f, 0x05]);
     let mut remote = injection(&victim);
     assert_eq!(
         remote.syscall(libc::SYS_getpid, [0; 6]).unwrap(),

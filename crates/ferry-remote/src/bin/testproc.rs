@@ -221,6 +221,32 @@ fn victim(mode: &str, rest: &[&str]) {
             let data = read_stdin();
             say(format!("done data={data} mask={:x}", mask()));
         }
+        "spin" => {
+            // Pure computation in registers (integer and SSE), no system
+            // calls: the stop lands in user code, and any register the
+            // injection failed to restore breaks the recomputation check.
+            static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            std::thread::spawn(|| {
+                read_stdin();
+                STOP.store(true, Ordering::SeqCst);
+            });
+            say(format!("ready tid={} mask={:x} spins=1", tid(), mask()));
+            let step = |(x, f): (u64, f64)| {
+                (
+                    x.wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407),
+                    f * 1.000_000_1 + 0.5,
+                )
+            };
+            let (mut state, mut n) = ((1u64, 1.0f64), 0u64);
+            while !STOP.load(Ordering::Relaxed) {
+                state = step(state);
+                n += 1;
+            }
+            let again = (0..n).fold((1u64, 1.0f64), |s, _| step(s));
+            let ok = again.0 == state.0 && again.1.to_bits() == state.1.to_bits();
+            say(format!("done ok={ok} steps={n} mask={:x}", mask()));
+        }
         other => panic!("unknown victim mode {other}"),
     }
 }

@@ -98,8 +98,13 @@ impl Victim {
         u64::from_str_radix(&self.ready["mask"], 16).unwrap()
     }
 
-    /// Waits until the reporting thread sleeps in the kernel (state S).
+    /// Waits until the reporting thread sleeps in the kernel (state S);
+    /// a spinning victim never does, so it only gets a moment to start.
     pub fn wait_blocked(&self) {
+        if self.ready.contains_key("spins") {
+            std::thread::sleep(Duration::from_millis(20));
+            return;
+        }
         let path = format!("/proc/{}/task/{}/stat", self.pid, self.tid());
         for _ in 0..500 {
             let stat = std::fs::read_to_string(&path).unwrap_or_default();
