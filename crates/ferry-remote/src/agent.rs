@@ -169,6 +169,21 @@ impl Client {
         let err = |op| move |source| Error::Agent { pid, op, source };
         let addr = SocketAddr::from_abstract_name(socket_name(pid)).map_err(err("socket name"))?;
         let stream = UnixStream::connect_addr(&addr).map_err(err("connect"))?;
+        // The name holds the pid as the *agent* sees it. A process in another
+        // pid namespace (sharing our network namespace) can own the same
+        // name, so check who listens: the kernel translates the peer's pid
+        // into our namespace.
+        let owner = sys::peer_credentials(stream.as_fd())
+            .map_err(err("SO_PEERCRED"))?
+            .pid;
+        if owner != pid {
+            let msg =
+                format!("the socket for {pid} belongs to process {owner} (another pid namespace)");
+            return Err(err("connect")(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                msg,
+            )));
+        }
         let mut client = Client { pid, stream };
         client.request(PING, [0; 6], None)?;
         Ok(client)

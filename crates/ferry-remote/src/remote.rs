@@ -118,6 +118,16 @@ impl Stopped<'_> {
     /// our own user; a target of another user cannot take a root caller's fd
     /// (for sharing memory, [`Stopped::create_memfd`] goes the other way).
     pub fn import_fd(&mut self, fd: BorrowedFd<'_>) -> Result<RemoteFd> {
+        // Both routes name us by our pid, which means another process (or
+        // none) inside a different pid namespace.
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+        if ns("self") != ns(&self.target.pid().to_string()) {
+            let msg = "the target is in another pid namespace, where our pid means something else";
+            return Err(Error::Local {
+                op: "give the target a descriptor",
+                source: std::io::Error::new(std::io::ErrorKind::Unsupported, msg),
+            });
+        }
         let me = std::process::id() as u64;
         let by_pidfd = self
             .syscall(libc::SYS_pidfd_open, [me, 0, 0, 0, 0, 0])

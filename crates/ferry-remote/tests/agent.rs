@@ -152,3 +152,49 @@ fn no_agent_means_injection_and_starting_twice_fails() {
         Err(Error::Agent { op: "bind", .. })
     ));
 }
+
+/// An agent in another pid namespace that shares our network namespace owns
+/// a name that, read with our pids, points at a different process. The
+/// client must notice (SO_PEERCRED pids are translated) instead of mapping
+/// into the wrong process.
+#[test]
+fn agent_names_are_checked_across_pid_namespaces() {
+    let mut victim = Victim::spawn_in_pid_namespace("agent");
+    assert_eq!(victim.tid(), 1, "victim is pid 1 of its namespace");
+    let host_pid = victim.host_pid();
+    assert_ne!(host_pid, 1);
+    // "ferry-remote-agent-1" is the victim's, not our init's.
+    match Remote::agent(1) {
+        Err(Error::Agent {
+            op: "connect",
+            source,
+            ..
+        }) => {
+            assert!(
+                source
+                    .to_string()
+                    .contains(&format!("belongs to process {host_pid}")),
+                "{source}"
+            )
+        }
+        other => panic!("expected a wrong-owner error, got {other:?}"),
+    }
+    // By its real pid there is no agent name, so connect injects; a
+    // descriptor cannot be pushed across namespaces, a shared region can.
+    let mut remote = Remote::connect(host_pid, &Options::default()).unwrap();
+    assert_eq!(remote.mode(), Mode::Injection);
+    let file = std::fs::File::open("/proc/self/exe").unwrap();
+    let request = Mmap {
+        fd: Some(file.as_fd()),
+        ..Mmap::anonymous(4096, libc::PROT_READ)
+    };
+    assert!(matches!(remote.mmap(&request), Err(Error::Local { .. })));
+    let region = remote.share(4096, RW, None).unwrap();
+    mem::write(host_pid, region.remote_addr(), b"ns").unwrap();
+    let mut back = [0u8; 2];
+    std::fs::File::from(region.memfd().try_clone_to_owned().unwrap())
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    assert_eq!(&back, b"ns");
+    assert_eq!(victim.finish("f")["data"], "f");
+}

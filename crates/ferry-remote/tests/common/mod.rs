@@ -43,6 +43,33 @@ impl Victim {
         Victim::start(Command::new(TESTPROC).arg("victim").arg(mode).args(args))
     }
 
+    /// Like [`Victim::spawn`], as pid 1 of a new pid namespace (via
+    /// `unshare`); [`Victim::pid`] is then `unshare`'s pid, and
+    /// [`Victim::host_pid`] the victim's own in our namespace.
+    pub fn spawn_in_pid_namespace(mode: &str) -> Victim {
+        Victim::start(Command::new("unshare").args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            TESTPROC,
+            "victim",
+            mode,
+        ]))
+    }
+
+    /// The victim's pid in our namespace: itself, or the only child of `unshare`.
+    pub fn host_pid(&self) -> i32 {
+        let children = format!("/proc/{0}/task/{0}/children", self.pid);
+        match std::fs::read_to_string(children)
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+        {
+            Some(child) if self.tid() == 1 => child.parse().unwrap(),
+            _ => self.pid,
+        }
+    }
+
     /// Like [`Victim::spawn`], running as `uid` (and the same gid).
     pub fn spawn_as(uid: u32, mode: &str, args: &[&str]) -> Victim {
         use std::os::unix::process::CommandExt;
@@ -101,6 +128,11 @@ impl Victim {
     /// Waits until the reporting thread sleeps in the kernel (state S);
     /// a spinning victim never does, so it only gets a moment to start.
     pub fn wait_blocked(&self) {
+        if self.tid() == 1 {
+            // In its own pid namespace; our /proc knows it by another number.
+            std::thread::sleep(Duration::from_millis(20));
+            return;
+        }
         if self.ready.contains_key("spins") {
             std::thread::sleep(Duration::from_millis(20));
             return;
