@@ -99,6 +99,19 @@ fn main() {
         })
     });
 
+    // What a fresh ferry process costs before it does anything.
+    let startup = ferry_bin.as_ref().map(|bin| {
+        sample(gdb_runs.max(30), || {
+            let start = Instant::now();
+            let status = Command::new(bin)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .status();
+            assert!(status.unwrap().success());
+            start.elapsed()
+        })
+    });
+
     // Injection, end to end in-process: preflight, find the syscall
     // instruction, attach, stop, mmap, restore, detach.
     let mut stops = Vec::new();
@@ -113,12 +126,13 @@ fn main() {
     });
     // Injection with a prepared Target (preflight and the instruction search done once).
     let prepared = Target::new(pid).unwrap();
+    let mut warm_stops = Vec::new();
     let warm = sample(runs, || {
         let start = Instant::now();
         let mut stopped = prepared.seize().unwrap();
         let (nr, args) = ferry_remote::Op::Mmap(anon).syscall(None);
         let addr = stopped.syscall(nr, args).unwrap();
-        stopped.resume().unwrap();
+        warm_stops.push(stopped.resume().unwrap());
         let took = start.elapsed();
         unmap_with_agent(pid, addr);
         took
@@ -134,49 +148,58 @@ fn main() {
     });
 
     stops.sort();
-    let stop = stops[stops.len() / 2];
-    let stop_p99 = stops[stops.len() * 99 / 100];
+    warm_stops.sort();
     let med = |v: &[Duration]| v[v.len() / 2];
-    println!("| method | runs | median | vs gdb |");
-    println!("|---|---|---|---|");
+    let p99 = |v: &[Duration]| v[v.len() * 99 / 100];
+    let gdb_median = med(&gdb);
     let row = |name: &str, v: &[Duration]| {
-        let m = med(v);
-        println!(
-            "| {name} | {} | {} | {:.0}x faster |",
-            v.len(),
-            show(m),
-            med(&gdb).as_secs_f64() / m.as_secs_f64()
-        );
+        let ratio = gdb_median.as_secs_f64() / med(v).as_secs_f64();
+        println!("| {name} | {} | {} | {ratio:.0}× |", v.len(), show(med(v)));
     };
-    row("gdb -p PID -batch -ex 'call (long)mmap(...)'", &gdb);
-    if let Some(cli) = &cli {
-        row("ferry map --via inject (new process each time)", cli);
+    println!("| method | runs | median | gdb median / this |");
+    println!("|---|---|---|---|");
+    row(
+        "gdb -p PID -batch -ex 'call (long)mmap(0,1048576,3,34,-1,0)'",
+        &gdb,
+    );
+    if let (Some(cli), Some(startup)) = (&cli, &startup) {
+        row(
+            "ferry map --len 1M --via inject (a new process each time)",
+            cli,
+        );
+        row(
+            "ferry --version (process startup alone, for reference)",
+            startup,
+        );
     }
     row(
-        "ferry injection, end to end (Remote::injection + mmap)",
+        "ferry injection end to end: Remote::injection + mmap",
         &cold,
     );
     row(
-        "ferry injection, prepared Target (seize + mmap + resume)",
+        "ferry injection, prepared Target: seize + mmap + resume",
         &warm,
     );
     row(
-        "ferry agent round trip (mmap on an open connection)",
+        "ferry agent round trip: mmap on an open connection",
         &agent_rt,
     );
     println!();
-    println!("gdb completed the call in {gdb_ok} of {} runs", gdb.len());
+    println!("gdb completed the call in {gdb_ok} of {} runs.", gdb.len());
     println!(
-        "target stopped per injection: median {}, p99 {}",
-        show(stop),
-        show(stop_p99)
+        "Target stopped per injection: end to end median {} (p99 {}); prepared median {} (p99 {}).",
+        show(med(&stops)),
+        show(p99(&stops)),
+        show(med(&warm_stops)),
+        show(p99(&warm_stops))
     );
+    let goal = |met: bool| if met { "met" } else { "MISSED" };
     println!(
-        "goals: injection end to end <= 1 ms: {}; >= 300x gdb: {}; stopped <= 100 us: {}; agent <= 50 us: {}",
-        verdict(med(&cold) <= Duration::from_millis(1)),
-        verdict(med(&gdb).as_secs_f64() / med(&cold).as_secs_f64() >= 300.0),
-        verdict(stop <= Duration::from_micros(100)),
-        verdict(med(&agent_rt) <= Duration::from_micros(50)),
+        "Goals: injection end to end <= 1 ms: {}; >= 300x faster than gdb: {}; stopped <= 100 us: {}; agent <= 50 us: {}.",
+        goal(med(&cold) <= Duration::from_millis(1)),
+        goal(gdb_median.as_secs_f64() / med(&cold).as_secs_f64() >= 300.0),
+        goal(med(&stops) <= Duration::from_micros(100)),
+        goal(med(&agent_rt) <= Duration::from_micros(50)),
     );
     let _ = target.kill();
     let _ = target.wait();
@@ -216,13 +239,5 @@ fn show(d: Duration) -> String {
         format!("{:.1} ms", d.as_secs_f64() * 1e3)
     } else {
         format!("{:.1} µs", d.as_secs_f64() * 1e6)
-    }
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met {
-        "met"
-    } else {
-        "MISSED"
     }
 }
