@@ -37,14 +37,17 @@
 //! kernel, when it forces the single-step `SIGTRAP` on a thread that blocks
 //! it, also resets a user handler for it to `SIG_DFL`.
 //!
-//! One case skips the mask: a thread inside `rt_sigsuspend`, `ppoll`,
-//! `pselect6`, `epoll_pwait(2)` or `io_pgetevents` runs with a temporary
-//! mask and a saved one (`TIF_RESTORE_SIGMASK`), and `PTRACE_SETSIGMASK`
-//! clears that flag, which would leave the temporary mask in place for good.
-//! There any signal that arrives becomes a signal-delivery-stop; the guard
-//! records its siginfo, suppresses it, and hands it back at detach with
-//! `PTRACE_SETSIGINFO` + `PTRACE_DETACH(sig)`, so it is delivered with the
-//! original siginfo onto the restored registers.
+//! Threads inside `rt_sigsuspend`, `ppoll`, `pselect6` or `epoll_pwait` run
+//! with a temporary mask and keep their real one aside
+//! (`TIF_RESTORE_SIGMASK`). `PTRACE_GETSIGMASK` reports the real one in that
+//! case and `PTRACE_SETSIGMASK` clears the flag, so restoring what we read
+//! leaves the real mask in place and the restarted call installs its
+//! temporary mask again, as on its first entry.
+//!
+//! A signal that still reaches a signal-delivery-stop during injection
+//! (`SIGSTOP`, a `SIGTRAP` sent by someone else) is recorded, suppressed, and
+//! handed back at detach with `PTRACE_SETSIGINFO` + `PTRACE_DETACH(sig)`, so it
+//! is delivered with its original siginfo onto the restored registers.
 
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
@@ -53,17 +56,6 @@ use crate::error::{Error, Result};
 use crate::preflight;
 use crate::remote;
 use crate::sys::{self, regset, Pid, Registers};
-
-/// System calls during which `PTRACE_SETSIGMASK` must not be used: they run
-/// with a temporary mask and restore the saved one on return (x86-64 numbers).
-const RESTORES_SIGMASK: [u64; 6] = [
-    libc::SYS_rt_sigsuspend as u64,
-    libc::SYS_pselect6 as u64,
-    libc::SYS_ppoll as u64,
-    libc::SYS_epoll_pwait as u64,
-    libc::SYS_epoll_pwait2 as u64,
-    333, // io_pgetevents, which libc does not name
-];
 
 /// Every signal except `SIGTRAP` (the kernel drops `SIGKILL` and `SIGSTOP` itself).
 const BLOCK_ALL_BUT_SIGTRAP: u64 = !(1 << (libc::SIGTRAP - 1));
@@ -146,7 +138,6 @@ impl Target {
         let mut stopped = Stopped {
             target: self,
             saved: None,
-            mask_blocked: false,
             deferred: Vec::new(),
             at_signal_stop: false,
             released: false,
@@ -177,8 +168,6 @@ struct Saved {
 pub struct Stopped<'t> {
     pub(crate) target: &'t Target,
     saved: Option<Saved>,
-    /// Whether we replaced the signal mask (and so must put it back).
-    mask_blocked: bool,
     /// Signals that arrived while we held the thread, suppressed to be re-sent.
     deferred: Vec<libc::siginfo_t>,
     /// Whether the thread sits in a signal-delivery-stop, where detach can deliver a signal.
@@ -274,11 +263,8 @@ impl Stopped<'_> {
             xstate,
             sigmask,
         });
-        if !RESTORES_SIGMASK.contains(&regs.orig_rax) {
-            sys::ptrace_setsigmask(tid, BLOCK_ALL_BUT_SIGTRAP)
-                .map_err(Error::ptrace(tid, "PTRACE_SETSIGMASK"))?;
-            self.mask_blocked = true;
-        }
+        sys::ptrace_setsigmask(tid, BLOCK_ALL_BUT_SIGTRAP)
+            .map_err(Error::ptrace(tid, "PTRACE_SETSIGMASK"))?;
         Ok(())
     }
 
@@ -317,12 +303,10 @@ impl Stopped<'_> {
                 sys::ptrace_setregset(tid, saved.fpu_regset, &saved.xstate),
                 "PTRACE_SETREGSET",
             );
-            if self.mask_blocked {
-                note(
-                    sys::ptrace_setsigmask(tid, saved.sigmask),
-                    "PTRACE_SETSIGMASK",
-                );
-            }
+            note(
+                sys::ptrace_setsigmask(tid, saved.sigmask),
+                "PTRACE_SETSIGMASK",
+            );
         }
         // A signal-delivery-stop can hand one deferred signal back with its
         // exact siginfo; any others are re-sent, which keeps the signal but

@@ -204,8 +204,16 @@ fn epoll_wait_continues_after_injection() {
 #[test]
 fn ppoll_gets_its_saved_signal_mask_back() {
     let mut victim = Victim::spawn("ppoll", &[]);
-    let mut remote = injection(&victim);
-    remote.mmap(&Mmap::anonymous(MIB, RW)).unwrap();
+    let target = Target::new(victim.pid).unwrap();
+    let mut stopped = target.seize().unwrap();
+    assert_eq!(stopped.registers().orig_rax, libc::SYS_ppoll as u64);
+    // With TIF_RESTORE_SIGMASK set, GETSIGMASK reports the real mask, not
+    // ppoll's temporary (empty) one; that is what gets restored.
+    assert_eq!(stopped.sigmask(), victim.ready_mask());
+    stopped
+        .syscall(libc::SYS_mmap, [0, MIB, 3, 0x22, u64::MAX, 0])
+        .unwrap();
+    stopped.resume().unwrap();
     let done = victim.finish("y");
     assert_eq!((done["ret"].as_str(), done["revents"].as_str()), ("1", "1"));
     assert_eq!(
