@@ -164,7 +164,8 @@ struct Saved {
 
 /// A stopped thread with its saved state; dropping it restores and resumes.
 ///
-/// Created by [`Target::seize`]; injection methods are in [`crate::remote`].
+/// Created by [`Target::seize`]. [`Stopped::syscall`] injects a call; the
+/// fd helpers (`import_fd`, `create_memfd`, `export_fd`, `close`) build on it.
 pub struct Stopped<'t> {
     pub(crate) target: &'t Target,
     saved: Option<Saved>,
