@@ -112,8 +112,11 @@ fn blocked_read_resumes_with_registers_xstate_and_mask_intact() {
 fn nanosleep_still_sleeps_its_full_duration() {
     let mut victim = Victim::spawn("nanosleep", &["400"]);
     let target = Target::new(victim.pid).unwrap();
+    // Inject only well inside the 400 ms, however slow the machine is.
     let started = Instant::now();
-    for _ in 0..20 {
+    let mut injections = 0;
+    while injections < 20 && started.elapsed() < Duration::from_millis(250) {
+        injections += 1;
         let mut stopped = target.seize().unwrap();
         // The first stop finds nanosleep itself; once restarted through the
         // restart block, later stops find restart_syscall.
@@ -133,8 +136,8 @@ fn nanosleep_still_sleeps_its_full_duration() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(
-        started.elapsed() < Duration::from_millis(350),
-        "injections took too long to prove anything"
+        injections >= 3,
+        "only {injections} injections fit in the sleep"
     );
     let done = common::fields(&victim.line());
     assert_eq!(done["ret"], "0", "nanosleep was cut short: {done:?}");

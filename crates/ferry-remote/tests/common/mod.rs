@@ -138,7 +138,7 @@ impl Victim {
             return;
         }
         let path = format!("/proc/{}/task/{}/stat", self.pid, self.tid());
-        for _ in 0..500 {
+        for _ in 0..2500 {
             let stat = std::fs::read_to_string(&path).unwrap_or_default();
             let state = stat
                 .rsplit(')')
