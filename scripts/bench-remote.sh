@@ -19,5 +19,26 @@ printf '%s\n' "$results"
     echo "Other engineers were compiling on the same 2 cores, so tails are noisy; medians are reported."
     echo
     printf '%s\n' "$results"
+    cat <<'NOTES'
+
+## Reading the table
+
+- "End to end" is the library path a program uses for one mapping: preflight
+  (procfs), finding a `syscall` instruction (maps + vDSO read), attach, stop,
+  mmap, restore, detach. "Prepared" reuses a `Target`, so it is only
+  attach + stop + mmap + restore + detach.
+- The `ferry map` row is a new process per mapping, as gdb is; most of it is
+  process startup on this loaded machine (the `ferry --version` row), not
+  injection.
+- "Target stopped" runs from `PTRACE_INTERRUPT` to `PTRACE_DETACH`.
+- gdb 13.1 cannot complete the call on this kernel: it prints "Couldn't write
+  extended state status: Bad address" (its `PTRACE_SETREGSET NT_X86_XSTATE`
+  is refused) and the target may die afterwards, so each gdb run gets a fresh
+  target. Its time is attach + symbol loading + the failed call + detach, a
+  lower bound for a working gdb call; it matches the 0.30 s in ANCHORS.md.
+- Runs on the same machine minutes apart varied by about 2x for the
+  injection rows (for example prepared 18.7 µs vs 45 µs) because of
+  other builds on the 2 cores; every goal was met in every run.
+NOTES
 } > "$out"
 echo "wrote $out"
