@@ -475,3 +475,38 @@ pub fn geteuid() -> libc::uid_t {
     // SAFETY: geteuid cannot fail and touches no memory.
     unsafe { libc::geteuid() }
 }
+
+/// `getcpu(&cpu, NULL)`—The CPU the calling thread is running on.
+///
+/// # References
+/// - [getcpu(2)](https://man7.org/linux/man-pages/man2/getcpu.2.html)
+pub fn current_cpu() -> io::Result<u32> {
+    let mut cpu: libc::c_uint = 0;
+    // SAFETY: the kernel writes one unsigned int into cpu; node is not requested.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_getcpu,
+            &mut cpu as *mut libc::c_uint,
+            0usize,
+            0usize,
+        )
+    })?;
+    Ok(cpu)
+}
+
+/// `sched_setaffinity(0, {cpu})`—Pins the calling thread to one CPU.
+///
+/// # References
+/// - [sched_setaffinity(2)](https://man7.org/linux/man-pages/man2/sched_setaffinity.2.html)
+pub fn pin_to_cpu(cpu: u32) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data for which all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { zeroed() };
+    if cpu as usize >= libc::CPU_SETSIZE as usize {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    // SAFETY: cpu was checked to be below CPU_SETSIZE, so the bit is inside set.
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: set is a valid cpu_set_t of the size passed.
+    check(unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } as libc::c_long)
+        .map(drop)
+}
