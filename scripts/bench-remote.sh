@@ -37,8 +37,11 @@ printf '%s\n' "$results"
   target. Its time is attach + symbol loading + the failed call + detach, a
   lower bound for a working gdb call; it matches the 0.30 s in ANCHORS.md.
 - Runs on the same machine minutes apart varied by about 2x for the
-  injection rows (for example prepared 18.7 µs vs 45 µs) because of
-  other builds on the 2 cores; every goal was met in every run.
+  injection rows (prepared 18.7 µs when other builds kept both vCPUs busy,
+  about 40 µs when idle): waking a thread on an idle vCPU of this VM costs
+  tens of µs. The agent avoids that by serving each connection on its
+  client's CPU (before that change its round trip was 4.5 µs or 40-50 µs
+  depending on placement, and one run missed the 50 µs goal).
 NOTES
 } > "$out"
 echo "wrote $out"
