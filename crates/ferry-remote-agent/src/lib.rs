@@ -18,10 +18,14 @@
 //! close every descriptor at startup close the listener too, and setuid
 //! programs ignore `LD_PRELOAD`; use injection for those.
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
 extern "C" fn start_agent() {
     if let Err(e) = ferry_remote::agent::start() {
-        eprintln!("ferry-remote-agent: not started: {e}");
+        let cause = std::error::Error::source(&e)
+            .map(|c| format!(": {c}"))
+            .unwrap_or_default();
+        eprintln!("ferry-remote-agent: not started: {e}{cause}");
     }
 }
 

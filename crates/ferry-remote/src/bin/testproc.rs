@@ -9,7 +9,6 @@
 //!
 //! As a **spy** (`testproc spy inject|agent PID`), run by the tests under
 //! another uid, it tries to act on PID and prints `ok` or `error: <cause>`.
-#![allow(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
