@@ -95,6 +95,9 @@ fn shared_region_and_file_mapping() {
 
 #[test]
 fn another_user_is_refused() {
+    if !common::root_or_skip("another_user_is_refused") {
+        return;
+    }
     let mut victim = Victim::spawn("agent", &[]);
     let verdict = spy_as_nobody("agent", victim.pid);
     assert!(verdict.contains("AgentRefused"), "spy said {verdict:?}");
@@ -159,6 +162,9 @@ fn no_agent_means_injection_and_starting_twice_fails() {
 /// into the wrong process.
 #[test]
 fn agent_names_are_checked_across_pid_namespaces() {
+    if !common::root_or_skip("agent_names_are_checked_across_pid_namespaces") {
+        return;
+    }
     let mut victim = Victim::spawn_in_pid_namespace("agent");
     assert_eq!(victim.tid(), 1, "victim is pid 1 of its namespace");
     let host_pid = victim.host_pid();

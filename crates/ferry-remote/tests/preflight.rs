@@ -77,6 +77,9 @@ fn already_traced_and_left_running() {
 
 #[test]
 fn different_user_without_cap_sys_ptrace() {
+    if !common::root_or_skip("different_user_without_cap_sys_ptrace") {
+        return;
+    }
     let mut victim = Victim::spawn("read", &[]);
     let verdict = spy_as_nobody("inject", victim.pid);
     assert!(verdict.contains("DifferentUser"), "spy said {verdict:?}");
@@ -123,6 +126,9 @@ fn seccomp_filter_is_refused_unless_allowed_then_its_errno_is_reported() {
 /// is used because 3 cannot be undone until reboot; the original is restored.
 #[test]
 fn yama_scope_one_refuses_a_non_ancestor() {
+    if !common::root_or_skip("yama_scope_one_refuses_a_non_ancestor") {
+        return;
+    }
     const SCOPE: &str = "/proc/sys/kernel/yama/ptrace_scope";
     let Ok(original) = std::fs::read_to_string(SCOPE) else {
         eprintln!(

@@ -215,3 +215,14 @@ pub fn spy_as_nobody(how: &str, pid: i32) -> String {
         .expect("run spy");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// Whether we run as root, which tests that switch users or namespaces need
+/// (CI runs as root); others print why they skip.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("{test}: needs root to switch uid or pid namespace; skipped");
+    }
+    root
+}
