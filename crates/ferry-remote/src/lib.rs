@@ -9,8 +9,10 @@
 //!   [`Stopped::syscall`] points `rip` at the instruction, loads the
 //!   arguments, and single-steps; dropping or [resuming](Stopped::resume) the
 //!   guard restores everything and detaches, so a thread stopped inside a
-//!   blocking call (read, nanosleep, futex, epoll_wait) restarts it exactly as
-//!   the kernel would have. [`preflight`] explains beforehand why an attach
+//!   blocking call (read, nanosleep, futex, epoll_wait) continues exactly as
+//!   after any other stop: restartable calls restart, `restart_syscall`
+//!   keeps nanosleep's deadline, and epoll_wait reports `EINTR` as it does
+//!   under gdb (signal(7)). [`preflight`] explains beforehand why an attach
 //!   cannot work (no such process, zombie, other user, Yama, seccomp, already
 //!   traced).
 //! - **Agent** (a cooperative target; no ptrace): [`agent::start`] (or the
