@@ -6,6 +6,7 @@
 #   pg-test-server.sh start DIR [PORT]   initdb DIR (first time) and start it;
 #                                        prints the superuser URL
 #   pg-test-server.sh createdb DIR NAME  creates database NAME, prints its URL
+#   pg-test-server.sh psql DIR DB SQL    runs SQL in database DB, prints rows
 #   pg-test-server.sh stop DIR           fast shutdown (data kept; `start` again)
 #   pg-test-server.sh remove DIR         stop and delete DIR
 #   pg-test-server.sh watch PID DIR      remove DIR once process PID has exited
@@ -92,6 +93,11 @@ createdb() {
     url "$dir" "$name"
 }
 
+psql() {
+    local dir=$1 db=$2 sql=$3 bin; bin=$(find_bindir)
+    as_owner "$bin/psql" -h "$dir" -p "$(cat "$dir/port")" -U ferry -d "$db" -qAt -v ON_ERROR_STOP=1 -c "$sql"
+}
+
 stop() {
     local dir=$1 bin; bin=$(find_bindir) || return 0
     [[ -f "$dir/data/PG_VERSION" ]] || return 0
@@ -116,8 +122,9 @@ case "$cmd" in
     install) install ;;
     start) [[ $# -ge 1 ]] || die "usage: start DIR [PORT]"; start "$@" ;;
     createdb) [[ $# -eq 2 ]] || die "usage: createdb DIR NAME"; createdb "$@" ;;
+    psql) [[ $# -eq 3 ]] || die "usage: psql DIR DB SQL"; psql "$@" ;;
     stop) [[ $# -eq 1 ]] || die "usage: stop DIR"; stop "$1" ;;
     remove) [[ $# -eq 1 ]] || die "usage: remove DIR"; remove "$1" ;;
     watch) [[ $# -eq 2 ]] || die "usage: watch PID DIR"; watch "$@" ;;
-    *) sed -n '2,20p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,21p' "$0" >&2; exit 2 ;;
 esac

@@ -561,7 +561,7 @@ impl Backend for PgBackend {
             // the next round reconnects.
             if self
                 .rt
-                .block_on(tokio::time::timeout(remaining, notified.changed()))
+                .block_on(async { tokio::time::timeout(remaining, notified.changed()).await })
                 .is_err()
             {
                 return Ok(self.max_seq()? > after_seq);

@@ -83,6 +83,17 @@ impl PgServer {
         run_script(&["createdb".as_ref(), self.dir.as_os_str(), name.as_ref()])
     }
 
+    /// Runs `sql` in database `db` with psql (for tests that tamper with
+    /// stored data); returns psql's unaligned output.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        run_script(&[
+            "psql".as_ref(),
+            self.dir.as_os_str(),
+            db.as_ref(),
+            sql.as_ref(),
+        ])
+    }
+
     /// Fast shutdown (`pg_ctl stop -m fast`): clients see their connections
     /// dropped and new ones refused. Data is kept for [`PgServer::restart`].
     pub fn stop(&self) {
