@@ -517,11 +517,11 @@ pub(crate) fn encode_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
+/// Extended attributes as stored in [`InodeState::xattrs`].
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Inverse of [`encode_xattrs`]; a malformed blob is [`BackendError::Corrupt`].
-pub(crate) fn decode_xattrs(
-    mut blob: &[u8],
-    id: &ObjectId,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, BackendError> {
+pub(crate) fn decode_xattrs(mut blob: &[u8], id: &ObjectId) -> Result<Xattrs, BackendError> {
     let corrupt = || BackendError::corrupt(format!("xattrs of inode {id}"));
     let take = |blob: &mut &[u8]| -> Result<Vec<u8>, BackendError> {
         let (len, rest) = blob.split_first_chunk::<4>().ok_or_else(corrupt)?;

@@ -18,7 +18,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 pub struct PgServer {
     dir: PathBuf,
     url: String,
+    watchdog: Child,
 }
 
 impl PgServer {
@@ -48,7 +49,7 @@ impl PgServer {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         // The watchdog first: even if `start` fails half-way, the directory goes.
-        Command::new(Self::script())
+        let watchdog = Command::new(Self::script())
             .arg("watch")
             .arg(std::process::id().to_string())
             .arg(&dir)
@@ -58,7 +59,7 @@ impl PgServer {
             .spawn()
             .expect("spawning pg-test-server.sh watch");
         let url = run_script(&["start".as_ref(), dir.as_os_str()]);
-        PgServer { dir, url }
+        PgServer { dir, url, watchdog }
     }
 
     /// One cluster per test binary, started on first use.
@@ -112,6 +113,8 @@ impl Drop for PgServer {
             .arg("remove")
             .arg(&self.dir)
             .status();
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
     }
 }
 
