@@ -209,6 +209,10 @@ pub struct LogRecord {
     pub name2: Option<Vec<u8>>,
     /// When it was logged.
     pub at: crate::store::Nanos,
+    /// The inode's creating host (its global identity, with `counter`).
+    pub host: u32,
+    /// The inode's per-host counter.
+    pub counter: u64,
 }
 
 impl LogRecord {

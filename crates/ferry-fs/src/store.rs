@@ -80,10 +80,14 @@ CREATE TABLE chunk(ino INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NUL
     len INTEGER NOT NULL, PRIMARY KEY(ino, idx)) WITHOUT ROWID;
 CREATE TABLE conflict(key BLOB PRIMARY KEY, at INTEGER NOT NULL, object TEXT NOT NULL,
     detail TEXT NOT NULL) WITHOUT ROWID;
+-- host and counter: the inode's global identity, kept so a record still
+-- names its object after the inode row is gone (a delete).
 CREATE TABLE log(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     op TEXT NOT NULL,
     ino INTEGER NOT NULL,
+    host INTEGER NOT NULL,
+    counter INTEGER NOT NULL,
     version INTEGER NOT NULL,
     parent INTEGER,
     name BLOB,
@@ -204,6 +208,9 @@ pub struct Store {
     /// Held for the life of the store: a second daemon on the same store
     /// would corrupt it, so the `flock` on `lock` refuses it.
     _lock: nix::fcntl::Flock<File>,
+    /// Counts commits that appended to the log; the replicator waits on it
+    /// instead of polling.
+    log_generation: (Mutex<u64>, std::sync::Condvar),
 }
 
 impl Store {
@@ -251,6 +258,7 @@ impl Store {
             dir: dir.to_path_buf(),
             host: host as u32,
             _lock: lock,
+            log_generation: (Mutex::new(0), std::sync::Condvar::new()),
         })
     }
 
@@ -279,9 +287,20 @@ impl Store {
         let tx = Tx {
             txn,
             host: self.host,
+            logged: std::cell::Cell::new(false),
         };
         let out = f(&tx)?;
+        let logged = tx.logged.get();
         tx.txn.commit()?;
+        if logged {
+            let mut generation = self
+                .log_generation
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *generation += 1;
+            self.log_generation.1.notify_all();
+        }
         Ok(out)
     }
 
@@ -289,6 +308,24 @@ impl Store {
     pub fn read<T>(&self, f: impl FnOnce(&Reader<'_>) -> T) -> T {
         let conn = self.lock();
         f(&Reader { conn: &conn })
+    }
+
+    /// Waits up to `timeout` for a commit that appends to the log after
+    /// generation `seen`; returns the current generation.
+    pub fn wait_for_log(&self, seen: u64, timeout: std::time::Duration) -> u64 {
+        let (lock, cond) = &self.log_generation;
+        let generation = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (generation, _) = cond
+            .wait_timeout_while(generation, timeout, |g| *g == seen)
+            .unwrap_or_else(|p| p.into_inner());
+        *generation
+    }
+
+    /// Wakes every [`Store::wait_for_log`] caller (used to stop them).
+    pub fn wake_log_waiters(&self) {
+        let (lock, cond) = &self.log_generation;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        cond.notify_all();
     }
 
     /// Makes every committed transaction durable against power loss.
@@ -543,7 +580,7 @@ pub trait Queries {
     /// Up to `limit` log records after `seq`, in order.
     fn log_after(&self, seq: u64, limit: usize) -> rusqlite::Result<Vec<LogRecord>> {
         let mut stmt = self.conn().prepare_cached(
-            "SELECT seq, op, ino, parent, name, parent2, name2, at FROM log
+            "SELECT seq, op, ino, parent, name, parent2, name2, at, host, counter FROM log
              WHERE seq>?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![seq as i64, limit as i64], |r| {
@@ -556,6 +593,8 @@ pub trait Queries {
                 parent2: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
                 name2: r.get(6)?,
                 at: r.get(7)?,
+                host: r.get::<_, i64>(8)? as u32,
+                counter: r.get::<_, i64>(9)? as u64,
             })
         })?;
         rows.collect()
@@ -651,6 +690,9 @@ impl Queries for Reader<'_> {
 pub struct Tx<'a> {
     txn: rusqlite::Transaction<'a>,
     host: u32,
+    /// Whether this transaction appended to the log (so, once committed,
+    /// the replicator has work).
+    logged: std::cell::Cell<bool>,
 }
 
 impl Queries for Tx<'_> {
@@ -1050,15 +1092,15 @@ impl Tx<'_> {
         self.txn
             .prepare_cached("UPDATE inode SET version=version+1 WHERE ino=?1")?
             .execute([ino as i64])?;
-        let version: i64 = self
+        let (version, host, counter): (i64, i64, i64) = self
             .txn
-            .prepare_cached("SELECT version FROM inode WHERE ino=?1")?
-            .query_row([ino as i64], |r| r.get(0))?;
+            .prepare_cached("SELECT version, host, counter FROM inode WHERE ino=?1")?
+            .query_row([ino as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         let (parent, name, parent2, name2) = change.places();
         self.txn
             .prepare_cached(
-                "INSERT INTO log(op, ino, version, parent, name, parent2, name2, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO log(op, ino, host, counter, version, parent, name, parent2, name2, at)
+                 VALUES (?1, ?2, ?9, ?10, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 change.op(),
@@ -1068,8 +1110,11 @@ impl Tx<'_> {
                 name,
                 parent2.map(|p| p as i64),
                 name2,
-                now()
+                now(),
+                host,
+                counter
             ])?;
+        self.logged.set(true);
         Ok(())
     }
 }

@@ -77,6 +77,10 @@ struct OpenState {
     writers: u32,
     /// Whether the current run of writes already logged its `Content` record.
     logged: bool,
+    /// Replication read the file while writers had it open: writes it could
+    /// not see (passthrough writes never reach the daemon) are logged again
+    /// when the last writer closes.
+    shipped_mid_run: bool,
 }
 
 /// The file system, minus the FUSE protocol.
@@ -762,12 +766,10 @@ impl Vfs {
             return Ok(());
         }
         self.store.write(|tx| tx.content(ino)).map_err(db_err)?;
-        let mut open = lock(&self.open);
-        let state = open.entry(ino).or_default();
         // Only a run inside an open is coalesced; without writers (a
         // truncate by path, say) every change is logged on its own.
-        if state.writers > 0 {
-            state.logged = true;
+        if let Some(state) = lock(&self.open).get_mut(&ino) {
+            state.logged = state.writers > 0;
         }
         Ok(())
     }
@@ -806,12 +808,30 @@ impl Vfs {
         };
         if h.writable {
             let mut open = lock(&self.open);
+            let mut relog = false;
             if let Some(state) = open.get_mut(&h.ino) {
                 state.writers = state.writers.saturating_sub(1);
                 if state.writers == 0 {
+                    relog = state.shipped_mid_run;
                     open.remove(&h.ino);
                 }
             }
+            drop(open);
+            if relog {
+                if let Err(e) = self.will_modify(h.ino) {
+                    warn!("logging the last writes to inode {}: {e:?}", h.ino);
+                }
+            }
+        }
+    }
+
+    /// Called by replication before it reads the bytes of `ino`: ends the
+    /// current run of writes, so every write after this point is logged
+    /// again and shipped later, never lost between two reads.
+    pub fn begin_ship(&self, ino: u64) {
+        if let Some(state) = lock(&self.open).get_mut(&ino) {
+            state.logged = false;
+            state.shipped_mid_run = true;
         }
     }
 

@@ -1,0 +1,712 @@
+//! `dir:PATH` — the embedded backend: no server, just a directory.
+//!
+//! Layout:
+//! - `PATH/ferry.db` — SQLite (WAL) with the volume row, inodes, chunk lists,
+//!   entries and the change feed. The schema version is SQLite's
+//!   `user_version`.
+//! - `PATH/chunks/ab/cdef…` — one file per chunk, named by its BLAKE3 hex,
+//!   written to a temp name, fsync'd and renamed, so a reader sees a whole
+//!   chunk or none; every read is verified against the name.
+//!
+//! Several processes (several local daemons) may open the same directory:
+//! SQLite's normal file locking with a busy timeout serializes writers, and
+//! `commit` runs in one `BEGIN IMMEDIATE` transaction, so it is atomic and
+//! takes the write lock before its version checks (no lost updates).
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
+
+use crate::{
+    check_schema, decide, decode_xattrs, encode_xattrs, new_volume_id, now_ns, root_inode, stored,
+    verify_stored, verify_upload, Backend, BackendError, ChunkHash, Entry, FeedChange, FeedItem,
+    InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo,
+};
+
+/// Database file inside the volume directory.
+const DB_FILE: &str = "ferry.db";
+/// Chunk directory inside the volume directory.
+const CHUNK_DIR: &str = "chunks";
+/// How long a statement waits for another process's lock before the call
+/// fails with a transient error.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Poll interval of `wait_feed`: a `SELECT max(seq)` is cheap, and there is
+/// no cross-process wake-up in SQLite.
+const FEED_POLL: Duration = Duration::from_millis(20);
+
+/// `MIGRATIONS[i]` upgrades schema version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE volume (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        name TEXT NOT NULL,
+        volume_id TEXT NOT NULL,
+        created_ns INTEGER NOT NULL
+    );
+    -- Deleted inodes stay as tombstones (deleted = 1) so versions never repeat.
+    CREATE TABLE inodes (
+        host INTEGER NOT NULL,
+        counter INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        deleted INTEGER NOT NULL,
+        mode INTEGER NOT NULL,
+        uid INTEGER NOT NULL,
+        gid INTEGER NOT NULL,
+        rdev INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        atime_ns INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        target BLOB,
+        xattrs BLOB NOT NULL,
+        origin INTEGER NOT NULL,
+        PRIMARY KEY (host, counter)
+    );
+    -- A table rather than a blob so chunk garbage collection can find
+    -- unreferenced chunks with one query.
+    CREATE TABLE inode_chunks (
+        host INTEGER NOT NULL,
+        counter INTEGER NOT NULL,
+        idx INTEGER NOT NULL,
+        hash BLOB NOT NULL,
+        len INTEGER NOT NULL,
+        PRIMARY KEY (host, counter, idx)
+    );
+    CREATE INDEX inode_chunks_hash ON inode_chunks (hash);
+    CREATE TABLE entries (
+        parent_host INTEGER NOT NULL,
+        parent_counter INTEGER NOT NULL,
+        name BLOB NOT NULL,
+        child_host INTEGER NOT NULL,
+        child_counter INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        deleted INTEGER NOT NULL,
+        PRIMARY KEY (parent_host, parent_counter, name)
+    );
+    -- kind 0: inode (host, counter); kind 1: entry (parent host, counter, name).
+    CREATE TABLE feed (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        origin INTEGER NOT NULL,
+        kind INTEGER NOT NULL,
+        host INTEGER NOT NULL,
+        counter INTEGER NOT NULL,
+        name BLOB
+    );
+"];
+
+/// The `dir:` backend. Holds a small pool of SQLite connections so readers
+/// in different threads do not queue behind each other.
+pub(crate) struct DirBackend {
+    db: PathBuf,
+    chunks: PathBuf,
+    location: String,
+    pool: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for DirBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirBackend")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Creates (or migrates) the volume in `path`.
+pub(crate) fn init(path: &Path, volume_name: &str) -> Result<VolumeInfo, BackendError> {
+    let location = format!("dir:{}", path.display());
+    fs::create_dir_all(path.join(CHUNK_DIR))
+        .map_err(|e| io_error(e, &format!("creating {}", path.display())))?;
+    let mut conn = connect(&path.join(DB_FILE), OpenFlags::SQLITE_OPEN_CREATE)?;
+    let sql = |e| map_sql(e, "init");
+    // WAL is persistent in the file, so setting it once here covers every open.
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(sql)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql)?;
+    let found: u32 = tx
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql)?;
+    let plan = InitPlan::decide(found, &location, || {
+        read_info(&tx, found).map_or_else(|e| format!("<{e}>"), |i| i.name)
+    })?;
+    for migration in &MIGRATIONS[plan.first_migration()..] {
+        tx.execute_batch(migration).map_err(sql)?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len() as u32)
+        .map_err(sql)?;
+    if plan == InitPlan::Create {
+        let now = now_ns();
+        tx.execute(
+            "INSERT INTO volume (id, name, volume_id, created_ns) VALUES (1, ?1, ?2, ?3)",
+            params![volume_name, new_volume_id(volume_name), now],
+        )
+        .map_err(sql)?;
+        apply(
+            &tx,
+            0,
+            &Op::PutInode {
+                state: root_inode(now),
+                base: None,
+            },
+        )?;
+    }
+    let info = read_info(&tx, MIGRATIONS.len() as u32)?;
+    tx.commit().map_err(sql)?;
+    tracing::info!(%location, volume = %info.name, "initialized dir backend");
+    Ok(info)
+}
+
+impl DirBackend {
+    /// Opens an initialized volume directory.
+    pub(crate) fn open(path: &Path) -> Result<DirBackend, BackendError> {
+        let location = format!("dir:{}", path.display());
+        let db = path.join(DB_FILE);
+        if !db.exists() {
+            return Err(BackendError::NotInitialized { location });
+        }
+        let conn = connect(&db, OpenFlags::empty())?;
+        let found: u32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| map_sql(e, "reading schema version"))?;
+        check_schema(found, &location)?;
+        Ok(DirBackend {
+            db,
+            chunks: path.join(CHUNK_DIR),
+            location,
+            pool: Mutex::new(vec![conn]),
+        })
+    }
+
+    /// Runs `f` on a pooled connection. A connection whose call failed is
+    /// dropped rather than returned, in case it is in a bad state.
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => connect(&self.db, OpenFlags::empty())?,
+        };
+        let result = f(&mut conn);
+        if result.is_ok() {
+            self.pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+        }
+        result
+    }
+
+    /// `chunks/ab/cdef…`: two-level fan-out keeps directories small.
+    fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.chunks.join(&hex[..2]).join(&hex[2..])
+    }
+
+    fn max_seq(&self) -> Result<u64, BackendError> {
+        self.with_conn(|c| max_seq(c))
+    }
+}
+
+impl Backend for DirBackend {
+    fn info(&self) -> Result<VolumeInfo, BackendError> {
+        self.with_conn(|c| read_info(c, MIGRATIONS.len() as u32))
+    }
+
+    fn missing_chunks(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BackendError> {
+        Ok(hashes
+            .iter()
+            .filter(|h| !self.chunk_path(h).exists())
+            .copied()
+            .collect())
+    }
+
+    fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), BackendError> {
+        verify_upload(hash, data)?;
+        let path = self.chunk_path(hash);
+        // Same name = same content, so an existing file of the right size is
+        // this chunk (a wrong size means a damaged file: overwrite it).
+        if fs::metadata(&path).is_ok_and(|m| m.len() == data.len() as u64) {
+            return Ok(());
+        }
+        let dir = path.parent().expect("chunk path has a parent");
+        let ctx = |what: &str| format!("{what} chunk {}", hash.to_hex());
+        fs::create_dir_all(dir).map_err(|e| io_error(e, &ctx("creating directory for")))?;
+        static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+        let tmp = dir.join(format!(
+            ".tmp-{}-{}-{}",
+            hash.to_hex(),
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut file = File::create(&tmp)?;
+            file.write_all(data)?;
+            file.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            // The rename is durable only once the directory is synced.
+            File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io_error(e, &ctx("writing"))
+        })
+    }
+
+    fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, BackendError> {
+        let data = fs::read(self.chunk_path(hash)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => BackendError::NotFound {
+                what: format!("chunk {}", hash.to_hex()),
+            },
+            _ => io_error(e, &format!("reading chunk {}", hash.to_hex())),
+        })?;
+        verify_stored(hash, data)
+    }
+
+    fn commit(&self, origin: u32, ops: &[Op]) -> Result<Vec<Outcome>, BackendError> {
+        self.with_conn(|c| {
+            // IMMEDIATE takes the write lock before the version checks, so
+            // two writers cannot both pass a check on the same version.
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|e| map_sql(e, "begin commit"))?;
+            let outcomes = ops
+                .iter()
+                .map(|op| apply(&tx, origin, op))
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit().map_err(|e| map_sql(e, "commit"))?;
+            Ok(outcomes)
+        })
+    }
+
+    fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError> {
+        self.with_conn(|c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {INODE_COLUMNS} FROM inodes WHERE host = ?1 AND counter = ?2 AND deleted = 0"
+                ))
+                .map_err(|e| map_sql(e, "inode"))?;
+            let Some(inode) = stmt
+                .query_row(params![id.host, id.counter as i64], read_inode)
+                .optional()
+                .map_err(|e| map_sql(e, &format!("inode {id}")))?
+            else {
+                return Ok(None);
+            };
+            let mut inode = inode?;
+            inode.chunks = read_chunk_list(c, id)?;
+            Ok(Some(inode))
+        })
+    }
+
+    fn entries(&self, parent: &ObjectId) -> Result<Vec<Entry>, BackendError> {
+        self.with_conn(|c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM entries
+                     WHERE parent_host = ?1 AND parent_counter = ?2 AND deleted = 0 ORDER BY name"
+                ))
+                .map_err(|e| map_sql(e, "entries"))?;
+            let rows = stmt
+                .query_map(params![parent.host, parent.counter as i64], read_entry)
+                .map_err(|e| map_sql(e, &format!("entries of {parent}")))?;
+            collect_rows(rows, &format!("entries of {parent}"))
+        })
+    }
+
+    fn snapshot(&self) -> Result<(u64, Vec<InodeState>, Vec<Entry>), BackendError> {
+        self.with_conn(|c| {
+            // One read transaction: WAL gives it a single consistent view.
+            let tx = c.transaction().map_err(|e| map_sql(e, "snapshot"))?;
+            let seq = max_seq(&tx)?;
+            let mut inodes = {
+                let mut stmt = tx
+                    .prepare(&format!(
+                        "SELECT {INODE_COLUMNS} FROM inodes WHERE deleted = 0 ORDER BY host, counter"
+                    ))
+                    .map_err(|e| map_sql(e, "snapshot inodes"))?;
+                let rows = stmt
+                    .query_map([], read_inode)
+                    .map_err(|e| map_sql(e, "snapshot inodes"))?;
+                collect_rows(rows, "snapshot inodes")?
+            };
+            for inode in &mut inodes {
+                inode.chunks = read_chunk_list(&tx, &inode.id)?;
+            }
+            let entries = {
+                let mut stmt = tx
+                    .prepare(&format!(
+                        "SELECT {ENTRY_COLUMNS} FROM entries WHERE deleted = 0
+                         ORDER BY parent_host, parent_counter, name"
+                    ))
+                    .map_err(|e| map_sql(e, "snapshot entries"))?;
+                let rows = stmt
+                    .query_map([], read_entry)
+                    .map_err(|e| map_sql(e, "snapshot entries"))?;
+                collect_rows(rows, "snapshot entries")?
+            };
+            Ok((seq, inodes, entries))
+        })
+    }
+
+    fn feed(&self, after_seq: u64, limit: usize) -> Result<Vec<FeedItem>, BackendError> {
+        self.with_conn(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT seq, origin, kind, host, counter, name FROM feed
+                     WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(|e| map_sql(e, "feed"))?;
+            let rows = stmt
+                .query_map(params![after_seq as i64, limit as i64], |r| {
+                    Ok(crate::decode_feed_row(
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })
+                .map_err(|e| map_sql(e, "feed"))?;
+            collect_rows(rows, "feed")
+        })
+    }
+
+    fn wait_feed(&self, after_seq: u64, timeout: Duration) -> Result<bool, BackendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.max_seq()? > after_seq {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(FEED_POLL.min(deadline - now));
+        }
+    }
+}
+
+/// Opens a connection with the locking and durability settings every
+/// connection needs (extra `flags`: CREATE for init only).
+fn connect(db: &Path, flags: OpenFlags) -> Result<Connection, BackendError> {
+    let flags = flags | OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(db, flags)
+        .map_err(|e| map_sql(e, &format!("opening {}", db.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .and_then(|()| conn.pragma_update(None, "synchronous", "FULL"))
+        .map_err(|e| map_sql(e, "configuring connection"))?;
+    Ok(conn)
+}
+
+/// Reads the volume row (schema version from the caller, who read it already).
+fn read_info(c: &Connection, schema_version: u32) -> Result<VolumeInfo, BackendError> {
+    c.query_row(
+        "SELECT name, volume_id, created_ns FROM volume WHERE id = 1",
+        [],
+        |r| {
+            Ok(VolumeInfo {
+                name: r.get(0)?,
+                volume_id: r.get(1)?,
+                schema_version,
+                created_ns: r.get(2)?,
+            })
+        },
+    )
+    .map_err(|e| map_sql(e, "volume info"))
+}
+
+fn max_seq(c: &Connection) -> Result<u64, BackendError> {
+    let seq: i64 = c
+        .query_row("SELECT COALESCE(MAX(seq), 0) FROM feed", [], |r| r.get(0))
+        .map_err(|e| map_sql(e, "feed position"))?;
+    stored(seq, &|| "feed seq".into())
+}
+
+/// Live version and row version (tombstones included) of a key.
+fn versions(
+    tx: &Transaction<'_>,
+    sql: &str,
+    key: impl rusqlite::Params,
+    what: &dyn Fn() -> String,
+) -> Result<(Option<u64>, Option<u64>), BackendError> {
+    let row: Option<(i64, bool)> = tx
+        .prepare_cached(sql)
+        .and_then(|mut s| s.query_row(key, |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(|e| map_sql(e, &what()))?;
+    let row = row
+        .map(|(v, deleted)| stored::<u64>(v, what).map(|v| (v, deleted)))
+        .transpose()?;
+    Ok((
+        row.filter(|(_, deleted)| !deleted).map(|(v, _)| v),
+        row.map(|(v, _)| v),
+    ))
+}
+
+/// Applies one op inside `tx`: checks its base, writes, appends to the feed.
+fn apply(tx: &Transaction<'_>, origin: u32, op: &Op) -> Result<Outcome, BackendError> {
+    let sql = |e| map_sql(e, "commit");
+    let (change, base) = op.target();
+    let (live, row) = match &change {
+        FeedChange::Inode(id) => inode_versions(tx, id)?,
+        FeedChange::Entry { parent, name } => entry_versions(tx, parent, name)?,
+    };
+    let version = match decide(base, live, row) {
+        Ok(version) => version as i64,
+        Err(conflict) => return Ok(conflict),
+    };
+    match op {
+        Op::PutInode { state: s, .. } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO inodes (host, counter, version, deleted, mode, uid, gid, rdev,
+                    size, atime_ns, mtime_ns, ctime_ns, target, xattrs, origin)
+                 VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    s.id.host,
+                    s.id.counter as i64,
+                    version,
+                    s.mode,
+                    s.uid,
+                    s.gid,
+                    s.rdev,
+                    s.size as i64,
+                    s.atime_ns,
+                    s.mtime_ns,
+                    s.ctime_ns,
+                    s.target,
+                    encode_xattrs(&s.xattrs),
+                    origin
+                ])
+            })
+            .map_err(sql)?;
+            replace_chunk_list(tx, &s.id, &s.chunks)?;
+        }
+        Op::DeleteInode { id, .. } => {
+            tx.execute(
+                "UPDATE inodes SET version = ?3, deleted = 1, origin = ?4 WHERE host = ?1 AND counter = ?2",
+                params![id.host, id.counter as i64, version, origin],
+            )
+            .map_err(sql)?;
+            replace_chunk_list(tx, id, &[])?;
+        }
+        Op::PutEntry {
+            parent,
+            name,
+            child,
+            ..
+        } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO entries (parent_host, parent_counter, name, child_host,
+                    child_counter, version, deleted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    parent.host,
+                    parent.counter as i64,
+                    name,
+                    child.host,
+                    child.counter as i64,
+                    version
+                ])
+            })
+            .map_err(sql)?;
+        }
+        Op::DeleteEntry { parent, name, .. } => {
+            tx.execute(
+                "UPDATE entries SET version = ?4, deleted = 1
+                 WHERE parent_host = ?1 AND parent_counter = ?2 AND name = ?3",
+                params![parent.host, parent.counter as i64, name, version],
+            )
+            .map_err(sql)?;
+        }
+    }
+    let (kind, id, name) = change.encode();
+    tx.prepare_cached(
+        "INSERT INTO feed (origin, kind, host, counter, name) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut st| st.execute(params![origin, kind, id.host, id.counter as i64, name]))
+    .map_err(sql)?;
+    Ok(Outcome::Applied {
+        version: version as u64,
+    })
+}
+
+fn inode_versions(
+    tx: &Transaction<'_>,
+    id: &ObjectId,
+) -> Result<(Option<u64>, Option<u64>), BackendError> {
+    versions(
+        tx,
+        "SELECT version, deleted FROM inodes WHERE host = ?1 AND counter = ?2",
+        params![id.host, id.counter as i64],
+        &|| format!("inode {id}"),
+    )
+}
+
+fn entry_versions(
+    tx: &Transaction<'_>,
+    parent: &ObjectId,
+    name: &[u8],
+) -> Result<(Option<u64>, Option<u64>), BackendError> {
+    versions(
+        tx,
+        "SELECT version, deleted FROM entries WHERE parent_host = ?1 AND parent_counter = ?2 AND name = ?3",
+        params![parent.host, parent.counter as i64, name],
+        &|| format!("entry {parent}/{}", String::from_utf8_lossy(name)),
+    )
+}
+
+fn replace_chunk_list(
+    tx: &Transaction<'_>,
+    id: &ObjectId,
+    chunks: &[(ChunkHash, u32)],
+) -> Result<(), BackendError> {
+    let sql = |e| map_sql(e, "commit chunk list");
+    tx.prepare_cached("DELETE FROM inode_chunks WHERE host = ?1 AND counter = ?2")
+        .and_then(|mut st| st.execute(params![id.host, id.counter as i64]))
+        .map_err(sql)?;
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO inode_chunks (host, counter, idx, hash, len) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(sql)?;
+    for (idx, (hash, len)) in chunks.iter().enumerate() {
+        insert
+            .execute(params![
+                id.host,
+                id.counter as i64,
+                idx as i64,
+                &hash.0[..],
+                len
+            ])
+            .map_err(sql)?;
+    }
+    Ok(())
+}
+
+fn read_chunk_list(c: &Connection, id: &ObjectId) -> Result<Vec<(ChunkHash, u32)>, BackendError> {
+    let what = format!("chunk list of inode {id}");
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT hash, len FROM inode_chunks WHERE host = ?1 AND counter = ?2 ORDER BY idx",
+        )
+        .map_err(|e| map_sql(e, &what))?;
+    let rows = stmt
+        .query_map(params![id.host, id.counter as i64], |r| {
+            let hash: Vec<u8> = r.get(0)?;
+            let len: i64 = r.get(1)?;
+            Ok(ChunkHash::from_stored(&hash, &what)
+                .and_then(|h| Ok((h, stored(len, &|| what.clone())?))))
+        })
+        .map_err(|e| map_sql(e, &what))?;
+    collect_rows(rows, &what)
+}
+
+/// Columns [`read_inode`] expects, in order.
+const INODE_COLUMNS: &str =
+    "host, counter, version, mode, uid, gid, rdev, size, atime_ns, mtime_ns,
+    ctime_ns, target, xattrs, origin";
+
+/// Decodes an inode row (without its chunk list). SQLite-level type errors
+/// surface through the outer `Result`, range/format errors through the inner.
+fn read_inode(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<InodeState, BackendError>> {
+    let id = ObjectId {
+        host: r.get(0)?,
+        counter: r.get::<_, i64>(1)? as u64,
+    };
+    let what = || format!("inode {id}");
+    let (version, size): (i64, i64) = (r.get(2)?, r.get(7)?);
+    let xattrs: Vec<u8> = r.get(12)?;
+    let (mode, uid, gid, rdev) = (r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?);
+    let (atime_ns, mtime_ns, ctime_ns) = (r.get(8)?, r.get(9)?, r.get(10)?);
+    let (target, origin) = (r.get(11)?, r.get(13)?);
+    Ok((|| {
+        Ok(InodeState {
+            id,
+            version: stored(version, &what)?,
+            mode,
+            uid,
+            gid,
+            rdev,
+            size: stored(size, &what)?,
+            atime_ns,
+            mtime_ns,
+            ctime_ns,
+            target,
+            xattrs: decode_xattrs(&xattrs, &id)?,
+            chunks: Vec::new(),
+            origin,
+        })
+    })())
+}
+
+/// Columns [`read_entry`] expects, in order.
+const ENTRY_COLUMNS: &str = "parent_host, parent_counter, name, child_host, child_counter, version";
+
+fn read_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry, BackendError>> {
+    let version: i64 = r.get(5)?;
+    let entry = Entry {
+        parent: ObjectId {
+            host: r.get(0)?,
+            counter: r.get::<_, i64>(1)? as u64,
+        },
+        name: r.get(2)?,
+        child: ObjectId {
+            host: r.get(3)?,
+            counter: r.get::<_, i64>(4)? as u64,
+        },
+        version: 0,
+    };
+    Ok(stored(version, &|| format!("entry {}", entry.parent))
+        .map(|version| Entry { version, ..entry }))
+}
+
+/// Collects rows decoded as `rusqlite::Result<Result<T>>`, mapping both layers.
+fn collect_rows<T>(
+    rows: impl Iterator<Item = rusqlite::Result<Result<T, BackendError>>>,
+    what: &str,
+) -> Result<Vec<T>, BackendError> {
+    rows.map(|row| row.map_err(|e| map_sql(e, what))?).collect()
+}
+
+/// Maps SQLite errors: lock timeouts and I/O on the volume (an unplugged
+/// disk or network mount) are transient; type mismatches and a damaged
+/// file are corruption.
+fn map_sql(e: rusqlite::Error, what: &str) -> BackendError {
+    use rusqlite::ffi::ErrorCode;
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::CannotOpen => BackendError::Unreachable {
+                location: "dir".into(),
+                detail: format!("{what}: {e}"),
+            },
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                BackendError::corrupt(format!("{what}: {e}"))
+            }
+            _ => BackendError::other(format!("{what}: {e}")),
+        },
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::Utf8Error(..) => BackendError::corrupt(format!("{what}: {e}")),
+        _ => BackendError::other(format!("{what}: {e}")),
+    }
+}
+
+fn io_error(e: std::io::Error, what: &str) -> BackendError {
+    BackendError::other(format!("{what}: {e}"))
+}

@@ -1,0 +1,677 @@
+//! Shared storage backends for ferry-fs replication.
+//!
+//! Every host keeps its own local store; its replicator pushes changes to a
+//! *backend* shared by all hosts of a volume, and pulls the other hosts'
+//! changes from the backend's change feed. This crate is that backend side:
+//!
+//! - [`Backend`] — the trait the replicator talks to. It stores
+//!   content-addressed chunks ([`ChunkHash`], at most [`MAX_CHUNK`] bytes)
+//!   and versioned metadata: inodes ([`InodeState`], keyed by a global
+//!   [`ObjectId`]) and directory entries ([`Entry`]).
+//! - Metadata changes arrive as a batch of [`Op`]s through
+//!   [`Backend::commit`]. Each op names the version it was based on; the
+//!   backend applies it only if that still is the current version, and
+//!   reports an [`Outcome`] per op. Conflicts are the replicator's to
+//!   resolve — nothing is lost here.
+//! - Each applied op appends a [`FeedItem`] to the change feed; other hosts
+//!   read it with [`Backend::feed`] / [`Backend::wait_feed`] and fetch the
+//!   current state. A new host starts from [`Backend::snapshot`].
+//! - [`open`] picks the implementation from the URL: `dir:PATH` (embedded
+//!   SQLite + chunk files, no server) or `postgres://…` (shared server,
+//!   LISTEN/NOTIFY feed). [`init`] creates a volume (what `ferry init` runs).
+//!
+//! Versions never repeat for a key: deleting keeps a tombstone, so a stale
+//! base from before a delete can never match a re-created inode or entry.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use ferry_backend::{ChunkHash, ObjectId, Op, Outcome, InodeState};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let url = format!("dir:{}", dir.path().display());
+//! ferry_backend::init(&url, "demo")?;
+//! let backend = ferry_backend::open(&url, Duration::from_secs(5))?;
+//!
+//! // Upload the content first, then commit metadata that refers to it.
+//! let data = b"hello, ferry";
+//! let hash = ChunkHash::of(data);
+//! backend.put_chunk(&hash, data)?;
+//!
+//! let id = ObjectId { host: 7, counter: 2 };
+//! let mut file = InodeState::new(id, 0o100644);
+//! file.size = data.len() as u64;
+//! file.chunks = vec![(hash, data.len() as u32)];
+//! let ops = [
+//!     Op::PutInode { state: file, base: None },
+//!     Op::PutEntry { parent: ObjectId::ROOT, name: b"hello.txt".to_vec(), child: id, base: None },
+//! ];
+//! let outcomes = backend.commit(7, &ops)?;
+//! assert_eq!(outcomes, vec![Outcome::Applied { version: 1 }, Outcome::Applied { version: 1 }]);
+//!
+//! // Another host follows the feed and fetches what changed.
+//! let feed = backend.feed(0, 100)?;
+//! assert_eq!(feed.len(), 3); // the root inode from `init`, then our two ops
+//! assert_eq!(backend.get_chunk(&hash)?, data);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+use std::fmt;
+use std::time::Duration;
+
+mod dir;
+mod error;
+mod postgres;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod url;
+
+pub use error::BackendError;
+pub use url::redact;
+
+use url::Location;
+
+/// Global identity of an inode: the host that created it plus that host's
+/// counter, so hosts can create inodes offline without colliding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectId {
+    /// Id of the creating host (0 is reserved for the volume itself).
+    pub host: u32,
+    /// Per-host counter.
+    pub counter: u64,
+}
+
+impl ObjectId {
+    /// The root directory, created by [`init`].
+    pub const ROOT: ObjectId = ObjectId {
+        host: 0,
+        counter: 1,
+    };
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.counter)
+    }
+}
+
+/// BLAKE3 hash of a chunk; chunks are stored and deduplicated by it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkHash(pub [u8; 32]);
+
+impl ChunkHash {
+    /// Hashes `data`.
+    pub fn of(data: &[u8]) -> ChunkHash {
+        ChunkHash(*blake3::hash(data).as_bytes())
+    }
+
+    /// Lower-case hex, as used in chunk file names.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    /// Reads a hash stored as bytes; anything but 32 bytes is corruption.
+    pub(crate) fn from_stored(bytes: &[u8], what: &str) -> Result<ChunkHash, BackendError> {
+        bytes
+            .try_into()
+            .map(ChunkHash)
+            .map_err(|_| BackendError::corrupt(format!("{what}: hash of {} bytes", bytes.len())))
+    }
+}
+
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkHash({})", self.to_hex())
+    }
+}
+
+/// Largest chunk the backend accepts: bounded so a chunk fits in memory and
+/// in one database value.
+pub const MAX_CHUNK: usize = 4 << 20;
+
+/// What the backend stores per inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InodeState {
+    /// Global identity.
+    pub id: ObjectId,
+    /// Backend-assigned: 1 on creation, +1 per applied change. Ignored on
+    /// input (the backend sets it).
+    pub version: u64,
+    /// File type and permission bits (`st_mode`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number for device nodes.
+    pub rdev: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Access time, ns since the epoch.
+    pub atime_ns: i64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// Status change time, ns since the epoch.
+    pub ctime_ns: i64,
+    /// Symlink target.
+    pub target: Option<Vec<u8>>,
+    /// Extended attributes (name, value), in the order given.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Regular files: ordered (hash, length) list; the concatenation is the content.
+    pub chunks: Vec<(ChunkHash, u32)>,
+    /// Host that made the last change (set by [`Backend::commit`]).
+    pub origin: u32,
+}
+
+impl InodeState {
+    /// An empty inode of the given mode, owned by root, times zero.
+    pub fn new(id: ObjectId, mode: u32) -> InodeState {
+        InodeState {
+            id,
+            version: 0,
+            mode,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            size: 0,
+            atime_ns: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            target: None,
+            xattrs: Vec::new(),
+            chunks: Vec::new(),
+            origin: 0,
+        }
+    }
+}
+
+/// A directory entry: `name` in directory `parent` refers to `child`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The directory.
+    pub parent: ObjectId,
+    /// Name bytes (any bytes but `/` and NUL; not checked here).
+    pub name: Vec<u8>,
+    /// The inode the name refers to.
+    pub child: ObjectId,
+    /// Backend-assigned version of this (parent, name) key.
+    pub version: u64,
+}
+
+/// One metadata change. Each carries the version it was based on and is
+/// applied only if that is still the current version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Create (`base: None`, the inode must not exist) or replace
+    /// (`base: Some(v)`, the current version must be `v`) an inode.
+    PutInode {
+        /// The new state; `version` and `origin` are set by the backend.
+        state: InodeState,
+        /// Expected current version.
+        base: Option<u64>,
+    },
+    /// Delete an inode whose current version is `base`.
+    DeleteInode {
+        /// Inode to delete.
+        id: ObjectId,
+        /// Expected current version.
+        base: u64,
+    },
+    /// Create (`base: None`, the name must be free) or replace
+    /// (`base: Some(v)`) a directory entry.
+    PutEntry {
+        /// The directory.
+        parent: ObjectId,
+        /// Name in it.
+        name: Vec<u8>,
+        /// Inode the name refers to.
+        child: ObjectId,
+        /// Expected current version.
+        base: Option<u64>,
+    },
+    /// Remove a directory entry whose current version is `base`.
+    DeleteEntry {
+        /// The directory.
+        parent: ObjectId,
+        /// Name in it.
+        name: Vec<u8>,
+        /// Expected current version.
+        base: u64,
+    },
+}
+
+/// Result of one [`Op`] in a [`Backend::commit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied; the object now has `version` (for deletes: the tombstone's).
+    Applied {
+        /// New version.
+        version: u64,
+    },
+    /// Not applied: the base did not match. `current` is the live version
+    /// (`None` if the object does not exist), for the replicator to rebase on.
+    Conflict {
+        /// Current version, if the object exists.
+        current: Option<u64>,
+    },
+}
+
+/// What a feed item says changed; the reader fetches the current state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FeedChange {
+    /// An inode was created, changed or deleted.
+    Inode(ObjectId),
+    /// A directory entry was created, changed or removed.
+    Entry {
+        /// The directory.
+        parent: ObjectId,
+        /// Name in it.
+        name: Vec<u8>,
+    },
+}
+
+/// One item of the change feed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedItem {
+    /// Position in the feed; strictly increasing in commit order.
+    pub seq: u64,
+    /// Host whose commit produced it (lets a host skip its own changes).
+    pub origin: u32,
+    /// What changed.
+    pub change: FeedChange,
+}
+
+/// Identity of a volume, fixed at [`init`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Human name given to `ferry init`.
+    pub name: String,
+    /// Random unique id (uuid-like), so hosts can tell two volumes apart.
+    pub volume_id: String,
+    /// Schema version of the stored data.
+    pub schema_version: u32,
+    /// Creation time, ns since the epoch.
+    pub created_ns: i64,
+}
+
+/// A shared store of chunks and versioned metadata with a change feed.
+///
+/// Implementations are safe to call from many threads at once, and every
+/// call is synchronous (a replicator runs in plain threads).
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// The volume's identity.
+    fn info(&self) -> Result<VolumeInfo, BackendError>;
+    /// Which of `hashes` the backend lacks (so only those are uploaded).
+    fn missing_chunks(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BackendError>;
+    /// Stores a chunk. Verifies `blake3(data) == hash` and the size bound;
+    /// idempotent.
+    fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), BackendError>;
+    /// Reads a chunk, verifying its hash: a truncated or altered chunk is
+    /// [`BackendError::Corrupt`], never returned as data.
+    fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, BackendError>;
+    /// Applies `ops` in one transaction, in order, each checked against its
+    /// base. Conflicting ops are not applied and are reported; the others
+    /// are applied (per-op, not all-or-nothing) and each appends to the
+    /// change feed. Returns one [`Outcome`] per op.
+    fn commit(&self, origin: u32, ops: &[Op]) -> Result<Vec<Outcome>, BackendError>;
+    /// Current state of an inode, `None` if it does not exist (or was deleted).
+    fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError>;
+    /// Entries of a directory, sorted by name.
+    fn entries(&self, parent: &ObjectId) -> Result<Vec<Entry>, BackendError>;
+    /// Whole namespace for a new host's restore: every inode and entry,
+    /// plus the feed seq they are consistent with (follow the feed from there).
+    fn snapshot(&self) -> Result<(u64, Vec<InodeState>, Vec<Entry>), BackendError>;
+    /// Up to `limit` feed items with `seq > after_seq`, in order.
+    fn feed(&self, after_seq: u64, limit: usize) -> Result<Vec<FeedItem>, BackendError>;
+    /// Blocks up to `timeout` until the feed has items after `after_seq`;
+    /// returns whether it has.
+    fn wait_feed(&self, after_seq: u64, timeout: Duration) -> Result<bool, BackendError>;
+}
+
+/// Opens the backend at `url`: `dir:PATH` or `postgres://…`/`postgresql://…`.
+///
+/// `connect_timeout` bounds connecting (and, for postgres, reconnecting
+/// later). The volume must exist ([`BackendError::NotInitialized`]) and have
+/// the supported schema version ([`BackendError::SchemaVersion`]).
+pub fn open(url: &str, connect_timeout: Duration) -> Result<Box<dyn Backend>, BackendError> {
+    Ok(match Location::parse(url)? {
+        Location::Dir(path) => Box::new(dir::DirBackend::open(&path)?),
+        Location::Postgres(url) => Box::new(postgres::PgBackend::open(&url, connect_timeout)?),
+    })
+}
+
+/// Creates a volume at `url` (what `ferry init` runs): the schema, then the
+/// root directory (mode `0o40755`, owned by root).
+///
+/// Refuses an existing volume with [`BackendError::AlreadyInitialized`];
+/// an existing volume of an older schema version is migrated instead.
+pub fn init(url: &str, volume_name: &str) -> Result<VolumeInfo, BackendError> {
+    match Location::parse(url)? {
+        Location::Dir(path) => dir::init(&path, volume_name),
+        Location::Postgres(url) => postgres::init(&url, volume_name, INIT_TIMEOUT),
+    }
+}
+
+/// Connect timeout for `init`, which runs once from the CLI.
+const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Schema version this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What `init` must do given the schema version found at the location
+/// (0 = no volume). Shared by both implementations so they agree.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum InitPlan {
+    /// Nothing there: run all migrations, then create the root and volume row.
+    Create,
+    /// An older volume: run the migrations after `from`.
+    Migrate {
+        /// Version found.
+        from: u32,
+    },
+}
+
+impl InitPlan {
+    /// Decides, or refuses a current/newer volume.
+    pub(crate) fn decide(
+        found: u32,
+        location: &str,
+        existing_name: impl FnOnce() -> String,
+    ) -> Result<InitPlan, BackendError> {
+        match found {
+            0 => Ok(InitPlan::Create),
+            SCHEMA_VERSION => Err(BackendError::AlreadyInitialized {
+                location: redact(location),
+                volume: existing_name(),
+            }),
+            v if v < SCHEMA_VERSION => Ok(InitPlan::Migrate { from: v }),
+            v => Err(BackendError::SchemaVersion {
+                found: v,
+                supported: SCHEMA_VERSION,
+            }),
+        }
+    }
+
+    /// Index of the first migration to run (`migrations[i]` goes from i to i+1).
+    pub(crate) fn first_migration(&self) -> usize {
+        match self {
+            InitPlan::Create => 0,
+            InitPlan::Migrate { from } => *from as usize,
+        }
+    }
+}
+
+/// Checks at open that the stored schema version is the supported one.
+pub(crate) fn check_schema(found: u32, location: &str) -> Result<(), BackendError> {
+    match found {
+        0 => Err(BackendError::NotInitialized {
+            location: redact(location),
+        }),
+        SCHEMA_VERSION => Ok(()),
+        v => Err(BackendError::SchemaVersion {
+            found: v,
+            supported: SCHEMA_VERSION,
+        }),
+    }
+}
+
+impl Op {
+    /// The key this op changes (which is also its feed item) and the
+    /// version it expects that key to have (`None` = absent).
+    pub(crate) fn target(&self) -> (FeedChange, Option<u64>) {
+        match self {
+            Op::PutInode { state, base } => (FeedChange::Inode(state.id), *base),
+            Op::DeleteInode { id, base } => (FeedChange::Inode(*id), Some(*base)),
+            Op::PutEntry {
+                parent, name, base, ..
+            } => (
+                FeedChange::Entry {
+                    parent: *parent,
+                    name: name.clone(),
+                },
+                *base,
+            ),
+            Op::DeleteEntry { parent, name, base } => (
+                FeedChange::Entry {
+                    parent: *parent,
+                    name: name.clone(),
+                },
+                Some(*base),
+            ),
+        }
+    }
+}
+
+/// The version check both implementations run for each op. `live` is the
+/// key's live version (`None` = absent or deleted), `row` the version of
+/// whatever row is stored (tombstones included).
+///
+/// Returns the version to write — one more than the stored row, so
+/// versions never repeat for a key — or the conflict to report.
+pub(crate) fn decide(
+    base: Option<u64>,
+    live: Option<u64>,
+    row: Option<u64>,
+) -> Result<u64, Outcome> {
+    if base != live {
+        return Err(Outcome::Conflict { current: live });
+    }
+    Ok(row.map_or(1, |v| v + 1))
+}
+
+impl FeedChange {
+    /// Stored form (kind, id, name): kind 0 = inode `id`; kind 1 = entry
+    /// `name` in directory `id`. Inverse of [`decode_feed_row`].
+    pub(crate) fn encode(&self) -> (i16, &ObjectId, Option<&[u8]>) {
+        match self {
+            FeedChange::Inode(id) => (0, id, None),
+            FeedChange::Entry { parent, name } => (1, parent, Some(name)),
+        }
+    }
+}
+
+/// Rejects a chunk upload whose size or hash is wrong.
+pub(crate) fn verify_upload(hash: &ChunkHash, data: &[u8]) -> Result<(), BackendError> {
+    if data.len() > MAX_CHUNK {
+        return Err(BackendError::Invalid {
+            detail: format!(
+                "chunk of {} bytes exceeds MAX_CHUNK ({MAX_CHUNK})",
+                data.len()
+            ),
+        });
+    }
+    if ChunkHash::of(data) != *hash {
+        return Err(BackendError::Invalid {
+            detail: format!("chunk data does not hash to {}", hash.to_hex()),
+        });
+    }
+    Ok(())
+}
+
+/// Verifies chunk bytes read back from storage.
+pub(crate) fn verify_stored(hash: &ChunkHash, data: Vec<u8>) -> Result<Vec<u8>, BackendError> {
+    if data.len() > MAX_CHUNK || ChunkHash::of(&data) != *hash {
+        return Err(BackendError::corrupt(format!(
+            "chunk {} ({} bytes stored) does not match its hash",
+            hash.to_hex(),
+            data.len()
+        )));
+    }
+    Ok(data)
+}
+
+/// Encodes xattrs as one blob: (u32 len, bytes) for each name and value.
+/// One column instead of a table: xattrs are small and always read whole.
+pub(crate) fn encode_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in xattrs {
+        for part in [name, value] {
+            out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            out.extend_from_slice(part);
+        }
+    }
+    out
+}
+
+/// Extended attributes as stored in [`InodeState::xattrs`].
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Inverse of [`encode_xattrs`]; a malformed blob is [`BackendError::Corrupt`].
+pub(crate) fn decode_xattrs(mut blob: &[u8], id: &ObjectId) -> Result<Xattrs, BackendError> {
+    let corrupt = || BackendError::corrupt(format!("xattrs of inode {id}"));
+    let take = |blob: &mut &[u8]| -> Result<Vec<u8>, BackendError> {
+        let (len, rest) = blob.split_first_chunk::<4>().ok_or_else(corrupt)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err(corrupt());
+        }
+        let (part, rest) = rest.split_at(len);
+        *blob = rest;
+        Ok(part.to_vec())
+    };
+    let mut xattrs = Vec::new();
+    while !blob.is_empty() {
+        let name = take(&mut blob)?;
+        let value = take(&mut blob)?;
+        xattrs.push((name, value));
+    }
+    Ok(xattrs)
+}
+
+/// Converts a stored signed integer to the unsigned field it holds; a
+/// negative or too large value is corruption.
+pub(crate) fn stored<T: TryFrom<i64>>(
+    value: i64,
+    what: &dyn Fn() -> String,
+) -> Result<T, BackendError> {
+    T::try_from(value)
+        .map_err(|_| BackendError::corrupt(format!("{}: value {value} out of range", what())))
+}
+
+/// Decodes a stored feed row. Kind 0 is an inode change (`host`,
+/// `counter` = its id), kind 1 an entry change (`host`, `counter` = the
+/// parent, plus `name`); both backends store the feed this way.
+pub(crate) fn decode_feed_row(
+    seq: i64,
+    origin: i64,
+    kind: i64,
+    host: i64,
+    counter: i64,
+    name: Option<Vec<u8>>,
+) -> Result<FeedItem, BackendError> {
+    let what = || format!("feed item {seq}");
+    let id = ObjectId {
+        host: stored(host, &what)?,
+        counter: counter as u64,
+    };
+    let change = match (kind, name) {
+        (0, None) => FeedChange::Inode(id),
+        (1, Some(name)) => FeedChange::Entry { parent: id, name },
+        (kind, _) => return Err(BackendError::corrupt(format!("{}: kind {kind}", what()))),
+    };
+    Ok(FeedItem {
+        seq: stored(seq, &what)?,
+        origin: stored(origin, &what)?,
+        change,
+    })
+}
+
+/// A fresh uuid-like volume id (v4 layout) from BLAKE3 of time, pid and a
+/// process-local counter; unique enough to tell volumes apart without a
+/// uuid/rand dependency.
+pub(crate) fn new_volume_id(name: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&now_ns().to_le_bytes());
+    hasher.update(&std::process::id().to_le_bytes());
+    hasher.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    hasher.update(name.as_bytes());
+    let mut b = *hasher.finalize().as_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b[..16].iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// Now, ns since the epoch.
+pub(crate) fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// The root directory `init` creates.
+pub(crate) fn root_inode(now: i64) -> InodeState {
+    let mut root = InodeState::new(ObjectId::ROOT, 0o40755);
+    root.version = 1;
+    root.atime_ns = now;
+    root.mtime_ns = now;
+    root.ctime_ns = now;
+    root
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xattrs_round_trip_and_garbage_is_corrupt() {
+        let id = ObjectId {
+            host: 1,
+            counter: 2,
+        };
+        let x = vec![
+            (b"user.a".to_vec(), b"1".to_vec()),
+            (b"user.b".to_vec(), vec![]),
+        ];
+        assert_eq!(decode_xattrs(&encode_xattrs(&x), &id).unwrap(), x);
+        let blob = encode_xattrs(&x);
+        for cut in 1..blob.len() {
+            // Every truncation either decodes to fewer pairs or is Corrupt; never panics.
+            if let Ok(got) = decode_xattrs(&blob[..cut], &id) {
+                assert!(got.len() < x.len());
+            }
+        }
+        assert!(matches!(
+            decode_xattrs(&[0xff, 0xff, 0xff, 0xff, 1], &id),
+            Err(BackendError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn init_plan_refuses_current_and_newer() {
+        assert_eq!(
+            InitPlan::decide(0, "dir:/x", String::new).unwrap(),
+            InitPlan::Create
+        );
+        assert!(matches!(
+            InitPlan::decide(SCHEMA_VERSION, "dir:/x", || "v".into()),
+            Err(BackendError::AlreadyInitialized { .. })
+        ));
+        assert!(matches!(
+            InitPlan::decide(SCHEMA_VERSION + 1, "dir:/x", String::new),
+            Err(BackendError::SchemaVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn volume_ids_are_uuid_shaped_and_distinct() {
+        let a = new_volume_id("v");
+        let b = new_volume_id("v");
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+    }
+}

@@ -1,0 +1,1054 @@
+//! `postgres://…` — the shared backend for many hosts.
+//!
+//! The trait is synchronous (the replicator runs in plain threads), so the
+//! backend owns a private tokio runtime with one worker that drives the
+//! connections; each call `block_on`s its query with a timeout. Do not call
+//! it from inside another tokio runtime (use `spawn_blocking` there).
+//!
+//! Connections live in a small pool. A connection that failed or timed out
+//! is dropped, and the next call connects anew, so a server restart needs no
+//! new backend object. `wait_feed` keeps one extra connection that
+//! `LISTEN`s on `ferry_feed`; `commit` sends `NOTIFY` in its transaction.
+//!
+//! Chunks are `bytea` rows (≤ 4 MiB, TOASTed out of line) rather than large
+//! objects: they commit in the same transactions as everything else, need no
+//! `lo_unlink` bookkeeping when they are garbage-collected, and survive
+//! `pg_dump` without extra flags.
+//!
+//! TLS is not supported yet (`NoTls`): use it on a trusted network or
+//! through a tunnel.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Runtime;
+use tokio::sync::watch;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Transaction};
+
+use crate::{
+    check_schema, decide, decode_feed_row, decode_xattrs, encode_xattrs, new_volume_id, now_ns,
+    redact, root_inode, stored, verify_stored, verify_upload, Backend, BackendError, ChunkHash,
+    Entry, FeedChange, FeedItem, InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo,
+};
+
+/// Bound on any one call after connecting (a query, a commit, a chunk
+/// transfer). Generous for 4 MiB chunks on a slow link; a dead server is
+/// usually noticed much sooner (connection reset or refused).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Advisory lock key taken by every `commit` (and `init`). It makes the
+/// feed's seq order equal to commit order: without it, a transaction that
+/// took seq 10 could commit after one that took seq 11, and a reader that
+/// already passed 11 would never see 10.
+const COMMIT_LOCK: i64 = 0x6665_7272_7900; // "ferry\0"
+
+/// How often `commit` retries itself after a deadlock or serialization
+/// failure (possible only with writers that bypass `COMMIT_LOCK`).
+const COMMIT_ATTEMPTS: usize = 3;
+
+/// `MIGRATIONS[i]` upgrades schema version `i` to `i + 1`. All integers are
+/// `bigint`: PostgreSQL has no unsigned types and u32 fields must round-trip.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE ferry_volume (
+        id int PRIMARY KEY CHECK (id = 1),
+        name text NOT NULL,
+        volume_id text NOT NULL,
+        schema_version int NOT NULL,
+        created_ns bigint NOT NULL
+    );
+    -- Deleted inodes stay as tombstones (deleted) so versions never repeat.
+    CREATE TABLE ferry_inodes (
+        host bigint NOT NULL,
+        counter bigint NOT NULL,
+        version bigint NOT NULL,
+        deleted boolean NOT NULL,
+        mode bigint NOT NULL,
+        uid bigint NOT NULL,
+        gid bigint NOT NULL,
+        rdev bigint NOT NULL,
+        size bigint NOT NULL,
+        atime_ns bigint NOT NULL,
+        mtime_ns bigint NOT NULL,
+        ctime_ns bigint NOT NULL,
+        target bytea,
+        xattrs bytea NOT NULL,
+        origin bigint NOT NULL,
+        PRIMARY KEY (host, counter)
+    );
+    -- A table so chunk garbage collection can find unreferenced chunks.
+    CREATE TABLE ferry_inode_chunks (
+        host bigint NOT NULL,
+        counter bigint NOT NULL,
+        idx int NOT NULL,
+        hash bytea NOT NULL,
+        len bigint NOT NULL,
+        PRIMARY KEY (host, counter, idx)
+    );
+    CREATE INDEX ferry_inode_chunks_hash ON ferry_inode_chunks (hash);
+    CREATE TABLE ferry_entries (
+        parent_host bigint NOT NULL,
+        parent_counter bigint NOT NULL,
+        name bytea NOT NULL,
+        child_host bigint NOT NULL,
+        child_counter bigint NOT NULL,
+        version bigint NOT NULL,
+        deleted boolean NOT NULL,
+        PRIMARY KEY (parent_host, parent_counter, name)
+    );
+    CREATE TABLE ferry_chunks (
+        hash bytea PRIMARY KEY,
+        data bytea NOT NULL
+    );
+    -- kind 0: inode (host, counter); kind 1: entry (parent host, counter, name).
+    CREATE TABLE ferry_feed (
+        seq bigserial PRIMARY KEY,
+        origin bigint NOT NULL,
+        kind smallint NOT NULL,
+        host bigint NOT NULL,
+        counter bigint NOT NULL,
+        name bytea
+    );
+"];
+
+/// The `postgres://` backend.
+pub(crate) struct PgBackend {
+    rt: Runtime,
+    config: Config,
+    location: String,
+    pool: Mutex<Vec<Client>>,
+    listener: Mutex<Option<Listener>>,
+}
+
+/// The LISTEN connection: its client (kept so the connection stays open)
+/// and a counter bumped on every notification.
+struct Listener {
+    _client: Client,
+    notified: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for PgBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBackend")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Creates (or migrates) the volume in the database at `url`.
+pub(crate) fn init(
+    url: &str,
+    volume_name: &str,
+    connect_timeout: Duration,
+) -> Result<VolumeInfo, BackendError> {
+    let backend = PgBackend::new(url, connect_timeout)?;
+    let info = backend.call("init", async |client, loc| {
+        let err = pg_error(loc, "init");
+        let tx = client.transaction().await.map_err(err)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
+            .await
+            .map_err(err)?;
+        let found = schema_version(&tx, loc).await?;
+        let existing = match found {
+            0 => String::new(),
+            _ => read_info(&tx, loc)
+                .await
+                .map_or_else(|e| format!("<{e}>"), |i| i.name),
+        };
+        let plan = InitPlan::decide(found, loc, || existing)?;
+        for migration in &MIGRATIONS[plan.first_migration()..] {
+            tx.batch_execute(migration).await.map_err(err)?;
+        }
+        let version = MIGRATIONS.len() as i32;
+        if plan == InitPlan::Create {
+            let now = now_ns();
+            tx.execute(
+                "INSERT INTO ferry_volume (id, name, volume_id, schema_version, created_ns)
+                 VALUES (1, $1, $2, $3, $4)",
+                &[&volume_name, &new_volume_id(volume_name), &version, &now],
+            )
+            .await
+            .map_err(err)?;
+            apply(
+                &tx,
+                loc,
+                0,
+                &Op::PutInode {
+                    state: root_inode(now),
+                    base: None,
+                },
+            )
+            .await?;
+        } else {
+            tx.execute("UPDATE ferry_volume SET schema_version = $1", &[&version])
+                .await
+                .map_err(err)?;
+        }
+        let info = read_info(&tx, loc).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(info)
+    })?;
+    tracing::info!(location = %backend.location, volume = %info.name, "initialized postgres backend");
+    Ok(info)
+}
+
+impl PgBackend {
+    /// Opens an initialized volume, checking its schema version.
+    pub(crate) fn open(url: &str, connect_timeout: Duration) -> Result<PgBackend, BackendError> {
+        let backend = PgBackend::new(url, connect_timeout)?;
+        let found = backend.call("open", async |client, loc| {
+            schema_version(client, loc).await
+        })?;
+        check_schema(found, url)?;
+        Ok(backend)
+    }
+
+    /// Parses the URL and fills in credentials; connects lazily.
+    fn new(url: &str, connect_timeout: Duration) -> Result<PgBackend, BackendError> {
+        let location = redact(url);
+        let mut config: Config = url.parse().map_err(|e| BackendError::Invalid {
+            detail: format!("bad postgres URL {location}: {e}"),
+        })?;
+        config.connect_timeout(connect_timeout);
+        config.application_name("ferry");
+        fill_credentials(&mut config);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("ferry-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| BackendError::other(format!("starting postgres runtime: {e}")))?;
+        Ok(PgBackend {
+            rt,
+            config,
+            location,
+            pool: Mutex::new(Vec::new()),
+            listener: Mutex::new(None),
+        })
+    }
+
+    /// Connects, bounded by the connect timeout (tokio-postgres applies it
+    /// per address; this bounds the whole attempt).
+    async fn connect(
+        config: &Config,
+        location: &str,
+    ) -> Result<
+        (
+            Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        ),
+        BackendError,
+    > {
+        let limit = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(CALL_TIMEOUT);
+        match tokio::time::timeout(limit, config.connect(NoTls)).await {
+            Ok(result) => result.map_err(pg_error(location, "connect")),
+            Err(_) => Err(BackendError::Unreachable {
+                location: location.to_owned(),
+                detail: format!("connect timed out after {limit:?}"),
+            }),
+        }
+    }
+
+    /// Runs `f` on a pooled (or new) connection under [`CALL_TIMEOUT`].
+    /// The connection goes back to the pool only if the call succeeded or
+    /// failed without touching the connection's health.
+    fn call<T>(
+        &self,
+        what: &str,
+        f: impl AsyncFnOnce(&mut Client, &str) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let pooled = {
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.retain(|c| !c.is_closed());
+            pool.pop()
+        };
+        let location = self.location.as_str();
+        let result = self.rt.block_on(async {
+            let mut client = match pooled {
+                Some(client) => client,
+                None => {
+                    let (client, connection) = Self::connect(&self.config, location).await?;
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!("postgres connection ended: {e}");
+                        }
+                    });
+                    client
+                }
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, f(&mut client, location)).await {
+                Ok(result) => Ok((result, client)),
+                Err(_) => Err(BackendError::Unreachable {
+                    location: location.to_owned(),
+                    detail: format!("{what} timed out after {CALL_TIMEOUT:?}"),
+                }),
+            }
+        });
+        let (result, client) = result?;
+        let healthy =
+            !client.is_closed() && !matches!(result, Err(BackendError::Unreachable { .. }));
+        if healthy {
+            self.pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(client);
+        }
+        result
+    }
+
+    /// The LISTEN connection's notification counter, connecting it if it is
+    /// not there or has died.
+    fn notifications(&self) -> Result<watch::Receiver<u64>, BackendError> {
+        let mut listener = self.listener.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = listener.as_ref() {
+            if l.notified.has_changed().is_ok() {
+                return Ok(l.notified.clone());
+            }
+        }
+        *listener = None;
+        let location = self.location.as_str();
+        let new = self.rt.block_on(async {
+            let (client, mut connection) = Self::connect(&self.config, location).await?;
+            let (tx, rx) = watch::channel(0u64);
+            tokio::spawn(async move {
+                // Driving the connection delivers notifications; when it
+                // ends, dropping `tx` tells waiters to reconnect.
+                while let Some(message) =
+                    std::future::poll_fn(|cx| connection.poll_message(cx)).await
+                {
+                    match message {
+                        Ok(AsyncMessage::Notification(_)) => tx.send_modify(|n| *n += 1),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!("postgres LISTEN connection ended: {e}");
+                            break;
+                        }
+                    }
+                }
+            });
+            with_timeout(
+                location,
+                "LISTEN",
+                client.batch_execute("LISTEN ferry_feed"),
+            )
+            .await?;
+            Ok::<_, BackendError>(Listener {
+                _client: client,
+                notified: rx,
+            })
+        })?;
+        let rx = new.notified.clone();
+        *listener = Some(new);
+        Ok(rx)
+    }
+
+    fn max_seq(&self) -> Result<u64, BackendError> {
+        self.call("feed position", async |c, loc| max_seq(c, loc).await)
+    }
+}
+
+impl Backend for PgBackend {
+    fn info(&self) -> Result<VolumeInfo, BackendError> {
+        self.call("info", async |c, loc| read_info(c, loc).await)
+    }
+
+    fn missing_chunks(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BackendError> {
+        let keys: Vec<&[u8]> = hashes.iter().map(|h| &h.0[..]).collect();
+        let present = self.call("missing_chunks", async |c, loc| {
+            let rows = c
+                .query(
+                    "SELECT hash FROM ferry_chunks WHERE hash = ANY($1)",
+                    &[&keys],
+                )
+                .await
+                .map_err(pg_error(loc, "missing_chunks"))?;
+            Ok(rows
+                .iter()
+                .map(|r| r.get::<_, Vec<u8>>(0))
+                .collect::<Vec<_>>())
+        })?;
+        Ok(hashes
+            .iter()
+            .filter(|h| !present.iter().any(|p| p[..] == h.0[..]))
+            .copied()
+            .collect())
+    }
+
+    fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), BackendError> {
+        verify_upload(hash, data)?;
+        self.call("put_chunk", async |c, loc| {
+            // Same hash = same content; only a damaged row (wrong length) is rewritten.
+            c.execute(
+                "INSERT INTO ferry_chunks (hash, data) VALUES ($1, $2)
+                 ON CONFLICT (hash) DO UPDATE SET data = EXCLUDED.data
+                 WHERE length(ferry_chunks.data) <> length(EXCLUDED.data)",
+                &[&&hash.0[..], &data],
+            )
+            .await
+            .map_err(pg_error(loc, "put_chunk"))?;
+            Ok(())
+        })
+    }
+
+    fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, BackendError> {
+        let data = self.call("get_chunk", async |c, loc| {
+            let row = c
+                .query_opt(
+                    "SELECT data FROM ferry_chunks WHERE hash = $1",
+                    &[&&hash.0[..]],
+                )
+                .await
+                .map_err(pg_error(loc, "get_chunk"))?;
+            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        })?;
+        let data = data.ok_or_else(|| BackendError::NotFound {
+            what: format!("chunk {}", hash.to_hex()),
+        })?;
+        verify_stored(hash, data)
+    }
+
+    fn commit(&self, origin: u32, ops: &[Op]) -> Result<Vec<Outcome>, BackendError> {
+        self.call("commit", async |c, loc| {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match commit_once(c, loc, origin, ops).await {
+                    Err(CommitError::Retry(e)) if attempt < COMMIT_ATTEMPTS => {
+                        tracing::debug!("commit retry after {e}");
+                    }
+                    Err(CommitError::Retry(e)) => return Err(pg_error(loc, "commit")(e)),
+                    Err(CommitError::Fatal(e)) => return Err(e),
+                    Ok(outcomes) => return Ok(outcomes),
+                }
+            }
+        })
+    }
+
+    fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError> {
+        self.call("inode", async |c, loc| {
+            let err = pg_error(loc, "inode");
+            let row = c
+                .query_opt(
+                    &format!(
+                        "SELECT {INODE_COLUMNS} FROM ferry_inodes
+                         WHERE host = $1 AND counter = $2 AND NOT deleted"
+                    ),
+                    &[&i64::from(id.host), &(id.counter as i64)],
+                )
+                .await
+                .map_err(err)?;
+            let Some(row) = row else { return Ok(None) };
+            let mut inode = read_inode(&row)?;
+            let chunks = c
+                .query(
+                    "SELECT host, counter, hash, len FROM ferry_inode_chunks
+                     WHERE host = $1 AND counter = $2 ORDER BY idx",
+                    &[&i64::from(id.host), &(id.counter as i64)],
+                )
+                .await
+                .map_err(err)?;
+            attach_chunks(std::slice::from_mut(&mut inode), &chunks)?;
+            Ok(Some(inode))
+        })
+    }
+
+    fn entries(&self, parent: &ObjectId) -> Result<Vec<Entry>, BackendError> {
+        self.call("entries", async |c, loc| {
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {ENTRY_COLUMNS} FROM ferry_entries
+                         WHERE parent_host = $1 AND parent_counter = $2 AND NOT deleted ORDER BY name"
+                    ),
+                    &[&i64::from(parent.host), &(parent.counter as i64)],
+                )
+                .await
+                .map_err(pg_error(loc, "entries"))?;
+            rows.iter().map(read_entry).collect()
+        })
+    }
+
+    fn snapshot(&self) -> Result<(u64, Vec<InodeState>, Vec<Entry>), BackendError> {
+        self.call("snapshot", async |c, loc| {
+            let err = pg_error(loc, "snapshot");
+            // REPEATABLE READ: every query sees the same snapshot; with
+            // COMMIT_LOCK, a visible max(seq) means all lower seqs are visible too.
+            let tx = c
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(err)?;
+            let seq = max_seq(&tx, loc).await?;
+            let inode_rows = tx
+                .query(
+                    &format!("SELECT {INODE_COLUMNS} FROM ferry_inodes WHERE NOT deleted ORDER BY host, counter"),
+                    &[],
+                )
+                .await
+                .map_err(err)?;
+            let mut inodes = inode_rows.iter().map(read_inode).collect::<Result<Vec<_>, _>>()?;
+            let chunk_rows = tx
+                .query(
+                    "SELECT host, counter, hash, len FROM ferry_inode_chunks ORDER BY host, counter, idx",
+                    &[],
+                )
+                .await
+                .map_err(err)?;
+            attach_chunks(&mut inodes, &chunk_rows)?;
+            let entry_rows = tx
+                .query(
+                    &format!(
+                        "SELECT {ENTRY_COLUMNS} FROM ferry_entries WHERE NOT deleted
+                         ORDER BY parent_host, parent_counter, name"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(err)?;
+            let entries = entry_rows.iter().map(read_entry).collect::<Result<Vec<_>, _>>()?;
+            tx.commit().await.map_err(err)?;
+            Ok((seq, inodes, entries))
+        })
+    }
+
+    fn feed(&self, after_seq: u64, limit: usize) -> Result<Vec<FeedItem>, BackendError> {
+        self.call("feed", async |c, loc| {
+            let rows = c
+                .query(
+                    "SELECT seq, origin, kind, host, counter, name FROM ferry_feed
+                     WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&(after_seq as i64), &(limit as i64)],
+                )
+                .await
+                .map_err(pg_error(loc, "feed"))?;
+            rows.iter()
+                .map(|r| {
+                    let kind: i16 = r.get(2);
+                    decode_feed_row(
+                        r.get(0),
+                        r.get(1),
+                        kind.into(),
+                        r.get(3),
+                        r.get(4),
+                        r.get(5),
+                    )
+                })
+                .collect()
+        })
+    }
+
+    fn wait_feed(&self, after_seq: u64, timeout: Duration) -> Result<bool, BackendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Subscribe before checking, so a commit between the check and
+            // the wait still wakes us.
+            let mut notified = self.notifications()?;
+            notified.borrow_and_update();
+            if self.max_seq()? > after_seq {
+                return Ok(true);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Ok(false);
+            }
+            // A closed channel (LISTEN connection lost) also ends the wait;
+            // the next round reconnects.
+            if self
+                .rt
+                .block_on(async { tokio::time::timeout(remaining, notified.changed()).await })
+                .is_err()
+            {
+                return Ok(self.max_seq()? > after_seq);
+            }
+        }
+    }
+}
+
+/// Why one commit attempt failed: worth retrying in a fresh transaction
+/// (deadlock, serialization failure) or not.
+enum CommitError {
+    Retry(tokio_postgres::Error),
+    Fatal(BackendError),
+}
+
+async fn commit_once(
+    c: &mut Client,
+    loc: &str,
+    origin: u32,
+    ops: &[Op],
+) -> Result<Vec<Outcome>, CommitError> {
+    let classify = |e: tokio_postgres::Error| match e.code() {
+        Some(code)
+            if *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE =>
+        {
+            CommitError::Retry(e)
+        }
+        _ => CommitError::Fatal(pg_error(loc, "commit")(e)),
+    };
+    let tx = c.transaction().await.map_err(classify)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
+        .await
+        .map_err(classify)?;
+    let mut outcomes = Vec::with_capacity(ops.len());
+    for op in ops {
+        outcomes.push(
+            apply(&tx, loc, origin, op)
+                .await
+                .map_err(CommitError::Fatal)?,
+        );
+    }
+    if outcomes
+        .iter()
+        .any(|o| matches!(o, Outcome::Applied { .. }))
+    {
+        // Delivered to listeners when (and only if) the transaction commits.
+        tx.execute("SELECT pg_notify('ferry_feed', '')", &[])
+            .await
+            .map_err(classify)?;
+    }
+    tx.commit().await.map_err(classify)?;
+    Ok(outcomes)
+}
+
+/// Applies one op inside `tx`: checks its base under `FOR UPDATE`, writes,
+/// appends to the feed.
+async fn apply(
+    tx: &Transaction<'_>,
+    loc: &str,
+    origin: u32,
+    op: &Op,
+) -> Result<Outcome, BackendError> {
+    let err = pg_error(loc, "commit");
+    let (change, base) = op.target();
+    let row = match &change {
+        FeedChange::Inode(id) => {
+            tx.query_opt(
+                "SELECT version, deleted FROM ferry_inodes WHERE host = $1 AND counter = $2 FOR UPDATE",
+                &[&i64::from(id.host), &(id.counter as i64)],
+            )
+            .await
+        }
+        FeedChange::Entry { parent, name } => {
+            tx.query_opt(
+                "SELECT version, deleted FROM ferry_entries
+                 WHERE parent_host = $1 AND parent_counter = $2 AND name = $3 FOR UPDATE",
+                &[&i64::from(parent.host), &(parent.counter as i64), name],
+            )
+            .await
+        }
+    }
+    .map_err(err)?;
+    let row = row
+        .map(|r| {
+            let deleted: bool = r.get(1);
+            stored::<u64>(r.get(0), &|| format!("version of {change:?}")).map(|v| (v, deleted))
+        })
+        .transpose()?;
+    let live = row.filter(|(_, deleted)| !deleted).map(|(v, _)| v);
+    let version = match decide(base, live, row.map(|(v, _)| v)) {
+        Ok(version) => version as i64,
+        Err(conflict) => return Ok(conflict),
+    };
+    let origin = i64::from(origin);
+    match op {
+        Op::PutInode { state: s, .. } => {
+            let id = (i64::from(s.id.host), s.id.counter as i64);
+            tx.execute(
+                "INSERT INTO ferry_inodes (host, counter, version, deleted, mode, uid, gid, rdev, size,
+                    atime_ns, mtime_ns, ctime_ns, target, xattrs, origin)
+                 VALUES ($1, $2, $3, false, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                 ON CONFLICT (host, counter) DO UPDATE SET version = EXCLUDED.version, deleted = false,
+                    mode = EXCLUDED.mode, uid = EXCLUDED.uid, gid = EXCLUDED.gid, rdev = EXCLUDED.rdev,
+                    size = EXCLUDED.size, atime_ns = EXCLUDED.atime_ns, mtime_ns = EXCLUDED.mtime_ns,
+                    ctime_ns = EXCLUDED.ctime_ns, target = EXCLUDED.target, xattrs = EXCLUDED.xattrs,
+                    origin = EXCLUDED.origin",
+                &[
+                    &id.0,
+                    &id.1,
+                    &version,
+                    &i64::from(s.mode),
+                    &i64::from(s.uid),
+                    &i64::from(s.gid),
+                    &i64::from(s.rdev),
+                    &(s.size as i64),
+                    &s.atime_ns,
+                    &s.mtime_ns,
+                    &s.ctime_ns,
+                    &s.target,
+                    &encode_xattrs(&s.xattrs),
+                    &origin,
+                ],
+            )
+            .await
+            .map_err(err)?;
+            replace_chunk_list(tx, loc, &s.id, &s.chunks).await?;
+        }
+        Op::DeleteInode { id, .. } => {
+            tx.execute(
+                "UPDATE ferry_inodes SET version = $3, deleted = true, origin = $4
+                 WHERE host = $1 AND counter = $2",
+                &[&i64::from(id.host), &(id.counter as i64), &version, &origin],
+            )
+            .await
+            .map_err(err)?;
+            replace_chunk_list(tx, loc, id, &[]).await?;
+        }
+        Op::PutEntry {
+            parent,
+            name,
+            child,
+            ..
+        } => {
+            tx.execute(
+                "INSERT INTO ferry_entries (parent_host, parent_counter, name, child_host, child_counter,
+                    version, deleted) VALUES ($1, $2, $3, $4, $5, $6, false)
+                 ON CONFLICT (parent_host, parent_counter, name) DO UPDATE SET
+                    child_host = EXCLUDED.child_host, child_counter = EXCLUDED.child_counter,
+                    version = EXCLUDED.version, deleted = false",
+                &[
+                    &i64::from(parent.host),
+                    &(parent.counter as i64),
+                    name,
+                    &i64::from(child.host),
+                    &(child.counter as i64),
+                    &version,
+                ],
+            )
+            .await
+            .map_err(err)?;
+        }
+        Op::DeleteEntry { parent, name, .. } => {
+            tx.execute(
+                "UPDATE ferry_entries SET version = $4, deleted = true
+                 WHERE parent_host = $1 AND parent_counter = $2 AND name = $3",
+                &[
+                    &i64::from(parent.host),
+                    &(parent.counter as i64),
+                    name,
+                    &version,
+                ],
+            )
+            .await
+            .map_err(err)?;
+        }
+    }
+    let (kind, id, name) = change.encode();
+    tx.execute(
+        "INSERT INTO ferry_feed (origin, kind, host, counter, name) VALUES ($1, $2, $3, $4, $5)",
+        &[
+            &origin,
+            &kind,
+            &i64::from(id.host),
+            &(id.counter as i64),
+            &name,
+        ],
+    )
+    .await
+    .map_err(err)?;
+    Ok(Outcome::Applied {
+        version: version as u64,
+    })
+}
+
+async fn replace_chunk_list(
+    tx: &Transaction<'_>,
+    loc: &str,
+    id: &ObjectId,
+    chunks: &[(ChunkHash, u32)],
+) -> Result<(), BackendError> {
+    let err = pg_error(loc, "commit chunk list");
+    let key = (i64::from(id.host), id.counter as i64);
+    tx.execute(
+        "DELETE FROM ferry_inode_chunks WHERE host = $1 AND counter = $2",
+        &[&key.0, &key.1],
+    )
+    .await
+    .map_err(err)?;
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    // One statement for the whole list: arrays unnested WITH ORDINALITY give the index.
+    let hashes: Vec<&[u8]> = chunks.iter().map(|(h, _)| &h.0[..]).collect();
+    let lens: Vec<i64> = chunks.iter().map(|(_, l)| i64::from(*l)).collect();
+    tx.execute(
+        "INSERT INTO ferry_inode_chunks (host, counter, idx, hash, len)
+         SELECT $1, $2, (c.i - 1)::int, c.hash, c.len FROM unnest($3::bytea[], $4::bigint[])
+            WITH ORDINALITY AS c(hash, len, i)",
+        &[&key.0, &key.1, &hashes, &lens],
+    )
+    .await
+    .map_err(err)?;
+    Ok(())
+}
+
+/// Schema version stored at the location; 0 if there is no volume table.
+async fn schema_version(c: &impl GenericClient, loc: &str) -> Result<u32, BackendError> {
+    let err = pg_error(loc, "reading schema version");
+    let exists: bool = c
+        .query_one("SELECT to_regclass('ferry_volume') IS NOT NULL", &[])
+        .await
+        .map_err(err)?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    let row = c
+        .query_opt("SELECT schema_version FROM ferry_volume WHERE id = 1", &[])
+        .await
+        .map_err(err)?;
+    row.map_or(Ok(0), |r| {
+        stored(i64::from(r.get::<_, i32>(0)), &|| "schema version".into())
+    })
+}
+
+async fn read_info(c: &impl GenericClient, loc: &str) -> Result<VolumeInfo, BackendError> {
+    let row = c
+        .query_one(
+            "SELECT name, volume_id, schema_version, created_ns FROM ferry_volume WHERE id = 1",
+            &[],
+        )
+        .await
+        .map_err(pg_error(loc, "volume info"))?;
+    Ok(VolumeInfo {
+        name: row.get(0),
+        volume_id: row.get(1),
+        schema_version: stored(i64::from(row.get::<_, i32>(2)), &|| "schema version".into())?,
+        created_ns: row.get(3),
+    })
+}
+
+async fn max_seq(c: &impl GenericClient, loc: &str) -> Result<u64, BackendError> {
+    let seq: i64 = c
+        .query_one("SELECT COALESCE(MAX(seq), 0) FROM ferry_feed", &[])
+        .await
+        .map_err(pg_error(loc, "feed position"))?
+        .get(0);
+    stored(seq, &|| "feed seq".into())
+}
+
+/// Columns [`read_inode`] expects, in order.
+const INODE_COLUMNS: &str =
+    "host, counter, version, mode, uid, gid, rdev, size, atime_ns, mtime_ns,
+    ctime_ns, target, xattrs, origin";
+
+/// Decodes an inode row (chunk list attached separately). Every value is
+/// range-checked: a garbage row is `Corrupt`, never a panic.
+fn read_inode(r: &tokio_postgres::Row) -> Result<InodeState, BackendError> {
+    let id = object_id(r, 0, "inode")?;
+    let what = || format!("inode {id}");
+    let field = |i: usize| -> Result<i64, BackendError> { get(r, i, &what) };
+    let xattrs: Vec<u8> = get(r, 12, &what)?;
+    Ok(InodeState {
+        id,
+        version: stored(field(2)?, &what)?,
+        mode: stored(field(3)?, &what)?,
+        uid: stored(field(4)?, &what)?,
+        gid: stored(field(5)?, &what)?,
+        rdev: stored(field(6)?, &what)?,
+        size: stored(field(7)?, &what)?,
+        atime_ns: field(8)?,
+        mtime_ns: field(9)?,
+        ctime_ns: field(10)?,
+        target: get(r, 11, &what)?,
+        xattrs: decode_xattrs(&xattrs, &id)?,
+        chunks: Vec::new(),
+        origin: stored(field(13)?, &what)?,
+    })
+}
+
+/// Distributes chunk rows (host, counter, hash, len — sorted like
+/// `inodes`, by id then index) onto their inodes.
+fn attach_chunks(
+    inodes: &mut [InodeState],
+    rows: &[tokio_postgres::Row],
+) -> Result<(), BackendError> {
+    let mut inodes = inodes.iter_mut().peekable();
+    for r in rows {
+        let id = object_id(r, 0, "chunk list")?;
+        let what = || format!("chunk list of inode {id}");
+        let hash = ChunkHash::from_stored(&get::<Vec<u8>>(r, 2, &what)?, &what())?;
+        let len = stored(get(r, 3, &what)?, &what)?;
+        // Rows of deleted inodes were removed with them; skip any strays.
+        while inodes.next_if(|i| i.id < id).is_some() {}
+        if let Some(inode) = inodes.peek_mut().filter(|i| i.id == id) {
+            inode.chunks.push((hash, len));
+        }
+    }
+    Ok(())
+}
+
+/// Columns [`read_entry`] expects, in order.
+const ENTRY_COLUMNS: &str = "parent_host, parent_counter, name, child_host, child_counter, version";
+
+fn read_entry(r: &tokio_postgres::Row) -> Result<Entry, BackendError> {
+    let parent = object_id(r, 0, "entry")?;
+    let what = || format!("entry in {parent}");
+    Ok(Entry {
+        parent,
+        name: get(r, 2, &what)?,
+        child: object_id(r, 3, "entry child")?,
+        version: stored(get(r, 5, &what)?, &what)?,
+    })
+}
+
+/// Reads an id from columns `i` (host) and `i + 1` (counter).
+fn object_id(r: &tokio_postgres::Row, i: usize, what: &str) -> Result<ObjectId, BackendError> {
+    let what = || what.to_owned();
+    Ok(ObjectId {
+        host: stored(get(r, i, &what)?, &what)?,
+        counter: get::<i64>(r, i + 1, &what)? as u64,
+    })
+}
+
+/// Typed column access that reports a type mismatch as corruption.
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+    r: &'a tokio_postgres::Row,
+    i: usize,
+    what: &dyn Fn() -> String,
+) -> Result<T, BackendError> {
+    r.try_get(i)
+        .map_err(|e| BackendError::corrupt(format!("{}: column {i}: {e}", what())))
+}
+
+/// Runs a future on a connection under [`CALL_TIMEOUT`].
+async fn with_timeout<T>(
+    loc: &str,
+    what: &str,
+    f: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, BackendError> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(result) => result.map_err(pg_error(loc, what)),
+        Err(_) => Err(BackendError::Unreachable {
+            location: loc.to_owned(),
+            detail: format!("{what} timed out after {CALL_TIMEOUT:?}"),
+        }),
+    }
+}
+
+/// Maps a tokio-postgres error for call `what` at (redacted) `loc`:
+/// connection trouble and server shutdown are transient; class 28 is Auth.
+fn pg_error<'a>(
+    loc: &'a str,
+    what: &'a str,
+) -> impl Fn(tokio_postgres::Error) -> BackendError + Copy + 'a {
+    move |e| {
+        let location = loc.to_owned();
+        if let Some(db) = e.as_db_error() {
+            let code = db.code().code();
+            let detail = format!("{what}: {} ({code})", db.message());
+            return match &code[..2] {
+                "28" => BackendError::Auth { location, detail },
+                // connection exception, insufficient resources (too many
+                // connections), operator intervention (shutdown, restart).
+                "08" | "53" | "57" => BackendError::Unreachable { location, detail },
+                _ => BackendError::other(format!("{location}: {detail}")),
+            };
+        }
+        let detail = format!("{what}: {e}");
+        if e.to_string().contains("password missing") {
+            BackendError::Auth { location, detail }
+        } else if e.is_closed()
+            || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+        {
+            BackendError::Unreachable { location, detail }
+        } else {
+            BackendError::other(format!("{location}: {detail}"))
+        }
+    }
+}
+
+/// Fills in what the URL left out the way libpq would: user from `PGUSER`
+/// or `USER`, password from `PGPASSWORD` or the password file (`PGPASSFILE`,
+/// default `~/.pgpass`). tokio-postgres reads none of these itself.
+fn fill_credentials(config: &mut Config) {
+    if config.get_user().is_none() {
+        if let Ok(user) = std::env::var("PGUSER").or_else(|_| std::env::var("USER")) {
+            config.user(user);
+        }
+    }
+    if config.get_password().is_some() {
+        return;
+    }
+    if let Ok(password) = std::env::var("PGPASSWORD") {
+        config.password(password);
+        return;
+    }
+    let file = std::env::var_os("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".pgpass")));
+    let Some(contents) = file.and_then(|f| std::fs::read_to_string(f).ok()) else {
+        return;
+    };
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_owned(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let user = config.get_user().unwrap_or_default().to_owned();
+    let dbname = config.get_dbname().unwrap_or(&user).to_owned();
+    if let Some(password) = pgpass_lookup(&contents, [&host, &port, &dbname, &user]) {
+        config.password(password);
+    }
+}
+
+/// Finds the password for (host, port, dbname, user) in `.pgpass` text:
+/// lines `host:port:db:user:password`, `*` matches anything, `\` escapes.
+fn pgpass_lookup(contents: &str, want: [&str; 4]) -> Option<String> {
+    contents.lines().find_map(|line| {
+        if line.starts_with('#') {
+            return None;
+        }
+        let mut fields = vec![String::new()];
+        let mut chars = line.chars();
+        while let Some(ch) = chars.next() {
+            match ch {
+                '\\' => fields.last_mut()?.push(chars.next()?),
+                ':' if fields.len() < 5 => fields.push(String::new()),
+                _ => fields.last_mut()?.push(ch),
+            }
+        }
+        let [host, port, db, user, password] = <[String; 5]>::try_from(fields).ok()?;
+        let matches = [host, port, db, user]
+            .iter()
+            .zip(want)
+            .all(|(pattern, value)| pattern == "*" || pattern == value);
+        matches.then_some(password)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgpass_matches_wildcards_and_escapes() {
+        let file = "# comment\n\
+                    db.example:5432:ferry:alice:first\n\
+                    *:*:*:bob:b\\:ob\\\\pw\n\
+                    short:line\n";
+        assert_eq!(
+            pgpass_lookup(file, ["db.example", "5432", "ferry", "alice"]).as_deref(),
+            Some("first")
+        );
+        assert_eq!(
+            pgpass_lookup(file, ["other", "1", "x", "bob"]).as_deref(),
+            Some("b:ob\\pw")
+        );
+        assert_eq!(
+            pgpass_lookup(file, ["db.example", "5433", "ferry", "alice"]),
+            None
+        );
+    }
+}
