@@ -29,11 +29,13 @@ mounted.run()?;             // serves until `ferry umount /mnt/vol`
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod control;
 pub mod error;
 pub mod fsck;
 pub mod fuse;
 pub mod log;
 pub mod mount;
+pub mod replicate;
 pub mod store;
 pub mod vfs;
 

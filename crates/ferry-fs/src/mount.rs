@@ -13,9 +13,11 @@ use std::sync::Arc;
 
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 
+use crate::control;
 use crate::error::StoreError;
 use crate::fuse::FerryFs;
-use crate::store::Store;
+use crate::replicate::{self, Fetcher, Replicator};
+use crate::store::{Queries, Store};
 use crate::vfs::Vfs;
 
 /// How to mount a volume.
@@ -34,6 +36,11 @@ pub struct MountConfig {
     /// Pass open files through to their data files when the kernel and
     /// privileges allow (`-o passthrough`, the default, or `nopassthrough`).
     pub passthrough: bool,
+    /// The shared backend to replicate to (`dir:PATH`, `postgres://…`);
+    /// `None` keeps the volume local.
+    pub backend: Option<String>,
+    /// Replication backlog, in bytes, above which writers slow down.
+    pub max_backlog: u64,
 }
 
 impl MountConfig {
@@ -47,6 +54,8 @@ impl MountConfig {
             read_only: false,
             threads: 4,
             passthrough: true,
+            backend: None,
+            max_backlog: 1 << 30,
         }
     }
 
@@ -101,6 +110,8 @@ pub enum MountError {
     Store(StoreError),
     /// The kernel refused the mount.
     Mount(PathBuf, io::Error),
+    /// A new host could not restore the volume from its backend.
+    Backend(String),
 }
 
 impl fmt::Display for MountError {
@@ -118,6 +129,9 @@ impl fmt::Display for MountError {
             MountError::BadOption(o) => write!(f, "unknown mount option {o:?}"),
             MountError::Store(e) => e.fmt(f),
             MountError::Mount(p, e) => write!(f, "mounting {}: {e}", p.display()),
+            MountError::Backend(e) => {
+                write!(f, "cannot restore the volume into the empty store: {e}")
+            }
         }
     }
 }
@@ -168,6 +182,20 @@ pub fn mounted_source(mountpoint: &Path) -> Option<String> {
     })
 }
 
+/// The stores of every ferry volume mounted in this mount namespace.
+pub fn ferry_stores() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once(" - ")?;
+            let mut fields = rest.split(' ');
+            let fstype = fields.next()?;
+            let source = PathBuf::from(unescape(fields.next()?));
+            (fstype.starts_with("fuse") && control::socket_path(&source).exists()).then_some(source)
+        })
+        .collect()
+}
+
 /// Undoes mountinfo's octal escapes (`\040` for a space).
 fn unescape(s: &str) -> String {
     let bytes = s.as_bytes();
@@ -192,12 +220,17 @@ fn unescape(s: &str) -> String {
 /// A live mount: the kernel has answered INIT, so the mountpoint works.
 pub struct Mounted {
     session: Session<FerryFs>,
+    /// Stopped (and joined) once the session ends.
+    replicator: Option<Replicator>,
 }
 
 impl Mounted {
-    /// Serves requests until the volume is unmounted.
+    /// Serves requests until the volume is unmounted, then stops
+    /// replication; what it had not shipped ships at the next mount.
     pub fn run(self) -> io::Result<()> {
-        self.session.run()
+        let result = self.session.run();
+        drop(self.replicator);
+        result
     }
 
     /// A handle that unmounts from another thread (a signal handler thread).
@@ -210,12 +243,43 @@ impl Mounted {
 pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
     preflight(&cfg.mountpoint)?;
     let store = Store::open(&cfg.store)?;
-    let vfs = Vfs::new(store, cfg.read_only).map_err(|e| {
+    let db = |e| {
         MountError::Store(StoreError::Db {
             path: cfg.store.clone(),
             source: e,
         })
-    })?;
+    };
+    if let Some(url) = &cfg.backend {
+        let fresh = store
+            .read(|r| Ok::<_, rusqlite::Error>(r.log_head()? == 0 && r.inode_count()? == 1))
+            .map_err(db)?;
+        if fresh {
+            // A new host: show the volume's whole namespace from the start.
+            // This one time the backend must answer; afterwards it never has to.
+            let backend = ferry_backend::open(url, replicate::CONNECT_TIMEOUT)
+                .map_err(|e| MountError::Backend(e.to_string()))?;
+            replicate::restore(&store, &*backend)
+                .map_err(|e| MountError::Backend(e.to_string()))?;
+        }
+    }
+    let vfs = Arc::new(Vfs::new(store, cfg.read_only).map_err(db)?);
+    let replicator = match &cfg.backend {
+        Some(url) if !cfg.read_only => {
+            let r = Replicator::start(
+                vfs.clone(),
+                replicate::Config {
+                    url: url.clone(),
+                    max_backlog: cfg.max_backlog,
+                },
+            )
+            .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
+            vfs.attach_backend(Arc::new(Fetcher::new(url.clone())), r.shared().clone());
+            Some(r)
+        }
+        _ => None,
+    };
+    control::serve(vfs.clone(), replicator.as_ref().map(|r| r.shared().clone()))
+        .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
     let store_name = std::fs::canonicalize(&cfg.store).unwrap_or_else(|_| cfg.store.clone());
     let mut options = vec![
         MountOption::FSName(store_name.to_string_lossy().into_owned()),
@@ -243,10 +307,13 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
     config.clone_fd = true;
     // Passthrough registers files with the kernel, which takes CAP_SYS_ADMIN.
     let passthrough = cfg.passthrough && nix::unistd::geteuid().is_root();
-    let fs = FerryFs::new(Arc::new(vfs), passthrough);
+    let fs = FerryFs::new(vfs, passthrough);
     let session = Session::new(fs, &cfg.mountpoint, &config)
         .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
-    Ok(Mounted { session })
+    Ok(Mounted {
+        session,
+        replicator,
+    })
 }
 
 /// Flushes and unmounts the ferry volume at `mountpoint`.

@@ -603,7 +603,9 @@ pub trait Queries {
     /// The newest log sequence number (0 for an empty log).
     fn log_head(&self) -> rusqlite::Result<u64> {
         self.conn()
-            .query_row("SELECT coalesce(max(seq), 0) FROM log", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT coalesce(max(seq), 0) FROM log", [], |r| {
+                r.get::<_, i64>(0)
+            })
             .map(|v| v as u64)
     }
 
@@ -662,7 +664,9 @@ pub trait Queries {
     fn pending(&self, seq: u64) -> rusqlite::Result<(u64, Option<Nanos>)> {
         self.conn()
             .prepare_cached("SELECT count(*), min(at) FROM log WHERE seq>?1")?
-            .query_row([seq as i64], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+            .query_row([seq as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+            })
     }
 }
 

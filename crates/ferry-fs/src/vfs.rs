@@ -32,6 +32,14 @@ pub const XATTR_NAME_MAX: usize = 255;
 /// Largest xattr value (the kernel's XATTR_SIZE_MAX).
 pub const XATTR_SIZE_MAX: usize = 65536;
 
+/// Where the bytes of files that are not cached here come from (the
+/// backend, through [`crate::replicate::Fetcher`]).
+pub trait ContentSource: Send + Sync {
+    /// Writes the concatenation of `chunks` (BLAKE3 hash, length) to
+    /// `dest`, atomically; the error is a one-line reason.
+    fn fetch(&self, chunks: &[(Vec<u8>, u32)], dest: &std::path::Path) -> Result<(), String>;
+}
+
 /// Who is asking: the kernel's view of the calling process.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
@@ -93,6 +101,12 @@ pub struct Vfs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     open: Mutex<HashMap<u64, OpenState>>,
     next_fh: AtomicU64,
+    /// Fetches uncached files; set when the volume has a backend.
+    source: std::sync::OnceLock<Arc<dyn ContentSource>>,
+    /// One fetch at a time, so two opens of an uncached file fetch it once.
+    fetching: Mutex<()>,
+    /// The replicator's backlog gauge, for backpressure.
+    replication: std::sync::OnceLock<Arc<crate::replicate::Shared>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -196,6 +210,9 @@ impl Vfs {
             handles: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            source: std::sync::OnceLock::new(),
+            fetching: Mutex::new(()),
+            replication: std::sync::OnceLock::new(),
         };
         if !read_only {
             vfs.reap_orphans()?;
@@ -206,6 +223,71 @@ impl Vfs {
     /// The store underneath.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Connects the volume's backend: where uncached files come from, and
+    /// the backlog that slows writers down.
+    pub fn attach_backend(
+        &self,
+        source: Arc<dyn ContentSource>,
+        replication: Arc<crate::replicate::Shared>,
+    ) {
+        let _ = self.source.set(source);
+        let _ = self.replication.set(replication);
+    }
+
+    /// Backpressure: while the replication backlog is over its limit, each
+    /// operation that adds to it waits up to 200 ms for it to drain. Writers
+    /// slow down; they never fail, and with the backend offline they still
+    /// make progress.
+    fn throttle(&self) {
+        let Some(r) = self.replication.get() else {
+            return;
+        };
+        for _ in 0..20 {
+            if !r.over_backlog() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Makes sure the data file of `ino` holds its bytes, fetching them from
+    /// the backend if this host never had them (or evicted them).
+    fn ensure_cached(&self, ino: u64) -> Result<(), Errno> {
+        if self.inode(ino)?.cached {
+            return Ok(());
+        }
+        let _one = lock(&self.fetching);
+        let inode = self.inode(ino)?;
+        if inode.cached {
+            return Ok(());
+        }
+        let Some(source) = self.source.get() else {
+            error!(
+                "inode {} ({}) is not cached and no backend is attached",
+                ino,
+                inode.global_id()
+            );
+            return Err(Errno::EIO);
+        };
+        let chunks = self.store.read(|r| r.chunks(ino)).map_err(db_err)?;
+        let path = self.store.data_path(ino);
+        if let Err(e) = source.fetch(&chunks, &path) {
+            error!(
+                "fetching inode {} ({}) from the backend: {e}",
+                ino,
+                inode.global_id()
+            );
+            return Err(Errno::EIO);
+        }
+        // The data file is a regular file's mtime; keep the restored one.
+        if let Ok(f) = File::options().write(true).open(&path) {
+            let _ = f.set_modified(to_system_time(inode.mtime));
+        }
+        self.store
+            .write(|tx| tx.set_cached(ino, true))
+            .map_err(db_err)
     }
 
     fn reap_orphans(&self) -> rusqlite::Result<()> {
@@ -239,7 +321,15 @@ impl Vfs {
     /// inode's ctime forward (a write or truncate changes both).
     pub fn attr(&self, inode: &Inode) -> Result<FileAttr, Errno> {
         let kind = inode.kind();
-        let (size, blocks, mtime, ctime) = if kind == Kind::File {
+        let (size, blocks, mtime, ctime) = if kind == Kind::File && !inode.cached {
+            // Only the backend has the bytes; the row has what they add up to.
+            (
+                inode.size,
+                inode.size.div_ceil(512),
+                inode.mtime,
+                inode.ctime,
+            )
+        } else if kind == Kind::File {
             let meta = std::fs::metadata(self.store.data_path(inode.ino)).map_err(|e| {
                 error!(
                     "data file of inode {} ({}): {e}",
@@ -308,6 +398,9 @@ impl Vfs {
             TimeOrNow::SpecificTime(t) => from_kernel_time(*t),
         };
         let is_file = self.inode(ino)?.kind() == Kind::File;
+        if is_file && (set.size.is_some() || set.mtime.is_some()) {
+            self.ensure_cached(ino)?;
+        }
         let only_times = set.mode.is_none()
             && set.uid.is_none()
             && set.gid.is_none()
@@ -465,6 +558,7 @@ impl Vfs {
         self.writable()?;
         check_name(name)?;
         let kind = Kind::from_mode(mode).ok_or(Errno::EINVAL)?;
+        self.throttle();
         let inode = self.store.write(|tx| -> Result<Inode, TxError> {
             let dir = tx.inode(parent)?.ok_or(Errno::ENOENT)?;
             if dir.kind() != Kind::Dir {
@@ -707,6 +801,7 @@ impl Vfs {
         if inode.kind() != Kind::File {
             return Err(Errno::EINVAL);
         }
+        self.ensure_cached(ino)?;
         let file = OpenOptions::new()
             .read(true)
             .write(!self.read_only)
@@ -765,6 +860,7 @@ impl Vfs {
         if self.in_logged_run(ino) {
             return Ok(());
         }
+        self.throttle();
         self.store.write(|tx| tx.content(ino)).map_err(db_err)?;
         // Only a run inside an open is coalesced; without writers (a
         // truncate by path, say) every change is logged on its own.

@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ferry_fs::control;
 use ferry_fs::mount::{self, MountConfig};
 
 /// Subcommands of this family.
@@ -26,6 +27,30 @@ pub enum Command {
         mountpoint: PathBuf,
         /// Give up waiting for the daemon after this many seconds.
         #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Create a volume at a backend: `dir:PATH` or `postgres://…`.
+    Init {
+        /// Where: `dir:PATH` (embedded, no server) or `postgres://user@host/db`.
+        backend: String,
+        /// The volume's name.
+        #[arg(long, default_value = "ferry")]
+        name: String,
+    },
+    /// Show replication state: pending changes, last contact, errors, conflicts.
+    Status {
+        /// A ferry mountpoint [default: every ferry mount].
+        mountpoint: Option<PathBuf>,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until everything written before this call is committed at the backend.
+    Sync {
+        /// The ferry mountpoint.
+        mountpoint: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
     /// Check offline that a store is intact and its change log matches it.
@@ -50,6 +75,13 @@ pub struct MountArgs {
     /// Stay in the foreground and serve until unmounted.
     #[arg(long, short = 'f')]
     foreground: bool,
+    /// Replicate to this backend (`dir:PATH` or `postgres://…`, made by
+    /// `ferry init`); without it the volume stays local.
+    #[arg(long)]
+    backend: Option<String>,
+    /// Pending bytes above which writers slow down (suffixes K, M, G).
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    max_backlog: u64,
     /// Where to mount.
     mountpoint: PathBuf,
 }
@@ -62,6 +94,21 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             mountpoint,
             timeout,
         } => umount_cmd(&mountpoint, Duration::from_secs(timeout)),
+        Command::Init { backend, name } => {
+            let info = ferry_backend::init(&backend, &name)?;
+            println!(
+                "created volume {:?} ({}) at {}",
+                info.name,
+                info.volume_id,
+                ferry_backend::redact(&backend)
+            );
+            Ok(())
+        }
+        Command::Status { mountpoint, json } => status_cmd(mountpoint.as_deref(), json),
+        Command::Sync {
+            mountpoint,
+            timeout,
+        } => sync_cmd(&mountpoint, Duration::from_secs(timeout)),
         Command::Fsck { store } => {
             let report = ferry_fs::fsck::check(&store)?;
             println!(
@@ -142,6 +189,8 @@ fn mount_cmd(args: MountArgs) -> anyhow::Result<()> {
         None => default_store(&args.mountpoint)?,
     };
     let mut cfg = MountConfig::new(store, args.mountpoint.clone());
+    cfg.backend = args.backend.clone();
+    cfg.max_backlog = args.max_backlog;
     for opts in &args.options {
         cfg.apply_options(opts)?;
     }
@@ -275,4 +324,147 @@ fn umount_cmd(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
         mountpoint.display(),
         timeout.as_secs()
     )
+}
+
+/// Parses a byte count with an optional K, M, G or T suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+/// The store behind a ferry mountpoint.
+fn store_of(mountpoint: &Path) -> anyhow::Result<PathBuf> {
+    mount::mounted_source(mountpoint)
+        .map(PathBuf::from)
+        .filter(|s| control::socket_path(s).exists())
+        .with_context(|| format!("{} is not a ferry mount", mountpoint.display()))
+}
+
+fn status_cmd(mountpoint: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let stores = match mountpoint {
+        Some(m) => vec![store_of(m)?],
+        None => mount::ferry_stores(),
+    };
+    if stores.is_empty() {
+        bail!("no ferry volume is mounted");
+    }
+    for store in stores {
+        let report = control::request(&store, "status")
+            .with_context(|| format!("asking the daemon of {}", store.display()))?
+            .next()
+            .context("the daemon closed the connection")??;
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print_status(&report);
+        }
+    }
+    Ok(())
+}
+
+fn print_status(r: &control::Report) {
+    let s = &r.status;
+    println!("store:    {}", r.store);
+    if r.local_only {
+        println!("backend:  none (local only)");
+        return;
+    }
+    println!("backend:  {}", s.backend);
+    let age = s
+        .oldest_pending_age_s
+        .map_or(String::new(), |a| format!(", oldest {a:.1}s old"));
+    println!(
+        "pending:  {} changes, {} bytes{age}",
+        s.pending_ops, s.pending_bytes
+    );
+    let contact = s.last_contact.map_or("never".to_string(), |t| {
+        let ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+            - t;
+        format!("{ago:.1}s ago")
+    });
+    println!("contact:  {contact}");
+    println!(
+        "errors:   {}{}",
+        s.errors,
+        s.last_error
+            .as_ref()
+            .map_or(String::new(), |e| format!(" (last: {e})"))
+    );
+    println!("conflicts: {}", s.conflicts);
+}
+
+fn sync_cmd(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let store = store_of(mountpoint)?;
+    let deadline = Instant::now() + timeout;
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let store = store.clone();
+        // The reader thread ends when the daemon finishes or the socket
+        // closes; we stop listening at the deadline either way.
+        std::thread::spawn(move || match control::request(&store, "sync") {
+            Ok(lines) => {
+                for line in lines {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        });
+    }
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} syncing {pos}/{len} changes {msg}")
+                .expect("static template"),
+        );
+        bar
+    });
+    let mut start: Option<u64> = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let report = match rx.recv_timeout(left) {
+            Ok(r) => r.context("talking to the daemon")?,
+            Err(_) => bail!(
+                "sync: not everything is at the backend after {}s",
+                timeout.as_secs()
+            ),
+        };
+        if report.local_only {
+            return Ok(());
+        }
+        let target = report.target_seq.unwrap_or(report.status.head_seq);
+        let first = *start.get_or_insert(report.status.shipped_seq);
+        if let Some(bar) = &bar {
+            bar.set_length(target.saturating_sub(first));
+            bar.set_position(report.status.shipped_seq.min(target).saturating_sub(first));
+            bar.set_message(report.status.last_error.clone().unwrap_or_default());
+        }
+        if report.done {
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            return Ok(());
+        }
+    }
 }

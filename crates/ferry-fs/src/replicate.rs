@@ -1,0 +1,905 @@
+//! Replication: background threads ship the change log to a backend, and a
+//! new host restores a volume from one.
+//!
+//! The shipper reads the log after the last shipped record, coalesces the
+//! batch into *state*: every inode and every directory entry the batch
+//! touched is sent as it is now (or deleted, if it is gone). So a file
+//! written many times uploads once, create-then-delete sends nothing, and a
+//! crash that repeats a batch only repeats the same state. Chunks are
+//! content-addressed (BLAKE3, ≤ 4 MiB) and only the ones the backend lacks
+//! are uploaded.
+//!
+//! Every put carries the backend version the object was last seen at; the
+//! backend applies it only if that still matches. A mismatch that is our own
+//! earlier write (its acknowledgement was lost in a crash) is adopted; any
+//! other is kept as a conflict and the object is held back — never
+//! overwritten.
+//!
+//! Writers never wait on any of this: the shipper runs on its own thread,
+//! retries with capped exponential backoff, and only a full backlog
+//! (`max_backlog`) slows writers down, a little per operation.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_backend::{
+    Backend, BackendError, ChunkHash, InodeState, ObjectId, Op, Outcome, MAX_CHUNK,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::log::{Change, LogRecord};
+use crate::store::{Inode, Kind, Queries, Store, Tx};
+use crate::vfs::Vfs;
+
+/// Records shipped per backend transaction.
+const BATCH: usize = 2048;
+/// How long a backend call may take to connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The backend key of an inode: `i` + host + counter.
+fn inode_key(id: ObjectId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(13);
+    k.push(b'i');
+    k.extend_from_slice(&id.host.to_be_bytes());
+    k.extend_from_slice(&id.counter.to_be_bytes());
+    k
+}
+
+/// The backend key of a directory entry: `e` + parent id + name.
+fn entry_key(parent: ObjectId, name: &[u8]) -> Vec<u8> {
+    let mut k = inode_key(parent);
+    k[0] = b'e';
+    k.extend_from_slice(name);
+    k
+}
+
+fn object_id(inode: &Inode) -> ObjectId {
+    ObjectId {
+        host: inode.host,
+        counter: inode.counter,
+    }
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// What `ferry status` shows.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// The backend, with any password removed.
+    pub backend: String,
+    /// Log records not yet committed at the backend.
+    pub pending_ops: u64,
+    /// Bytes of file contents those records may need to upload.
+    pub pending_bytes: u64,
+    /// Age in seconds of the oldest pending record.
+    pub oldest_pending_age_s: Option<f64>,
+    /// Unix time of the last successful backend call.
+    pub last_contact: Option<f64>,
+    /// The last error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Errors since the daemon started.
+    pub errors: u64,
+    /// Conflicts kept, waiting to be resolved.
+    pub conflicts: u64,
+    /// Last log record committed at the backend.
+    pub shipped_seq: u64,
+    /// Newest log record.
+    pub head_seq: u64,
+    /// Chunks uploaded and bytes sent since the daemon started.
+    pub chunks_uploaded: u64,
+    /// Bytes uploaded since the daemon started.
+    pub bytes_uploaded: u64,
+}
+
+/// How the replicator runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `dir:PATH` or `postgres://…`.
+    pub url: String,
+    /// Backlog (bytes of pending contents) above which writers slow down.
+    pub max_backlog: u64,
+}
+
+/// State shared between the shipper thread, the vfs and the control socket.
+pub struct Shared {
+    status: Mutex<Status>,
+    stop: AtomicBool,
+    /// Pending content bytes, read by writers on every first write.
+    backlog: AtomicU64,
+    max_backlog: u64,
+}
+
+impl Shared {
+    /// A copy of the current status.
+    pub fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether writers should slow down.
+    pub fn over_backlog(&self) -> bool {
+        self.backlog.load(Ordering::Relaxed) > self.max_backlog
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// The running replicator: a handle on the shipper thread.
+///
+/// Dropping it stops the thread and joins it. That is safe at any moment:
+/// nothing is acknowledged locally before the backend committed it, so a
+/// stop mid-batch only means the batch is shipped again next time.
+pub struct Replicator {
+    shared: Arc<Shared>,
+    store_waker: Arc<Vfs>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Replicator {
+    /// Starts shipping `vfs`'s log to the backend at `cfg.url`. The backend
+    /// need not be reachable: the thread keeps trying.
+    pub fn start(vfs: Arc<Vfs>, cfg: Config) -> std::io::Result<Replicator> {
+        let shared = Arc::new(Shared {
+            status: Mutex::new(Status {
+                backend: ferry_backend::redact(&cfg.url),
+                ..Status::default()
+            }),
+            stop: AtomicBool::new(false),
+            backlog: AtomicU64::new(0),
+            max_backlog: cfg.max_backlog,
+        });
+        let thread = {
+            let (vfs, shared) = (vfs.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("ferry-replicate".into())
+                .spawn(move || Shipper::new(vfs, cfg.url, shared).run())?
+        };
+        Ok(Replicator {
+            shared,
+            store_waker: vfs,
+            thread: Some(thread),
+        })
+    }
+
+    /// The state shared with the thread.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.store_waker.store().wake_log_waiters();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                warn!("the replication thread panicked");
+            }
+        }
+    }
+}
+
+/// Capped exponential backoff: 100 ms doubling to 10 s, reset on success.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const CAP: Duration = Duration::from_secs(10);
+
+    fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        d
+    }
+}
+
+/// Why a batch did not ship.
+#[derive(Debug)]
+enum ShipError {
+    Backend(BackendError),
+    Store(rusqlite::Error),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for ShipError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShipError::Backend(e) => e.fmt(f),
+            ShipError::Store(e) => write!(f, "local store: {e}"),
+            ShipError::Io(e) => write!(f, "reading a data file: {e}"),
+        }
+    }
+}
+
+impl From<BackendError> for ShipError {
+    fn from(e: BackendError) -> Self {
+        ShipError::Backend(e)
+    }
+}
+impl From<rusqlite::Error> for ShipError {
+    fn from(e: rusqlite::Error) -> Self {
+        ShipError::Store(e)
+    }
+}
+impl From<std::io::Error> for ShipError {
+    fn from(e: std::io::Error) -> Self {
+        ShipError::Io(e)
+    }
+}
+
+/// One op of a batch and the local object it ships.
+struct Planned {
+    op: Op,
+    key: Vec<u8>,
+    /// For files: the chunk list to remember once applied.
+    chunks: Option<(u64, Vec<([u8; 32], u32)>)>,
+    what: String,
+}
+
+struct Shipper {
+    vfs: Arc<Vfs>,
+    url: String,
+    shared: Arc<Shared>,
+    backend: Option<Box<dyn Backend>>,
+}
+
+impl Shipper {
+    fn new(vfs: Arc<Vfs>, url: String, shared: Arc<Shared>) -> Shipper {
+        Shipper {
+            vfs,
+            url,
+            shared,
+            backend: None,
+        }
+    }
+
+    fn store(&self) -> &Store {
+        self.vfs.store()
+    }
+
+    fn run(mut self) {
+        let mut backoff = Backoff::new();
+        let mut generation = 0;
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            if let Err(e) = self.refresh_status() {
+                warn!("replication status: {e}");
+            }
+            let shipped = self.shipped_seq();
+            let batch = match self.store().read(|r| r.log_after(shipped, BATCH)) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.failed(&ShipError::Store(e));
+                    self.pause(backoff.step());
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                generation = self
+                    .store()
+                    .wait_for_log(generation, Duration::from_secs(1));
+                continue;
+            }
+            match self.ship(&batch) {
+                Ok(()) => {
+                    backoff.reset();
+                    self.shared.update(|s| {
+                        s.last_contact = Some(unix_secs(SystemTime::now()));
+                        s.last_error = None;
+                    });
+                }
+                Err(e) => {
+                    self.failed(&e);
+                    self.pause(backoff.step());
+                }
+            }
+        }
+    }
+
+    fn failed(&mut self, e: &ShipError) {
+        warn!("replication: {e}; retrying");
+        if matches!(e, ShipError::Backend(b) if !b.is_transient()) {
+            // A fresh connection may see a repaired or re-initialised backend.
+            self.backend = None;
+        }
+        self.shared.update(|s| {
+            s.last_error = Some(e.to_string());
+            s.errors += 1;
+        });
+    }
+
+    /// Sleeps, waking early when the replicator stops.
+    fn pause(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        while !self.shared.stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20).min(d));
+        }
+    }
+
+    fn shipped_seq(&self) -> u64 {
+        self.store()
+            .read(|r| r.meta_int("shipped_seq"))
+            .ok()
+            .flatten()
+            .unwrap_or(0) as u64
+    }
+
+    fn refresh_status(&self) -> Result<(), rusqlite::Error> {
+        let shipped = self.shipped_seq();
+        let (pending, oldest, head, conflicts, content) = self.store().read(|r| {
+            let (pending, oldest) = r.pending(shipped)?;
+            Ok::<_, rusqlite::Error>((
+                pending,
+                oldest,
+                r.log_head()?,
+                r.conflicts()?.len() as u64,
+                r.pending_content(shipped)?,
+            ))
+        })?;
+        let bytes: u64 = content
+            .iter()
+            .filter_map(|&ino| std::fs::metadata(self.store().data_path(ino)).ok())
+            .map(|m| m.len())
+            .sum();
+        self.shared.backlog.store(bytes, Ordering::Relaxed);
+        let now = crate::store::now();
+        self.shared.update(|s| {
+            s.pending_ops = pending;
+            s.pending_bytes = bytes;
+            s.oldest_pending_age_s = oldest.map(|t| (now - t).max(0) as f64 / 1e9);
+            s.shipped_seq = shipped;
+            s.head_seq = head;
+            s.conflicts = conflicts;
+        });
+        Ok(())
+    }
+
+    fn backend(&mut self) -> Result<&dyn Backend, BackendError> {
+        if self.backend.is_none() {
+            self.backend = Some(ferry_backend::open(&self.url, CONNECT_TIMEOUT)?);
+            info!(
+                "replication: connected to {}",
+                ferry_backend::redact(&self.url)
+            );
+        }
+        Ok(self.backend.as_deref().expect("set above"))
+    }
+
+    /// Ships one batch: plan, upload chunks, commit, record the outcome.
+    fn ship(&mut self, batch: &[LogRecord]) -> Result<(), ShipError> {
+        let last = batch.last().expect("batch is not empty").seq;
+        let plan = self.plan(batch)?;
+        let host = self.store().host();
+        let outcomes = if plan.is_empty() {
+            Vec::new()
+        } else {
+            let ops: Vec<Op> = plan.iter().map(|p| p.op.clone()).collect();
+            self.backend()?.commit(host, &ops)?
+        };
+        if outcomes.len() != plan.len() {
+            return Err(BackendError::Corrupt {
+                what: format!("{} outcomes for {} ops", outcomes.len(), plan.len()),
+            }
+            .into());
+        }
+        // Settle conflicts that are our own lost acknowledgements.
+        let mut settled = Vec::with_capacity(plan.len());
+        for (p, outcome) in plan.into_iter().zip(outcomes) {
+            let verdict = match outcome {
+                Outcome::Applied { version } => Verdict::Applied(version),
+                Outcome::Conflict { current } => self.judge(&p, current)?,
+            };
+            settled.push((p, verdict));
+        }
+        self.store().write(|tx| -> rusqlite::Result<()> {
+            for (p, verdict) in &settled {
+                record(tx, p, verdict)?;
+            }
+            tx.set_meta_int("shipped_seq", last as i64)
+        })?;
+        Ok(())
+    }
+
+    /// Turns a batch into backend ops on current state (module docs).
+    fn plan(&mut self, batch: &[LogRecord]) -> Result<Vec<Planned>, ShipError> {
+        let mut inodes = BTreeSet::new();
+        let mut names: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
+        let mut deleted: Vec<ObjectId> = Vec::new();
+        for rec in batch {
+            let change = rec.change().ok_or_else(|| {
+                ShipError::Store(rusqlite::Error::InvalidColumnType(
+                    0,
+                    format!("log record {}: {}", rec.seq, rec.op),
+                    rusqlite::types::Type::Text,
+                ))
+            })?;
+            match change {
+                Change::Delete { .. } => deleted.push(ObjectId {
+                    host: rec.host,
+                    counter: rec.counter,
+                }),
+                Change::SetAttr { ino } | Change::Content { ino } | Change::Xattr { ino } => {
+                    inodes.insert(ino);
+                }
+                other => {
+                    inodes.insert(other.ino());
+                    let (p, n, p2, n2) = other.places();
+                    if let (Some(p), Some(n)) = (p, n) {
+                        names.insert((p, n.to_vec()));
+                    }
+                    if let (Some(p), Some(n)) = (p2, n2) {
+                        names.insert((p, n.to_vec()));
+                    }
+                }
+            }
+        }
+
+        let mut puts = Vec::new();
+        for ino in inodes {
+            let Some(inode) = self.store().read(|r| r.inode(ino))? else {
+                continue; // deleted since: its Delete record says so
+            };
+            let key = inode_key(object_id(&inode));
+            if self.store().read(|r| r.in_conflict(&key))? {
+                continue;
+            }
+            let base = self.store().read(|r| r.remote_version(&key))?;
+            let Some((state, chunks)) = self.inode_state(&inode)? else {
+                continue; // changed while being read: a newer record follows
+            };
+            puts.push(Planned {
+                what: format!("inode {}", state.id),
+                op: Op::PutInode { state, base },
+                key,
+                chunks,
+            });
+        }
+
+        let (mut entry_deletes, mut entry_puts) = (Vec::new(), Vec::new());
+        for (parent, name) in names {
+            let (dir, child) = self
+                .store()
+                .read(|r| Ok::<_, rusqlite::Error>((r.inode(parent)?, r.lookup(parent, &name)?)))?;
+            let Some(dir) = dir else {
+                continue; // the directory is gone; its removal covers its entries
+            };
+            let pid = object_id(&dir);
+            let key = entry_key(pid, &name);
+            if self.store().read(|r| r.in_conflict(&key))? {
+                continue;
+            }
+            let base = self.store().read(|r| r.remote_version(&key))?;
+            let what = format!("entry {pid}/{}", String::from_utf8_lossy(&name));
+            match (child, base) {
+                (Some(child), base) => entry_puts.push(Planned {
+                    op: Op::PutEntry {
+                        parent: pid,
+                        name,
+                        child: object_id(&child),
+                        base,
+                    },
+                    key,
+                    chunks: None,
+                    what,
+                }),
+                (None, Some(base)) => entry_deletes.push(Planned {
+                    op: Op::DeleteEntry {
+                        parent: pid,
+                        name,
+                        base,
+                    },
+                    key,
+                    chunks: None,
+                    what,
+                }),
+                (None, None) => {} // created and removed before it ever shipped
+            }
+        }
+
+        let mut inode_deletes = Vec::new();
+        for id in deleted {
+            let key = inode_key(id);
+            if let Some(base) = self.store().read(|r| r.remote_version(&key))? {
+                inode_deletes.push(Planned {
+                    op: Op::DeleteInode { id, base },
+                    key,
+                    chunks: None,
+                    what: format!("inode {id}"),
+                });
+            }
+        }
+        // Objects before the names that point at them; names before the
+        // objects they stop pointing at.
+        puts.extend(entry_deletes);
+        puts.extend(entry_puts);
+        puts.extend(inode_deletes);
+        Ok(puts)
+    }
+
+    /// The backend state of a local inode, uploading the chunks of a
+    /// regular file that the backend lacks. `None` when the file changed
+    /// while it was read.
+    #[allow(clippy::type_complexity)]
+    fn inode_state(
+        &mut self,
+        inode: &Inode,
+    ) -> Result<Option<(InodeState, Option<(u64, Vec<([u8; 32], u32)>)>)>, ShipError> {
+        let store = self.vfs.store();
+        let attr = self
+            .vfs
+            .attr(inode)
+            .map_err(|e| ShipError::Io(std::io::Error::from_raw_os_error(e.code())))?;
+        let nanos = |t: SystemTime| match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i64,
+            Err(e) => -(e.duration().as_nanos() as i64),
+        };
+        let (target, xattrs) = store.read(|r| {
+            let target = r.symlink_target(inode.ino)?;
+            let mut xattrs = Vec::new();
+            for name in r.xattr_names(inode.ino)? {
+                if let Some(v) = r.xattr(inode.ino, &name)? {
+                    xattrs.push((name, v));
+                }
+            }
+            Ok::<_, rusqlite::Error>((target, xattrs))
+        })?;
+        let mut state = InodeState::new(object_id(inode), inode.mode);
+        state.uid = inode.uid;
+        state.gid = inode.gid;
+        state.rdev = inode.rdev;
+        state.size = attr.size;
+        state.atime_ns = nanos(attr.atime);
+        state.mtime_ns = nanos(attr.mtime);
+        state.ctime_ns = nanos(attr.ctime);
+        state.target = target;
+        state.xattrs = xattrs;
+        state.origin = store.host();
+        let mut chunks = None;
+        if inode.kind() == Kind::File {
+            let list = if inode.cached {
+                match self.upload_file(inode.ino)? {
+                    Some(list) => list,
+                    None => return Ok(None),
+                }
+            } else {
+                // Not cached here, so not changed here: the list we have is
+                // the backend's.
+                store
+                    .read(|r| r.chunks(inode.ino))?
+                    .into_iter()
+                    .map(|(h, len)| (hash_array(&h), len))
+                    .collect()
+            };
+            state.chunks = list.iter().map(|(h, len)| (ChunkHash(*h), *len)).collect();
+            chunks = Some((inode.ino, list));
+        }
+        Ok(Some((state, chunks)))
+    }
+
+    /// Hashes the data file in chunks and uploads the ones the backend
+    /// lacks. Each chunk is read twice (hash, then upload) so a large file
+    /// never sits in memory; a chunk whose hash changed in between means the
+    /// file is being written, and the next record will ship it.
+    fn upload_file(&mut self, ino: u64) -> Result<Option<Vec<([u8; 32], u32)>>, ShipError> {
+        self.vfs.begin_ship(ino);
+        let path = self.store().data_path(ino);
+        let mut file = File::open(&path)?;
+        let mut list = Vec::new();
+        let mut buf = vec![0u8; MAX_CHUNK];
+        loop {
+            let n = read_full(&mut file, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            list.push((*blake3::hash(&buf[..n]).as_bytes(), n as u32));
+            if n < buf.len() {
+                break;
+            }
+        }
+        let hashes: Vec<ChunkHash> = list.iter().map(|(h, _)| ChunkHash(*h)).collect();
+        let missing: BTreeSet<ChunkHash> = self
+            .backend()?
+            .missing_chunks(&hashes)?
+            .into_iter()
+            .collect();
+        let mut offset = 0u64;
+        let mut sent = BTreeSet::new();
+        for (hash, len) in &list {
+            let h = ChunkHash(*hash);
+            if missing.contains(&h) && sent.insert(h) {
+                file.seek(SeekFrom::Start(offset))?;
+                let n = read_full(&mut file, &mut buf[..*len as usize])?;
+                if n != *len as usize || blake3::hash(&buf[..n]).as_bytes() != hash {
+                    return Ok(None);
+                }
+                self.backend()?.put_chunk(&h, &buf[..n])?;
+                self.shared.update(|s| {
+                    s.chunks_uploaded += 1;
+                    s.bytes_uploaded += n as u64;
+                });
+            }
+            offset += u64::from(*len);
+        }
+        Ok(Some(list))
+    }
+
+    /// Decides what a conflict is: our own write whose acknowledgement a
+    /// crash lost (adopt the backend's version), or a real conflict.
+    fn judge(&mut self, p: &Planned, current: Option<u64>) -> Result<Verdict, ShipError> {
+        let host = self.store().host();
+        Ok(match (&p.op, current) {
+            // Deleting what is already gone: done.
+            (Op::DeleteInode { .. } | Op::DeleteEntry { .. }, None) => Verdict::Gone,
+            // `ferry init` made the root; every host's first put of it
+            // builds on that.
+            (Op::PutInode { state, base: None }, Some(current)) if state.id == ObjectId::ROOT => {
+                Verdict::Adopt(current)
+            }
+            (Op::PutInode { state, .. }, Some(current)) => {
+                let theirs = self.backend()?.inode(&state.id)?;
+                match theirs {
+                    Some(t) if t.origin == host => Verdict::Adopt(current),
+                    _ => Verdict::Conflict(format!(
+                        "backend has version {current}, this host based its change on another"
+                    )),
+                }
+            }
+            (
+                Op::PutEntry {
+                    parent,
+                    name,
+                    child,
+                    ..
+                },
+                Some(current),
+            ) => {
+                let same = self
+                    .backend()?
+                    .entries(parent)?
+                    .into_iter()
+                    .any(|e| &e.name == name && e.child == *child);
+                if same {
+                    Verdict::Applied(current)
+                } else {
+                    Verdict::Conflict(format!(
+                        "the name points elsewhere at the backend (version {current})"
+                    ))
+                }
+            }
+            (_, current) => Verdict::Conflict(format!(
+                "backend version {current:?} does not match this host's base"
+            )),
+        })
+    }
+}
+
+/// What became of one planned op.
+enum Verdict {
+    /// Committed at this version.
+    Applied(u64),
+    /// Our own earlier write is there at this version; the next batch that
+    /// touches the object ships on top of it.
+    Adopt(u64),
+    /// The object is gone from the backend, as we wanted.
+    Gone,
+    /// A real conflict, kept with this detail.
+    Conflict(String),
+}
+
+fn record(tx: &Tx<'_>, p: &Planned, verdict: &Verdict) -> rusqlite::Result<()> {
+    match verdict {
+        Verdict::Applied(v) => {
+            let gone = matches!(p.op, Op::DeleteInode { .. } | Op::DeleteEntry { .. });
+            tx.set_remote_version(&p.key, (!gone).then_some(*v))?;
+            if let Some((ino, list)) = &p.chunks {
+                tx.set_chunks(*ino, list)?;
+            }
+            Ok(())
+        }
+        Verdict::Adopt(v) => tx.set_remote_version(&p.key, Some(*v)),
+        Verdict::Gone => tx.set_remote_version(&p.key, None),
+        Verdict::Conflict(detail) => {
+            warn!("conflict on {}: {detail}; kept, not overwritten", p.what);
+            tx.add_conflict(&p.key, &p.what, detail)
+        }
+    }
+}
+
+fn hash_array(h: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    if h.len() == 32 {
+        out.copy_from_slice(h);
+    }
+    out
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Fills an empty store from the backend: the whole namespace at once,
+/// file contents left at the backend until first read. Returns the number
+/// of inodes restored.
+pub fn restore(store: &Store, backend: &dyn Backend) -> Result<u64, RestoreError> {
+    let (_seq, inodes, entries) = backend.snapshot()?;
+    store.write(|tx| -> Result<u64, RestoreError> {
+        let mut count = 0;
+        for state in &inodes {
+            let kind = Kind::from_mode(state.mode).ok_or_else(|| {
+                RestoreError::Backend(BackendError::Corrupt {
+                    what: format!("inode {} has mode {:o}", state.id, state.mode),
+                })
+            })?;
+            let inode = Inode {
+                ino: 0,
+                host: state.id.host,
+                counter: state.id.counter,
+                mode: state.mode,
+                uid: state.uid,
+                gid: state.gid,
+                nlink: 0,
+                size: state.size,
+                atime: state.atime_ns,
+                mtime: state.mtime_ns,
+                ctime: state.ctime_ns,
+                crtime: state.ctime_ns,
+                rdev: state.rdev,
+                version: 1,
+                cached: kind != Kind::File,
+            };
+            // The root is {host 0, counter 1} on every host, so it maps onto
+            // the local root like any other identity.
+            let ino = tx.import_inode(&inode, state.target.as_deref())?;
+            tx.import_xattrs(ino, &state.xattrs)?;
+            if kind == Kind::File {
+                let list: Vec<([u8; 32], u32)> =
+                    state.chunks.iter().map(|(h, len)| (h.0, *len)).collect();
+                tx.set_chunks(ino, &list)?;
+            }
+            tx.set_remote_version(&inode_key(state.id), Some(state.version))?;
+            count += 1;
+        }
+        for e in &entries {
+            let (Some(parent), Some(child)) = (local_ino(tx, e.parent)?, local_ino(tx, e.child)?)
+            else {
+                return Err(RestoreError::Backend(BackendError::Corrupt {
+                    what: format!("entry {}/{:?} names a missing inode", e.parent, e.name),
+                }));
+            };
+            tx.import_entry(parent, &e.name, child)?;
+            tx.set_remote_version(&entry_key(e.parent, &e.name), Some(e.version))?;
+        }
+        tx.recount_links()?;
+        Ok(count)
+    })
+}
+
+fn local_ino(tx: &Tx<'_>, id: ObjectId) -> rusqlite::Result<Option<u64>> {
+    tx.ino_of(id.host, id.counter)
+}
+
+/// Why a restore failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RestoreError {
+    /// The backend failed or sent garbage.
+    Backend(BackendError),
+    /// The local store failed.
+    Store(rusqlite::Error),
+}
+
+impl std::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RestoreError::Backend(e) => write!(f, "restoring from the backend: {e}"),
+            RestoreError::Store(e) => write!(f, "restoring into the local store: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RestoreError {}
+
+impl From<BackendError> for RestoreError {
+    fn from(e: BackendError) -> Self {
+        RestoreError::Backend(e)
+    }
+}
+impl From<rusqlite::Error> for RestoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        RestoreError::Store(e)
+    }
+}
+
+/// Fetches the contents of uncached files from the backend, on first open.
+pub struct Fetcher {
+    url: String,
+    backend: Mutex<Option<Box<dyn Backend>>>,
+}
+
+impl Fetcher {
+    /// A fetcher for the backend at `url` (connected on first use).
+    pub fn new(url: String) -> Fetcher {
+        Fetcher {
+            url,
+            backend: Mutex::new(None),
+        }
+    }
+}
+
+impl crate::vfs::ContentSource for Fetcher {
+    /// Writes the chunks, verified by the backend against their hashes, to
+    /// a temporary file that is fsync'd and renamed over `dest`: a failed
+    /// or interrupted fetch never leaves a partial file behind.
+    fn fetch(&self, chunks: &[(Vec<u8>, u32)], dest: &Path) -> Result<(), String> {
+        let mut guard = self.backend.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard =
+                Some(ferry_backend::open(&self.url, CONNECT_TIMEOUT).map_err(|e| e.to_string())?);
+        }
+        let backend = guard.as_deref().expect("set above");
+        let tmp = dest.with_extension("fetch");
+        let result = (|| -> Result<(), String> {
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| e.to_string())?;
+            for (hash, len) in chunks {
+                let hash = ChunkHash(hash_array(hash));
+                let data = backend.get_chunk(&hash).map_err(|e| e.to_string())?;
+                if data.len() != *len as usize {
+                    return Err(format!(
+                        "chunk {} has {} bytes, expected {len}",
+                        hash.to_hex(),
+                        data.len()
+                    ));
+                }
+                out.write_all(&data).map_err(|e| e.to_string())?;
+            }
+            out.sync_all().map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, dest).map_err(|e| e.to_string())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            // The connection may be what failed; reconnect next time.
+            *guard = None;
+        }
+        result
+    }
+}
