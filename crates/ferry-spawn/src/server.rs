@@ -1,0 +1,236 @@
+//! The spawn server: a small helper process that clones on our behalf.
+//!
+//! [`Server::start`] re-executes the current binary (`/proc/self/exe`) with
+//! a marker in its environment; the binary's `main` calls
+//! [`main_if_server`] first thing, which sees the marker and serves instead
+//! of running the program. The fresh image is small and has few threads,
+//! so its clones stay cheap and never share the caller's address space.
+//!
+//! Requests travel over a `SOCK_SEQPACKET` socketpair, one message each: a
+//! [`Prepared`](crate::child::Prepared) spawn, its fds attached by
+//! `SCM_RIGHTS`, and first among them a fresh socket for the reply, so
+//! concurrent callers never see each other's answers. The server clones
+//! with `CLONE_PARENT`: the new process is the *caller's* child, which can
+//! `waitid` on the pidfd it gets back. Several worker threads take
+//! requests off the one socket. When the caller's end closes, they exit.
+
+use std::env;
+use std::ffi::OsString;
+use std::io;
+use std::iter;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+
+use crate::child::{self, Prepared, Spawned};
+use crate::command::{Command, Stdio};
+use crate::process::{Child, Fault};
+use crate::{sys, wire};
+
+/// Environment variable that turns a process into a spawn server; its
+/// value is the number of the fd holding the server's socket.
+const MARKER: &str = "FERRY_SPAWN_SERVER_FD";
+
+/// The fd number the server's socket gets in the server.
+const SERVER_FD: RawFd = 3;
+
+/// Worker threads in the server; each blocks only while its child execs.
+const WORKERS: usize = 4;
+
+/// Largest request (mostly the environment). A `SOCK_SEQPACKET` message
+/// must also fit the socket's send buffer (`net.core.wmem_default`).
+const MAX_REQUEST: usize = 256 * 1024;
+
+/// A handle on a spawn server process. Cheap to share between threads;
+/// every [`Command::spawn_via`] is one independent request.
+///
+/// If the server dies, the spawn in flight fails with
+/// [`SpawnError::Server`](crate::SpawnError::Server) and the next one
+/// starts a new server.
+#[derive(Debug)]
+pub struct Server {
+    program: PathBuf,
+    args: Vec<OsString>,
+    conn: Mutex<Option<Conn>>,
+}
+
+/// A running server and our end of its socket.
+#[derive(Debug)]
+struct Conn {
+    sock: Arc<OwnedFd>,
+    process: Child,
+}
+
+impl Server {
+    /// Starts a server by re-executing this binary, whose `main` must call
+    /// [`main_if_server`] first.
+    pub fn start() -> io::Result<Server> {
+        Server::start_program("/proc/self/exe", ["ferry-spawn-server"])
+    }
+
+    /// Starts a server from `program` with `args` (`args[0]` first), for
+    /// binaries other than this one that call [`main_if_server`] first,
+    /// such as `ferry`.
+    pub fn start_program<I, S>(program: impl Into<PathBuf>, args: I) -> io::Result<Server>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        let server = Server {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            conn: Mutex::new(None),
+        };
+        server.connection()?;
+        Ok(server)
+    }
+
+    /// The server's pid, if it is running.
+    pub fn pid(&self) -> Option<u32> {
+        self.lock().as_ref().map(|conn| conn.process.id())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Conn>> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The socket of a live server, starting one if there is none or the
+    /// last one has exited.
+    fn connection(&self) -> io::Result<Arc<OwnedFd>> {
+        let mut conn = self.lock();
+        if let Some(c) = conn.as_mut() {
+            if c.process.try_wait()?.is_none() {
+                return Ok(Arc::clone(&c.sock));
+            }
+        }
+        let (ours, theirs) = sys::socketpair()?;
+        let process = Command::new(&self.program)
+            .arg0(
+                self.args
+                    .first()
+                    .unwrap_or(&self.program.clone().into_os_string()),
+            )
+            .args(self.args.iter().skip(1))
+            .env_clear()
+            .env(MARKER, SERVER_FD.to_string())
+            .fd(SERVER_FD, theirs)
+            .stdin(Stdio::Null)
+            .close_other_fds(true)
+            .spawn()?;
+        let sock = Arc::new(ours);
+        *conn = Some(Conn {
+            sock: Arc::clone(&sock),
+            process,
+        });
+        Ok(sock)
+    }
+
+    /// Drops the server behind `sock` after it failed us, reaping it, so
+    /// the next request starts a new one.
+    fn forget(&self, sock: &Arc<OwnedFd>) {
+        let mut conn = self.lock();
+        if conn.as_ref().is_some_and(|c| Arc::ptr_eq(&c.sock, sock)) {
+            if let Some(mut c) = conn.take() {
+                // It is dead or broken; kill it in case it is only broken.
+                let _ = c.process.kill();
+                let _ = c.process.wait();
+            }
+        }
+    }
+
+    /// Sends one spawn request and waits for its answer.
+    pub(crate) fn spawn(&self, prepared: &Prepared) -> Result<Spawned, Fault> {
+        let sock = self.connection().map_err(Fault::Server)?;
+        let (reply, theirs) = sys::socketpair().map_err(Fault::Server)?;
+        let request = wire::encode_request(prepared);
+        let fds: Vec<RawFd> = iter::once(theirs.as_raw_fd()).chain(request.fds).collect();
+        if let Err(err) = sys::send_with_fds(sock.as_fd(), &request.bytes, &fds) {
+            if err.raw_os_error() == Some(libc::EPIPE) {
+                self.forget(&sock);
+            }
+            return Err(Fault::Server(err));
+        }
+        // Only the server holds the other end now: if it dies, we read EOF.
+        drop(theirs);
+        let mut buf = [0u8; 64];
+        let (len, fds) = sys::recv_with_fds(reply.as_fd(), &mut buf).map_err(Fault::Server)?;
+        if len == 0 {
+            self.forget(&sock);
+            return Err(Fault::Server(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the spawn server exited before answering",
+            )));
+        }
+        wire::decode_reply(&buf[..len], fds).map_err(Fault::Server)?
+    }
+}
+
+impl Drop for Server {
+    /// Closing our end makes the server exit; then we reap it.
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.lock().take() {
+            drop(conn.sock);
+            let _ = conn.process.wait();
+        }
+    }
+}
+
+/// Runs the spawn server and exits if this process was started as one;
+/// returns at once otherwise. Call it first thing in `main`, before any
+/// thread exists, in every binary that uses [`Server::start`].
+pub fn main_if_server() {
+    let Some(fd) = env::var_os(MARKER) else {
+        return;
+    };
+    let code = match fd.to_str().and_then(|fd| fd.parse().ok()).map(serve_fd) {
+        Some(Ok(())) => 0,
+        Some(Err(err)) => {
+            eprintln!("ferry-spawn server: {err}");
+            1
+        }
+        None => {
+            eprintln!("ferry-spawn server: {MARKER} is not an fd number");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Serves spawn requests on the inherited socket `fd` until every client
+/// end is closed. Children are made children of this process's parent.
+pub fn serve_fd(fd: RawFd) -> io::Result<()> {
+    let sock = Arc::new(sys::inherited_fd(fd)?);
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let sock = Arc::clone(&sock);
+            thread::spawn(move || worker(&sock))
+        })
+        .collect();
+    for worker in workers {
+        worker
+            .join()
+            .map_err(|_| io::Error::other("spawn server worker panicked"))??;
+    }
+    Ok(())
+}
+
+/// One worker: take a request, clone, answer on the request's own socket.
+fn worker(sock: &OwnedFd) -> io::Result<()> {
+    let mut buf = vec![0u8; MAX_REQUEST];
+    loop {
+        let (len, mut fds) = sys::recv_with_fds(sock.as_fd(), &mut buf)?;
+        if len == 0 {
+            return Ok(()); // Every client end is closed.
+        }
+        if fds.is_empty() {
+            continue; // No reply socket: nobody to answer.
+        }
+        let reply = fds.remove(0);
+        let outcome = wire::decode_request(&buf[..len], fds)
+            .and_then(|prepared| child::spawn(&prepared, true));
+        let answer = wire::encode_reply(&outcome);
+        // A client that gave up is not our problem; its child is its own.
+        let _ = sys::send_with_fds(reply.as_fd(), &answer.bytes, &answer.fds);
+    }
+}
