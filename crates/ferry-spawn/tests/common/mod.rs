@@ -67,12 +67,31 @@ pub fn stat_fields(stat: &str) -> Vec<i64> {
     rest.split_whitespace().map(|f| f.parse().unwrap_or(-1)).collect()
 }
 
-/// The fd numbers open in the child that runs `cmd`'s shell, as listed by
-/// the shell itself (no extra process, so no extra fds).
-pub const LIST_FDS: &str = "for f in /proc/$$/fd/*; do echo ${f##*/}; done";
+/// A `sleep` to inspect from outside with [`child_fds`].
+pub fn sleeper() -> Command {
+    let mut cmd = Command::new("sleep");
+    cmd.arg("20");
+    cmd
+}
 
-pub fn fd_list(out: &str) -> Vec<i32> {
-    let mut fds: Vec<i32> = out.lines().map(|l| l.parse().expect("fd number")).collect();
+/// The fds open in the process `cmd` starts, read from /proc/PID/fd by us,
+/// so no listing tool adds fds of its own. Spawn returns right after the
+/// exec, while the dynamic loader still has libraries open: wait until the
+/// program sits in its sleep (`clock_nanosleep`, x86-64 syscall 230).
+pub fn child_fds(cmd: &mut Command) -> Vec<i32> {
+    let mut child = cmd.spawn().expect("spawn");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let syscall = format!("/proc/{}/syscall", child.id());
+    while !std::fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with("230 ") || s.starts_with("35 ")) {
+        assert!(std::time::Instant::now() < deadline, "child never slept");
+        thread::sleep(Duration::from_millis(1));
+    }
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+        .expect("child's /proc/PID/fd")
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    child.kill().expect("kill");
+    child.wait().expect("reap");
     fds.sort_unstable();
     fds
 }
