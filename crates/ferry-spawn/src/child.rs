@@ -239,7 +239,9 @@ pub(crate) fn spawn(prepared: &Prepared, as_sibling: bool) -> io::Result<Spawned
         ..Default::default()
     };
     if as_sibling {
+        // clone3 refuses an exit signal here: the child inherits ours (SIGCHLD).
         clone_args.flags |= libc::CLONE_PARENT as u64;
+        clone_args.exit_signal = 0;
     }
     if let Some(cgroup) = prepared.cgroup {
         clone_args.flags |= sys::CLONE_INTO_CGROUP;

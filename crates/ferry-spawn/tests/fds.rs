@@ -30,14 +30,19 @@ fn place(fd: &OwnedFd, at: RawFd) -> OwnedFd {
 }
 
 fn inode(fd: &OwnedFd) -> u64 {
-    fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap().ino()
+    fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .unwrap()
+        .ino()
 }
 
 /// Fds of this process without close-on-exec.
 fn inheritable_fds() -> Vec<i32> {
-    let fds = fs::read_dir("/proc/self/fd").unwrap().map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap());
+    let fds = fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap());
     // SAFETY: F_GETFD only reads the fd table.
-    fds.filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } == 0).collect()
+    fds.filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } == 0)
+        .collect()
 }
 
 fn pipe() -> (OwnedFd, OwnedFd) {
@@ -55,8 +60,17 @@ fn swapped_and_chained_fds_land_where_asked() {
     let c = place(&pipes[2].0, 42);
     let d = place(&pipes[3].0, 43);
     let (ia, ib, ic, id) = (inode(&a), inode(&b), inode(&c), inode(&d));
-    let out = stdout(sh("for n in 40 41 43 44; do readlink /proc/$$/fd/$n; done").fd(41, a).fd(40, b).fd(43, c).fd(44, d));
-    let want: Vec<String> = [ib, ia, ic, id].iter().map(|i| format!("pipe:[{i}]")).collect();
+    let out = stdout(
+        sh("for n in 40 41 43 44; do readlink /proc/$$/fd/$n; done")
+            .fd(41, a)
+            .fd(40, b)
+            .fd(43, c)
+            .fd(44, d),
+    );
+    let want: Vec<String> = [ib, ia, ic, id]
+        .iter()
+        .map(|i| format!("pipe:[{i}]"))
+        .collect();
     assert_eq!(out.lines().collect::<Vec<_>>(), want);
 }
 
@@ -66,7 +80,10 @@ fn an_fd_mapped_onto_its_own_number_loses_close_on_exec() {
     let (r, _w) = pipe();
     let r = place(&r, 50);
     let ino = inode(&r);
-    assert_eq!(stdout(sh("readlink /proc/$$/fd/50").fd(50, r)), format!("pipe:[{ino}]\n"));
+    assert_eq!(
+        stdout(sh("readlink /proc/$$/fd/50").fd(50, r)),
+        format!("pipe:[{ino}]\n")
+    );
 }
 
 #[test]
@@ -80,9 +97,15 @@ fn close_other_fds_keeps_only_the_map_and_std_streams() {
     let (keep, _w2) = pipe();
 
     let inherited = child_fds(&mut sleeper());
-    assert!(inherited.contains(&60), "without close_other_fds it leaks: {inherited:?}");
+    assert!(
+        inherited.contains(&60),
+        "without close_other_fds it leaks: {inherited:?}"
+    );
 
-    assert_eq!(child_fds(sleeper().fd(7, keep).close_other_fds(true)), [0, 1, 2, 7]);
+    assert_eq!(
+        child_fds(sleeper().fd(7, keep).close_other_fds(true)),
+        [0, 1, 2, 7]
+    );
 }
 
 #[test]
@@ -90,15 +113,27 @@ fn no_fd_leaks_in_parent_or_child() {
     let _serial = serial();
     let before = common::open_fd_count();
     for _ in 0..50 {
-        let fds = child_fds(sleeper().stdin(Stdio::Piped).stdout(Stdio::Piped).stderr(Stdio::Null));
+        let fds = child_fds(
+            sleeper()
+                .stdin(Stdio::Piped)
+                .stdout(Stdio::Piped)
+                .stderr(Stdio::Null),
+        );
         // Only 0-2, plus what this process holds without close-on-exec (fds
         // our own parent passed down, and the one another test makes).
         let inheritable = inheritable_fds();
-        assert!(fds.iter().all(|fd| *fd <= 2 || inheritable.contains(fd)), "child got {fds:?}, inheritable {inheritable:?}");
+        assert!(
+            fds.iter().all(|fd| *fd <= 2 || inheritable.contains(fd)),
+            "child got {fds:?}, inheritable {inheritable:?}"
+        );
     }
     let mut failing = Command::new("/nonexistent");
     for _ in 0..20 {
         assert!(failing.stdout(Stdio::Piped).spawn().is_err());
     }
-    assert_eq!(common::open_fd_count(), before, "parent fds before and after");
+    assert_eq!(
+        common::open_fd_count(),
+        before,
+        "parent fds before and after"
+    );
 }

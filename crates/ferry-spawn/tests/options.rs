@@ -27,13 +27,24 @@ fn program_is_found_in_path_and_gets_its_args() {
 
 #[test]
 fn arg0_is_what_the_child_sees() {
-    let out = stdout(Command::new("/bin/sh").arg0("custom-name").args(["-c", "tr '\\0' ' ' < /proc/$$/cmdline"]));
+    let out = stdout(
+        Command::new("/bin/sh")
+            .arg0("custom-name")
+            .args(["-c", "tr '\\0' ' ' < /proc/$$/cmdline"]),
+    );
     assert!(out.starts_with("custom-name -c "), "{out}");
 }
 
 #[test]
 fn env_clear_set_and_remove() {
-    let out = stdout(sh("env").env_clear().env("A", "1").env("B", "2").env_remove("B").env("PATH", "/usr/bin:/bin"));
+    let out = stdout(
+        sh("env")
+            .env_clear()
+            .env("A", "1")
+            .env("B", "2")
+            .env_remove("B")
+            .env("PATH", "/usr/bin:/bin"),
+    );
     let vars: Vec<&str> = out.lines().filter(|l| !l.starts_with("PWD=")).collect();
     assert_eq!(vars, ["A=1", "PATH=/usr/bin:/bin"]);
 
@@ -51,7 +62,11 @@ fn current_dir_by_path_and_by_fd() {
 
 #[test]
 fn stdin_piped_and_null() {
-    let mut child = Command::new("cat").stdin(Stdio::Piped).stdout(Stdio::Piped).spawn().unwrap();
+    let mut child = Command::new("cat")
+        .stdin(Stdio::Piped)
+        .stdout(Stdio::Piped)
+        .spawn()
+        .unwrap();
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"through the pipe").unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.stdout, b"through the pipe");
@@ -64,14 +79,23 @@ fn stdin_piped_and_null() {
 fn stderr_to_a_given_fd() {
     let path = temp_dir("stderr").join("err.txt");
     let file = fs::File::create(&path).unwrap();
-    let status = common::wait(&mut sh("echo oops >&2").stderr(Stdio::Fd(file.into())).spawn().unwrap());
+    let status = common::wait(
+        &mut sh("echo oops >&2")
+            .stderr(Stdio::Fd(file.into()))
+            .spawn()
+            .unwrap(),
+    );
     assert!(status.success());
     assert_eq!(fs::read_to_string(&path).unwrap(), "oops\n");
     fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
 
 fn session_of(cmd: &mut Command) -> (i64, Vec<i64>) {
-    let child = cmd.arg("cat /proc/$$/stat").stdout(Stdio::Piped).spawn().unwrap();
+    let child = cmd
+        .arg("cat /proc/$$/stat")
+        .stdout(Stdio::Piped)
+        .spawn()
+        .unwrap();
     let pid = child.id() as i64;
     let out = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
     (pid, stat_fields(&out))
@@ -80,7 +104,11 @@ fn session_of(cmd: &mut Command) -> (i64, Vec<i64>) {
 #[test]
 fn setsid_makes_a_session_leader() {
     let (pid, stat) = session_of(Command::new("sh").arg("-c").setsid(true));
-    assert_eq!((stat[2], stat[3], stat[4]), (pid, pid, 0), "pgrp, session, tty");
+    assert_eq!(
+        (stat[2], stat[3], stat[4]),
+        (pid, pid, 0),
+        "pgrp, session, tty"
+    );
 }
 
 #[test]
@@ -100,14 +128,25 @@ fn controlling_terminal_is_set() {
         assert_eq!(libc::grantpt(master), 0);
         assert_eq!(libc::unlockpt(master), 0);
         let name = std::ffi::CStr::from_ptr(libc::ptsname(master)).to_owned();
-        let slave = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        let slave = libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
         assert!(slave >= 0);
         (master, slave)
     };
-    let rdev = fs::metadata(format!("/proc/self/fd/{slave}")).unwrap().rdev() as i64;
+    let rdev = fs::metadata(format!("/proc/self/fd/{slave}"))
+        .unwrap()
+        .rdev() as i64;
     // SAFETY: we own `slave`.
     let slave_fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave) };
-    let (pid, stat) = session_of(Command::new("sh").arg("-c").setsid(true).stdin(Stdio::Fd(slave_fd)).controlling_terminal(0));
+    let (pid, stat) = session_of(
+        Command::new("sh")
+            .arg("-c")
+            .setsid(true)
+            .stdin(Stdio::Fd(slave_fd))
+            .controlling_terminal(0),
+    );
     assert_eq!(stat[3], pid);
     assert_eq!(stat[4], rdev, "tty_nr is the pty");
     // SAFETY: we own `master`.
@@ -116,7 +155,12 @@ fn controlling_terminal_is_set() {
 
 #[test]
 fn uid_gid_groups() {
-    let status = stdout(sh("cat /proc/self/status").uid(65534).gid(65534).groups(&[65534, 100]));
+    let status = stdout(
+        sh("cat /proc/self/status")
+            .uid(65534)
+            .gid(65534)
+            .groups(&[65534, 100]),
+    );
     assert_eq!(field(&status, "Uid"), "65534 65534 65534 65534");
     assert_eq!(field(&status, "Gid"), "65534 65534 65534 65534");
     assert_eq!(field(&status, "Groups"), "100 65534");
@@ -126,7 +170,10 @@ fn uid_gid_groups() {
 fn uid_alone_drops_supplementary_groups() {
     let status = stdout(sh("cat /proc/self/status").uid(65534).gid(65534));
     assert_eq!(field(&status, "Uid"), "65534 65534 65534 65534");
-    assert!(status.contains("Groups:\t\n") || field(&status, "Groups").is_empty(), "{status}");
+    assert!(
+        status.contains("Groups:\t\n") || field(&status, "Groups").is_empty(),
+        "{status}"
+    );
 }
 
 #[test]
@@ -134,11 +181,23 @@ fn chroot_changes_the_root() {
     // A static binary is the only kind that runs in an empty root.
     let root = temp_dir("chroot");
     fs::copy("/sbin/ldconfig", root.join("static")).unwrap();
-    let out = stdout(Command::new("/static").arg("--version").chroot(&root).current_dir("/"));
+    let out = stdout(
+        Command::new("/static")
+            .arg("--version")
+            .chroot(&root)
+            .current_dir("/"),
+    );
     assert!(out.contains("ldconfig"), "{out}");
     // Outside paths are gone inside.
     let err = Command::new("/bin/sh").chroot(&root).spawn().unwrap_err();
-    assert!(matches!(err, ferry_spawn::SpawnError::Child { step: ferry_spawn::Step::Exec, errno: libc::ENOENT, .. }));
+    assert!(matches!(
+        err,
+        ferry_spawn::SpawnError::Child {
+            step: ferry_spawn::Step::Exec,
+            errno: libc::ENOENT,
+            ..
+        }
+    ));
     fs::remove_dir_all(&root).unwrap();
 }
 
@@ -150,9 +209,22 @@ fn umask() {
 #[test]
 fn rlimits() {
     let limits = stdout(
-        sh("cat /proc/self/limits").rlimit(Resource::Nofile, 64, 128).rlimit(Resource::Core, 0, 0).rlimit(Resource::Nproc, 1000, 2000),
+        sh("cat /proc/self/limits")
+            .rlimit(Resource::Nofile, 64, 128)
+            .rlimit(Resource::Core, 0, 0)
+            .rlimit(Resource::Nproc, 1000, 2000),
     );
-    let line = |name: &str| limits.lines().find(|l| l.starts_with(name)).unwrap().split_whitespace().rev().skip(1).take(2).collect::<Vec<_>>();
+    let line = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap()
+            .split_whitespace()
+            .rev()
+            .skip(1)
+            .take(2)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(line("Max open files"), ["128", "64"]);
     assert_eq!(line("Max core file size"), ["0", "0"]);
     assert_eq!(line("Max processes"), ["2000", "1000"]);
@@ -160,14 +232,28 @@ fn rlimits() {
 
 #[test]
 fn no_new_privs() {
-    assert_eq!(field(&stdout(sh("cat /proc/self/status").no_new_privs(true)), "NoNewPrivs"), "1");
-    assert_eq!(field(&stdout(sh("cat /proc/self/status")), "NoNewPrivs"), "0");
+    assert_eq!(
+        field(
+            &stdout(sh("cat /proc/self/status").no_new_privs(true)),
+            "NoNewPrivs"
+        ),
+        "1"
+    );
+    assert_eq!(
+        field(&stdout(sh("cat /proc/self/status")), "NoNewPrivs"),
+        "0"
+    );
 }
 
 #[test]
 fn ambient_capability_survives_uid_change() {
     const CAP_NET_BIND_SERVICE: u32 = 10;
-    let status = stdout(sh("cat /proc/self/status").uid(65534).gid(65534).ambient_capability(CAP_NET_BIND_SERVICE));
+    let status = stdout(
+        sh("cat /proc/self/status")
+            .uid(65534)
+            .gid(65534)
+            .ambient_capability(CAP_NET_BIND_SERVICE),
+    );
     assert_eq!(field(&status, "Uid"), "65534 65534 65534 65534");
     assert_eq!(field(&status, "CapAmb"), "0000000000000400");
     assert_eq!(field(&status, "CapEff"), "0000000000000400");
@@ -191,10 +277,19 @@ fn parent_death_signal_fires_when_the_spawning_thread_exits() {
     };
     let mut with = spawn_from_thread(true);
     let status = common::wait(&mut with);
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
 
     let mut without = spawn_from_thread(false);
-    assert!(without.wait_timeout(Duration::from_millis(300)).unwrap().is_none(), "survives without pdeathsig");
+    assert!(
+        without
+            .wait_timeout(Duration::from_millis(300))
+            .unwrap()
+            .is_none(),
+        "survives without pdeathsig"
+    );
     without.kill().unwrap();
     without.wait().unwrap();
 }
@@ -217,7 +312,10 @@ fn signal_mask_is_what_was_asked() {
     };
     assert_eq!(field(&stdout(cat_status()), "SigBlk"), "0000000000000000");
     let status = stdout(cat_status().signal_mask(&[libc::SIGUSR1, libc::SIGTERM]));
-    assert_eq!(field(&status, "SigBlk"), format!("{:016x}", (1u64 << 9) | (1 << 14)));
+    assert_eq!(
+        field(&status, "SigBlk"),
+        format!("{:016x}", (1u64 << 9) | (1 << 14))
+    );
 }
 
 #[test]
@@ -226,7 +324,10 @@ fn ignored_sigpipe_is_reset_unless_kept() {
     let ign = |cmd: &mut Command| u64::from_str_radix(&field(&stdout(cmd), "SigIgn"), 16).unwrap();
     let sigpipe = 1u64 << (libc::SIGPIPE - 1);
     assert_eq!(ign(&mut sh("cat /proc/self/status")) & sigpipe, 0);
-    assert_eq!(ign(sh("cat /proc/self/status").keep_ignored_signals()) & sigpipe, sigpipe);
+    assert_eq!(
+        ign(sh("cat /proc/self/status").keep_ignored_signals()) & sigpipe,
+        sigpipe
+    );
 }
 
 #[test]
@@ -235,18 +336,27 @@ fn pidfd_kill_and_try_wait() {
     assert!(child.try_wait().unwrap().is_none());
     child.kill().unwrap();
     let status = common::wait(&mut child);
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
     assert_eq!(child.try_wait().unwrap(), Some(status));
     child.kill().unwrap(); // Reaped: a no-op, never a stray signal.
 }
 
 #[test]
 fn exit_code_is_reported() {
-    assert_eq!(common::wait(&mut sh("exit 7").spawn().unwrap()).code(), Some(7));
+    assert_eq!(
+        common::wait(&mut sh("exit 7").spawn().unwrap()).code(),
+        Some(7)
+    );
 }
 
 fn ns_link(pid: &str, ns: &str) -> String {
-    fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap().to_string_lossy().into_owned()
+    fs::read_link(format!("/proc/{pid}/ns/{ns}"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[test]
@@ -264,18 +374,32 @@ fn namespaces_combine_with_clone_vm() {
         let inside = stdout(sh(&format!("readlink /proc/self/ns/{name}")).namespace(ns));
         assert_ne!(inside.trim(), ns_link("self", name), "{ns:?} is new");
         let outside = stdout(sh(&format!("readlink /proc/self/ns/{name}")));
-        assert_eq!(outside.trim(), ns_link("self", name), "{ns:?} unchanged without the flag");
+        assert_eq!(
+            outside.trim(),
+            ns_link("self", name),
+            "{ns:?} unchanged without the flag"
+        );
     }
     // In a new PID namespace the child is pid 1.
     assert_eq!(stdout(sh("echo $$").namespace(Namespace::Pid)), "1\n");
     // In a new user namespace without maps we are the overflow uid.
-    assert_eq!(field(&stdout(sh("cat /proc/self/status").namespace(Namespace::User)), "Uid"), "65534 65534 65534 65534");
+    assert_eq!(
+        field(
+            &stdout(sh("cat /proc/self/status").namespace(Namespace::User)),
+            "Uid"
+        ),
+        "65534 65534 65534 65534"
+    );
 }
 
 /// The writable cgroup2 mount, if there is one.
 fn cgroup2_root() -> Option<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
-    let root = mounts.lines().map(|l| l.split(' ').collect::<Vec<_>>()).find(|f| f.len() > 3 && f[2] == "cgroup2" && f[3].starts_with("rw"))?[1].to_owned();
+    let root = mounts
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[2] == "cgroup2" && f[3].starts_with("rw"))?[1]
+        .to_owned();
     Some(PathBuf::from(root))
 }
 
@@ -312,23 +436,61 @@ fn exec_errors_name_the_step() {
         Err(SpawnError::Child { step, errno, .. }) => (step, errno),
         other => panic!("expected a child failure, got {other:?}"),
     };
-    assert_eq!(step_errno(&mut Command::new(dir.join("missing"))), (Step::Exec, libc::ENOENT));
-    assert_eq!(step_errno(&mut Command::new(&not_exec)), (Step::Exec, libc::EACCES));
-    assert_eq!(step_errno(&mut Command::new(&garbage)), (Step::Exec, libc::ENOEXEC));
-    assert_eq!(step_errno(Command::new("true").current_dir(dir.join("missing"))), (Step::Chdir, libc::ENOENT));
-    assert_eq!(step_errno(Command::new("true").parent_death_signal(99)), (Step::ParentDeathSignal, libc::EINVAL));
-    assert_eq!(step_errno(Command::new("true").uid(65534).controlling_terminal(0).setsid(false)).0, Step::ControllingTerminal);
-    assert!(matches!(Command::new("no-such-program-anywhere").spawn(), Err(SpawnError::NotFound { .. })));
+    assert_eq!(
+        step_errno(&mut Command::new(dir.join("missing"))),
+        (Step::Exec, libc::ENOENT)
+    );
+    assert_eq!(
+        step_errno(&mut Command::new(&not_exec)),
+        (Step::Exec, libc::EACCES)
+    );
+    assert_eq!(
+        step_errno(&mut Command::new(&garbage)),
+        (Step::Exec, libc::ENOEXEC)
+    );
+    assert_eq!(
+        step_errno(Command::new("true").current_dir(dir.join("missing"))),
+        (Step::Chdir, libc::ENOENT)
+    );
+    assert_eq!(
+        step_errno(Command::new("true").parent_death_signal(99)),
+        (Step::ParentDeathSignal, libc::EINVAL)
+    );
+    assert_eq!(
+        step_errno(
+            Command::new("true")
+                .uid(65534)
+                .controlling_terminal(0)
+                .setsid(false)
+        )
+        .0,
+        Step::ControllingTerminal
+    );
+    assert!(matches!(
+        Command::new("no-such-program-anywhere").spawn(),
+        Err(SpawnError::NotFound { .. })
+    ));
     let err = Command::new(dir.join("missing")).spawn().unwrap_err();
-    assert!(err.to_string().contains("execve failed in the child"), "{err}");
-    assert_eq!(std::io::Error::from(err).kind(), std::io::ErrorKind::NotFound);
+    assert!(
+        err.to_string().contains("execve failed in the child"),
+        "{err}"
+    );
+    assert_eq!(
+        std::io::Error::from(err).kind(),
+        std::io::ErrorKind::NotFound
+    );
     fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn failed_spawns_leave_no_zombie() {
     // SAFETY: reading our own children list through /proc only.
-    let children = || fs::read_to_string(format!("/proc/self/task/{}/children", unsafe { libc::gettid() })).unwrap();
+    let children = || {
+        fs::read_to_string(format!("/proc/self/task/{}/children", unsafe {
+            libc::gettid()
+        }))
+        .unwrap()
+    };
     for _ in 0..20 {
         assert!(Command::new("/nonexistent").spawn().is_err());
     }
@@ -340,4 +502,26 @@ fn spawn_returns_a_usable_fd_for_the_pidfd() {
     let mut child = Command::new("true").spawn().unwrap();
     assert!(child.pidfd().as_raw_fd() > 2);
     assert!(common::wait(&mut child).success());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn wait_async_polls_the_pidfd() {
+    let mut child = sh("sleep 0.2; exit 3").spawn().unwrap();
+    let started = std::time::Instant::now();
+    // Other tasks keep running while the child does.
+    let ticker = tokio::spawn(async {
+        let mut ticks = 0;
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            ticks += 1;
+        }
+        ticks
+    });
+    let status = tokio::time::timeout(common::TIMEOUT, child.wait_async())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(3));
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(ticker.await.unwrap(), 5);
 }

@@ -37,7 +37,10 @@ fn install_handler() {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = on_usr1 as usize;
         action.sa_flags = libc::SA_RESTART;
-        assert_eq!(libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()), 0);
+        assert_eq!(
+            libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()),
+            0
+        );
     }
 }
 
@@ -61,7 +64,10 @@ fn a_parent_handler_never_runs_in_the_child() {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     install_handler();
     // The children join a group we bombard with SIGUSR1; its leader ignores it.
-    let mut leader = sh("trap '' USR1; sleep 20").process_group(0).spawn().unwrap();
+    let mut leader = sh("trap '' USR1; sleep 20")
+        .process_group(0)
+        .spawn()
+        .unwrap();
     let group = leader.id() as i32;
     let stop = Arc::new(AtomicBool::new(false));
     let at_group = signaller(-group, Arc::clone(&stop));
@@ -89,10 +95,20 @@ fn a_parent_handler_never_runs_in_the_child() {
     common::wait(&mut leader);
 
     println!("signals sent: {sent}, children killed by SIGUSR1: {killed_by_usr1}");
-    assert!(IN_PARENT.load(Ordering::Relaxed) > 0, "the handler does run in the parent");
-    assert_eq!(IN_CHILD.load(Ordering::Relaxed), 0, "the handler ran in a child");
+    assert!(
+        IN_PARENT.load(Ordering::Relaxed) > 0,
+        "the handler does run in the parent"
+    );
+    assert_eq!(
+        IN_CHILD.load(Ordering::Relaxed),
+        0,
+        "the handler ran in a child"
+    );
     // And after exec the child catches nothing.
-    let caught = common::field(&stdout(Command::new("cat").arg("/proc/self/status")), "SigCgt");
+    let caught = common::field(
+        &stdout(Command::new("cat").arg("/proc/self/status")),
+        "SigCgt",
+    );
     assert_eq!(caught, "0000000000000000");
 }
 
@@ -124,13 +140,18 @@ fn sixteen_threads_spawn_while_others_allocate_and_take_signals() {
                 for i in 0..30 {
                     let token = format!("{t}-{i}");
                     let mut cmd = sh("echo $TOKEN $$");
-                    cmd.env("TOKEN", &token).setsid(true).rlimit(Resource::Nofile, 128, 128);
+                    cmd.env("TOKEN", &token)
+                        .setsid(true)
+                        .rlimit(Resource::Nofile, 128, 128);
                     cmd.parent_death_signal(libc::SIGKILL);
                     let mut child = cmd.stdout(Stdio::Piped).spawn().unwrap();
                     let pid = child.id();
                     let out = child.wait_with_output().unwrap();
                     assert!(out.status.success());
-                    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{token} {pid}\n"));
+                    assert_eq!(
+                        String::from_utf8(out.stdout).unwrap(),
+                        format!("{token} {pid}\n")
+                    );
                 }
             })
         })

@@ -35,7 +35,11 @@ pub fn wait(child: &mut Child) -> ExitStatus {
 
 /// Spawns `cmd` with stdout piped; returns its status and stdout.
 pub fn output(mut cmd: impl BorrowMut<Command>) -> (ExitStatus, String) {
-    let mut child = cmd.borrow_mut().stdout(Stdio::Piped).spawn().expect("spawn");
+    let mut child = cmd
+        .borrow_mut()
+        .stdout(Stdio::Piped)
+        .spawn()
+        .expect("spawn");
     let mut out = child.stdout.take().expect("piped stdout");
     let reader = thread::spawn(move || {
         let mut s = String::new();
@@ -56,15 +60,23 @@ pub fn stdout(cmd: impl BorrowMut<Command>) -> String {
 /// The value of `key:` in `/proc/PID/status`-style text, whitespace-normalised.
 pub fn field(text: &str, key: &str) -> String {
     let prefix = format!("{key}:");
-    let line = text.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {key} in {text}"));
-    line[prefix.len()..].split_whitespace().collect::<Vec<_>>().join(" ")
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no {key} in {text}"));
+    line[prefix.len()..]
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Fields of `/proc/PID/stat` after the command name: index 0 is the state,
 /// 1 ppid, 2 pgrp, 3 session, 4 tty_nr.
 pub fn stat_fields(stat: &str) -> Vec<i64> {
     let rest = &stat[stat.rfind(')').expect("stat has a comm") + 2..];
-    rest.split_whitespace().map(|f| f.parse().unwrap_or(-1)).collect()
+    rest.split_whitespace()
+        .map(|f| f.parse().unwrap_or(-1))
+        .collect()
 }
 
 /// A `sleep` to inspect from outside with [`child_fds`].
@@ -82,7 +94,9 @@ pub fn child_fds(cmd: &mut Command) -> Vec<i32> {
     let mut child = cmd.spawn().expect("spawn");
     let deadline = std::time::Instant::now() + TIMEOUT;
     let syscall = format!("/proc/{}/syscall", child.id());
-    while !std::fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with("230 ") || s.starts_with("35 ")) {
+    while !std::fs::read_to_string(&syscall)
+        .is_ok_and(|s| s.starts_with("230 ") || s.starts_with("35 "))
+    {
         assert!(std::time::Instant::now() < deadline, "child never slept");
         thread::sleep(Duration::from_millis(1));
     }
@@ -98,5 +112,7 @@ pub fn child_fds(cmd: &mut Command) -> Vec<i32> {
 
 /// Number of fds open in this process.
 pub fn open_fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
 }
