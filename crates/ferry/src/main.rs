@@ -10,7 +10,11 @@ mod spawn_cmd;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Local-first file system, fast process spawning, remote memory mapping")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Local-first file system, fast process spawning, remote memory mapping"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,6 +31,8 @@ enum Command {
 }
 
 fn main() {
+    // A re-executed spawn server serves and exits here, before any thread exists.
+    ferry_spawn::server::main_if_server();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fs(c) => fs_cmd::run(c),
