@@ -192,11 +192,13 @@ impl Child {
     /// readable when the child exits.
     #[cfg(feature = "tokio")]
     pub async fn wait_async(&mut self) -> io::Result<ExitStatus> {
-        use std::os::fd::AsRawFd;
         use tokio::io::{unix::AsyncFd, Interest};
 
         drop(self.stdin.take());
-        let pidfd = AsyncFd::with_interest(self.pidfd.as_raw_fd(), Interest::READABLE)?;
+        // tokio deprecated this for raw-fd types that may close under it;
+        // here the AsyncFd owns its own duplicate of the pidfd.
+        #[allow(deprecated)]
+        let pidfd = AsyncFd::with_interest(self.pidfd.try_clone()?, Interest::READABLE)?;
         loop {
             if let Some(status) = self.try_wait()? {
                 return Ok(status);

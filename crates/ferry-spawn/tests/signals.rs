@@ -35,7 +35,7 @@ fn install_handler() {
     // SAFETY: installs an async-signal-safe handler for SIGUSR1.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_usr1 as usize;
+        action.sa_sigaction = on_usr1 as *const () as usize;
         action.sa_flags = libc::SA_RESTART;
         assert_eq!(
             libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()),
@@ -144,7 +144,7 @@ fn sixteen_threads_spawn_while_others_allocate_and_take_signals() {
                         .setsid(true)
                         .rlimit(Resource::Nofile, 128, 128);
                     cmd.parent_death_signal(libc::SIGKILL);
-                    let mut child = cmd.stdout(Stdio::Piped).spawn().unwrap();
+                    let child = cmd.stdout(Stdio::Piped).spawn().unwrap();
                     let pid = child.id();
                     let out = child.wait_with_output().unwrap();
                     assert!(out.status.success());
