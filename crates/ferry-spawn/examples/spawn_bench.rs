@@ -1,6 +1,6 @@
 //! Spawn /bin/true from parents of growing RSS, every way side by side.
 //!
-//! `spawn_bench [N] [MB,MB,...] [--go PATH] [--python PATH]` grows this
+//! `spawn_bench [N [MB,MB,...]] [--go PATH] [--python PATH]` grows this
 //! process's touched memory to each size in turn (MADV_POPULATE_WRITE on
 //! 4 KiB pages, like a real heap) and times N spawn+wait rounds of every
 //! method, interleaved so machine noise hits all of them alike. fork-based
@@ -26,6 +26,15 @@ struct Method {
     run: Box<dyn FnMut()>,
 }
 
+/// The options of the "all options" rows.
+fn all_options(cmd: &mut Command) {
+    cmd.setsid(true)
+        .uid(65534)
+        .gid(65534)
+        .rlimit(Resource::Nofile, 1024, 1024)
+        .parent_death_signal(libc::SIGKILL);
+}
+
 fn wait_pid(pid: libc::pid_t) {
     let mut status = 0;
     // SAFETY: waits for our own child.
@@ -45,13 +54,6 @@ fn methods(server: Arc<Server>) -> Vec<Method> {
         .chain([std::ptr::null()])
         .collect();
     let (fork_path, fork_argv) = (path.clone(), argv.clone());
-    let all_options = |cmd: &mut Command| {
-        cmd.setsid(true)
-            .uid(65534)
-            .gid(65534)
-            .rlimit(Resource::Nofile, 1024, 1024)
-            .parent_death_signal(libc::SIGKILL);
-    };
     vec![
         Method {
             name: "libc fork+exec",
@@ -202,20 +204,22 @@ fn outside(program: &[String], rss: usize, n: usize) -> Option<(Duration, usize)
     Some((Duration::from_nanos(ns), fields.next()?.parse().ok()?))
 }
 
-/// Spawns/s through the server from 8 threads.
-fn server_throughput(server: &Arc<Server>, total: usize) -> f64 {
+/// Spawns/s of /bin/true with all options from 8 threads, through the
+/// server if one is given, else from this process.
+fn throughput(server: Option<&Arc<Server>>, total: usize) -> f64 {
     let started = Instant::now();
     let threads: Vec<_> = (0..8)
         .map(|_| {
-            let server = Arc::clone(server);
+            let server = server.cloned();
             std::thread::spawn(move || {
                 for _ in 0..total / 8 {
-                    assert!(Command::new("/bin/true")
-                        .spawn_via(&server)
-                        .unwrap()
-                        .wait()
-                        .unwrap()
-                        .success());
+                    let mut cmd = Command::new("/bin/true");
+                    all_options(&mut cmd);
+                    let mut child = match &server {
+                        Some(server) => cmd.spawn_via(server).unwrap(),
+                        None => cmd.spawn().unwrap(),
+                    };
+                    assert!(child.wait().unwrap().success());
                 }
             })
         })
@@ -231,18 +235,22 @@ fn main() {
     let mut n = 1000;
     let mut sizes_mb = vec![0, 100, 1000, 8000];
     let (mut go, mut python) = (None, None);
+    let mut seen_n = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--go" => go = args.next().map(|p| vec![p]),
             "--python" => python = args.next().map(|p| vec!["python3".to_owned(), p]),
-            a if a.contains(',') || sizes_mb.len() == 4 && a.ends_with("mb") => {
+            // Positional: N first, then the sizes in MB.
+            a if !seen_n => {
+                n = a.parse().expect("N");
+                seen_n = true;
+            }
+            a => {
                 sizes_mb = a
-                    .trim_end_matches("mb")
                     .split(',')
-                    .map(|s| s.parse().unwrap())
+                    .map(|s| s.parse().expect("MB,MB,..."))
                     .collect()
             }
-            a => n = a.parse().expect("N"),
         }
     }
 
@@ -305,9 +313,11 @@ fn main() {
             }
         }
         if mb == sizes_mb[0] || mb == *sizes_mb.last().unwrap() {
-            let per_s = server_throughput(&server, 4000);
-            eprintln!("  server: {per_s:.0} spawns/s from 8 threads");
-            throughputs.push((rss_mb(), per_s));
+            let (via_server, local) = (throughput(Some(&server), 4000), throughput(None, 4000));
+            eprintln!(
+                "  8 threads: server {via_server:.0} spawns/s, in-process {local:.0} spawns/s"
+            );
+            throughputs.push((rss_mb(), via_server, local));
         }
     }
 
@@ -322,7 +332,10 @@ fn main() {
         println!("| {name} | {} |", cells.join(" | "));
     }
     println!();
-    for (rss, per_s) in throughputs {
-        println!("Spawn server, 8 threads, /bin/true with all options, parent RSS {rss} MB: {per_s:.0} spawns/s");
+    for (rss, via_server, local) in throughputs {
+        println!(
+            "8 threads spawning /bin/true with all options, parent RSS {rss} MB: \
+             spawn server {via_server:.0} spawns/s; in-process ferry-spawn {local:.0} spawns/s (for scale)"
+        );
     }
 }
