@@ -267,7 +267,9 @@ pub(crate) fn spawn(prepared: &Prepared, as_sibling: bool) -> io::Result<Spawned
             &args as *const ChildArgs as *mut c_void,
         )
     };
-    sys::set_signal_mask(old_mask)?;
+    // Restoring a mask we just read cannot fail; if it did, the thread
+    // would silently keep every signal blocked, so say so loudly.
+    sys::set_signal_mask(old_mask).expect("rt_sigprocmask restoring the old mask");
     STACK.set(Some(stack));
 
     let (pid, pidfd) = cloned?;

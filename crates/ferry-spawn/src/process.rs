@@ -127,8 +127,8 @@ impl Child {
         match self.status {
             Some(status) => Ok(status),
             None => self
-                .reap(0)
-                .map(|status| status.expect("waitid without WNOHANG returned early")),
+                .reap(0)?
+                .ok_or_else(|| io::Error::other("waitid without WNOHANG found no exit")),
         }
     }
 

@@ -66,10 +66,11 @@ impl Server {
     /// Starts a server by re-executing this binary, whose `main` must call
     /// [`main_if_server`] first.
     pub fn start() -> io::Result<Server> {
-        Server::start_program("/proc/self/exe", ["ferry-spawn-server"])
+        Server::start_program("/proc/self/exe", [] as [&str; 0])
     }
 
-    /// Starts a server from `program` with `args` (`args[0]` first), for
+    /// Starts a server from `program` with `args` (after `argv[0]`, which
+    /// is `ferry-spawn-server` so it stands out in `ps`), for
     /// binaries other than this one that call [`main_if_server`] first,
     /// such as `ferry`.
     pub fn start_program<I, S>(program: impl Into<PathBuf>, args: I) -> io::Result<Server>
@@ -106,12 +107,8 @@ impl Server {
         }
         let (ours, theirs) = sys::socketpair()?;
         let process = Command::new(&self.program)
-            .arg0(
-                self.args
-                    .first()
-                    .unwrap_or(&self.program.clone().into_os_string()),
-            )
-            .args(self.args.iter().skip(1))
+            .arg0("ferry-spawn-server")
+            .args(&self.args)
             .env_clear()
             .env(MARKER, SERVER_FD.to_string())
             .fd(SERVER_FD, theirs)

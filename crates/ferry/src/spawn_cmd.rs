@@ -107,8 +107,7 @@ fn spawn(args: SpawnArgs) -> anyhow::Result<()> {
     }
     let mut child = if args.via_server {
         // This binary calls main_if_server() first, so it can serve itself.
-        let server = Server::start_program("/proc/self/exe", ["ferry-spawn-server"])
-            .context("start spawn server")?;
+        let server = Server::start().context("start spawn server")?;
         cmd.spawn_via(&server)?
     } else {
         cmd.spawn()?
