@@ -203,13 +203,41 @@ impl Child {
             if let Some(status) = self.try_wait()? {
                 return Ok(status);
             }
-            pidfd.readable().await?.clear_ready();
+            let mut ready = pidfd.readable().await?;
+            if sys::poll_readable(self.pidfd.as_fd(), 0)? {
+                // Exited but not reaped yet by its parent (a server's child):
+                // stay ready and look again after other tasks ran.
+                drop(ready);
+                tokio::task::yield_now().await;
+            } else {
+                ready.clear_ready();
+            }
         }
     }
 
     fn reap(&mut self, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
-        let status = sys::waitid(self.pidfd.as_fd(), flags)?;
+        let status = match sys::waitid(self.pidfd.as_fd(), flags) {
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => self.foreign_exit(flags)?,
+            other => other?,
+        };
         self.status = status;
         Ok(status)
+    }
+
+    /// The exit status of a process that is not our child (spawned by a
+    /// server we connected to by path): its parent reaps it, then the
+    /// kernel keeps the status behind the pidfd (Linux 6.15).
+    fn foreign_exit(&self, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+        loop {
+            if let Some(status) = sys::pidfd_exit_status(self.pidfd.as_fd())? {
+                return Ok(Some(status));
+            }
+            if flags & libc::WNOHANG != 0 {
+                return Ok(None);
+            }
+            // Wait for the exit, then give its parent a moment to reap it.
+            sys::poll_readable(self.pidfd.as_fd(), -1)?;
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }

@@ -481,3 +481,144 @@ pub fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: the fd is open, and was handed to this process for it to own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// A `sockaddr_un` for `path`, or `ENAMETOOLONG`.
+fn unix_addr(path: &CStr) -> io::Result<libc::sockaddr_un> {
+    // SAFETY: an all-zero sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.to_bytes_with_nul();
+    if bytes.len() > addr.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    Ok(addr)
+}
+
+/// `socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0)`—A message socket.
+///
+/// # References
+/// - [Linux](https://man7.org/linux/man-pages/man2/socket.2.html)
+fn seqpacket_socket() -> io::Result<OwnedFd> {
+    // SAFETY: no pointers.
+    owned(
+        unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) }.into(),
+    )
+}
+
+/// `bind(sock, path)` then `listen(sock, 128)`—A listening message socket
+/// at `path`.
+///
+/// # References
+/// - [bind](https://man7.org/linux/man-pages/man2/bind.2.html),
+///   [listen](https://man7.org/linux/man-pages/man2/listen.2.html)
+pub fn listen(path: &CStr) -> io::Result<OwnedFd> {
+    let sock = seqpacket_socket()?;
+    let addr = unix_addr(path)?;
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    cvt(unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    }
+    .into())?;
+    // SAFETY: no pointers.
+    cvt(unsafe { libc::listen(sock.as_raw_fd(), 128) }.into())?;
+    Ok(sock)
+}
+
+/// `accept4(sock, NULL, NULL, SOCK_CLOEXEC)`—The next connection.
+///
+/// # References
+/// - [Linux](https://man7.org/linux/man-pages/man2/accept.2.html)
+pub fn accept(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers are allowed.
+    owned(
+        unsafe {
+            libc::accept4(
+                sock.as_raw_fd(),
+                ptr::null_mut(),
+                ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        }
+        .into(),
+    )
+}
+
+/// `connect(sock, path)` on a new message socket.
+///
+/// # References
+/// - [Linux](https://man7.org/linux/man-pages/man2/connect.2.html)
+pub fn connect(path: &CStr) -> io::Result<OwnedFd> {
+    let sock = seqpacket_socket()?;
+    let addr = unix_addr(path)?;
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    cvt(unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    }
+    .into())?;
+    Ok(sock)
+}
+
+/// `waitpid(-1, &status, 0)`—Reaps any child; `Ok(false)` if there is none.
+///
+/// # References
+/// - [Linux](https://man7.org/linux/man-pages/man2/waitpid.2.html)
+pub fn reap_any() -> io::Result<bool> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid int.
+    match cvt(unsafe { libc::waitpid(-1, &mut status, 0) }.into()) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// `struct pidfd_info`, version 0 (64 bytes), of `PIDFD_GET_INFO`.
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    ids: [u32; 11],
+    exit_code: i32,
+}
+
+/// `PIDFD_INFO_EXIT`: ask for (and learn of) the exit status.
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+
+/// `PIDFD_GET_INFO`: `_IOWR(0xFF, 11, struct pidfd_info)` at 64 bytes.
+const PIDFD_GET_INFO: libc::c_ulong = 0xC040_FF0B;
+
+/// `ioctl(pidfd, PIDFD_GET_INFO, {PIDFD_INFO_EXIT})`—The exit status of a
+/// process that is not our child, once its parent has reaped it
+/// (Linux 6.15); `Ok(None)` before that.
+///
+/// # References
+/// - [Linux](https://man7.org/linux/man-pages/man2/ioctl_pidfd.2.html)
+pub fn pidfd_exit_status(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..Default::default()
+    };
+    // SAFETY: `info` is a 64-byte pidfd_info, as the command encodes.
+    match cvt(unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info) }.into()) {
+        Ok(_) if info.mask & PIDFD_INFO_EXIT != 0 => Ok(Some(ExitStatus::from_raw(info.exit_code))),
+        Ok(_) => Ok(None),
+        // Still running: the kernel has no info to give about a live task's exit.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -157,11 +157,59 @@ fn the_server_stays_small() {
     assert_eq!(stdout(sh("echo plain")), "plain\n");
 }
 
+/// A server on a socket path, run by someone else (here: this binary
+/// started with `--serve-path PATH`), and clients that connect to it.
+fn a_server_on_a_socket_path_serves_connecting_clients() {
+    let path = std::env::temp_dir().join(format!("ferry-spawn-test-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut process = Command::new(std::env::current_exe().unwrap())
+        .arg("--serve-path")
+        .arg(&path)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + common::TIMEOUT;
+    let server = loop {
+        match Server::connect(&path) {
+            Ok(server) => break server,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // The child is the server's: wait reads the status from the pidfd.
+        let (status, out) = via(&server, sh("cat /proc/$$/stat; exit 6").uid(65534));
+        assert_eq!(status.code(), Some(6));
+        assert_eq!(
+            common::stat_fields(&out)[1],
+            process.id() as i64,
+            "parent is the server"
+        );
+        let mut sleeper = Command::new("sleep").arg("30").spawn_via(&server).unwrap();
+        sleeper.kill().unwrap();
+        assert_eq!(common::wait(&mut sleeper).signal(), Some(libc::SIGKILL));
+        // A second client on the same path.
+        let other = Server::connect(&path).unwrap();
+        assert_eq!(via(&other, &mut sh("echo second")).1, "second\n");
+    }));
+    process.kill().unwrap();
+    common::wait(&mut process);
+    std::fs::remove_file(&path).unwrap();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 fn main() {
     ferry_spawn::server::main_if_server();
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, path] = &args[..] {
+        if flag == "--serve-path" {
+            ferry_spawn::server::serve_path(path.as_ref()).expect("serve_path");
+        }
+    }
 
     let server = Arc::new(Server::start().expect("start server"));
-    let tests: [(&str, &dyn Fn()); 9] = [
+    let tests: [(&str, &dyn Fn()); 10] = [
         ("options_apply_and_the_child_is_ours", &|| {
             options_apply_and_the_child_is_ours(&server)
         }),
@@ -185,6 +233,10 @@ fn main() {
         ("still_works_after_restart", &|| {
             options_apply_and_the_child_is_ours(&server)
         }),
+        (
+            "a_server_on_a_socket_path_serves_connecting_clients",
+            &a_server_on_a_socket_path_serves_connecting_clients,
+        ),
     ];
     println!("\nrunning {} tests", tests.len());
     let mut failed = 0;

@@ -10,12 +10,16 @@ use ferry_spawn::{Resource, Server};
 /// Subcommands of this family.
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Serve spawn requests on an inherited socket (SOCK_SEQPACKET, one end
-    /// of a socketpair). Children become children of this server's parent.
+    /// Serve spawn requests, on an inherited socket or on a socket path.
     SpawnServer {
-        /// Number of the inherited socket fd.
+        /// Number of an inherited SOCK_SEQPACKET socket (one end of a
+        /// socketpair); children become children of this server's parent.
+        #[arg(long, conflicts_with = "socket", required_unless_present = "socket")]
+        fd: Option<i32>,
+        /// Path of a socket to create and serve any number of clients on
+        /// (`Server::connect`); children are this server's own.
         #[arg(long)]
-        fd: i32,
+        socket: Option<PathBuf>,
     },
     /// Run a command with ferry-spawn options and exit with its status.
     Spawn(SpawnArgs),
@@ -69,7 +73,14 @@ pub struct SpawnArgs {
 /// Runs one subcommand.
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::SpawnServer { fd } => ferry_spawn::server::serve_fd(fd).context("spawn server"),
+        Command::SpawnServer { fd: Some(fd), .. } => {
+            ferry_spawn::server::serve_fd(fd).context("spawn server")
+        }
+        Command::SpawnServer {
+            socket: Some(path), ..
+        } => ferry_spawn::server::serve_path(&path)
+            .with_context(|| format!("spawn server on {}", path.display())),
+        Command::SpawnServer { .. } => bail!("spawn-server needs --fd or --socket"),
         Command::Spawn(args) => spawn(args),
     }
 }
