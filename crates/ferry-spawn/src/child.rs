@@ -359,6 +359,7 @@ struct CapData {
 const CAP_VERSION_3: u32 = 0x2008_0522;
 
 /// The steps between clone and exec. Returns only on failure.
+#[rustfmt::skip] // One line per system call reads like the list of steps it is.
 fn run(a: &ChildArgs) -> Result<Infallible, Failure> {
     let p = a.prepared;
     let o = &p.opts;
@@ -373,30 +374,12 @@ fn run(a: &ChildArgs) -> Result<Infallible, Failure> {
         }
         let mut old = KernelSigaction::default();
         // SAFETY: a null new action only reads the old one into `old`.
-        unsafe {
-            sys!(
-                Step::ResetSignals,
-                libc::SYS_rt_sigaction,
-                sig,
-                ptr::null::<c_void>(),
-                &mut old,
-                8
-            )
-        }?;
+        unsafe { sys!(Step::ResetSignals, libc::SYS_rt_sigaction, sig, ptr::null::<c_void>(), &mut old, 8) }?;
         let caught = old.handler != libc::SIG_DFL && old.handler != libc::SIG_IGN;
         if caught || (old.handler == libc::SIG_IGN && o.signal_default & sigbit(sig) != 0) {
             let default = KernelSigaction::default();
             // SAFETY: `default` is a valid SIG_DFL action.
-            unsafe {
-                sys!(
-                    Step::ResetSignals,
-                    libc::SYS_rt_sigaction,
-                    sig,
-                    &default,
-                    ptr::null_mut::<c_void>(),
-                    8
-                )
-            }?;
+            unsafe { sys!(Step::ResetSignals, libc::SYS_rt_sigaction, sig, &default, ptr::null_mut::<c_void>(), 8) }?;
         }
     }
 
@@ -421,14 +404,7 @@ fn run(a: &ChildArgs) -> Result<Infallible, Failure> {
     // libc's set*id would signal every thread of the parent.
     if let Some(groups) = &o.groups {
         // SAFETY: `groups` holds `len` gids.
-        unsafe {
-            sys!(
-                Step::Setgroups,
-                libc::SYS_setgroups,
-                groups.len(),
-                groups.as_ptr()
-            )
-        }?;
+        unsafe { sys!(Step::Setgroups, libc::SYS_setgroups, groups.len(), groups.as_ptr()) }?;
     } else if a.drop_groups {
         // SAFETY: an empty list needs no pointer.
         unsafe { sys!(Step::Setgroups, libc::SYS_setgroups, 0, ptr::null::<u32>()) }?;
@@ -439,17 +415,7 @@ fn run(a: &ChildArgs) -> Result<Infallible, Failure> {
     }
     if !o.ambient_caps.is_empty() {
         // SAFETY: no pointers.
-        unsafe {
-            sys!(
-                Step::KeepCaps,
-                libc::SYS_prctl,
-                libc::PR_SET_KEEPCAPS,
-                1,
-                0,
-                0,
-                0
-            )
-        }?;
+        unsafe { sys!(Step::KeepCaps, libc::SYS_prctl, libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) }?;
     }
     if let Some(uid) = o.uid {
         // SAFETY: no pointers.
@@ -459,20 +425,10 @@ fn run(a: &ChildArgs) -> Result<Infallible, Failure> {
     // Ambient capabilities: KEEPCAPS kept them permitted through setuid;
     // make them inheritable and effective, then raise them as ambient.
     if !o.ambient_caps.is_empty() {
-        let header = CapHeader {
-            version: CAP_VERSION_3,
-            pid: 0,
-        };
+        let header = CapHeader { version: CAP_VERSION_3, pid: 0 };
         let mut data = [CapData::default(); 2];
         // SAFETY: version 3 reads one header and fills two data structs.
-        unsafe {
-            sys!(
-                Step::AmbientCaps,
-                libc::SYS_capget,
-                &header,
-                data.as_mut_ptr()
-            )
-        }?;
+        unsafe { sys!(Step::AmbientCaps, libc::SYS_capget, &header, data.as_mut_ptr()) }?;
         for &cap in &o.ambient_caps {
             if let Some(d) = data.get_mut((cap / 32) as usize) {
                 d.inheritable |= 1 << (cap % 32);
@@ -483,17 +439,7 @@ fn run(a: &ChildArgs) -> Result<Infallible, Failure> {
         unsafe { sys!(Step::AmbientCaps, libc::SYS_capset, &header, data.as_ptr()) }?;
         for &cap in &o.ambient_caps {
             // SAFETY: no pointers.
-            unsafe {
-                sys!(
-                    Step::AmbientCaps,
-                    libc::SYS_prctl,
-                    libc::PR_CAP_AMBIENT,
-                    libc::PR_CAP_AMBIENT_RAISE,
-                    cap,
-                    0,
-                    0
-                )
-            }?;
+            unsafe { sys!(Step::AmbientCaps, libc::SYS_prctl, libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap, 0, 0) }?;
         }
     }
 
@@ -517,31 +463,14 @@ fn run(a: &ChildArgs) -> Result<Infallible, Failure> {
     // namespace getppid() is 0 and there is nothing to check.)
     if let Some(sig) = o.pdeathsig {
         // SAFETY: no pointers.
-        unsafe {
-            sys!(
-                Step::ParentDeathSignal,
-                libc::SYS_prctl,
-                libc::PR_SET_PDEATHSIG,
-                sig,
-                0,
-                0,
-                0
-            )
-        }?;
+        unsafe { sys!(Step::ParentDeathSignal, libc::SYS_prctl, libc::PR_SET_PDEATHSIG, sig, 0, 0, 0) }?;
         // SAFETY: no pointers.
-        if a.ppid != 0
-            && unsafe { sys!(Step::ParentDeathSignal, libc::SYS_getppid) }?
-                != a.ppid as libc::c_long
-        {
+        let ppid = unsafe { sys!(Step::ParentDeathSignal, libc::SYS_getppid) }?;
+        if a.ppid != 0 && ppid != a.ppid.into() {
+            // SAFETY: no pointers.
+            let pid = unsafe { sys!(Step::ParentDeathSignal, libc::SYS_getpid) }?;
             // SAFETY: no pointers; signals ourselves.
-            unsafe {
-                sys!(
-                    Step::ParentDeathSignal,
-                    libc::SYS_kill,
-                    libc::syscall(libc::SYS_getpid),
-                    sig
-                )
-            }?;
+            unsafe { sys!(Step::ParentDeathSignal, libc::SYS_kill, pid, sig) }?;
         }
     }
 
@@ -568,80 +497,30 @@ fn run(a: &ChildArgs) -> Result<Infallible, Failure> {
     // Controlling terminal, by its number after the shuffle (needs setsid).
     if let Some(fd) = o.ctty {
         // SAFETY: TIOCSCTTY takes an integer argument, no pointer.
-        unsafe {
-            sys!(
-                Step::ControllingTerminal,
-                libc::SYS_ioctl,
-                fd,
-                libc::TIOCSCTTY,
-                0
-            )
-        }?;
+        unsafe { sys!(Step::ControllingTerminal, libc::SYS_ioctl, fd, libc::TIOCSCTTY, 0) }?;
     }
 
     // Resource limits, after the shuffle: a low RLIMIT_NOFILE must not stop
     // the dup3s above.
     for limit in &o.rlimits {
-        let new = libc::rlimit64 {
-            rlim_cur: limit.soft,
-            rlim_max: limit.hard,
-        };
+        let new = libc::rlimit64 { rlim_cur: limit.soft, rlim_max: limit.hard };
         // SAFETY: `new` is a valid rlimit64; no old value is asked for.
-        unsafe {
-            sys!(
-                Step::Rlimit,
-                libc::SYS_prlimit64,
-                0,
-                limit.resource,
-                &new,
-                ptr::null_mut::<c_void>()
-            )
-        }?;
+        unsafe { sys!(Step::Rlimit, libc::SYS_prlimit64, 0, limit.resource, &new, ptr::null_mut::<c_void>()) }?;
     }
 
     // no_new_privs, last before exec so it cannot block the steps above.
     if o.no_new_privs {
         // SAFETY: no pointers.
-        unsafe {
-            sys!(
-                Step::NoNewPrivs,
-                libc::SYS_prctl,
-                libc::PR_SET_NO_NEW_PRIVS,
-                1,
-                0,
-                0,
-                0
-            )
-        }?;
+        unsafe { sys!(Step::NoNewPrivs, libc::SYS_prctl, libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }?;
     }
 
     // Signal mask the program starts with.
     // SAFETY: `signal_mask` is an 8-byte set, as sigsetsize says.
-    unsafe {
-        sys!(
-            Step::SignalMask,
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &o.signal_mask,
-            ptr::null_mut::<u64>(),
-            8
-        )
-    }?;
+    unsafe { sys!(Step::SignalMask, libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &o.signal_mask, ptr::null_mut::<u64>(), 8) }?;
 
     // Exec. It returns only on failure.
     // SAFETY: path is NUL-terminated; argv and envp are NULL-terminated
     // arrays of NUL-terminated strings, all owned by the waiting parent.
-    unsafe {
-        sys!(
-            Step::Exec,
-            libc::SYS_execve,
-            p.path.as_ptr(),
-            a.argv,
-            a.envp
-        )
-    }?;
-    Err(Failure {
-        step: Step::Exec,
-        errno: libc::EINVAL,
-    })
+    unsafe { sys!(Step::Exec, libc::SYS_execve, p.path.as_ptr(), a.argv, a.envp) }?;
+    Err(Failure { step: Step::Exec, errno: libc::EINVAL })
 }

@@ -7,7 +7,7 @@
 //! so its clones stay cheap and never share the caller's address space.
 //!
 //! Requests travel over a `SOCK_SEQPACKET` socketpair, one message each: a
-//! [`Prepared`](crate::child::Prepared) spawn, its fds attached by
+//! prepared spawn (strings, options, fd map), its fds attached by
 //! `SCM_RIGHTS`, and first among them a fresh socket for the reply, so
 //! concurrent callers never see each other's answers. The server clones
 //! with `CLONE_PARENT`: the new process is the *caller's* child, which can
