@@ -19,6 +19,11 @@ use ferry_spawn::{Command, Resource, Server};
 /// Wall time each fork-based method may use per RSS level.
 const FORK_BUDGET: Duration = Duration::from_secs(6);
 
+/// Positions in [`methods`] of the rows the ratios are taken against.
+const FORK: usize = 0;
+const POSIX_SPAWN: usize = 2;
+const FERRY_ALL_OPTIONS: usize = 5;
+
 /// One way of spawning /bin/true and waiting for it.
 struct Method {
     name: &'static str,
@@ -259,6 +264,7 @@ fn main() {
     let mut ballast = Ballast { len: 0 };
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
     let mut throughputs = Vec::new();
+    let mut fork_speedup = Vec::new();
     for &mb in &sizes_mb {
         let rss = mb << 20;
         // Outside references first, while this process is still at the previous size.
@@ -285,7 +291,7 @@ fn main() {
                 times[i].push(took);
             }
         }
-        let posix = median(times[2].clone());
+        let posix = median(times[POSIX_SPAWN].clone());
         let mut cells: Vec<(String, Duration, usize)> = methods
             .iter()
             .zip(&times)
@@ -296,6 +302,9 @@ fn main() {
                 cells.push((name.to_owned(), med, count));
             }
         }
+        // The headline: how much faster than fork+exec, all options on.
+        let speedup = cells[FORK].1.as_secs_f64() / cells[FERRY_ALL_OPTIONS].1.as_secs_f64();
+        fork_speedup.push(format!("{speedup:.0}×"));
         for (name, med, count) in cells {
             let cell = format!(
                 "{:.3} ms ({:.2}×){}",
@@ -331,6 +340,10 @@ fn main() {
     for (name, cells) in &rows {
         println!("| {name} | {} |", cells.join(" | "));
     }
+    println!(
+        "| **fork+exec time ÷ ferry-spawn all options** | {} |",
+        fork_speedup.join(" | ")
+    );
     println!();
     for (rss, via_server, local) in throughputs {
         println!(
