@@ -180,7 +180,13 @@ fn uid_alone_drops_supplementary_groups() {
 fn chroot_changes_the_root() {
     // A static binary is the only kind that runs in an empty root.
     let root = temp_dir("chroot");
-    fs::copy("/sbin/ldconfig", root.join("static")).unwrap();
+    // A hard link, not a copy: a copy's write fd, cloned into another
+    // test's child before it execs, would make our exec fail with ETXTBSY.
+    let target = root.join("static");
+    if fs::hard_link("/sbin/ldconfig", &target).is_err() {
+        fs::copy("/sbin/ldconfig", &target).unwrap();
+        std::thread::sleep(Duration::from_millis(200)); // Let such children exec.
+    }
     let out = stdout(
         Command::new("/static")
             .arg("--version")
