@@ -438,9 +438,17 @@ fn exec_errors_name_the_step() {
     fs::write(&garbage, [0u8, 1, 2, 3, 4, 5, 6, 7]).unwrap();
     fs::set_permissions(&garbage, fs::Permissions::from_mode(0o755)).unwrap();
 
-    let step_errno = |cmd: &mut Command| match cmd.spawn() {
-        Err(SpawnError::Child { step, errno, .. }) => (step, errno),
-        other => panic!("expected a child failure, got {other:?}"),
+    // ETXTBSY means a concurrent test's child had not yet exec'd while it
+    // held a copy of our write fd to `garbage`; that passes, so retry.
+    let step_errno = |cmd: &mut Command| loop {
+        match cmd.spawn() {
+            Err(SpawnError::Child {
+                errno: libc::ETXTBSY,
+                ..
+            }) => std::thread::sleep(Duration::from_millis(10)),
+            Err(SpawnError::Child { step, errno, .. }) => break (step, errno),
+            other => panic!("expected a child failure, got {other:?}"),
+        }
     };
     assert_eq!(
         step_errno(&mut Command::new(dir.join("missing"))),
