@@ -524,3 +524,46 @@ fn run(a: &ChildArgs) -> Result<Infallible, Failure> {
     unsafe { sys!(Step::Exec, libc::SYS_execve, p.path.as_ptr(), a.argv, a.envp) }?;
     Err(Failure { step: Step::Exec, errno: libc::EINVAL })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prepared(fds: &[(RawFd, RawFd)], close_other_fds: bool) -> Prepared {
+        Prepared {
+            path: CString::new("/bin/true").unwrap(),
+            argv: Vec::new(),
+            envp: Vec::new(),
+            cwd: None,
+            chroot: None,
+            fds: fds.to_vec(),
+            cgroup: None,
+            opts: Options {
+                close_other_fds,
+                ..Options::default()
+            },
+            owned: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_swap_moves_both_sources_above_every_number() {
+        let plan = FdPlan::new(&prepared(&[(3, 4), (4, 3)], false));
+        assert_eq!(plan.moves, [(3, 5), (4, 6)]);
+        assert_eq!(plan.places, [(5, 4), (6, 3)]);
+        assert!(plan.closes.is_empty());
+    }
+
+    #[test]
+    fn unclobbered_sources_stay_and_identity_maps_stay_put() {
+        let plan = FdPlan::new(&prepared(&[(10, 0), (7, 7)], false));
+        assert!(plan.moves.is_empty());
+        assert_eq!(plan.places, [(10, 0), (7, 7)]);
+    }
+
+    #[test]
+    fn close_ranges_cover_every_gap_between_kept_fds() {
+        let plan = FdPlan::new(&prepared(&[(20, 5), (21, 9)], true));
+        assert_eq!(plan.closes, [(3, 4), (6, 8), (10, u32::MAX)]);
+    }
+}

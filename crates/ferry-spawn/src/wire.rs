@@ -276,3 +276,68 @@ pub(crate) fn decode_reply(
         _ => Err(invalid("reply")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::child::Options;
+
+    fn sample() -> Prepared {
+        Prepared {
+            path: CString::new("/bin/echo").unwrap(),
+            argv: vec![CString::new("echo").unwrap(), CString::new("hi").unwrap()],
+            envp: vec![CString::new("A=1").unwrap()],
+            cwd: Some(Cwd::Path(CString::new("/tmp").unwrap())),
+            chroot: None,
+            fds: vec![(0, 1)],
+            cgroup: None,
+            opts: Options {
+                setsid: true,
+                uid: Some(65534),
+                groups: Some(vec![1, 2]),
+                rlimits: vec![Rlimit {
+                    resource: 7,
+                    soft: 64,
+                    hard: 128,
+                }],
+                signal_mask: 1 << 9,
+                ..Options::default()
+            },
+            owned: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_request_survives_the_round_trip() {
+        let request = encode_request(&sample());
+        // Stand-ins for the fds SCM_RIGHTS would deliver.
+        let received: Vec<OwnedFd> = request
+            .fds
+            .iter()
+            .map(|_| std::fs::File::open("/dev/null").unwrap().into())
+            .collect();
+        let raw = received[0].as_raw_fd();
+        let decoded = decode_request(&request.bytes, received).unwrap();
+        assert_eq!(decoded.argv, sample().argv);
+        assert_eq!(decoded.envp, sample().envp);
+        assert!(matches!(decoded.cwd, Some(Cwd::Path(ref p)) if p.as_bytes() == b"/tmp"));
+        assert_eq!(decoded.fds, [(raw, 1)]);
+        assert_eq!(decoded.opts.uid, Some(65534));
+        assert_eq!(decoded.opts.groups, Some(vec![1, 2]));
+        assert_eq!(decoded.opts.rlimits[0].hard, 128);
+        assert_eq!(decoded.opts.signal_mask, 1 << 9);
+        assert!(decoded.opts.setsid);
+    }
+
+    #[test]
+    fn truncated_or_foreign_messages_are_errors_not_panics() {
+        let request = encode_request(&sample());
+        for len in 0..request.bytes.len() {
+            assert!(
+                decode_request(&request.bytes[..len], Vec::new()).is_err(),
+                "prefix of {len} bytes"
+            );
+        }
+        assert!(decode_reply(&[9, 0, 0, 0], Vec::new()).is_err());
+    }
+}
