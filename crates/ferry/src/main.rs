@@ -31,6 +31,8 @@ enum Command {
 }
 
 fn main() {
+    // A re-executed spawn server serves and exits here, before any thread exists.
+    ferry_spawn::server::main_if_server();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
