@@ -217,7 +217,12 @@ fn start_daemon(cfg: &MountConfig, options: &[String]) -> anyhow::Result<()> {
     cmd.arg("mount")
         .arg("--foreground")
         .arg("--store")
-        .arg(&cfg.store);
+        .arg(&cfg.store)
+        .arg("--max-backlog")
+        .arg(cfg.max_backlog.to_string());
+    if let Some(b) = &cfg.backend {
+        cmd.arg("--backend").arg(b);
+    }
     for o in options {
         cmd.arg("-o").arg(o);
     }

@@ -16,12 +16,13 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fmt;
+
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{symlink, MetadataExt};
+use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
+use support::tree::{describe_meta, digest, tree_diff, user_names};
 use support::{errno, sys, Mount, Rng, TempDir};
 
 /// Open descriptors each side keeps; slots are shared by index.
@@ -385,11 +386,6 @@ struct Side {
     fds: Vec<Option<File>>,
 }
 
-/// Content summary: length and checksum (full bytes are compared in trees).
-fn digest(data: &[u8]) -> String {
-    format!("{} bytes fnv {:016x}", data.len(), support::fnv64(data))
-}
-
 /// A file descriptor or an invalid one, so a closed slot gives EBADF on
 /// both sides through the real syscall.
 struct Slot(i32);
@@ -561,131 +557,6 @@ impl Side {
             }
         }
     }
-}
-
-/// Sorted `user.*` names (other namespaces are the file system's business).
-fn user_names(mut names: Vec<String>) -> Vec<String> {
-    names.retain(|n| n.starts_with("user."));
-    names.sort();
-    names
-}
-
-/// Type, mode, size (not for directories: their size is fs-specific) and
-/// link count.
-fn describe_meta(m: &fs::Metadata) -> String {
-    let size = if m.is_dir() {
-        "-".to_string()
-    } else {
-        m.len().to_string()
-    };
-    format!(
-        "mode {:o} size {size} nlink {} uid {} gid {}",
-        m.mode(),
-        m.nlink(),
-        m.uid(),
-        m.gid()
-    )
-}
-
-/// Everything a tree is compared on, one entry per path.
-#[derive(PartialEq, Eq)]
-struct Entry {
-    meta: String,
-    content: Vec<u8>,
-    xattrs: Vec<(String, Vec<u8>)>,
-}
-
-impl fmt::Debug for Entry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let x: Vec<_> = self
-            .xattrs
-            .iter()
-            .map(|(n, v)| format!("{n}={}", digest(v)))
-            .collect();
-        write!(f, "{} [{}] xattrs {x:?}", self.meta, digest(&self.content))
-    }
-}
-
-/// Snapshot of a tree: entries by relative path, plus the hard-link groups
-/// (paths sharing an inode) so the link structure is compared too.
-fn snapshot(root: &Path) -> (BTreeMap<String, Entry>, Vec<Vec<String>>) {
-    let mut entries = BTreeMap::new();
-    let mut groups: BTreeMap<u64, Vec<String>> = BTreeMap::new();
-    let mut stack = vec![String::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = root.join(&rel);
-        for e in fs::read_dir(&dir).unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display())) {
-            let name = e.unwrap().file_name().to_string_lossy().into_owned();
-            let rel = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
-            };
-            let path = root.join(&rel);
-            let m = fs::symlink_metadata(&path).unwrap();
-            let content = if m.is_file() {
-                fs::read(&path).unwrap()
-            } else if m.file_type().is_symlink() {
-                fs::read_link(&path)
-                    .unwrap()
-                    .into_os_string()
-                    .into_encoded_bytes()
-            } else {
-                stack.push(rel.clone());
-                Vec::new()
-            };
-            let xattrs = if m.file_type().is_symlink() {
-                Vec::new()
-            } else {
-                user_names(sys::listxattr(&path, 65536).unwrap())
-                    .into_iter()
-                    .map(|n| {
-                        let v = sys::getxattr(&path, &n, 65536).unwrap();
-                        (n, v)
-                    })
-                    .collect()
-            };
-            if !m.is_dir() {
-                groups.entry(m.ino()).or_default().push(rel.clone());
-            }
-            entries.insert(
-                rel,
-                Entry {
-                    meta: describe_meta(&m),
-                    content,
-                    xattrs,
-                },
-            );
-        }
-    }
-    let mut groups: Vec<Vec<String>> = groups.into_values().filter(|g| g.len() > 1).collect();
-    groups.iter_mut().for_each(|g| g.sort());
-    groups.sort();
-    (entries, groups)
-}
-
-/// Compares two trees; returns a readable list of differences.
-fn tree_diff(a: &Path, b: &Path) -> Vec<String> {
-    let ((ea, ga), (eb, gb)) = (snapshot(a), snapshot(b));
-    let mut diffs = Vec::new();
-    for (k, va) in &ea {
-        match eb.get(k) {
-            None => diffs.push(format!("{k}: only on mount: {va:?}")),
-            Some(vb) if vb != va => diffs.push(format!("{k}: mount {va:?} vs reference {vb:?}")),
-            _ => {}
-        }
-    }
-    for (k, vb) in &eb {
-        if !ea.contains_key(k) {
-            diffs.push(format!("{k}: only in reference: {vb:?}"));
-        }
-    }
-    if ga != gb {
-        diffs.push(format!(
-            "hard-link groups: mount {ga:?} vs reference {gb:?}"
-        ));
-    }
-    diffs
 }
 
 /// Panics with everything needed to replay: seed, op index, the ops before.

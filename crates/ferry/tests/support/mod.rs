@@ -22,6 +22,7 @@
 #![allow(dead_code)]
 
 pub mod sys;
+pub mod tree;
 
 use std::ffi::OsString;
 use std::fs;
@@ -142,6 +143,8 @@ impl Drop for TempDir {
 pub struct Mount {
     target: Target,
     options: String,
+    /// Extra daemon arguments (`--backend URL`).
+    args: Vec<String>,
     dir: TempDir,
     store: PathBuf,
     mnt: PathBuf,
@@ -161,9 +164,18 @@ impl Mount {
         Mount::with(Target::from_env(), DEFAULT_OPTIONS)
     }
 
+    /// Mounts ferry on a fresh store that replicates to `backend`.
+    pub fn with_backend(backend: &str) -> Mount {
+        Mount::build(Target::Ferry, DEFAULT_OPTIONS, &["--backend", backend])
+    }
+
     /// Mounts `target` with `-o options`; panics (showing the daemon's
     /// stderr) if it is not mounted within [`MOUNT_TIMEOUT`].
     pub fn with(target: Target, options: &str) -> Mount {
+        Mount::build(target, options, &[])
+    }
+
+    fn build(target: Target, options: &str, args: &[&str]) -> Mount {
         init_process();
         let dir = TempDir::new("ferry-test");
         let store = dir.path().join("store");
@@ -176,6 +188,7 @@ impl Mount {
         let mut m = Mount {
             target,
             options: options.to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             dir,
             store,
             mnt,
@@ -232,6 +245,7 @@ impl Mount {
                     .arg(&self.store)
                     .arg("-o")
                     .arg(&self.options)
+                    .args(&self.args)
                     .arg("--foreground")
                     .arg(&self.mnt);
                 c
