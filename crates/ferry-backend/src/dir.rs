@@ -25,9 +25,9 @@ use rusqlite::{
 };
 
 use crate::{
-    check_schema, decide, decode_xattrs, encode_xattrs, new_volume_id, now_ns, root_inode, stored,
-    verify_stored, verify_upload, Backend, BackendError, ChunkHash, Entry, FeedChange, FeedItem,
-    InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo,
+    check_schema, clamp, decide, decode_xattrs, encode_xattrs, new_volume_id, now_ns, root_inode,
+    stored, verify_stored, verify_upload, Backend, BackendError, ChunkHash, Entry, FeedChange,
+    FeedItem, InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo,
 };
 
 /// Database file inside the volume directory.
@@ -366,7 +366,7 @@ impl Backend for DirBackend {
                 )
                 .map_err(|e| map_sql(e, "feed"))?;
             let rows = stmt
-                .query_map(params![after_seq as i64, limit as i64], |r| {
+                .query_map(params![clamp(after_seq), clamp(limit as u64)], |r| {
                     Ok(crate::decode_feed_row(
                         r.get(0)?,
                         r.get(1)?,

@@ -580,6 +580,12 @@ pub(crate) fn decode_feed_row(
     })
 }
 
+/// A u64 query argument (seq, limit) as a signed 64-bit SQL integer;
+/// values beyond `i64::MAX` mean "no bound" anyway.
+pub(crate) fn clamp(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 /// A fresh uuid-like volume id (v4 layout) from BLAKE3 of time, pid and a
 /// process-local counter; unique enough to tell volumes apart without a
 /// uuid/rand dependency.

@@ -28,9 +28,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Transaction};
 
 use crate::{
-    check_schema, decide, decode_feed_row, decode_xattrs, encode_xattrs, new_volume_id, now_ns,
-    redact, root_inode, stored, verify_stored, verify_upload, Backend, BackendError, ChunkHash,
-    Entry, FeedChange, FeedItem, InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo,
+    check_schema, clamp, decide, decode_feed_row, decode_xattrs, encode_xattrs, new_volume_id,
+    now_ns, redact, root_inode, stored, verify_stored, verify_upload, Backend, BackendError,
+    ChunkHash, Entry, FeedChange, FeedItem, InitPlan, InodeState, ObjectId, Op, Outcome,
+    VolumeInfo,
 };
 
 /// Bound on any one call after connecting (a query, a commit, a chunk
@@ -523,7 +524,7 @@ impl Backend for PgBackend {
                 .query(
                     "SELECT seq, origin, kind, host, counter, name FROM ferry_feed
                      WHERE seq > $1 ORDER BY seq LIMIT $2",
-                    &[&(after_seq as i64), &(limit as i64)],
+                    &[&clamp(after_seq), &clamp(limit as u64)],
                 )
                 .await
                 .map_err(pg_error(loc, "feed"))?;

@@ -551,6 +551,12 @@ fn feed_order_and_content(v: &Volume) {
         paged.extend(page);
     }
     assert_eq!(paged, all);
+    assert_eq!(
+        b.feed(start[0].seq, usize::MAX).unwrap(),
+        all,
+        "huge limits are fine"
+    );
+    assert!(b.feed(u64::MAX, 10).unwrap().is_empty());
     assert_eq!(last_seq(&*b), all.last().unwrap().seq);
 }
 
