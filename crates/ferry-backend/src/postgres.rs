@@ -144,7 +144,7 @@ pub(crate) fn init(
     connect_timeout: Duration,
 ) -> Result<VolumeInfo, BackendError> {
     let backend = PgBackend::new(url, connect_timeout)?;
-    let info = backend.call("init", async |client, loc| {
+    let info = backend.call_once("init", async |client, loc| {
         let err = pg_error(loc, "init");
         let tx = client.transaction().await.map_err(err)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
@@ -254,22 +254,56 @@ impl PgBackend {
         }
     }
 
-    /// Runs `f` on a pooled (or new) connection under [`CALL_TIMEOUT`].
-    /// The connection goes back to the pool only if the call succeeded or
-    /// failed without touching the connection's health.
+    /// Runs an idempotent call: like [`PgBackend::call_once`], but if a
+    /// pooled connection turns out dead (the server restarted since it was
+    /// last used), the call is retried once on a fresh connection, so a
+    /// restart nobody noticed costs no error.
     fn call<T>(
+        &self,
+        what: &str,
+        f: impl AsyncFn(&mut Client, &str) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let pooled = self.pooled();
+        let was_pooled = pooled.is_some();
+        match self.attempt(what, pooled, &f) {
+            Err(e) if was_pooled && e.is_transient() => {
+                tracing::debug!("{what}: retrying on a fresh connection after {e}");
+                self.attempt(what, None, &f)
+            }
+            result => result,
+        }
+    }
+
+    /// Runs `f` once on a pooled (or new) connection. Used for `commit` and
+    /// `init`: after a lost connection their outcome is unknown, and the
+    /// caller (replicator) resolves that through base versions.
+    fn call_once<T>(
         &self,
         what: &str,
         f: impl AsyncFnOnce(&mut Client, &str) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        let pooled = {
-            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-            pool.retain(|c| !c.is_closed());
-            pool.pop()
-        };
+        let pooled = self.pooled();
+        self.attempt(what, pooled, f)
+    }
+
+    /// A pooled connection that is not known to be closed.
+    fn pooled(&self) -> Option<Client> {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        pool.retain(|c| !c.is_closed());
+        pool.pop()
+    }
+
+    /// Runs `f` on `client` (or a new connection) under [`CALL_TIMEOUT`].
+    /// The connection goes back to the pool only if it is still healthy.
+    fn attempt<T>(
+        &self,
+        what: &str,
+        client: Option<Client>,
+        f: impl AsyncFnOnce(&mut Client, &str) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
         let location = self.location.as_str();
         let result = self.rt.block_on(async {
-            let mut client = match pooled {
+            let mut client = match client {
                 Some(client) => client,
                 None => {
                     let (client, connection) = Self::connect(&self.config, location).await?;
@@ -290,9 +324,7 @@ impl PgBackend {
             }
         });
         let (result, client) = result?;
-        let healthy =
-            !client.is_closed() && !matches!(result, Err(BackendError::Unreachable { .. }));
-        if healthy {
+        if !client.is_closed() && !matches!(result, Err(BackendError::Unreachable { .. })) {
             self.pool
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -413,7 +445,7 @@ impl Backend for PgBackend {
     }
 
     fn commit(&self, origin: u32, ops: &[Op]) -> Result<Vec<Outcome>, BackendError> {
-        self.call("commit", async |c, loc| {
+        self.call_once("commit", async |c, loc| {
             let mut attempt = 0;
             loop {
                 attempt += 1;
