@@ -289,20 +289,23 @@ impl Backend for DirBackend {
 
     fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError> {
         self.with_conn(|c| {
-            let mut stmt = c
+            // One read transaction, so the row and its chunk list come from
+            // the same commit.
+            let tx = c.transaction().map_err(|e| map_sql(e, "inode"))?;
+            let row = tx
                 .prepare_cached(&format!(
                     "SELECT {INODE_COLUMNS} FROM inodes WHERE host = ?1 AND counter = ?2 AND deleted = 0"
                 ))
-                .map_err(|e| map_sql(e, "inode"))?;
-            let Some(inode) = stmt
-                .query_row(params![id.host, id.counter as i64], read_inode)
-                .optional()
-                .map_err(|e| map_sql(e, &format!("inode {id}")))?
-            else {
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![id.host, id.counter as i64], read_inode)
+                        .optional()
+                })
+                .map_err(|e| map_sql(e, &format!("inode {id}")))?;
+            let Some(inode) = row else {
                 return Ok(None);
             };
             let mut inode = inode?;
-            inode.chunks = read_chunk_list(c, id)?;
+            inode.chunks = read_chunk_list(&tx, id)?;
             Ok(Some(inode))
         })
     }

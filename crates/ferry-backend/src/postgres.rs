@@ -464,7 +464,9 @@ impl Backend for PgBackend {
     fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError> {
         self.call("inode", async |c, loc| {
             let err = pg_error(loc, "inode");
-            let row = c
+            // One snapshot, so the row and its chunk list come from the same commit.
+            let tx = read_transaction(c).await.map_err(err)?;
+            let row = tx
                 .query_opt(
                     &format!(
                         "SELECT {INODE_COLUMNS} FROM ferry_inodes
@@ -476,7 +478,7 @@ impl Backend for PgBackend {
                 .map_err(err)?;
             let Some(row) = row else { return Ok(None) };
             let mut inode = read_inode(&row)?;
-            let chunks = c
+            let chunks = tx
                 .query(
                     "SELECT host, counter, hash, len FROM ferry_inode_chunks
                      WHERE host = $1 AND counter = $2 ORDER BY idx",
@@ -485,6 +487,7 @@ impl Backend for PgBackend {
                 .await
                 .map_err(err)?;
             attach_chunks(std::slice::from_mut(&mut inode), &chunks)?;
+            tx.commit().await.map_err(err)?;
             Ok(Some(inode))
         })
     }
@@ -510,13 +513,7 @@ impl Backend for PgBackend {
             let err = pg_error(loc, "snapshot");
             // REPEATABLE READ: every query sees the same snapshot; with
             // COMMIT_LOCK, a visible max(seq) means all lower seqs are visible too.
-            let tx = c
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(err)?;
+            let tx = read_transaction(c).await.map_err(err)?;
             let seq = max_seq(&tx, loc).await?;
             let inode_rows = tx
                 .query(
@@ -601,6 +598,15 @@ impl Backend for PgBackend {
             }
         }
     }
+}
+
+/// A read-only transaction whose queries all see one snapshot.
+async fn read_transaction(c: &mut Client) -> Result<Transaction<'_>, tokio_postgres::Error> {
+    c.build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
 }
 
 /// Why one commit attempt failed: worth retrying in a fresh transaction
