@@ -990,8 +990,13 @@ fn pg_error<'a>(
                 _ => BackendError::other(format!("{location}: {detail}")),
             };
         }
-        let detail = format!("{what}: {e}");
-        if e.to_string().contains("password missing") {
+        // tokio-postgres hides the cause of configuration errors in `source`.
+        let cause = std::error::Error::source(&e).map(|s| s.to_string());
+        let detail = match &cause {
+            Some(cause) => format!("{what}: {e}: {cause}"),
+            None => format!("{what}: {e}"),
+        };
+        if cause.as_deref() == Some("password missing") {
             BackendError::Auth { location, detail }
         } else if e.is_closed()
             || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
