@@ -18,6 +18,7 @@
 //! TLS is not supported yet (`NoTls`): use it on a trusted network or
 //! through a tunnel.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -144,52 +145,58 @@ pub(crate) fn init(
     connect_timeout: Duration,
 ) -> Result<VolumeInfo, BackendError> {
     let backend = PgBackend::new(url, connect_timeout)?;
-    let info = backend.call_once("init", async |client, loc| {
-        let err = pg_error(loc, "init");
-        let tx = client.transaction().await.map_err(err)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
-            .await
-            .map_err(err)?;
-        let found = schema_version(&tx, loc).await?;
-        let existing = match found {
-            0 => String::new(),
-            _ => read_info(&tx, loc)
-                .await
-                .map_or_else(|e| format!("<{e}>"), |i| i.name),
-        };
-        let plan = InitPlan::decide(found, loc, || existing)?;
-        for migration in &MIGRATIONS[plan.first_migration()..] {
-            tx.batch_execute(migration).await.map_err(err)?;
-        }
-        let version = MIGRATIONS.len() as i32;
-        if plan == InitPlan::Create {
-            let now = now_ns();
-            tx.execute(
-                "INSERT INTO ferry_volume (id, name, volume_id, schema_version, created_ns)
-                 VALUES (1, $1, $2, $3, $4)",
-                &[&volume_name, &new_volume_id(volume_name), &version, &now],
-            )
-            .await
-            .map_err(err)?;
-            apply(
-                &tx,
-                loc,
-                0,
-                &Op::PutInode {
-                    state: root_inode(now),
-                    base: None,
-                },
-            )
-            .await?;
-        } else {
-            tx.execute("UPDATE ferry_volume SET schema_version = $1", &[&version])
+    let begun = Cell::new(false);
+    let info = backend.call_retrying(
+        "init",
+        || !begun.get(),
+        async |client, loc| {
+            let err = pg_error(loc, "init");
+            let tx = client.transaction().await.map_err(err)?;
+            begun.set(true);
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
                 .await
                 .map_err(err)?;
-        }
-        let info = read_info(&tx, loc).await?;
-        tx.commit().await.map_err(err)?;
-        Ok(info)
-    })?;
+            let found = schema_version(&tx, loc).await?;
+            let existing = match found {
+                0 => String::new(),
+                _ => read_info(&tx, loc)
+                    .await
+                    .map_or_else(|e| format!("<{e}>"), |i| i.name),
+            };
+            let plan = InitPlan::decide(found, loc, || existing)?;
+            for migration in &MIGRATIONS[plan.first_migration()..] {
+                tx.batch_execute(migration).await.map_err(err)?;
+            }
+            let version = MIGRATIONS.len() as i32;
+            if plan == InitPlan::Create {
+                let now = now_ns();
+                tx.execute(
+                    "INSERT INTO ferry_volume (id, name, volume_id, schema_version, created_ns)
+                 VALUES (1, $1, $2, $3, $4)",
+                    &[&volume_name, &new_volume_id(volume_name), &version, &now],
+                )
+                .await
+                .map_err(err)?;
+                apply(
+                    &tx,
+                    loc,
+                    0,
+                    &Op::PutInode {
+                        state: root_inode(now),
+                        base: None,
+                    },
+                )
+                .await?;
+            } else {
+                tx.execute("UPDATE ferry_volume SET schema_version = $1", &[&version])
+                    .await
+                    .map_err(err)?;
+            }
+            let info = read_info(&tx, loc).await?;
+            tx.commit().await.map_err(err)?;
+            Ok(info)
+        },
+    )?;
     tracing::info!(location = %backend.location, volume = %info.name, "initialized postgres backend");
     Ok(info)
 }
@@ -254,36 +261,39 @@ impl PgBackend {
         }
     }
 
-    /// Runs an idempotent call: like [`PgBackend::call_once`], but if a
-    /// pooled connection turns out dead (the server restarted since it was
-    /// last used), the call is retried once on a fresh connection, so a
-    /// restart nobody noticed costs no error.
+    /// Runs an idempotent call; see [`PgBackend::call_retrying`].
     fn call<T>(
         &self,
         what: &str,
         f: impl AsyncFn(&mut Client, &str) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
+        self.call_retrying(what, || true, f)
+    }
+
+    /// Runs `f` on a pooled (or new) connection. If a pooled connection
+    /// turns out dead (the server restarted since it was last used) and
+    /// `may_retry()` says so, the call is retried once on a fresh
+    /// connection, so a restart nobody noticed costs no error.
+    ///
+    /// `commit` and `init` may retry only while their transaction had not
+    /// begun: after that, a lost connection leaves the outcome unknown, and
+    /// the error goes to the caller (the replicator resolves it through
+    /// base versions).
+    fn call_retrying<T>(
+        &self,
+        what: &str,
+        may_retry: impl Fn() -> bool,
+        f: impl AsyncFn(&mut Client, &str) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
         let pooled = self.pooled();
         let was_pooled = pooled.is_some();
         match self.attempt(what, pooled, &f) {
-            Err(e) if was_pooled && e.is_transient() => {
+            Err(e) if was_pooled && e.is_transient() && may_retry() => {
                 tracing::debug!("{what}: retrying on a fresh connection after {e}");
                 self.attempt(what, None, &f)
             }
             result => result,
         }
-    }
-
-    /// Runs `f` once on a pooled (or new) connection. Used for `commit` and
-    /// `init`: after a lost connection their outcome is unknown, and the
-    /// caller (replicator) resolves that through base versions.
-    fn call_once<T>(
-        &self,
-        what: &str,
-        f: impl AsyncFnOnce(&mut Client, &str) -> Result<T, BackendError>,
-    ) -> Result<T, BackendError> {
-        let pooled = self.pooled();
-        self.attempt(what, pooled, f)
     }
 
     /// A pooled connection that is not known to be closed.
@@ -445,20 +455,25 @@ impl Backend for PgBackend {
     }
 
     fn commit(&self, origin: u32, ops: &[Op]) -> Result<Vec<Outcome>, BackendError> {
-        self.call_once("commit", async |c, loc| {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                match commit_once(c, loc, origin, ops).await {
-                    Err(CommitError::Retry(e)) if attempt < COMMIT_ATTEMPTS => {
-                        tracing::debug!("commit retry after {e}");
+        let begun = Cell::new(false);
+        self.call_retrying(
+            "commit",
+            || !begun.get(),
+            async |c, loc| {
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match commit_once(c, loc, origin, ops, &begun).await {
+                        Err(CommitError::Retry(e)) if attempt < COMMIT_ATTEMPTS => {
+                            tracing::debug!("commit retry after {e}");
+                        }
+                        Err(CommitError::Retry(e)) => return Err(pg_error(loc, "commit")(e)),
+                        Err(CommitError::Fatal(e)) => return Err(e),
+                        Ok(outcomes) => return Ok(outcomes),
                     }
-                    Err(CommitError::Retry(e)) => return Err(pg_error(loc, "commit")(e)),
-                    Err(CommitError::Fatal(e)) => return Err(e),
-                    Ok(outcomes) => return Ok(outcomes),
                 }
-            }
-        })
+            },
+        )
     }
 
     fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError> {
@@ -621,6 +636,7 @@ async fn commit_once(
     loc: &str,
     origin: u32,
     ops: &[Op],
+    begun: &Cell<bool>,
 ) -> Result<Vec<Outcome>, CommitError> {
     let classify = |e: tokio_postgres::Error| match e.code() {
         Some(code)
@@ -632,6 +648,7 @@ async fn commit_once(
         _ => CommitError::Fatal(pg_error(loc, "commit")(e)),
     };
     let tx = c.transaction().await.map_err(classify)?;
+    begun.set(true);
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
         .await
         .map_err(classify)?;

@@ -100,11 +100,11 @@ fn outage_fails_transiently_and_same_object_recovers() {
     // connections are dead, and the next call must still succeed.
     pg.stop();
     pg.restart();
-    assert_eq!(b.info().unwrap().name, "outage");
     assert_eq!(
         put_new(&*b, 4).unwrap(),
         vec![Outcome::Applied { version: 1 }]
     );
+    assert_eq!(b.info().unwrap().name, "outage");
     assert!(b.wait_feed(0, Duration::ZERO).unwrap());
 }
 
