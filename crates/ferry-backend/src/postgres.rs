@@ -409,14 +409,18 @@ impl Backend for PgBackend {
                 )
                 .await
                 .map_err(pg_error(loc, "missing_chunks"))?;
-            Ok(rows
-                .iter()
-                .map(|r| r.get::<_, Vec<u8>>(0))
-                .collect::<Vec<_>>())
+            rows.iter()
+                .map(|r| {
+                    ChunkHash::from_stored(
+                        &get::<Vec<u8>>(r, 0, &|| "chunk key".into())?,
+                        "chunk key",
+                    )
+                })
+                .collect::<Result<std::collections::HashSet<_>, _>>()
         })?;
         Ok(hashes
             .iter()
-            .filter(|h| !present.iter().any(|p| p[..] == h.0[..]))
+            .filter(|h| !present.contains(h))
             .copied()
             .collect())
     }
