@@ -24,7 +24,10 @@ set -euo pipefail
 die() { echo "pg-test-server: $*" >&2; exit 1; }
 
 find_bindir() {
-    if [[ -n "${FERRY_PG_BINDIR:-}" ]]; then echo "$FERRY_PG_BINDIR"; return; fi
+    if [[ -n "${FERRY_PG_BINDIR:-}" ]]; then
+        [[ -x "$FERRY_PG_BINDIR/initdb" ]] || return 1
+        echo "$FERRY_PG_BINDIR"; return
+    fi
     # Debian keeps the server binaries out of PATH; take the newest version.
     local d
     d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)

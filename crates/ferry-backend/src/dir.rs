@@ -25,9 +25,9 @@ use rusqlite::{
 };
 
 use crate::{
-    check_schema, decide, decode_xattrs, encode_xattrs, new_volume_id, now_ns, root_inode, stored,
-    verify_stored, verify_upload, Backend, BackendError, ChunkHash, Entry, FeedChange, FeedItem,
-    InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo,
+    check_schema, clamp, decide, decode_xattrs, encode_xattrs, new_volume_id, now_ns, root_inode,
+    stored, verify_stored, verify_upload, Backend, BackendError, ChunkHash, Entry, FeedChange,
+    FeedItem, InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo,
 };
 
 /// Database file inside the volume directory.
@@ -120,6 +120,13 @@ impl std::fmt::Debug for DirBackend {
 /// Creates (or migrates) the volume in `path`.
 pub(crate) fn init(path: &Path, volume_name: &str) -> Result<VolumeInfo, BackendError> {
     let location = format!("dir:{}", path.display());
+    let info = create(path, volume_name, &location).map_err(|e| locate(e, &location))?;
+    tracing::info!(%location, volume = %info.name, "initialized dir backend");
+    Ok(info)
+}
+
+/// The body of [`init`].
+fn create(path: &Path, volume_name: &str, location: &str) -> Result<VolumeInfo, BackendError> {
     fs::create_dir_all(path.join(CHUNK_DIR))
         .map_err(|e| io_error(e, &format!("creating {}", path.display())))?;
     let mut conn = connect(&path.join(DB_FILE), OpenFlags::SQLITE_OPEN_CREATE)?;
@@ -133,7 +140,7 @@ pub(crate) fn init(path: &Path, volume_name: &str) -> Result<VolumeInfo, Backend
     let found: u32 = tx
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(sql)?;
-    let plan = InitPlan::decide(found, &location, || {
+    let plan = InitPlan::decide(found, location, || {
         read_info(&tx, found).map_or_else(|e| format!("<{e}>"), |i| i.name)
     })?;
     for migration in &MIGRATIONS[plan.first_migration()..] {
@@ -159,7 +166,6 @@ pub(crate) fn init(path: &Path, volume_name: &str) -> Result<VolumeInfo, Backend
     }
     let info = read_info(&tx, MIGRATIONS.len() as u32)?;
     tx.commit().map_err(sql)?;
-    tracing::info!(%location, volume = %info.name, "initialized dir backend");
     Ok(info)
 }
 
@@ -171,7 +177,7 @@ impl DirBackend {
         if !db.exists() {
             return Err(BackendError::NotInitialized { location });
         }
-        let conn = connect(&db, OpenFlags::empty())?;
+        let conn = connect(&db, OpenFlags::empty()).map_err(|e| locate(e, &location))?;
         let found: u32 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(|e| map_sql(e, "reading schema version"))?;
@@ -193,16 +199,14 @@ impl DirBackend {
         let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut conn = match pooled {
             Some(conn) => conn,
-            None => connect(&self.db, OpenFlags::empty())?,
+            None => connect(&self.db, OpenFlags::empty()).map_err(|e| locate(e, &self.location))?,
         };
-        let result = f(&mut conn);
-        if result.is_ok() {
-            self.pool
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(conn);
-        }
-        result
+        let value = f(&mut conn).map_err(|e| locate(e, &self.location))?;
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+        Ok(value)
     }
 
     /// `chunks/ab/cdef…`: two-level fan-out keeps directories small.
@@ -289,20 +293,23 @@ impl Backend for DirBackend {
 
     fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError> {
         self.with_conn(|c| {
-            let mut stmt = c
+            // One read transaction, so the row and its chunk list come from
+            // the same commit.
+            let tx = c.transaction().map_err(|e| map_sql(e, "inode"))?;
+            let row = tx
                 .prepare_cached(&format!(
                     "SELECT {INODE_COLUMNS} FROM inodes WHERE host = ?1 AND counter = ?2 AND deleted = 0"
                 ))
-                .map_err(|e| map_sql(e, "inode"))?;
-            let Some(inode) = stmt
-                .query_row(params![id.host, id.counter as i64], read_inode)
-                .optional()
-                .map_err(|e| map_sql(e, &format!("inode {id}")))?
-            else {
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![id.host, id.counter as i64], read_inode)
+                        .optional()
+                })
+                .map_err(|e| map_sql(e, &format!("inode {id}")))?;
+            let Some(inode) = row else {
                 return Ok(None);
             };
             let mut inode = inode?;
-            inode.chunks = read_chunk_list(c, id)?;
+            inode.chunks = read_chunk_list(&tx, id)?;
             Ok(Some(inode))
         })
     }
@@ -366,7 +373,7 @@ impl Backend for DirBackend {
                 )
                 .map_err(|e| map_sql(e, "feed"))?;
             let rows = stmt
-                .query_map(params![after_seq as i64, limit as i64], |r| {
+                .query_map(params![clamp(after_seq), clamp(limit as u64)], |r| {
                     Ok(crate::decode_feed_row(
                         r.get(0)?,
                         r.get(1)?,
@@ -691,7 +698,8 @@ fn map_sql(e: rusqlite::Error, what: &str) -> BackendError {
             | ErrorCode::DatabaseLocked
             | ErrorCode::SystemIoFailure
             | ErrorCode::CannotOpen => BackendError::Unreachable {
-                location: "dir".into(),
+                // Filled in by `locate`, by callers that know it.
+                location: String::new(),
                 detail: format!("{what}: {e}"),
             },
             ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
@@ -704,6 +712,17 @@ fn map_sql(e: rusqlite::Error, what: &str) -> BackendError {
         | rusqlite::Error::IntegralValueOutOfRange(..)
         | rusqlite::Error::Utf8Error(..) => BackendError::corrupt(format!("{what}: {e}")),
         _ => BackendError::other(format!("{what}: {e}")),
+    }
+}
+
+/// Puts the volume's location into an `Unreachable` error from [`map_sql`].
+fn locate(e: BackendError, location: &str) -> BackendError {
+    match e {
+        BackendError::Unreachable { detail, .. } => BackendError::Unreachable {
+            location: location.to_owned(),
+            detail,
+        },
+        e => e,
     }
 }
 

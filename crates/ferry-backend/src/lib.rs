@@ -23,6 +23,15 @@
 //! Versions never repeat for a key: deleting keeps a tombstone, so a stale
 //! base from before a delete can never match a re-created inode or entry.
 //!
+//! Calls are synchronous and meant for plain threads (the postgres backend
+//! runs its own tokio runtime; from async code use `spawn_blocking`).
+//! Errors are [`BackendError`]s; [`BackendError::is_transient`] tells the
+//! replicator to back off and retry. No error or `Debug` output contains a
+//! password ([`redact`]).
+//!
+//! The `testing` feature adds `testing::PgServer`, a throwaway
+//! PostgreSQL cluster for integration tests (also for ferry-fs).
+//!
 //! # Example
 //!
 //! ```
@@ -578,6 +587,12 @@ pub(crate) fn decode_feed_row(
         origin: stored(origin, &what)?,
         change,
     })
+}
+
+/// A u64 query argument (seq, limit) as a signed 64-bit SQL integer;
+/// values beyond `i64::MAX` mean "no bound" anyway.
+pub(crate) fn clamp(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 /// A fresh uuid-like volume id (v4 layout) from BLAKE3 of time, pid and a

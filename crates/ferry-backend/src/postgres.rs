@@ -18,6 +18,7 @@
 //! TLS is not supported yet (`NoTls`): use it on a trusted network or
 //! through a tunnel.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -28,9 +29,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Transaction};
 
 use crate::{
-    check_schema, decide, decode_feed_row, decode_xattrs, encode_xattrs, new_volume_id, now_ns,
-    redact, root_inode, stored, verify_stored, verify_upload, Backend, BackendError, ChunkHash,
-    Entry, FeedChange, FeedItem, InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo,
+    check_schema, clamp, decide, decode_feed_row, decode_xattrs, encode_xattrs, new_volume_id,
+    now_ns, redact, root_inode, stored, verify_stored, verify_upload, Backend, BackendError,
+    ChunkHash, Entry, FeedChange, FeedItem, InitPlan, InodeState, ObjectId, Op, Outcome,
+    VolumeInfo,
 };
 
 /// Bound on any one call after connecting (a query, a commit, a chunk
@@ -143,52 +145,58 @@ pub(crate) fn init(
     connect_timeout: Duration,
 ) -> Result<VolumeInfo, BackendError> {
     let backend = PgBackend::new(url, connect_timeout)?;
-    let info = backend.call("init", async |client, loc| {
-        let err = pg_error(loc, "init");
-        let tx = client.transaction().await.map_err(err)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
-            .await
-            .map_err(err)?;
-        let found = schema_version(&tx, loc).await?;
-        let existing = match found {
-            0 => String::new(),
-            _ => read_info(&tx, loc)
-                .await
-                .map_or_else(|e| format!("<{e}>"), |i| i.name),
-        };
-        let plan = InitPlan::decide(found, loc, || existing)?;
-        for migration in &MIGRATIONS[plan.first_migration()..] {
-            tx.batch_execute(migration).await.map_err(err)?;
-        }
-        let version = MIGRATIONS.len() as i32;
-        if plan == InitPlan::Create {
-            let now = now_ns();
-            tx.execute(
-                "INSERT INTO ferry_volume (id, name, volume_id, schema_version, created_ns)
-                 VALUES (1, $1, $2, $3, $4)",
-                &[&volume_name, &new_volume_id(volume_name), &version, &now],
-            )
-            .await
-            .map_err(err)?;
-            apply(
-                &tx,
-                loc,
-                0,
-                &Op::PutInode {
-                    state: root_inode(now),
-                    base: None,
-                },
-            )
-            .await?;
-        } else {
-            tx.execute("UPDATE ferry_volume SET schema_version = $1", &[&version])
+    let begun = Cell::new(false);
+    let info = backend.call_retrying(
+        "init",
+        || !begun.get(),
+        async |client, loc| {
+            let err = pg_error(loc, "init");
+            let tx = client.transaction().await.map_err(err)?;
+            begun.set(true);
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
                 .await
                 .map_err(err)?;
-        }
-        let info = read_info(&tx, loc).await?;
-        tx.commit().await.map_err(err)?;
-        Ok(info)
-    })?;
+            let found = schema_version(&tx, loc).await?;
+            let existing = match found {
+                0 => String::new(),
+                _ => read_info(&tx, loc)
+                    .await
+                    .map_or_else(|e| format!("<{e}>"), |i| i.name),
+            };
+            let plan = InitPlan::decide(found, loc, || existing)?;
+            for migration in &MIGRATIONS[plan.first_migration()..] {
+                tx.batch_execute(migration).await.map_err(err)?;
+            }
+            let version = MIGRATIONS.len() as i32;
+            if plan == InitPlan::Create {
+                let now = now_ns();
+                tx.execute(
+                    "INSERT INTO ferry_volume (id, name, volume_id, schema_version, created_ns)
+                 VALUES (1, $1, $2, $3, $4)",
+                    &[&volume_name, &new_volume_id(volume_name), &version, &now],
+                )
+                .await
+                .map_err(err)?;
+                apply(
+                    &tx,
+                    loc,
+                    0,
+                    &Op::PutInode {
+                        state: root_inode(now),
+                        base: None,
+                    },
+                )
+                .await?;
+            } else {
+                tx.execute("UPDATE ferry_volume SET schema_version = $1", &[&version])
+                    .await
+                    .map_err(err)?;
+            }
+            let info = read_info(&tx, loc).await?;
+            tx.commit().await.map_err(err)?;
+            Ok(info)
+        },
+    )?;
     tracing::info!(location = %backend.location, volume = %info.name, "initialized postgres backend");
     Ok(info)
 }
@@ -253,22 +261,59 @@ impl PgBackend {
         }
     }
 
-    /// Runs `f` on a pooled (or new) connection under [`CALL_TIMEOUT`].
-    /// The connection goes back to the pool only if the call succeeded or
-    /// failed without touching the connection's health.
+    /// Runs an idempotent call; see [`PgBackend::call_retrying`].
     fn call<T>(
         &self,
         what: &str,
+        f: impl AsyncFn(&mut Client, &str) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        self.call_retrying(what, || true, f)
+    }
+
+    /// Runs `f` on a pooled (or new) connection. If a pooled connection
+    /// turns out dead (the server restarted since it was last used) and
+    /// `may_retry()` says so, the call is retried once on a fresh
+    /// connection, so a restart nobody noticed costs no error.
+    ///
+    /// `commit` and `init` may retry only while their transaction had not
+    /// begun: after that, a lost connection leaves the outcome unknown, and
+    /// the error goes to the caller (the replicator resolves it through
+    /// base versions).
+    fn call_retrying<T>(
+        &self,
+        what: &str,
+        may_retry: impl Fn() -> bool,
+        f: impl AsyncFn(&mut Client, &str) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let pooled = self.pooled();
+        let was_pooled = pooled.is_some();
+        match self.attempt(what, pooled, &f) {
+            Err(e) if was_pooled && e.is_transient() && may_retry() => {
+                tracing::debug!("{what}: retrying on a fresh connection after {e}");
+                self.attempt(what, None, &f)
+            }
+            result => result,
+        }
+    }
+
+    /// A pooled connection that is not known to be closed.
+    fn pooled(&self) -> Option<Client> {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        pool.retain(|c| !c.is_closed());
+        pool.pop()
+    }
+
+    /// Runs `f` on `client` (or a new connection) under [`CALL_TIMEOUT`].
+    /// The connection goes back to the pool only if it is still healthy.
+    fn attempt<T>(
+        &self,
+        what: &str,
+        client: Option<Client>,
         f: impl AsyncFnOnce(&mut Client, &str) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        let pooled = {
-            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-            pool.retain(|c| !c.is_closed());
-            pool.pop()
-        };
         let location = self.location.as_str();
         let result = self.rt.block_on(async {
-            let mut client = match pooled {
+            let mut client = match client {
                 Some(client) => client,
                 None => {
                     let (client, connection) = Self::connect(&self.config, location).await?;
@@ -289,9 +334,7 @@ impl PgBackend {
             }
         });
         let (result, client) = result?;
-        let healthy =
-            !client.is_closed() && !matches!(result, Err(BackendError::Unreachable { .. }));
-        if healthy {
+        if !client.is_closed() && !matches!(result, Err(BackendError::Unreachable { .. })) {
             self.pool
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -366,14 +409,18 @@ impl Backend for PgBackend {
                 )
                 .await
                 .map_err(pg_error(loc, "missing_chunks"))?;
-            Ok(rows
-                .iter()
-                .map(|r| r.get::<_, Vec<u8>>(0))
-                .collect::<Vec<_>>())
+            rows.iter()
+                .map(|r| {
+                    ChunkHash::from_stored(
+                        &get::<Vec<u8>>(r, 0, &|| "chunk key".into())?,
+                        "chunk key",
+                    )
+                })
+                .collect::<Result<std::collections::HashSet<_>, _>>()
         })?;
         Ok(hashes
             .iter()
-            .filter(|h| !present.iter().any(|p| p[..] == h.0[..]))
+            .filter(|h| !present.contains(h))
             .copied()
             .collect())
     }
@@ -412,26 +459,33 @@ impl Backend for PgBackend {
     }
 
     fn commit(&self, origin: u32, ops: &[Op]) -> Result<Vec<Outcome>, BackendError> {
-        self.call("commit", async |c, loc| {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                match commit_once(c, loc, origin, ops).await {
-                    Err(CommitError::Retry(e)) if attempt < COMMIT_ATTEMPTS => {
-                        tracing::debug!("commit retry after {e}");
+        let begun = Cell::new(false);
+        self.call_retrying(
+            "commit",
+            || !begun.get(),
+            async |c, loc| {
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match commit_once(c, loc, origin, ops, &begun).await {
+                        Err(CommitError::Retry(e)) if attempt < COMMIT_ATTEMPTS => {
+                            tracing::debug!("commit retry after {e}");
+                        }
+                        Err(CommitError::Retry(e)) => return Err(pg_error(loc, "commit")(e)),
+                        Err(CommitError::Fatal(e)) => return Err(e),
+                        Ok(outcomes) => return Ok(outcomes),
                     }
-                    Err(CommitError::Retry(e)) => return Err(pg_error(loc, "commit")(e)),
-                    Err(CommitError::Fatal(e)) => return Err(e),
-                    Ok(outcomes) => return Ok(outcomes),
                 }
-            }
-        })
+            },
+        )
     }
 
     fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError> {
         self.call("inode", async |c, loc| {
             let err = pg_error(loc, "inode");
-            let row = c
+            // One snapshot, so the row and its chunk list come from the same commit.
+            let tx = read_transaction(c).await.map_err(err)?;
+            let row = tx
                 .query_opt(
                     &format!(
                         "SELECT {INODE_COLUMNS} FROM ferry_inodes
@@ -443,7 +497,7 @@ impl Backend for PgBackend {
                 .map_err(err)?;
             let Some(row) = row else { return Ok(None) };
             let mut inode = read_inode(&row)?;
-            let chunks = c
+            let chunks = tx
                 .query(
                     "SELECT host, counter, hash, len FROM ferry_inode_chunks
                      WHERE host = $1 AND counter = $2 ORDER BY idx",
@@ -452,6 +506,7 @@ impl Backend for PgBackend {
                 .await
                 .map_err(err)?;
             attach_chunks(std::slice::from_mut(&mut inode), &chunks)?;
+            tx.commit().await.map_err(err)?;
             Ok(Some(inode))
         })
     }
@@ -477,13 +532,7 @@ impl Backend for PgBackend {
             let err = pg_error(loc, "snapshot");
             // REPEATABLE READ: every query sees the same snapshot; with
             // COMMIT_LOCK, a visible max(seq) means all lower seqs are visible too.
-            let tx = c
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(err)?;
+            let tx = read_transaction(c).await.map_err(err)?;
             let seq = max_seq(&tx, loc).await?;
             let inode_rows = tx
                 .query(
@@ -523,7 +572,7 @@ impl Backend for PgBackend {
                 .query(
                     "SELECT seq, origin, kind, host, counter, name FROM ferry_feed
                      WHERE seq > $1 ORDER BY seq LIMIT $2",
-                    &[&(after_seq as i64), &(limit as i64)],
+                    &[&clamp(after_seq), &clamp(limit as u64)],
                 )
                 .await
                 .map_err(pg_error(loc, "feed"))?;
@@ -570,6 +619,15 @@ impl Backend for PgBackend {
     }
 }
 
+/// A read-only transaction whose queries all see one snapshot.
+async fn read_transaction(c: &mut Client) -> Result<Transaction<'_>, tokio_postgres::Error> {
+    c.build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+}
+
 /// Why one commit attempt failed: worth retrying in a fresh transaction
 /// (deadlock, serialization failure) or not.
 enum CommitError {
@@ -582,6 +640,7 @@ async fn commit_once(
     loc: &str,
     origin: u32,
     ops: &[Op],
+    begun: &Cell<bool>,
 ) -> Result<Vec<Outcome>, CommitError> {
     let classify = |e: tokio_postgres::Error| match e.code() {
         Some(code)
@@ -593,6 +652,7 @@ async fn commit_once(
         _ => CommitError::Fatal(pg_error(loc, "commit")(e)),
     };
     let tx = c.transaction().await.map_err(classify)?;
+    begun.set(true);
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
         .await
         .map_err(classify)?;
@@ -951,8 +1011,13 @@ fn pg_error<'a>(
                 _ => BackendError::other(format!("{location}: {detail}")),
             };
         }
-        let detail = format!("{what}: {e}");
-        if e.to_string().contains("password missing") {
+        // tokio-postgres hides the cause of configuration errors in `source`.
+        let cause = std::error::Error::source(&e).map(|s| s.to_string());
+        let detail = match &cause {
+            Some(cause) => format!("{what}: {e}: {cause}"),
+            None => format!("{what}: {e}"),
+        };
+        if cause.as_deref() == Some("password missing") {
             BackendError::Auth { location, detail }
         } else if e.is_closed()
             || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())

@@ -170,6 +170,7 @@ conformance!(
     wait_feed_times_out_without_commits,
     concurrent_counters_lose_no_update,
     garbage_rows_are_corrupt,
+    inode_reads_are_consistent_under_concurrent_commits,
 );
 
 fn file(host: u32, counter: u64) -> InodeState {
@@ -551,6 +552,12 @@ fn feed_order_and_content(v: &Volume) {
         paged.extend(page);
     }
     assert_eq!(paged, all);
+    assert_eq!(
+        b.feed(start[0].seq, usize::MAX).unwrap(),
+        all,
+        "huge limits are fine"
+    );
+    assert!(b.feed(u64::MAX, 10).unwrap().is_empty());
     assert_eq!(last_seq(&*b), all.last().unwrap().seq);
 }
 
@@ -770,4 +777,45 @@ fn garbage_rows_are_corrupt(v: &Volume) {
         "negative entry version",
         b.entries(&ObjectId::ROOT).map(drop),
     );
+}
+
+fn inode_reads_are_consistent_under_concurrent_commits(v: &Volume) {
+    let b: Arc<dyn Backend> = v.init_open().into();
+    let hash = ChunkHash::of(b"c");
+    b.put_chunk(&hash, b"c").unwrap();
+    let mut f = file(6, 1);
+    b.commit(6, &[put(f.clone(), None)]).unwrap();
+    let writer = {
+        let b = v.open();
+        thread::spawn(move || {
+            // Invariant of every committed state: size == number of chunks.
+            for version in 1..150u64 {
+                let n = (version % 7) as usize;
+                f.chunks = vec![(hash, 1); n];
+                f.size = n as u64;
+                assert_eq!(
+                    b.commit(6, &[put(f.clone(), Some(version))]).unwrap(),
+                    vec![applied(version + 1)]
+                );
+            }
+        })
+    };
+    let mut reads = 0;
+    while !writer.is_finished() {
+        let got = b
+            .inode(&ObjectId {
+                host: 6,
+                counter: 1,
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got.size,
+            got.chunks.len() as u64,
+            "inode row and chunk list from different commits"
+        );
+        reads += 1;
+    }
+    writer.join().unwrap();
+    assert!(reads > 0);
 }

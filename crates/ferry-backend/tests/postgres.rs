@@ -95,6 +95,17 @@ fn outage_fails_transiently_and_same_object_recovers() {
         t0.elapsed()
     );
     committer.join().unwrap();
+
+    // A restart nobody noticed (no call during the outage): the pooled
+    // connections are dead, and the next call must still succeed.
+    pg.stop();
+    pg.restart();
+    assert_eq!(
+        put_new(&*b, 4).unwrap(),
+        vec![Outcome::Applied { version: 1 }]
+    );
+    assert_eq!(b.info().unwrap().name, "outage");
+    assert!(b.wait_feed(0, Duration::ZERO).unwrap());
 }
 
 #[test]
@@ -150,4 +161,12 @@ fn debug_and_errors_never_show_the_password() {
         assert!(!text.contains(&password), "{text}");
     }
     assert!(format!("{b:?}").contains("ferry:***@127.0.0.1"), "{b:?}");
+
+    // A malformed URL is reported without its password.
+    let err = ferry_backend::open(
+        "postgres://u:S3cretPw@h:notaport/db",
+        Duration::from_secs(1),
+    )
+    .unwrap_err();
+    assert!(!format!("{err} {err:?}").contains("S3cretPw"), "{err}");
 }
