@@ -11,6 +11,10 @@
 //! `version == 1 + number of its records` — the invariant [`crate::fsck`]
 //! checks after a crash.
 
+/// The (directory, name) places a change touches: `(parent, name,
+/// parent2, name2)`, as the log's columns store them.
+pub type Places<'a> = (Option<u64>, Option<&'a [u8]>, Option<u64>, Option<&'a [u8]>);
+
 /// One logged change. Names are raw bytes, as the kernel gave them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change<'a> {
@@ -87,6 +91,12 @@ pub enum Change<'a> {
         /// The inode.
         ino: u64,
     },
+    /// `ino` came from the backend (a restore); its names follow as `Link`
+    /// records. Already at the backend, so never shipped.
+    Import {
+        /// The inode.
+        ino: u64,
+    },
 }
 
 impl Change<'_> {
@@ -102,6 +112,7 @@ impl Change<'_> {
             Change::Content { .. } => "content",
             Change::Xattr { .. } => "xattr",
             Change::Delete { .. } => "delete",
+            Change::Import { .. } => "import",
         }
     }
 
@@ -116,13 +127,14 @@ impl Change<'_> {
             | Change::SetAttr { ino }
             | Change::Content { ino }
             | Change::Xattr { ino }
-            | Change::Delete { ino } => ino,
+            | Change::Delete { ino }
+            | Change::Import { ino } => ino,
         }
     }
 
     /// The (directory, name) places the change touches: `(parent, name,
     /// parent2, name2)`, as stored in the log's columns.
-    pub fn places(&self) -> (Option<u64>, Option<&[u8]>, Option<u64>, Option<&[u8]>) {
+    pub fn places(&self) -> Places<'_> {
         match *self {
             Change::Create { parent, name, .. }
             | Change::Link { parent, name, .. }
@@ -144,17 +156,14 @@ impl Change<'_> {
             Change::SetAttr { .. }
             | Change::Content { .. }
             | Change::Xattr { .. }
-            | Change::Delete { .. } => (None, None, None, None),
+            | Change::Delete { .. }
+            | Change::Import { .. } => (None, None, None, None),
         }
     }
 
     /// Decodes a record from its columns; `None` for a record this build
     /// does not understand (a corrupt or newer log).
-    pub fn decode<'a>(
-        op: &str,
-        ino: u64,
-        places: (Option<u64>, Option<&'a [u8]>, Option<u64>, Option<&'a [u8]>),
-    ) -> Option<Change<'a>> {
+    pub fn decode<'a>(op: &str, ino: u64, places: Places<'a>) -> Option<Change<'a>> {
         Some(match (op, places) {
             ("create", (Some(parent), Some(name), None, None)) => {
                 Change::Create { ino, parent, name }
@@ -185,6 +194,7 @@ impl Change<'_> {
             ("content", (None, None, None, None)) => Change::Content { ino },
             ("xattr", (None, None, None, None)) => Change::Xattr { ino },
             ("delete", (None, None, None, None)) => Change::Delete { ino },
+            ("import", (None, None, None, None)) => Change::Import { ino },
             _ => return None,
         })
     }

@@ -21,7 +21,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,6 +41,8 @@ use crate::vfs::Vfs;
 
 /// Records shipped per backend transaction.
 const BATCH: usize = 2048;
+/// How long new changes settle before they ship.
+const SETTLE: Duration = Duration::from_millis(50);
 /// How long a backend call may take to connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -252,12 +254,15 @@ impl From<std::io::Error> for ShipError {
     }
 }
 
+/// A file's chunk list: BLAKE3 hashes and lengths, in order.
+type ChunkList = Vec<([u8; 32], u32)>;
+
 /// One op of a batch and the local object it ships.
 struct Planned {
     op: Op,
     key: Vec<u8>,
     /// For files: the chunk list to remember once applied.
-    chunks: Option<(u64, Vec<([u8; 32], u32)>)>,
+    chunks: Option<(u64, ChunkList)>,
     what: String,
 }
 
@@ -302,6 +307,9 @@ impl Shipper {
                 generation = self
                     .store()
                     .wait_for_log(generation, Duration::from_secs(1));
+                // Let a burst finish (a file being written, a tree being
+                // unpacked): it then ships as one batch, each file once.
+                self.pause(SETTLE);
                 continue;
             }
             match self.ship(&batch) {
@@ -445,6 +453,8 @@ impl Shipper {
                 Change::SetAttr { ino } | Change::Content { ino } | Change::Xattr { ino } => {
                     inodes.insert(ino);
                 }
+                // Restored from the backend: already there.
+                Change::Import { .. } => {}
                 other => {
                     inodes.insert(other.ino());
                     let (p, n, p2, n2) = other.places();
@@ -468,9 +478,7 @@ impl Shipper {
                 continue;
             }
             let base = self.store().read(|r| r.remote_version(&key))?;
-            let Some((state, chunks)) = self.inode_state(&inode)? else {
-                continue; // changed while being read: a newer record follows
-            };
+            let (state, chunks) = self.inode_state(&inode)?;
             puts.push(Planned {
                 what: format!("inode {}", state.id),
                 op: Op::PutInode { state, base },
@@ -484,10 +492,15 @@ impl Shipper {
             let (dir, child) = self
                 .store()
                 .read(|r| Ok::<_, rusqlite::Error>((r.inode(parent)?, r.lookup(parent, &name)?)))?;
-            let Some(dir) = dir else {
-                continue; // the directory is gone; its removal covers its entries
+            // A removed directory still names its entries at the backend
+            // until they are deleted there; its log records know its id.
+            let pid = match dir {
+                Some(dir) => object_id(&dir),
+                None => match self.store().read(|r| r.logged_identity(parent))? {
+                    Some((host, counter)) => ObjectId { host, counter },
+                    None => continue,
+                },
             };
-            let pid = object_id(&dir);
             let key = entry_key(pid, &name);
             if self.store().read(|r| r.in_conflict(&key))? {
                 continue;
@@ -541,13 +554,11 @@ impl Shipper {
     }
 
     /// The backend state of a local inode, uploading the chunks of a
-    /// regular file that the backend lacks. `None` when the file changed
-    /// while it was read.
-    #[allow(clippy::type_complexity)]
+    /// regular file that the backend lacks.
     fn inode_state(
         &mut self,
         inode: &Inode,
-    ) -> Result<Option<(InodeState, Option<(u64, Vec<([u8; 32], u32)>)>)>, ShipError> {
+    ) -> Result<(InodeState, Option<(u64, ChunkList)>), ShipError> {
         let store = self.vfs.store();
         let attr = self
             .vfs
@@ -581,10 +592,7 @@ impl Shipper {
         let mut chunks = None;
         if inode.kind() == Kind::File {
             let list = if inode.cached {
-                match self.upload_file(inode.ino)? {
-                    Some(list) => list,
-                    None => return Ok(None),
-                }
+                self.upload_file(inode.ino)?
             } else {
                 // Not cached here, so not changed here: the list we have is
                 // the backend's.
@@ -597,17 +605,17 @@ impl Shipper {
             state.chunks = list.iter().map(|(h, len)| (ChunkHash(*h), *len)).collect();
             chunks = Some((inode.ino, list));
         }
-        Ok(Some((state, chunks)))
+        Ok((state, chunks))
     }
 
-    /// Hashes the data file in chunks and uploads the ones the backend
-    /// lacks. Each chunk is read twice (hash, then upload) so a large file
-    /// never sits in memory; a chunk whose hash changed in between means the
-    /// file is being written, and the next record will ship it.
-    fn upload_file(&mut self, ino: u64) -> Result<Option<Vec<([u8; 32], u32)>>, ShipError> {
+    /// Reads the data file chunk by chunk and uploads each chunk the
+    /// backend lacks, from the same buffer it was hashed from, so every
+    /// chunk is consistent even if the file is being written. (A file caught
+    /// mid-write ships as it was; `begin_ship` guarantees the writes after
+    /// that point are logged and shipped again.)
+    fn upload_file(&mut self, ino: u64) -> Result<ChunkList, ShipError> {
         self.vfs.begin_ship(ino);
-        let path = self.store().data_path(ino);
-        let mut file = File::open(&path)?;
+        let mut file = File::open(self.store().data_path(ino))?;
         let mut list = Vec::new();
         let mut buf = vec![0u8; MAX_CHUNK];
         loop {
@@ -615,36 +623,20 @@ impl Shipper {
             if n == 0 {
                 break;
             }
-            list.push((*blake3::hash(&buf[..n]).as_bytes(), n as u32));
-            if n < buf.len() {
-                break;
-            }
-        }
-        let hashes: Vec<ChunkHash> = list.iter().map(|(h, _)| ChunkHash(*h)).collect();
-        let missing: BTreeSet<ChunkHash> = self
-            .backend()?
-            .missing_chunks(&hashes)?
-            .into_iter()
-            .collect();
-        let mut offset = 0u64;
-        let mut sent = BTreeSet::new();
-        for (hash, len) in &list {
-            let h = ChunkHash(*hash);
-            if missing.contains(&h) && sent.insert(h) {
-                file.seek(SeekFrom::Start(offset))?;
-                let n = read_full(&mut file, &mut buf[..*len as usize])?;
-                if n != *len as usize || blake3::hash(&buf[..n]).as_bytes() != hash {
-                    return Ok(None);
-                }
-                self.backend()?.put_chunk(&h, &buf[..n])?;
+            let hash = ChunkHash::of(&buf[..n]);
+            if !self.backend()?.missing_chunks(&[hash])?.is_empty() {
+                self.backend()?.put_chunk(&hash, &buf[..n])?;
                 self.shared.update(|s| {
                     s.chunks_uploaded += 1;
                     s.bytes_uploaded += n as u64;
                 });
             }
-            offset += u64::from(*len);
+            list.push((hash.0, n as u32));
+            if n < buf.len() {
+                break;
+            }
         }
-        Ok(Some(list))
+        Ok(list)
     }
 
     /// Decides what a conflict is: our own write whose acknowledgement a
@@ -786,8 +778,7 @@ pub fn restore(store: &Store, backend: &dyn Backend) -> Result<u64, RestoreError
             let ino = tx.import_inode(&inode, state.target.as_deref())?;
             tx.import_xattrs(ino, &state.xattrs)?;
             if kind == Kind::File {
-                let list: Vec<([u8; 32], u32)> =
-                    state.chunks.iter().map(|(h, len)| (h.0, *len)).collect();
+                let list: ChunkList = state.chunks.iter().map(|(h, len)| (h.0, *len)).collect();
                 tx.set_chunks(ino, &list)?;
             }
             tx.set_remote_version(&inode_key(state.id), Some(state.version))?;
@@ -804,6 +795,9 @@ pub fn restore(store: &Store, backend: &dyn Backend) -> Result<u64, RestoreError
             tx.set_remote_version(&entry_key(e.parent, &e.name), Some(e.version))?;
         }
         tx.recount_links()?;
+        // Everything logged by the restore is the backend's own state.
+        let head = tx.log_head()?;
+        tx.set_meta_int("shipped_seq", head as i64)?;
         Ok(count)
     })
 }

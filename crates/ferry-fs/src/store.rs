@@ -220,7 +220,20 @@ impl Store {
     /// format version and pass SQLite's `quick_check`. Anything else is
     /// refused, never repaired, so a damaged store is left as evidence.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, true)
+    }
+
+    /// Opens an existing store; a directory without one is an error, not
+    /// a new store (what a checker wants).
+    pub fn open_existing(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, false)
+    }
+
+    fn open_with(dir: &Path, create: bool) -> Result<Store, StoreError> {
         let db_path = dir.join("meta.db");
+        if !create && !db_path.exists() {
+            return Err(StoreError::Foreign(dir.to_path_buf()));
+        }
         let fresh = !db_path.exists();
         if fresh && dir.exists() && !holds_only_ferry_files(dir)? {
             // Never take over a directory that holds someone else's files.
@@ -575,6 +588,17 @@ pub trait Queries {
             .query_row(params![host, counter as i64], |r| r.get::<_, i64>(0))
             .optional()
             .map(|o| o.map(|i| i as u64))
+    }
+
+    /// The global identity of `ino` as its log records name it: the way to
+    /// name an inode whose row is already gone.
+    fn logged_identity(&self, ino: u64) -> rusqlite::Result<Option<(u32, u64)>> {
+        self.conn()
+            .prepare_cached("SELECT host, counter FROM log WHERE ino=?1 LIMIT 1")?
+            .query_row([ino as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u32, r.get::<_, i64>(1)? as u64))
+            })
+            .optional()
     }
 
     /// Up to `limit` log records after `seq`, in order.
@@ -994,7 +1018,7 @@ impl Tx<'_> {
 
     /// Inserts or overwrites an inode that came from the backend, keyed by
     /// its global identity; returns its local number. Regular files arrive
-    /// uncached. Not logged: it is the backend's state, not a local change.
+    /// uncached. Logged as `Import`, so the log still replays to the store.
     pub fn import_inode(&self, inode: &Inode, target: Option<&[u8]>) -> rusqlite::Result<u64> {
         let existing = self.ino_of(inode.host, inode.counter)?;
         let ino = match existing {
@@ -1027,6 +1051,7 @@ impl Tx<'_> {
                 target,
                 inode.cached
             ])?;
+        self.log(&Change::Import { ino })?;
         Ok(ino)
     }
 
@@ -1043,13 +1068,10 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Inserts an imported entry, then recomputes link counts of everything
-    /// in `recount` (`nlink` follows entries, as `fsck` checks).
+    /// Inserts an entry that came from the backend, logged as `Link`.
     pub fn import_entry(&self, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("INSERT OR REPLACE INTO dentry(parent, name, ino) VALUES (?1, ?2, ?3)")?
-            .execute(params![parent as i64, name, ino as i64])?;
-        Ok(())
+        self.insert_dentry(parent, name, ino)?;
+        self.log(&Change::Link { ino, parent, name })
     }
 
     /// Recomputes every link count from the entries, after an import.

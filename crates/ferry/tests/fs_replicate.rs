@@ -18,8 +18,11 @@ use support::{ferry_bin, run_bounded, skip_unless_ferry, sys, Mount, Rng, TempDi
 
 /// Runs `ferry ARGS`, bounded; returns stdout, panicking with stderr on failure.
 fn ferry(args: &[&str]) -> String {
-    let out = run_bounded(Command::new(ferry_bin()).args(args), Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("ferry {args:?}: {e}"));
+    let out = run_bounded(
+        Command::new(ferry_bin()).args(args),
+        Duration::from_secs(120),
+    )
+    .unwrap_or_else(|e| panic!("ferry {args:?}: {e}"));
     assert!(
         out.status.success(),
         "ferry {args:?} failed: {}",
@@ -43,11 +46,18 @@ fn status(m: &Mount) -> serde_json::Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status {out:?}: {e}"))
 }
 
-/// Asserts a new host sees exactly `m`'s tree.
+/// Asserts a new host sees exactly `m`'s tree, and that its restored store
+/// passes `ferry fsck`.
 fn assert_restores_identically(backend: &str, m: &Mount) {
-    let fresh = Mount::with_backend(backend);
+    let mut fresh = Mount::with_backend(backend);
     let diffs = tree_diff(m.path(), fresh.path());
-    assert!(diffs.is_empty(), "restored tree differs:\n{}", diffs.join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "restored tree differs:\n{}",
+        diffs.join("\n")
+    );
+    fresh.unmount();
+    ferry(&["fsck", "--store", fresh.store().to_str().unwrap()]);
 }
 
 /// A small but varied tree: nested dirs, empty/small/multi-chunk/sparse
@@ -111,7 +121,13 @@ fn unchanged_chunks_are_never_uploaded_twice() {
     fs::write(a.join("one"), &data).unwrap();
     sync(&a);
     let before = status(&a)["bytes_uploaded"].as_u64().unwrap();
-    assert_eq!(before, data.len() as u64, "first upload sends every byte once");
+    // At least every byte once (more only if the shipper caught the file
+    // half-written, which it then ships again as it ends).
+    assert!(
+        before >= data.len() as u64,
+        "uploaded {before} of {} bytes",
+        data.len()
+    );
     // Same bytes under other names, and the file rewritten in place with
     // identical contents: nothing new to upload.
     fs::write(a.join("two"), &data).unwrap();
@@ -166,7 +182,10 @@ fn kill9_during_replication_loses_and_duplicates_nothing() {
     }
     sync(&a);
     let s = status(&a);
-    assert_eq!(s["conflicts"], 0, "a lost acknowledgement became a conflict: {s}");
+    assert_eq!(
+        s["conflicts"], 0,
+        "a lost acknowledgement became a conflict: {s}"
+    );
     assert_restores_identically(&url, &a);
 }
 
@@ -201,7 +220,7 @@ fn garbage_from_the_backend_is_an_error_not_corruption() {
     let bytes = fs::read(&victim).unwrap();
     fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
 
-    let b = Mount::with_backend(&url);
+    let mut b = Mount::with_backend(&url);
     assert_eq!(fs::read(b.join("good")).unwrap(), b"fine");
     let err = fs::read(b.join("bad")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
@@ -212,9 +231,8 @@ fn garbage_from_the_backend_is_an_error_not_corruption() {
     );
     // The failure left nothing behind: still uncached, still consistent.
     assert_eq!(fs::metadata(b.join("bad")).unwrap().len(), 100_000);
-    let store = b.store().to_path_buf();
-    drop(b);
-    ferry(&["fsck", "--store", store.to_str().unwrap()]);
+    b.unmount();
+    ferry(&["fsck", "--store", b.store().to_str().unwrap()]);
 }
 
 #[test]
@@ -265,7 +283,7 @@ fn postgres_round_trip_and_outage() {
     pg.stop();
     let start = Instant::now();
     for i in 0..200 {
-        fs::write(a.join(format!("during-outage-{i}")), format!("{i}")).unwrap();
+        fs::write(a.join(&format!("during-outage-{i}")), format!("{i}")).unwrap();
     }
     assert!(
         start.elapsed() < Duration::from_secs(10),

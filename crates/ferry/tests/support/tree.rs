@@ -82,7 +82,9 @@ pub fn snapshot(root: &Path) -> (BTreeMap<String, Entry>, Vec<Vec<String>>) {
                     .into_os_string()
                     .into_encoded_bytes()
             } else {
-                stack.push(rel.clone());
+                if m.is_dir() {
+                    stack.push(rel.clone());
+                }
                 Vec::new()
             };
             let xattrs = if m.file_type().is_symlink() {
