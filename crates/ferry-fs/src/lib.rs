@@ -29,6 +29,7 @@ mounted.run()?;             // serves until `ferry umount /mnt/vol`
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod cache;
 pub mod control;
 pub mod error;
 pub mod fsck;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 
+use crate::cache::Evictor;
 use crate::control;
 use crate::error::StoreError;
 use crate::fuse::FerryFs;
@@ -41,6 +42,9 @@ pub struct MountConfig {
     pub backend: Option<String>,
     /// Replication backlog, in bytes, above which writers slow down.
     pub max_backlog: u64,
+    /// Bytes of file contents to keep cached when there is a backend
+    /// (0: no limit); clean files beyond it are evicted.
+    pub cache_size: u64,
 }
 
 impl MountConfig {
@@ -56,6 +60,7 @@ impl MountConfig {
             passthrough: true,
             backend: None,
             max_backlog: 1 << 30,
+            cache_size: 0,
         }
     }
 
@@ -222,6 +227,7 @@ pub struct Mounted {
     session: Session<FerryFs>,
     /// Stopped (and joined) once the session ends.
     replicator: Option<Replicator>,
+    evictor: Option<Evictor>,
 }
 
 impl Mounted {
@@ -229,6 +235,7 @@ impl Mounted {
     /// replication; what it had not shipped ships at the next mount.
     pub fn run(self) -> io::Result<()> {
         let result = self.session.run();
+        drop(self.evictor);
         drop(self.replicator);
         result
     }
@@ -278,6 +285,13 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
         }
         _ => None,
     };
+    let evictor = match (&replicator, cfg.cache_size) {
+        (Some(_), limit) if limit > 0 => Some(
+            Evictor::start(vfs.clone(), limit)
+                .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?,
+        ),
+        _ => None,
+    };
     control::serve(vfs.clone(), replicator.as_ref().map(|r| r.shared().clone()))
         .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
     let store_name = std::fs::canonicalize(&cfg.store).unwrap_or_else(|_| cfg.store.clone());
@@ -313,6 +327,7 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
     Ok(Mounted {
         session,
         replicator,
+        evictor,
     })
 }
 

@@ -684,6 +684,20 @@ pub trait Queries {
         rows.collect()
     }
 
+    /// Cached regular files that are clean: shipped (their chunk list is
+    /// the backend's) and with no record after `seq`. Eviction candidates.
+    fn clean_cached_files(&self, seq: u64) -> rusqlite::Result<Vec<u64>> {
+        let mut stmt = self.conn().prepare_cached(&format!(
+            "SELECT i.ino FROM inode i WHERE i.cached=1 AND i.mode & {} = {}
+               AND EXISTS (SELECT 1 FROM chunk c WHERE c.ino = i.ino)
+               AND NOT EXISTS (SELECT 1 FROM log l WHERE l.ino = i.ino AND l.seq > ?1)",
+            libc::S_IFMT,
+            libc::S_IFREG
+        ))?;
+        let rows = stmt.query_map([seq as i64], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
+        rows.collect()
+    }
+
     /// Count and oldest time of the records after `seq`.
     fn pending(&self, seq: u64) -> rusqlite::Result<(u64, Option<Nanos>)> {
         self.conn()
@@ -1005,6 +1019,16 @@ impl Tx<'_> {
         for (idx, (hash, len)) in chunks.iter().enumerate() {
             stmt.execute(params![ino as i64, idx as i64, &hash[..], len])?;
         }
+        Ok(())
+    }
+
+    /// Records that a file's bytes now live only at the backend: the row
+    /// takes over the size and mtime its data file held. Not logged: the
+    /// file did not change.
+    pub fn set_evicted(&self, ino: u64, size: u64, mtime: Nanos) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("UPDATE inode SET cached=0, size=?2, mtime=?3 WHERE ino=?1")?
+            .execute(params![ino as i64, size as i64, mtime])?;
         Ok(())
     }
 

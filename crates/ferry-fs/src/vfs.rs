@@ -107,6 +107,11 @@ pub struct Vfs {
     fetching: Mutex<()>,
     /// The replicator's backlog gauge, for backpressure.
     replication: std::sync::OnceLock<Arc<crate::replicate::Shared>>,
+    /// Opening a data file holds this shared; evicting one holds it
+    /// exclusive, so a file is never evicted between check and open.
+    residency: std::sync::RwLock<()>,
+    /// When each file was last opened, for least-recently-used eviction.
+    last_open: Mutex<HashMap<u64, std::time::Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -213,6 +218,8 @@ impl Vfs {
             source: std::sync::OnceLock::new(),
             fetching: Mutex::new(()),
             replication: std::sync::OnceLock::new(),
+            residency: std::sync::RwLock::new(()),
+            last_open: Mutex::new(HashMap::new()),
         };
         if !read_only {
             vfs.reap_orphans()?;
@@ -330,14 +337,30 @@ impl Vfs {
                 inode.ctime,
             )
         } else if kind == Kind::File {
-            let meta = std::fs::metadata(self.store.data_path(inode.ino)).map_err(|e| {
-                error!(
-                    "data file of inode {} ({}): {e}",
-                    inode.ino,
-                    inode.global_id()
-                );
-                Errno::EIO
-            })?;
+            let meta = match std::fs::metadata(self.store.data_path(inode.ino)) {
+                Ok(meta) => meta,
+                // Evicted since the row was read: the row now has it all.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let now = self.inode(inode.ino)?;
+                    if !now.cached {
+                        return self.attr(&now);
+                    }
+                    error!(
+                        "data file of inode {} ({}): {e}",
+                        inode.ino,
+                        inode.global_id()
+                    );
+                    return Err(Errno::EIO);
+                }
+                Err(e) => {
+                    error!(
+                        "data file of inode {} ({}): {e}",
+                        inode.ino,
+                        inode.global_id()
+                    );
+                    return Err(Errno::EIO);
+                }
+            };
             let data_ctime = meta.ctime() * 1_000_000_000 + meta.ctime_nsec();
             let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
             (
@@ -398,6 +421,7 @@ impl Vfs {
             TimeOrNow::SpecificTime(t) => from_kernel_time(*t),
         };
         let is_file = self.inode(ino)?.kind() == Kind::File;
+        let _resident = self.residency.read().unwrap_or_else(|p| p.into_inner());
         if is_file && (set.size.is_some() || set.mtime.is_some()) {
             self.ensure_cached(ino)?;
         }
@@ -801,15 +825,19 @@ impl Vfs {
         if inode.kind() != Kind::File {
             return Err(Errno::EINVAL);
         }
-        self.ensure_cached(ino)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!self.read_only)
-            .open(self.store.data_path(ino))
-            .map_err(|e| {
-                error!("open data file of inode {ino}: {e}");
-                Errno::EIO
-            })?;
+        let file = {
+            let _resident = self.residency.read().unwrap_or_else(|p| p.into_inner());
+            self.ensure_cached(ino)?;
+            OpenOptions::new()
+                .read(true)
+                .write(!self.read_only)
+                .open(self.store.data_path(ino))
+                .map_err(|e| {
+                    error!("open data file of inode {ino}: {e}");
+                    Errno::EIO
+                })?
+        };
+        lock(&self.last_open).insert(ino, std::time::Instant::now());
         if writable {
             let mut open = lock(&self.open);
             let state = open.entry(ino).or_default();
@@ -919,6 +947,42 @@ impl Vfs {
                 }
             }
         }
+    }
+
+    /// Evicts the clean files among `candidates` (least recently opened
+    /// first) until the cached bytes are at most `target`; returns the
+    /// bytes still cached. Files with open handles stay.
+    pub fn evict(&self, candidates: &[u64], cached: u64, target: u64) -> Result<u64, Errno> {
+        let mut order: Vec<(Option<std::time::Instant>, u64)> = {
+            let last = lock(&self.last_open);
+            candidates
+                .iter()
+                .map(|i| (last.get(i).copied(), *i))
+                .collect()
+        };
+        order.sort();
+        let mut cached = cached;
+        for (_, ino) in order {
+            if cached <= target {
+                break;
+            }
+            let _exclusive = self.residency.write().unwrap_or_else(|p| p.into_inner());
+            if lock(&self.handles).values().any(|h| h.ino == ino) {
+                continue;
+            }
+            let path = self.store.data_path(ino);
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            self.store
+                .write(|tx| tx.set_evicted(ino, meta.len(), mtime))
+                .map_err(db_err)?;
+            self.remove_data(ino);
+            lock(&self.last_open).remove(&ino);
+            cached = cached.saturating_sub(meta.len());
+        }
+        Ok(cached)
     }
 
     /// Called by replication before it reads the bytes of `ino`: ends the

@@ -82,6 +82,10 @@ pub struct MountArgs {
     /// Pending bytes above which writers slow down (suffixes K, M, G).
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     max_backlog: u64,
+    /// With a backend: bytes of file contents kept cached locally; clean
+    /// files beyond it are evicted, least recently used first (0: no limit).
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    cache_size: u64,
     /// Where to mount.
     mountpoint: PathBuf,
 }
@@ -191,6 +195,7 @@ fn mount_cmd(args: MountArgs) -> anyhow::Result<()> {
     let mut cfg = MountConfig::new(store, args.mountpoint.clone());
     cfg.backend = args.backend.clone();
     cfg.max_backlog = args.max_backlog;
+    cfg.cache_size = args.cache_size;
     for opts in &args.options {
         cfg.apply_options(opts)?;
     }
@@ -219,7 +224,9 @@ fn start_daemon(cfg: &MountConfig, options: &[String]) -> anyhow::Result<()> {
         .arg("--store")
         .arg(&cfg.store)
         .arg("--max-backlog")
-        .arg(cfg.max_backlog.to_string());
+        .arg(cfg.max_backlog.to_string())
+        .arg("--cache-size")
+        .arg(cfg.cache_size.to_string());
     if let Some(b) = &cfg.backend {
         cmd.arg("--backend").arg(b);
     }

@@ -190,6 +190,40 @@ fn kill9_during_replication_loses_and_duplicates_nothing() {
 }
 
 #[test]
+fn clean_files_are_evicted_under_cache_size_and_fetched_back() {
+    if skip_unless_ferry("replication") {
+        return;
+    }
+    let backend_dir = TempDir::new("ferry-backend");
+    let url = format!("dir:{}", backend_dir.path().join("vol").display());
+    init(&url);
+    let a = Mount::with_args(&["--backend", &url, "--cache-size", "1M"]);
+    let mut rng = Rng::new(13);
+    let files: Vec<Vec<u8>> = (0..10).map(|_| rng.bytes(512 << 10)).collect();
+    for (i, data) in files.iter().enumerate() {
+        fs::write(a.join(&format!("f{i}")), data).unwrap();
+    }
+    sync(&a);
+    let cached = || -> u64 {
+        fs::read_dir(a.store().join("data"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cached() > 1 << 20 {
+        assert!(Instant::now() < deadline, "still {} bytes cached", cached());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Sizes are still right without the bytes, and the bytes come back.
+    for (i, data) in files.iter().enumerate() {
+        let p = a.join(&format!("f{i}"));
+        assert_eq!(fs::metadata(&p).unwrap().len(), data.len() as u64);
+        assert_eq!(&fs::read(&p).unwrap(), data, "f{i} after eviction");
+    }
+}
+
+#[test]
 fn garbage_from_the_backend_is_an_error_not_corruption() {
     if skip_unless_ferry("replication") {
         return;

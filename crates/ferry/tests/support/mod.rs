@@ -166,7 +166,12 @@ impl Mount {
 
     /// Mounts ferry on a fresh store that replicates to `backend`.
     pub fn with_backend(backend: &str) -> Mount {
-        Mount::build(Target::Ferry, DEFAULT_OPTIONS, &["--backend", backend])
+        Mount::with_args(&["--backend", backend])
+    }
+
+    /// Mounts ferry on a fresh store with extra `ferry mount` arguments.
+    pub fn with_args(args: &[&str]) -> Mount {
+        Mount::build(Target::Ferry, DEFAULT_OPTIONS, args)
     }
 
     /// Mounts `target` with `-o options`; panics (showing the daemon's
