@@ -71,7 +71,7 @@ pub fn serve(vfs: Arc<Vfs>, replication: Option<Arc<Shared>>) -> std::io::Result
 
 fn report(vfs: &Vfs, replication: Option<&Shared>) -> Report {
     let status = match replication {
-        Some(r) => r.status(),
+        Some(r) => r.status(vfs.store()),
         None => {
             let head = vfs.store().read(|r| r.log_head()).unwrap_or(0);
             Status {

@@ -43,6 +43,10 @@ use crate::vfs::Vfs;
 const BATCH: usize = 2048;
 /// How long new changes settle before they ship.
 const SETTLE: Duration = Duration::from_millis(50);
+/// How long a batch waits for files still open for writing to close, so a
+/// file written and closed soon ships once, whole; one held open longer
+/// ships as it is and again after it closes.
+const WRITER_GRACE: Duration = Duration::from_secs(2);
 /// How long a backend call may take to connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -123,12 +127,18 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// A copy of the current status.
-    pub fn status(&self) -> Status {
-        self.status
+    /// The current status: counts read from `store` now, the rest as the
+    /// shipper last left it.
+    pub fn status(&self, store: &Store) -> Status {
+        let mut s = self
+            .status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        if let Err(e) = count_pending(store, &mut s) {
+            warn!("replication status: {e}");
+        }
+        s
     }
 
     /// Whether writers should slow down.
@@ -257,6 +267,21 @@ impl From<std::io::Error> for ShipError {
 /// A file's chunk list: BLAKE3 hashes and lengths, in order.
 type ChunkList = Vec<([u8; 32], u32)>;
 
+/// Fills the log positions and counts of `s` from the store.
+fn count_pending(store: &Store, s: &mut Status) -> rusqlite::Result<()> {
+    store.read(|r| {
+        let shipped = r.meta_int("shipped_seq")?.unwrap_or(0) as u64;
+        let (pending, oldest) = r.pending(shipped)?;
+        let now = crate::store::now();
+        s.shipped_seq = shipped;
+        s.pending_ops = pending;
+        s.oldest_pending_age_s = oldest.map(|t| (now - t).max(0) as f64 / 1e9);
+        s.head_seq = r.log_head()?;
+        s.conflicts = r.conflicts()?.len() as u64;
+        Ok(())
+    })
+}
+
 /// One op of a batch and the local object it ships.
 struct Planned {
     op: Op,
@@ -312,6 +337,10 @@ impl Shipper {
                 self.pause(SETTLE);
                 continue;
             }
+            if self.writers_busy(&batch) {
+                self.pause(SETTLE);
+                continue;
+            }
             match self.ship(&batch) {
                 Ok(()) => {
                     backoff.reset();
@@ -356,33 +385,29 @@ impl Shipper {
             .unwrap_or(0) as u64
     }
 
+    /// Whether a file the batch would read is still open for writing and
+    /// the batch is younger than [`WRITER_GRACE`].
+    fn writers_busy(&self, batch: &[LogRecord]) -> bool {
+        let newest = batch.last().map_or(0, |r| r.at);
+        let age = Duration::from_nanos((crate::store::now() - newest).max(0) as u64);
+        age < WRITER_GRACE
+            && batch.iter().any(|r| {
+                matches!(r.op.as_str(), "create" | "content") && self.vfs.has_writers(r.ino)
+            })
+    }
+
+    /// Measures the backlog's bytes (a stat per pending file, so only here,
+    /// once per batch) for backpressure and status.
     fn refresh_status(&self) -> Result<(), rusqlite::Error> {
         let shipped = self.shipped_seq();
-        let (pending, oldest, head, conflicts, content) = self.store().read(|r| {
-            let (pending, oldest) = r.pending(shipped)?;
-            Ok::<_, rusqlite::Error>((
-                pending,
-                oldest,
-                r.log_head()?,
-                r.conflicts()?.len() as u64,
-                r.pending_content(shipped)?,
-            ))
-        })?;
+        let content = self.store().read(|r| r.pending_content(shipped))?;
         let bytes: u64 = content
             .iter()
             .filter_map(|&ino| std::fs::metadata(self.store().data_path(ino)).ok())
             .map(|m| m.len())
             .sum();
         self.shared.backlog.store(bytes, Ordering::Relaxed);
-        let now = crate::store::now();
-        self.shared.update(|s| {
-            s.pending_ops = pending;
-            s.pending_bytes = bytes;
-            s.oldest_pending_age_s = oldest.map(|t| (now - t).max(0) as f64 / 1e9);
-            s.shipped_seq = shipped;
-            s.head_seq = head;
-            s.conflicts = conflicts;
-        });
+        self.shared.update(|s| s.pending_bytes = bytes);
         Ok(())
     }
 

@@ -985,6 +985,11 @@ impl Vfs {
         Ok(cached)
     }
 
+    /// Whether `ino` is open for writing.
+    pub fn has_writers(&self, ino: u64) -> bool {
+        lock(&self.open).get(&ino).is_some_and(|s| s.writers > 0)
+    }
+
     /// Called by replication before it reads the bytes of `ino`: ends the
     /// current run of writes, so every write after this point is logged
     /// again and shipped later, never lost between two reads.
