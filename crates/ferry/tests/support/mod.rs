@@ -86,9 +86,11 @@ pub fn skip_unless_ferry(what: &str) -> bool {
     true
 }
 
-/// Path of the `ferry` binary that cargo built for this test run.
-pub fn ferry_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ferry")
+/// Path of the `ferry` binary: `FERRY_BIN` if set (e.g. a release build,
+/// or a stand-in to self-test this harness), else the one cargo built for
+/// this test run.
+pub fn ferry_bin() -> String {
+    std::env::var("FERRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").to_string())
 }
 
 /// Sets a known umask once per process, so expected modes are stable
