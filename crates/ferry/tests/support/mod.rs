@@ -340,15 +340,7 @@ impl Mount {
         if self.is_raw() {
             return;
         }
-        let mut cmd = match self.target {
-            Target::Ferry => {
-                let mut c = Command::new(ferry_bin());
-                c.arg("umount");
-                c
-            }
-            _ => Command::new("umount"),
-        };
-        let result = run_bounded(cmd.arg(&self.mnt), UNMOUNT_TIMEOUT);
+        let result = run_bounded(&mut self.umount_command(), UNMOUNT_TIMEOUT);
         let daemon_exit = self
             .daemon
             .as_mut()
@@ -366,6 +358,21 @@ impl Mount {
             );
         }
         self.daemon = None;
+    }
+
+    /// The clean-unmount command: `ferry umount MNT`, or `umount MNT` for
+    /// a peer file system.
+    fn umount_command(&self) -> Command {
+        let mut c = match self.target {
+            Target::Ferry => {
+                let mut c = Command::new(ferry_bin());
+                c.arg("umount");
+                c
+            }
+            _ => Command::new("umount"),
+        };
+        c.arg(&self.mnt);
+        c
     }
 
     /// Best effort, never blocks unboundedly: lazy unmount and SIGKILL.
@@ -391,15 +398,7 @@ impl Drop for Mount {
         // A clean unmount first (flushes), unless we are unwinding: then we
         // only want everything gone, quickly. TempDir then removes the files.
         if !thread::panicking() && self.daemon.is_some() {
-            let mut cmd = match self.target {
-                Target::Ferry => {
-                    let mut c = Command::new(ferry_bin());
-                    c.arg("umount");
-                    c
-                }
-                _ => Command::new("umount"),
-            };
-            let _ = run_bounded(cmd.arg(&self.mnt), UNMOUNT_TIMEOUT);
+            let _ = run_bounded(&mut self.umount_command(), UNMOUNT_TIMEOUT);
             if let Some(child) = self.daemon.as_mut() {
                 let _ = wait_bounded(child, UNMOUNT_TIMEOUT);
             }
