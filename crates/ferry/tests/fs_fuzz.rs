@@ -675,3 +675,52 @@ fn generator_is_deterministic() {
     assert_eq!(draw(42), draw(42));
     assert_ne!(draw(42), draw(43));
 }
+
+/// The tree comparison must notice each kind of difference it claims to
+/// check, or a silent bug would pass the fuzzer's periodic compares.
+#[test]
+fn tree_diff_sees_every_kind_of_difference() {
+    type Tweak = fn(&Path);
+    let base = |d: &Path| {
+        fs::create_dir(d.join("dir")).unwrap();
+        fs::write(d.join("dir/f"), b"content").unwrap();
+        fs::hard_link(d.join("dir/f"), d.join("g")).unwrap();
+        symlink("dir/f", d.join("l")).unwrap();
+        sys::setxattr(&d.join("dir/f"), "user.k", b"v", 0).unwrap();
+    };
+    let tweaks: [(&str, Tweak); 7] = [
+        ("byte", |d| fs::write(d.join("dir/f"), b"contenT").unwrap()),
+        ("mode", |d| sys::chmod(&d.join("dir"), 0o700).unwrap()),
+        ("xattr", |d| {
+            sys::setxattr(&d.join("g"), "user.k", b"w", 0).unwrap()
+        }),
+        ("symlink target", |d| {
+            fs::remove_file(d.join("l")).unwrap();
+            symlink("dir/g", d.join("l")).unwrap();
+        }),
+        ("extra name", |d| fs::write(d.join("dir/new"), b"").unwrap()),
+        ("link group", |d| {
+            fs::remove_file(d.join("g")).unwrap();
+            fs::write(d.join("g"), b"content").unwrap();
+            sys::setxattr(&d.join("g"), "user.k", b"v", 0).unwrap();
+        }),
+        ("type", |d| {
+            fs::remove_file(d.join("l")).unwrap();
+            fs::write(d.join("l"), b"dir/f").unwrap();
+        }),
+    ];
+    for (what, tweak) in tweaks {
+        let (a, b) = (TempDir::new("ferry-fuzz-a"), TempDir::new("ferry-fuzz-b"));
+        base(a.path());
+        base(b.path());
+        assert!(
+            tree_diff(a.path(), b.path()).is_empty(),
+            "identical trees differ"
+        );
+        tweak(b.path());
+        assert!(
+            !tree_diff(a.path(), b.path()).is_empty(),
+            "{what} difference not seen"
+        );
+    }
+}

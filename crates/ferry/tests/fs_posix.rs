@@ -1375,6 +1375,10 @@ mod bad_input {
         let f = sys::open(&m.join("f"), libc::O_CREAT | libc::O_RDWR, 0o644).unwrap();
         assert_eq!(errno(sys::pwrite(&f, b"x", -1)), libc::EINVAL);
         assert_eq!(errno(sys::pread(&f, 1, -1)), libc::EINVAL);
+        // offset + length overflowing loff_t: the kernel's EINVAL, on any fs.
+        assert_eq!(errno(sys::pwrite(&f, b"x", i64::MAX)), libc::EINVAL);
+        // Beyond the file system's maximum file size (ext4: 16 TiB; FUSE's
+        // s_maxbytes is i64::MAX, so ferry must enforce its own): EFBIG.
         assert_eq!(errno(sys::pwrite(&f, b"x", 1 << 62)), libc::EFBIG);
         assert_eq!(errno(sys::ftruncate(&f, 1 << 62)), libc::EFBIG);
         assert_eq!(errno(sys::ftruncate(&f, -5)), libc::EINVAL);
@@ -1424,6 +1428,39 @@ mod bad_input {
     }
 
     #[test]
+    fn daemonized_mount_is_live_when_it_returns() {
+        if support::skip_unless_ferry("ferry mount without --foreground") {
+            return;
+        }
+        let dir = support::TempDir::new("ferry-test");
+        let (store, mnt) = (dir.path().join("store"), dir.path().join("mnt"));
+        sys::mkdir(&store, 0o755).unwrap();
+        sys::mkdir(&mnt, 0o755).unwrap();
+        let args = [
+            "mount".as_ref(),
+            "--store".as_ref(),
+            store.as_os_str(),
+            mnt.as_os_str(),
+        ];
+        let (ok, err) = ferry(&args);
+        assert!(ok, "ferry mount failed: {err}");
+        // No polling: the contract is that the mount is live on return.
+        assert!(
+            support::is_mounted(&mnt),
+            "ferry mount returned before the mount was live"
+        );
+        touch(&mnt.join("f"), b"daemonized");
+        let (ok, err) = ferry(&["umount".as_ref(), mnt.as_os_str()]);
+        assert!(ok, "ferry umount failed: {err}");
+        assert!(!support::is_mounted(&mnt));
+        let (ok, err) = ferry(&args);
+        assert!(ok, "second ferry mount failed: {err}");
+        assert_eq!(fs::read(mnt.join("f")).unwrap(), b"daemonized");
+        let (ok, err) = ferry(&["umount".as_ref(), mnt.as_os_str()]);
+        assert!(ok, "ferry umount failed: {err}");
+    }
+
+    #[test]
     fn fsck_accepts_a_clean_store() {
         if support::skip_unless_ferry("ferry fsck") {
             return;
@@ -1440,7 +1477,7 @@ mod bad_input {
             Duration::from_secs(60),
         );
         assert!(
-            matches!(&out, Ok(o) if o.status.success() && !o.stdout.is_empty()),
+            matches!(&out, Ok(o) if o.status.success() && !(o.stdout.is_empty() && o.stderr.is_empty())),
             "{}",
             support::describe(&out)
         );

@@ -87,9 +87,11 @@ pub fn skip_unless_ferry(what: &str) -> bool {
     true
 }
 
-/// Path of the `ferry` binary that cargo built for this test run.
-pub fn ferry_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ferry")
+/// Path of the `ferry` binary: `FERRY_BIN` if set (e.g. a release build,
+/// or a stand-in to self-test this harness), else the one cargo built for
+/// this test run.
+pub fn ferry_bin() -> String {
+    std::env::var("FERRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").to_string())
 }
 
 /// Sets a known umask once per process, so expected modes are stable
@@ -357,15 +359,7 @@ impl Mount {
         if self.is_raw() {
             return;
         }
-        let mut cmd = match self.target {
-            Target::Ferry => {
-                let mut c = Command::new(ferry_bin());
-                c.arg("umount");
-                c
-            }
-            _ => Command::new("umount"),
-        };
-        let result = run_bounded(cmd.arg(&self.mnt), UNMOUNT_TIMEOUT);
+        let result = run_bounded(&mut self.umount_command(), UNMOUNT_TIMEOUT);
         let daemon_exit = self
             .daemon
             .as_mut()
@@ -383,6 +377,21 @@ impl Mount {
             );
         }
         self.daemon = None;
+    }
+
+    /// The clean-unmount command: `ferry umount MNT`, or `umount MNT` for
+    /// a peer file system.
+    fn umount_command(&self) -> Command {
+        let mut c = match self.target {
+            Target::Ferry => {
+                let mut c = Command::new(ferry_bin());
+                c.arg("umount");
+                c
+            }
+            _ => Command::new("umount"),
+        };
+        c.arg(&self.mnt);
+        c
     }
 
     /// Best effort, never blocks unboundedly: lazy unmount and SIGKILL.
@@ -408,15 +417,7 @@ impl Drop for Mount {
         // A clean unmount first (flushes), unless we are unwinding: then we
         // only want everything gone, quickly. TempDir then removes the files.
         if !thread::panicking() && self.daemon.is_some() {
-            let mut cmd = match self.target {
-                Target::Ferry => {
-                    let mut c = Command::new(ferry_bin());
-                    c.arg("umount");
-                    c
-                }
-                _ => Command::new("umount"),
-            };
-            let _ = run_bounded(cmd.arg(&self.mnt), UNMOUNT_TIMEOUT);
+            let _ = run_bounded(&mut self.umount_command(), UNMOUNT_TIMEOUT);
             if let Some(child) = self.daemon.as_mut() {
                 let _ = wait_bounded(child, UNMOUNT_TIMEOUT);
             }
