@@ -1460,6 +1460,46 @@ mod bad_input {
         assert!(ok, "ferry umount failed: {err}");
     }
 
+    /// mount(8) and fstab run `mount.fuse.ferry SOURCE MOUNTPOINT -o OPTS`;
+    /// the ferry binary under that name must mount, ignoring fstab-only
+    /// options, and an unknown option must be refused in one line.
+    #[test]
+    fn mount_helper_mounts_like_mount_t_fuse_ferry() {
+        if support::skip_unless_ferry("mount.fuse.ferry") {
+            return;
+        }
+        let dir = support::TempDir::new("ferry-test");
+        let (store, mnt) = (dir.path().join("store"), dir.path().join("mnt"));
+        sys::mkdir(&mnt, 0o755).unwrap();
+        let helper = dir.path().join("mount.fuse.ferry");
+        std::os::unix::fs::symlink(support::ferry_bin(), &helper).unwrap();
+        let run = |opts: &str| {
+            support::run_bounded(
+                Command::new(&helper)
+                    .arg(&store)
+                    .arg(&mnt)
+                    .arg("-o")
+                    .arg(opts),
+                Duration::from_secs(20),
+            )
+            .unwrap()
+        };
+        let bad = run("rw,frobnicate");
+        assert!(!bad.status.success() && !support::is_mounted(&mnt));
+        assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
+        let out = run("rw,allow_other,_netdev,nofail");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(support::is_mounted(&mnt));
+        touch(&mnt.join("via-helper"), b"x");
+        let (ok, err) = ferry(&["umount".as_ref(), mnt.as_os_str()]);
+        assert!(ok, "ferry umount failed: {err}");
+        assert!(store.join("meta.db").exists(), "the source is the store");
+    }
+
     #[test]
     fn fsck_accepts_a_clean_store() {
         if support::skip_unless_ferry("ferry fsck") {
