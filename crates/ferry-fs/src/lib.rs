@@ -31,6 +31,7 @@ mounted.run()?;             // serves until `ferry umount /mnt/vol`
 
 pub mod cache;
 pub mod control;
+pub mod data;
 pub mod error;
 pub mod fsck;
 pub mod fuse;

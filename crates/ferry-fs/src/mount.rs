@@ -269,7 +269,7 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
                 .map_err(|e| MountError::Backend(e.to_string()))?;
         }
     }
-    let vfs = Arc::new(Vfs::new(store, cfg.read_only).map_err(db)?);
+    let vfs = Arc::new(Vfs::new(store, cfg.read_only)?);
     let replicator = match &cfg.backend {
         Some(url) if !cfg.read_only => {
             let r = Replicator::start(

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{Errno, FileAttr, FileType, TimeOrNow};
 use tracing::{error, warn};
 
+use crate::data::DataFiles;
+use crate::error::StoreError;
 use crate::store::{self, Inode, Kind, Nanos, NewInode, Queries, Store, Tx, ROOT_INO};
 
 /// Longest name accepted, as on every Linux file system.
@@ -94,6 +96,7 @@ struct OpenState {
 /// The file system, minus the FUSE protocol.
 pub struct Vfs {
     store: Store,
+    data: DataFiles,
     read_only: bool,
     /// FUSE lookup counts: an inode with no names lives until the kernel
     /// forgets it, because open files and cwds still reach it.
@@ -207,9 +210,11 @@ fn file_type(kind: Kind) -> FileType {
 impl Vfs {
     /// Wraps an opened store, first finishing any deletion a crash
     /// interrupted: inodes with no names cannot be open after a restart.
-    pub fn new(store: Store, read_only: bool) -> Result<Vfs, rusqlite::Error> {
+    pub fn new(store: Store, read_only: bool) -> Result<Vfs, StoreError> {
+        let data = DataFiles::open(store.dir()).map_err(|e| StoreError::io(store.dir(), e))?;
         let vfs = Vfs {
             store,
+            data,
             read_only,
             lookups: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
@@ -222,7 +227,8 @@ impl Vfs {
             last_open: Mutex::new(HashMap::new()),
         };
         if !read_only {
-            vfs.reap_orphans()?;
+            vfs.reap_orphans()
+                .map_err(|e| StoreError::db(vfs.store.dir(), e))?;
         }
         Ok(vfs)
     }
@@ -558,10 +564,8 @@ impl Vfs {
 
     fn remove_data(&self, ino: u64) {
         let path = self.store.data_path(ino);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!("removing {}: {e}", path.display()),
+        if let Err(e) = self.data.free(&path) {
+            warn!("freeing {}: {e}", path.display());
         }
     }
 
@@ -617,7 +621,11 @@ impl Vfs {
             if kind == Kind::File {
                 // Created inside the transaction: a crash leaves either both
                 // or an orphan data file, never an inode without data.
-                create_data_file(&self.store.data_path(inode.ino))?;
+                let path = self.store.data_path(inode.ino);
+                self.data.create(&path).map_err(|e| {
+                    error!("creating {}: {e}", path.display());
+                    Errno::EIO
+                })?;
             }
             Ok(inode)
         })?;
@@ -1175,20 +1183,6 @@ impl std::ops::Deref for FileRef {
             FileRef::Owned(f) => f,
         }
     }
-}
-
-fn create_data_file(path: &std::path::Path) -> Result<(), Errno> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map(drop)
-        .map_err(|e| {
-            error!("creating {}: {e}", path.display());
-            Errno::EIO
-        })
 }
 
 /// The rules Linux file systems apply to xattr names. The kernel leaves
