@@ -1,12 +1,13 @@
 #!/bin/sh
 # Maps 1 MiB into a running process with gdb, ferry injection and the ferry
-# agent, side by side in one run, and writes docs/benchmarks-remote.md.
+# agent, side by side in one run, and writes target/bench/remote.md, a section of docs/benchmarks.md.
 # Needs gdb (apt-get install gdb) and root or ptrace rights over own children.
 # Usage: scripts/bench-remote.sh [--runs N] [--gdb-runs N]
 set -eu
 cd "$(dirname "$0")/.."
 cargo build --release -q -p ferry -p ferry-remote --examples
-out=docs/benchmarks-remote.md
+mkdir -p target/bench
+out=target/bench/remote.md  # the section for docs/benchmarks.md
 results=$(target/release/examples/map_bench --ferry target/release/ferry "$@")
 printf '%s\n' "$results"
 {

@@ -2,7 +2,7 @@
 # Builds and runs the spawn benchmark: /bin/true spawned N times from
 # parents of 0, 100 MB, 1 GB and 8 GB touched RSS, by fork+exec, std,
 # posix_spawn, ferry-spawn (plain, all options, server), Go os/exec and
-# Python subprocess, side by side. Writes docs/benchmarks-spawn.md.
+# Python subprocess, side by side. Writes target/bench/spawn.md, a section of docs/benchmarks.md.
 #
 #   scripts/bench-spawn.sh [N] [MB,MB,...]     (defaults: 1000 0,100,1000,8000)
 #
@@ -12,7 +12,8 @@ set -eu
 cd "$(dirname "$0")/.."
 N=${1:-1000}
 SIZES=${2:-0,100,1000,8000}
-OUT=docs/benchmarks-spawn.md
+mkdir -p target/bench
+OUT=target/bench/spawn.md  # the section for docs/benchmarks.md
 BUILD=target/bench-spawn
 mkdir -p "$BUILD" docs
 

@@ -8,7 +8,7 @@
 //! The target is this same program re-run with `--target`: it starts an
 //! agent and then blocks in `read(0)`, like an idle server. Each mapping is
 //! unmapped (untimed) before the next, so the target's map never grows.
-//! Prints medians and the ratios the goals are stated in (docs/benchmarks-remote.md).
+//! Prints medians and the ratios the goals are stated in (docs/benchmarks.md).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
