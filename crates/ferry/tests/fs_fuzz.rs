@@ -575,8 +575,8 @@ fn fail(seed: u64, index: usize, ops: &[Op], what: String) -> ! {
     );
 }
 
-fn run(seed: u64, count: usize) {
-    let mut mount = Mount::new();
+fn run(seed: u64, count: usize, options: &str) {
+    let mut mount = Mount::with(support::Target::from_env(), options);
     let reference = TempDir::new("ferry-fuzz-ref");
     let mut rng = Rng::new(seed);
     let (mut a, mut b) = (Side::new(mount.path()), Side::new(reference.path()));
@@ -659,7 +659,16 @@ fn run(seed: u64, count: usize) {
 fn random_ops_match_reference_dir() {
     let seed = support::env_u64("FERRY_FUZZ_SEED", 1);
     let count = support::env_u64("FERRY_FUZZ_OPS", 4000) as usize;
-    run(seed, count);
+    run(seed, count, support::DEFAULT_OPTIONS);
+}
+
+/// The same through the writeback cache, the path an unprivileged daemon
+/// takes (CI runs as root, where open files are passed through instead).
+#[test]
+fn random_ops_match_reference_dir_through_the_writeback_cache() {
+    let seed = support::env_u64("FERRY_FUZZ_SEED", 2);
+    let count = support::env_u64("FERRY_FUZZ_OPS", 4000) as usize;
+    run(seed, count, &format!("{},nopassthrough", support::DEFAULT_OPTIONS));
 }
 
 /// The generator must depend only on the seed, or printed seeds replay
