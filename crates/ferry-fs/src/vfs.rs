@@ -1009,6 +1009,10 @@ impl Vfs {
     }
 
     /// `fsync`: the file's bytes, then every committed metadata change.
+    ///
+    /// The data directory is synced too: a new file's data file got its name
+    /// there (a create or a recycled spare's rename), and after a power cut
+    /// the inode committed in the WAL must find it.
     pub fn fsync(&self, fh: Option<u64>, datasync: bool) -> Result<(), Errno> {
         if let Some(fh) = fh {
             let h = self.handle(fh)?;
@@ -1017,6 +1021,9 @@ impl Vfs {
             } else {
                 h.file.sync_all().map_err(io_err)?;
             }
+            File::open(self.store.dir().join("data"))
+                .and_then(|d| d.sync_all())
+                .map_err(io_err)?;
         }
         self.store.sync().map_err(io_err)
     }

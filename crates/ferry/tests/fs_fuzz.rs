@@ -668,7 +668,11 @@ fn random_ops_match_reference_dir() {
 fn random_ops_match_reference_dir_through_the_writeback_cache() {
     let seed = support::env_u64("FERRY_FUZZ_SEED", 2);
     let count = support::env_u64("FERRY_FUZZ_OPS", 4000) as usize;
-    run(seed, count, &format!("{},nopassthrough", support::DEFAULT_OPTIONS));
+    run(
+        seed,
+        count,
+        &format!("{},nopassthrough", support::DEFAULT_OPTIONS),
+    );
 }
 
 /// The generator must depend only on the seed, or printed seeds replay

@@ -298,6 +298,22 @@ fn offline_mount_writes_locally_and_converges_when_the_backend_returns() {
     fs::rename(&hidden, &vol).unwrap();
     sync(&a);
     assert_restores_identically(&url, &a);
+
+    // A host that never fetched a file cannot read it while offline: a
+    // prompt EIO, not a hang; what it has cached still reads.
+    let b = Mount::with_backend(&url);
+    assert_eq!(fs::read(b.join("before")).unwrap(), b"1");
+    fs::rename(&vol, &hidden).unwrap();
+    let start = Instant::now();
+    let err = fs::read(b.join("offline")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(fs::read(b.join("before")).unwrap(), b"1");
+    fs::rename(&hidden, &vol).unwrap();
 }
 
 #[test]
