@@ -974,7 +974,11 @@ impl Vfs {
             if cached <= target {
                 break;
             }
-            let _exclusive = self.residency.write().unwrap_or_else(|p| p.into_inner());
+            // Never wait: opens hold this shared across a fetch, and a
+            // waiting writer would stall every later open behind it.
+            let Ok(_exclusive) = self.residency.try_write() else {
+                break;
+            };
             if lock(&self.handles).values().any(|h| h.ino == ino) {
                 continue;
             }
