@@ -109,6 +109,8 @@ pub enum MountError {
     AlreadyMounted(PathBuf),
     /// `/dev/fuse` is missing.
     NoFuse,
+    /// `/dev/fuse` exists but this user may not open it.
+    FuseAccess(io::Error),
     /// An unknown `-o` option.
     BadOption(String),
     /// The store refused to open.
@@ -130,6 +132,10 @@ impl fmt::Display for MountError {
             MountError::NoFuse => write!(
                 f,
                 "/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3"
+            ),
+            MountError::FuseAccess(e) => write!(
+                f,
+                "cannot open /dev/fuse ({e}): it must be mode 0666, as the fuse3 package sets it"
             ),
             MountError::BadOption(o) => write!(f, "unknown mount option {o:?}"),
             MountError::Store(e) => e.fmt(f),
@@ -166,10 +172,11 @@ pub fn preflight(mountpoint: &Path) -> Result<(), MountError> {
     if mounted_source(mountpoint).is_some() {
         return Err(MountError::AlreadyMounted(mountpoint.to_path_buf()));
     }
-    if !Path::new("/dev/fuse").exists() {
-        return Err(MountError::NoFuse);
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(MountError::NoFuse),
+        Err(e) => Err(MountError::FuseAccess(e)),
     }
-    Ok(())
 }
 
 /// The source (for ferry: the store) of the mount at `mountpoint`, if any,
