@@ -106,6 +106,18 @@ fn dir_round_trip_and_later_changes() {
     assert_eq!(s["pending_ops"], 0, "{s}");
     assert_eq!(s["conflicts"], 0, "{s}");
     assert_restores_identically(&url, &a);
+
+    // A name deleted at the backend and then made again, as a file and
+    // as a directory: the backend's tombstones must not turn it into a conflict.
+    fs::remove_file(a.join("moved")).unwrap();
+    fs::remove_dir_all(a.join("deep")).unwrap();
+    sync(&a);
+    fs::write(a.join("moved"), b"again").unwrap();
+    fs::create_dir(a.join("deep")).unwrap();
+    fs::write(a.join("deep/big.bin"), b"small now").unwrap();
+    sync(&a);
+    assert_eq!(status(&a)["conflicts"], 0);
+    assert_restores_identically(&url, &a);
 }
 
 #[test]
