@@ -172,7 +172,11 @@ pub fn preflight(mountpoint: &Path) -> Result<(), MountError> {
     if mounted_source(mountpoint).is_some() {
         return Err(MountError::AlreadyMounted(mountpoint.to_path_buf()));
     }
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(MountError::NoFuse),
         Err(e) => Err(MountError::FuseAccess(e)),

@@ -1151,33 +1151,6 @@ impl Vfs {
     pub fn inode_count(&self) -> Result<u64, Errno> {
         self.store.read(|r| r.inode_count()).map_err(db_err)
     }
-
-    /// `access`: the classic owner/group/other check, for mounts where the
-    /// kernel asks (it does not with `default_permissions`).
-    pub fn access(&self, caller: Caller, ino: u64, mask: i32) -> Result<(), Errno> {
-        let inode = self.inode(ino)?;
-        if mask == libc::F_OK {
-            return Ok(());
-        }
-        let mode = inode.mode;
-        let bits = if caller.uid == 0 {
-            // Root may do anything, but execute needs some x bit (or a dir).
-            if mask & libc::X_OK != 0 && inode.kind() != Kind::Dir && mode & 0o111 == 0 {
-                return Err(Errno::EACCES);
-            }
-            return Ok(());
-        } else if caller.uid == inode.uid {
-            (mode >> 6) & 7
-        } else if caller.gid == inode.gid {
-            (mode >> 3) & 7
-        } else {
-            mode & 7
-        };
-        if (mask as u32) & !bits != 0 {
-            return Err(Errno::EACCES);
-        }
-        Ok(())
-    }
 }
 
 /// Either an open handle's data file or one opened for a single request.
