@@ -402,7 +402,7 @@ fn main() {
         2 * one_way.as_millis(),
         budget.as_secs()
     );
-    println!("| target | cp returns after | × ferry, no backend | everything at the server after | files done |");
+    println!("| target | cp returns after | × ferry, no backend | everything at the server after (from cp start) | files at the destination |");
     println!("|---|---|---|---|---|");
     for r in &rows {
         let ratio = match (r.copied, reference) {

@@ -12,6 +12,7 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ferry_backend::testing::PgServer;
@@ -28,6 +29,10 @@ const ONE_WAY: Duration = Duration::from_millis(25);
 const COPIES: usize = 2;
 /// How long the backlog may take to drain at 50 ms RTT before the test fails.
 const DRAIN_TIMEOUT_S: u64 = 150;
+
+/// Held by each test for its whole run: the timing comparisons mean
+/// something only if the other test is not copying at the same moment.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// `cp -a SRC DEST` (bounded); returns how long it took to return.
 fn timed_copy(src: &Path, dest: &Path) -> Duration {
@@ -72,6 +77,7 @@ fn real_tree_copies_at_local_speed_and_drains_at_50ms_rtt() {
     if skip_unless_ferry("replication over a slow link") {
         return;
     }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let stage = TempDir::new("ferry-wan-tree");
     let files = crates::unpack(stage.path(), COPIES);
     assert!(files >= 3000, "only {files} files in the tree");
@@ -102,6 +108,7 @@ fn partition_while_writing_then_converges_without_remount() {
     if skip_unless_ferry("replication over a slow link") {
         return;
     }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let stage = TempDir::new("ferry-wan-tree");
     crates::unpack(stage.path(), 1);
     let tree = stage.path().join("copy-0");
