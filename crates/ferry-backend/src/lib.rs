@@ -270,7 +270,7 @@ pub enum Outcome {
 }
 
 /// What a feed item says changed; the reader fetches the current state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum FeedChange {
     /// An inode was created, changed or deleted.
     Inode(ObjectId),
@@ -319,6 +319,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Stores a chunk. Verifies `blake3(data) == hash` and the size bound;
     /// idempotent.
     fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), BackendError>;
+    /// Stores many chunks, each as [`Backend::put_chunk`] would. A remote
+    /// backend sends them together, so a batch of small files costs a few
+    /// round trips instead of one per chunk.
+    fn put_chunks(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), BackendError> {
+        chunks.iter().try_for_each(|(h, d)| self.put_chunk(h, d))
+    }
     /// Reads a chunk, verifying its hash: a truncated or altered chunk is
     /// [`BackendError::Corrupt`], never returned as data.
     fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, BackendError>;

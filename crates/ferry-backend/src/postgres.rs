@@ -23,6 +23,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures_util::future::try_join_all;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
@@ -177,14 +178,14 @@ pub(crate) fn init(
                 )
                 .await
                 .map_err(err)?;
-                apply(
+                apply_pipelined(
                     &tx,
                     loc,
                     0,
-                    &Op::PutInode {
+                    &[Op::PutInode {
                         state: root_inode(now),
                         base: None,
-                    },
+                    }],
                 )
                 .await?;
             } else {
@@ -426,17 +427,33 @@ impl Backend for PgBackend {
     }
 
     fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), BackendError> {
-        verify_upload(hash, data)?;
+        self.put_chunks(&[(*hash, data)])
+    }
+
+    fn put_chunks(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), BackendError> {
+        for (hash, data) in chunks {
+            verify_upload(hash, data)?;
+        }
         self.call("put_chunk", async |c, loc| {
+            let err = pg_error(loc, "put_chunk");
             // Same hash = same content; only a damaged row (wrong length) is rewritten.
-            c.execute(
-                "INSERT INTO ferry_chunks (hash, data) VALUES ($1, $2)
-                 ON CONFLICT (hash) DO UPDATE SET data = EXCLUDED.data
-                 WHERE length(ferry_chunks.data) <> length(EXCLUDED.data)",
-                &[&&hash.0[..], &data],
+            let insert = c
+                .prepare(
+                    "INSERT INTO ferry_chunks (hash, data) VALUES ($1, $2)
+                     ON CONFLICT (hash) DO UPDATE SET data = EXCLUDED.data
+                     WHERE length(ferry_chunks.data) <> length(EXCLUDED.data)",
+                )
+                .await
+                .map_err(err)?;
+            // Pipelined: every insert is sent before the first answer is back.
+            let (c, insert) = (&*c, &insert);
+            try_join_all(
+                chunks.iter().map(|(hash, data)| async move {
+                    c.execute(insert, &[&&hash.0[..], data]).await
+                }),
             )
             .await
-            .map_err(pg_error(loc, "put_chunk"))?;
+            .map_err(err)?;
             Ok(())
         })
     }
@@ -657,9 +674,9 @@ async fn commit_once(
         .await
         .map_err(classify)?;
     let mut outcomes = Vec::with_capacity(ops.len());
-    for op in ops {
-        outcomes.push(
-            apply(&tx, loc, origin, op)
+    for segment in distinct_key_runs(ops) {
+        outcomes.extend(
+            apply_pipelined(&tx, loc, origin, segment)
                 .await
                 .map_err(CommitError::Fatal)?,
         );
@@ -677,17 +694,93 @@ async fn commit_once(
     Ok(outcomes)
 }
 
-/// Applies one op inside `tx`: checks its base under `FOR UPDATE`, writes,
-/// appends to the feed.
-async fn apply(
+/// Splits `ops` into consecutive runs in which no key repeats. Within a run
+/// the ops are independent, so [`apply_pipelined`] may send their
+/// statements without waiting for each other's results; a repeated key
+/// starts a new run, so a later op still sees the earlier one's version.
+fn distinct_key_runs(ops: &[Op]) -> Vec<&[Op]> {
+    let mut runs = Vec::new();
+    let (mut start, mut keys) = (0, std::collections::HashSet::new());
+    for (i, op) in ops.iter().enumerate() {
+        if !keys.insert(op.target().0) {
+            runs.push(&ops[start..i]);
+            start = i;
+            keys.clear();
+            keys.insert(op.target().0);
+        }
+    }
+    runs.push(&ops[start..]);
+    runs
+}
+
+/// Applies ops on distinct keys inside `tx` with the same result as one by
+/// one, in a handful of round trips instead of several per op: all base
+/// checks (`FOR UPDATE`) are pipelined, then all writes, then all feed
+/// rows. A connection executes pipelined statements in the order they were
+/// sent, and each phase sends in op order, so rows and feed seqs are
+/// written in op order, as before.
+async fn apply_pipelined(
     tx: &Transaction<'_>,
     loc: &str,
     origin: u32,
-    op: &Op,
-) -> Result<Outcome, BackendError> {
+    ops: &[Op],
+) -> Result<Vec<Outcome>, BackendError> {
     let err = pg_error(loc, "commit");
-    let (change, base) = op.target();
-    let row = match &change {
+    let rows = try_join_all(ops.iter().map(|op| lock_version(tx, op)))
+        .await
+        .map_err(err)?;
+    let mut decided = Vec::with_capacity(ops.len());
+    for (op, row) in ops.iter().zip(rows) {
+        let row = row
+            .map(|r| {
+                let deleted: bool = r.get(1);
+                stored::<u64>(r.get(0), &|| format!("version of {:?}", op.target().0))
+                    .map(|v| (v, deleted))
+            })
+            .transpose()?;
+        let live = row.filter(|(_, deleted)| !deleted).map(|(v, _)| v);
+        decided.push(decide(op.target().1, live, row.map(|(v, _)| v)));
+    }
+    let applied: Vec<(&Op, i64)> = ops
+        .iter()
+        .zip(&decided)
+        .filter_map(|(op, d)| d.as_ref().ok().map(|v| (op, *v as i64)))
+        .collect();
+    let origin = i64::from(origin);
+    try_join_all(
+        applied
+            .iter()
+            .map(|&(op, version)| write(tx, loc, origin, op, version)),
+    )
+    .await?;
+    try_join_all(applied.iter().map(|&(op, _)| {
+        let (change, _) = op.target();
+        async move {
+            let (kind, id, name) = change.encode();
+            tx.execute(
+                "INSERT INTO ferry_feed (origin, kind, host, counter, name) VALUES ($1, $2, $3, $4, $5)",
+                &[&origin, &kind, &i64::from(id.host), &(id.counter as i64), &name],
+            )
+            .await
+        }
+    }))
+    .await
+    .map_err(err)?;
+    Ok(decided
+        .into_iter()
+        .map(|d| match d {
+            Ok(version) => Outcome::Applied { version },
+            Err(conflict) => conflict,
+        })
+        .collect())
+}
+
+/// The row of `op`'s key (version, deleted), locked for this transaction.
+async fn lock_version(
+    tx: &Transaction<'_>,
+    op: &Op,
+) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+    match op.target().0 {
         FeedChange::Inode(id) => {
             tx.query_opt(
                 "SELECT version, deleted FROM ferry_inodes WHERE host = $1 AND counter = $2 FOR UPDATE",
@@ -699,24 +792,22 @@ async fn apply(
             tx.query_opt(
                 "SELECT version, deleted FROM ferry_entries
                  WHERE parent_host = $1 AND parent_counter = $2 AND name = $3 FOR UPDATE",
-                &[&i64::from(parent.host), &(parent.counter as i64), name],
+                &[&i64::from(parent.host), &(parent.counter as i64), &name],
             )
             .await
         }
     }
-    .map_err(err)?;
-    let row = row
-        .map(|r| {
-            let deleted: bool = r.get(1);
-            stored::<u64>(r.get(0), &|| format!("version of {change:?}")).map(|v| (v, deleted))
-        })
-        .transpose()?;
-    let live = row.filter(|(_, deleted)| !deleted).map(|(v, _)| v);
-    let version = match decide(base, live, row.map(|(v, _)| v)) {
-        Ok(version) => version as i64,
-        Err(conflict) => return Ok(conflict),
-    };
-    let origin = i64::from(origin);
+}
+
+/// Writes `op` at `version` (its base check passed).
+async fn write(
+    tx: &Transaction<'_>,
+    loc: &str,
+    origin: i64,
+    op: &Op,
+    version: i64,
+) -> Result<(), BackendError> {
+    let err = pg_error(loc, "commit");
     match op {
         Op::PutInode { state: s, .. } => {
             let id = (i64::from(s.id.host), s.id.counter as i64);
@@ -799,22 +890,7 @@ async fn apply(
             .map_err(err)?;
         }
     }
-    let (kind, id, name) = change.encode();
-    tx.execute(
-        "INSERT INTO ferry_feed (origin, kind, host, counter, name) VALUES ($1, $2, $3, $4, $5)",
-        &[
-            &origin,
-            &kind,
-            &i64::from(id.host),
-            &(id.counter as i64),
-            &name,
-        ],
-    )
-    .await
-    .map_err(err)?;
-    Ok(Outcome::Applied {
-        version: version as u64,
-    })
+    Ok(())
 }
 
 async fn replace_chunk_list(

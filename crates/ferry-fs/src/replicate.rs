@@ -7,7 +7,9 @@
 //! written many times uploads once, create-then-delete sends nothing, and a
 //! crash that repeats a batch only repeats the same state. Chunks are
 //! content-addressed (BLAKE3, ≤ 4 MiB) and only the ones the backend lacks
-//! are uploaded.
+//! are uploaded. They are collected across the files of a batch and sent a
+//! group at a time (one `missing_chunks` and one `put_chunks` per group),
+//! so a far backend costs a few round trips per batch, not per file.
 //!
 //! Every put carries the backend version the object was last seen at; the
 //! backend applies it only if that still matches. A mismatch that is our own
@@ -41,6 +43,8 @@ use crate::vfs::Vfs;
 
 /// Records shipped per backend transaction.
 const BATCH: usize = 2048;
+/// Bytes of chunk data held in memory before a group is uploaded.
+const UPLOAD_GROUP: usize = 16 << 20;
 /// How long new changes settle before they ship.
 const SETTLE: Duration = Duration::from_millis(50);
 /// How long a batch waits for files still open for writing to close, so a
@@ -282,6 +286,17 @@ fn count_pending(store: &Store, s: &mut Status) -> rusqlite::Result<()> {
     })
 }
 
+/// Chunks read while planning a batch, uploaded a group at a time.
+#[derive(Default)]
+struct Uploads {
+    /// Chunks of the current group, with the bytes they were hashed from.
+    group: Vec<(ChunkHash, Vec<u8>)>,
+    /// Their total size, bounded by [`UPLOAD_GROUP`] (plus one chunk).
+    bytes: usize,
+    /// Every chunk of the batch so far: a chunk two files share is sent once.
+    seen: std::collections::HashSet<[u8; 32]>,
+}
+
 /// One op of a batch and the local object it ships.
 struct Planned {
     op: Op,
@@ -296,6 +311,11 @@ struct Shipper {
     url: String,
     shared: Arc<Shared>,
     backend: Option<Box<dyn Backend>>,
+    /// The last attempt failed: check that the backend answers before
+    /// reading a whole batch of files again (an outage must not turn into
+    /// a loop of re-reading the backlog, competing with writers for disk
+    /// and CPU).
+    probe: bool,
 }
 
 impl Shipper {
@@ -305,6 +325,7 @@ impl Shipper {
             url,
             shared,
             backend: None,
+            probe: false,
         }
     }
 
@@ -344,6 +365,7 @@ impl Shipper {
             match self.ship(&batch) {
                 Ok(()) => {
                     backoff.reset();
+                    self.probe = false;
                     self.shared.update(|s| {
                         s.last_contact = Some(unix_secs(SystemTime::now()));
                         s.last_error = None;
@@ -351,6 +373,7 @@ impl Shipper {
                 }
                 Err(e) => {
                     self.failed(&e);
+                    self.probe = true;
                     self.pause(backoff.step());
                 }
             }
@@ -425,7 +448,13 @@ impl Shipper {
     /// Ships one batch: plan, upload chunks, commit, record the outcome.
     fn ship(&mut self, batch: &[LogRecord]) -> Result<(), ShipError> {
         let last = batch.last().expect("batch is not empty").seq;
-        let plan = self.plan(batch)?;
+        if self.probe {
+            self.backend()?.info()?;
+        }
+        let mut uploads = Uploads::default();
+        let plan = self.plan(batch, &mut uploads)?;
+        // Every chunk the ops refer to is at the backend before they commit.
+        self.upload(&mut uploads)?;
         let host = self.store().host();
         let outcomes = if plan.is_empty() {
             Vec::new()
@@ -458,7 +487,11 @@ impl Shipper {
     }
 
     /// Turns a batch into backend ops on current state (module docs).
-    fn plan(&mut self, batch: &[LogRecord]) -> Result<Vec<Planned>, ShipError> {
+    fn plan(
+        &mut self,
+        batch: &[LogRecord],
+        uploads: &mut Uploads,
+    ) -> Result<Vec<Planned>, ShipError> {
         let mut inodes = BTreeSet::new();
         let mut names: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
         let mut deleted: Vec<ObjectId> = Vec::new();
@@ -503,7 +536,7 @@ impl Shipper {
                 continue;
             }
             let base = self.store().read(|r| r.remote_version(&key))?;
-            let (state, chunks) = self.inode_state(&inode)?;
+            let (state, chunks) = self.inode_state(&inode, uploads)?;
             puts.push(Planned {
                 what: format!("inode {}", state.id),
                 op: Op::PutInode { state, base },
@@ -578,11 +611,12 @@ impl Shipper {
         Ok(puts)
     }
 
-    /// The backend state of a local inode, uploading the chunks of a
-    /// regular file that the backend lacks.
+    /// The backend state of a local inode; the chunks of a regular file go
+    /// to `uploads`.
     fn inode_state(
         &mut self,
         inode: &Inode,
+        uploads: &mut Uploads,
     ) -> Result<(InodeState, Option<(u64, ChunkList)>), ShipError> {
         let store = self.vfs.store();
         let attr = self
@@ -617,7 +651,7 @@ impl Shipper {
         let mut chunks = None;
         if inode.kind() == Kind::File {
             let list = if inode.cached {
-                self.upload_file(inode.ino)?
+                self.read_chunks(inode.ino, uploads)?
             } else {
                 // Not cached here, so not changed here: the list we have is
                 // the backend's.
@@ -633,12 +667,12 @@ impl Shipper {
         Ok((state, chunks))
     }
 
-    /// Reads the data file chunk by chunk and uploads each chunk the
-    /// backend lacks, from the same buffer it was hashed from, so every
-    /// chunk is consistent even if the file is being written. (A file caught
+    /// Reads the data file chunk by chunk into `uploads`, which keeps each
+    /// chunk's bytes from the same buffer it was hashed from, so every chunk
+    /// is consistent even if the file is being written. (A file caught
     /// mid-write ships as it was; `begin_ship` guarantees the writes after
     /// that point are logged and shipped again.)
-    fn upload_file(&mut self, ino: u64) -> Result<ChunkList, ShipError> {
+    fn read_chunks(&mut self, ino: u64, uploads: &mut Uploads) -> Result<ChunkList, ShipError> {
         self.vfs.begin_ship(ino);
         let mut file = File::open(self.store().data_path(ino))?;
         let mut list = Vec::new();
@@ -649,12 +683,12 @@ impl Shipper {
                 break;
             }
             let hash = ChunkHash::of(&buf[..n]);
-            if !self.backend()?.missing_chunks(&[hash])?.is_empty() {
-                self.backend()?.put_chunk(&hash, &buf[..n])?;
-                self.shared.update(|s| {
-                    s.chunks_uploaded += 1;
-                    s.bytes_uploaded += n as u64;
-                });
+            if uploads.seen.insert(hash.0) {
+                uploads.bytes += n;
+                uploads.group.push((hash, buf[..n].to_vec()));
+                if uploads.bytes >= UPLOAD_GROUP {
+                    self.upload(uploads)?;
+                }
             }
             list.push((hash.0, n as u32));
             if n < buf.len() {
@@ -662,6 +696,39 @@ impl Shipper {
             }
         }
         Ok(list)
+    }
+
+    /// Uploads the chunks of the current group that the backend lacks:
+    /// two backend calls for the whole group.
+    fn upload(&mut self, uploads: &mut Uploads) -> Result<(), ShipError> {
+        if uploads.group.is_empty() {
+            return Ok(());
+        }
+        let hashes: Vec<ChunkHash> = uploads.group.iter().map(|(h, _)| *h).collect();
+        let missing: BTreeSet<[u8; 32]> = self
+            .backend()?
+            .missing_chunks(&hashes)?
+            .into_iter()
+            .map(|h| h.0)
+            .collect();
+        let send: Vec<(ChunkHash, &[u8])> = uploads
+            .group
+            .iter()
+            .filter(|(h, _)| missing.contains(&h.0))
+            .map(|(h, d)| (*h, &d[..]))
+            .collect();
+        if !send.is_empty() {
+            self.backend()?.put_chunks(&send)?;
+        }
+        let bytes = send.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        let count = send.len() as u64;
+        self.shared.update(|s| {
+            s.chunks_uploaded += count;
+            s.bytes_uploaded += bytes;
+        });
+        uploads.group.clear();
+        uploads.bytes = 0;
+        Ok(())
     }
 
     /// Decides what a conflict is: our own write whose acknowledgement a

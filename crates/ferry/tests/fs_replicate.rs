@@ -9,56 +9,11 @@ mod support;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_backend::testing::PgServer;
-use support::tree::tree_diff;
-use support::{ferry_bin, run_bounded, skip_unless_ferry, sys, Mount, Rng, TempDir};
-
-/// Runs `ferry ARGS`, bounded; returns stdout, panicking with stderr on failure.
-fn ferry(args: &[&str]) -> String {
-    let out = run_bounded(
-        Command::new(ferry_bin()).args(args),
-        Duration::from_secs(120),
-    )
-    .unwrap_or_else(|e| panic!("ferry {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "ferry {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn init(url: &str) {
-    ferry(&["init", url, "--name", "test"]);
-}
-
-fn sync(m: &Mount) {
-    let mnt = m.path().to_str().unwrap();
-    ferry(&["sync", mnt, "--timeout", "90"]);
-}
-
-/// The daemon's status as JSON.
-fn status(m: &Mount) -> serde_json::Value {
-    let out = ferry(&["status", "--json", m.path().to_str().unwrap()]);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status {out:?}: {e}"))
-}
-
-/// Asserts a new host sees exactly `m`'s tree, and that its restored store
-/// passes `ferry fsck`.
-fn assert_restores_identically(backend: &str, m: &Mount) {
-    let mut fresh = Mount::with_backend(backend);
-    let diffs = tree_diff(m.path(), fresh.path());
-    assert!(
-        diffs.is_empty(),
-        "restored tree differs:\n{}",
-        diffs.join("\n")
-    );
-    fresh.unmount();
-    ferry(&["fsck", "--store", fresh.store().to_str().unwrap()]);
-}
+use support::cli::{assert_restores_identically, ferry, init, status, sync};
+use support::{skip_unless_ferry, sys, Mount, Rng, TempDir};
 
 /// A small but varied tree: nested dirs, empty/small/multi-chunk/sparse
 /// files, a symlink, hard links, xattrs, odd modes, a fifo.

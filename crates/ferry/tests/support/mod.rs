@@ -21,8 +21,11 @@
 // Each test binary uses a different subset of this module.
 #![allow(dead_code)]
 
+pub mod cli;
+pub mod crates;
 pub mod sys;
 pub mod tree;
+pub mod wan;
 
 use std::ffi::OsString;
 use std::fs;
