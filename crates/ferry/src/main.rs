@@ -36,7 +36,11 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // fuser warns that its own unmount on exit failed whenever
+                // `ferry umount` already unmounted: expected, so hidden.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("warn,fuser::session=error")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
