@@ -662,6 +662,9 @@ impl Shipper {
                     .collect()
             };
             state.chunks = list.iter().map(|(h, len)| (ChunkHash(*h), *len)).collect();
+            // The bytes read, not the size stat'ed before reading: a file
+            // written in between must still add up.
+            state.size = list.iter().map(|(_, len)| u64::from(*len)).sum();
             chunks = Some((inode.ino, list));
         }
         Ok((state, chunks))

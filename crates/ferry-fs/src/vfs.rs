@@ -285,6 +285,18 @@ impl Vfs {
             return Err(Errno::EIO);
         };
         let chunks = self.store.read(|r| r.chunks(ino)).map_err(db_err)?;
+        let total: u64 = chunks.iter().map(|(_, len)| u64::from(*len)).sum();
+        if total != inode.size {
+            // Garbage from the backend: refuse it rather than serve a file
+            // whose bytes disagree with its size.
+            error!(
+                "inode {} ({}): its chunks add up to {total} bytes, its size is {}",
+                ino,
+                inode.global_id(),
+                inode.size
+            );
+            return Err(Errno::EIO);
+        }
         let path = self.store.data_path(ino);
         if let Err(e) = source.fetch(&chunks, &path) {
             error!(
