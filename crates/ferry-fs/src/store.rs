@@ -34,7 +34,6 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::data::DataFiles;
 use crate::error::StoreError;
 use crate::log::{Change, LogRecord};
 
@@ -230,20 +229,17 @@ struct Batch {
     ops: u32,
     /// Whether any of them appended to the log.
     logged: bool,
-    /// Data files of inodes the batch deletes: freed once it commits, so a
-    /// crash before that finds every surviving inode's bytes.
-    frees: Vec<PathBuf>,
 }
 
 /// Commit generations of the log, for [`Store::wait_for_log`].
 type Generation = (Mutex<u64>, Condvar);
 
 impl Conn {
-    /// Commits the open batch and returns the data files it freed; a failed
-    /// commit rolls it back (as a crash would) and reports why.
-    fn commit(&mut self, generation: &Generation) -> rusqlite::Result<Vec<PathBuf>> {
+    /// Commits the open batch; a failed commit rolls it back (as a crash
+    /// would) and reports why.
+    fn commit(&mut self, generation: &Generation) -> rusqlite::Result<()> {
         let Some(batch) = self.batch.take() else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         if let Err(e) = self.db.execute_batch("COMMIT") {
             let _ = self.db.execute_batch("ROLLBACK");
@@ -253,7 +249,7 @@ impl Conn {
             *generation.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
             generation.1.notify_all();
         }
-        Ok(batch.frees)
+        Ok(())
     }
 }
 
@@ -270,7 +266,6 @@ pub struct Store {
     log_generation: Arc<Generation>,
     /// Commits batches that nobody else commits within the window.
     flusher: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
-    data: Arc<DataFiles>,
 }
 
 impl Store {
@@ -331,18 +326,12 @@ impl Store {
             batch: None,
         }));
         let log_generation = Arc::new((Mutex::new(0), Condvar::new()));
-        let data = Arc::new(DataFiles::open(dir).map_err(|e| StoreError::io(dir, e))?);
         let stop = Arc::new(AtomicBool::new(false));
         let flusher = {
-            let (conn, generation, stop, data) = (
-                conn.clone(),
-                log_generation.clone(),
-                stop.clone(),
-                data.clone(),
-            );
+            let (conn, generation, stop) = (conn.clone(), log_generation.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("ferry-commit".into())
-                .spawn(move || flush_idle_batches(&conn, &generation, &stop, &data))
+                .spawn(move || flush_idle_batches(&conn, &generation, &stop))
                 .map_err(|e| StoreError::io(dir, e))?
         };
         Ok(Store {
@@ -352,7 +341,6 @@ impl Store {
             _lock: lock,
             log_generation,
             flusher: Some((stop, flusher)),
-            data,
         })
     }
 
@@ -384,7 +372,6 @@ impl Store {
                 since: Instant::now(),
                 ops: 0,
                 logged: false,
-                frees: Vec::new(),
             });
         }
         conn.db.execute_batch("SAVEPOINT op")?;
@@ -407,37 +394,14 @@ impl Store {
         batch.ops += 1;
         batch.logged |= logged;
         if batch.ops >= BATCH_OPS || batch.since.elapsed() >= BATCH_WINDOW {
-            let frees = conn.commit(&self.log_generation)?;
-            drop(conn);
-            free_all(&self.data, frees);
+            conn.commit(&self.log_generation)?;
         }
         Ok(out)
     }
 
     /// Commits the open batch now.
     pub fn flush(&self) -> rusqlite::Result<()> {
-        let frees = self.lock().commit(&self.log_generation)?;
-        free_all(&self.data, frees);
-        Ok(())
-    }
-
-    /// The pool that creates and recycles data files.
-    pub fn data(&self) -> &DataFiles {
-        &self.data
-    }
-
-    /// Frees the data file of `ino`, whose deletion this thread just wrote,
-    /// once that deletion is committed.
-    pub fn free_data_after_commit(&self, ino: u64) {
-        let path = self.data_path(ino);
-        let mut conn = self.lock();
-        match conn.batch.as_mut() {
-            Some(batch) => batch.frees.push(path),
-            None => {
-                drop(conn);
-                free_all(&self.data, vec![path]);
-            }
-        }
+        self.lock().commit(&self.log_generation)
     }
 
     /// Runs `f` on a read view (reads share the writer's connection).
@@ -508,12 +472,7 @@ impl Drop for Store {
 
 /// The flusher thread: commits a batch nobody has committed within the
 /// window, so an idle daemon holds no open transaction for long.
-fn flush_idle_batches(
-    conn: &Mutex<Conn>,
-    generation: &Generation,
-    stop: &AtomicBool,
-    data: &DataFiles,
-) {
+fn flush_idle_batches(conn: &Mutex<Conn>, generation: &Generation, stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(BATCH_WINDOW / 2);
         let mut conn = match conn.lock() {
@@ -526,34 +485,22 @@ fn flush_idle_batches(
             .as_ref()
             .is_some_and(|b| b.since.elapsed() >= BATCH_WINDOW)
         {
-            match conn.commit(generation) {
-                Ok(frees) => {
-                    drop(conn);
-                    free_all(data, frees);
-                }
-                Err(e) => tracing::error!("committing a batch: {e}"),
+            if let Err(e) = conn.commit(generation) {
+                tracing::error!("committing a batch: {e}");
             }
         }
     }
 }
 
-fn free_all(data: &DataFiles, paths: Vec<PathBuf>) {
-    for path in paths {
-        if let Err(e) = data.free(&path) {
-            tracing::warn!("freeing {}: {e}", path.display());
-        }
-    }
-}
-
 /// Whether `dir` holds nothing but what ferry itself puts in a store
-/// before its database exists (the lock, the log, empty data directories).
+/// before its database exists (the lock, the log, the data directory).
 fn holds_only_ferry_files(dir: &Path) -> Result<bool, StoreError> {
     for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;
         let name = entry.file_name();
         let ours = match name.to_str() {
             Some("lock" | "ferry.log") => true,
-            Some("data" | "spare") => std::fs::read_dir(entry.path())
+            Some("data") => std::fs::read_dir(entry.path())
                 .map(|mut d| d.next().is_none())
                 .unwrap_or(false),
             _ => false,

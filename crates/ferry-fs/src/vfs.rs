@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{Errno, FileAttr, FileType, TimeOrNow};
 use tracing::{error, warn};
 
+use crate::data::DataFiles;
 use crate::error::StoreError;
 use crate::store::{self, Inode, Kind, Nanos, NewInode, Queries, Store, Tx, ROOT_INO};
 
@@ -95,6 +96,7 @@ struct OpenState {
 /// The file system, minus the FUSE protocol.
 pub struct Vfs {
     store: Store,
+    data: DataFiles,
     read_only: bool,
     /// FUSE lookup counts: an inode with no names lives until the kernel
     /// forgets it, because open files and cwds still reach it.
@@ -209,8 +211,10 @@ impl Vfs {
     /// Wraps an opened store, first finishing any deletion a crash
     /// interrupted: inodes with no names cannot be open after a restart.
     pub fn new(store: Store, read_only: bool) -> Result<Vfs, StoreError> {
+        let data = DataFiles::open(store.dir()).map_err(|e| StoreError::io(store.dir(), e))?;
         let vfs = Vfs {
             store,
+            data,
             read_only,
             lookups: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
@@ -322,7 +326,7 @@ impl Vfs {
         })?;
         for ino in orphans {
             self.store.write(|tx| tx.delete(ino))?;
-            self.store.free_data_after_commit(ino);
+            self.remove_data(ino);
         }
         Ok(())
     }
@@ -565,20 +569,21 @@ impl Vfs {
             })
             .map_err(db_err)?;
         if deleted {
-            self.store.free_data_after_commit(ino);
+            self.remove_data(ino);
         }
         Ok(())
     }
 
-    /// Frees the data file of a file just evicted, committing the eviction
-    /// first: a later open must find the row uncached before the bytes go.
+    /// Frees the data file of an inode whose removal this thread just
+    /// wrote; the removal is committed first, so a crash never leaves an
+    /// inode without its bytes.
     fn remove_data(&self, ino: u64) {
         if let Err(e) = self.store.flush() {
             warn!("keeping the data file of inode {ino}: {e}");
             return;
         }
         let path = self.store.data_path(ino);
-        if let Err(e) = self.store.data().free(&path) {
+        if let Err(e) = self.data.free(&path) {
             warn!("freeing {}: {e}", path.display());
         }
     }
@@ -636,7 +641,7 @@ impl Vfs {
                 // Created inside the transaction: a crash leaves either both
                 // or an orphan data file, never an inode without data.
                 let path = self.store.data_path(inode.ino);
-                self.store.data().create(&path).map_err(|e| {
+                self.data.create(&path).map_err(|e| {
                     error!("creating {}: {e}", path.display());
                     Errno::EIO
                 })?;
