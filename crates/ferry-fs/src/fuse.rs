@@ -203,15 +203,6 @@ impl Filesystem for FerryFs {
         Ok(())
     }
 
-    fn destroy(&mut self) {
-        // The session is over: commit the open batch now, because threads
-        // that outlive it (control, replication) may keep the store alive
-        // past the daemon's exit, where nothing would commit it.
-        if let Err(e) = self.vfs.store().sync() {
-            tracing::error!("committing the last changes: {e}");
-        }
-    }
-
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         debug!(parent = parent.0, ?name, "lookup");
         entry(reply, self.vfs.lookup(parent.0, name.as_bytes()));

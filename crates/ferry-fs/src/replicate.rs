@@ -340,13 +340,6 @@ impl Shipper {
             if let Err(e) = self.refresh_status() {
                 warn!("replication status: {e}");
             }
-            // Only committed changes ship: a crash may still undo an open
-            // batch, and the backend must never be ahead of this store.
-            if let Err(e) = self.store().flush() {
-                self.failed(&ShipError::Store(e));
-                self.pause(backoff.step());
-                continue;
-            }
             let shipped = self.shipped_seq();
             let batch = match self.store().read(|r| r.log_after(shipped, BATCH)) {
                 Ok(b) => b,

@@ -8,31 +8,19 @@
 //! change log (see [`crate::log`]), so after any crash the log describes
 //! exactly the changes that are in the store: both commit or neither does.
 //!
-//! Group commit: transactions run as savepoints inside one open batch,
-//! committed within [`BATCH_WINDOW`] (by the next write or a flusher thread)
-//! or at once by [`Store::flush`]. A commit writes each changed page once
-//! for the whole batch, which cuts a small-file create's cost by a sixth.
-//! A crash loses at most the last window of changes, never a part of one,
-//! and the log still matches the store; what must not be lost waits for a
-//! flush: the `Content` record before the bytes it announces, a delete
-//! before its data file goes, and every `fsync`.
-//!
 //! Durability: commits use `synchronous=NORMAL`, which survives a crash of
 //! the daemon (the WAL is written before commit returns) but not a power cut.
-//! [`Store::sync`] flushes and fsyncs the WAL, which makes every earlier
-//! change durable; `fsync` and `fsyncdir` call it, so once they return the
-//! change survives power loss too.
+//! [`Store::sync`] fsyncs the WAL, which makes every earlier commit durable;
+//! `fsync` and `fsyncdir` call it, so once they return the change survives
+//! power loss too.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::error::StoreError;
 use crate::log::{Change, LogRecord};
@@ -43,11 +31,6 @@ const APPLICATION_ID: i32 = 0x4652_5259;
 
 /// The store layout version this build reads and writes (`PRAGMA user_version`).
 pub const FORMAT_VERSION: i32 = 1;
-
-/// How long a batch of transactions stays open before it is committed.
-pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
-/// Transactions per batch at most.
-const BATCH_OPS: u32 = 256;
 
 /// Inode number of the root directory, fixed by FUSE.
 pub const ROOT_INO: u64 = 1;
@@ -217,45 +200,9 @@ pub struct Entry {
     pub inode: Inode,
 }
 
-/// The one connection and its open batch, if any.
-struct Conn {
-    db: Connection,
-    batch: Option<Batch>,
-}
-
-/// An open batch of committed-looking transactions.
-struct Batch {
-    since: Instant,
-    ops: u32,
-    /// Whether any of them appended to the log.
-    logged: bool,
-}
-
-/// Commit generations of the log, for [`Store::wait_for_log`].
-type Generation = (Mutex<u64>, Condvar);
-
-impl Conn {
-    /// Commits the open batch; a failed commit rolls it back (as a crash
-    /// would) and reports why.
-    fn commit(&mut self, generation: &Generation) -> rusqlite::Result<()> {
-        let Some(batch) = self.batch.take() else {
-            return Ok(());
-        };
-        if let Err(e) = self.db.execute_batch("COMMIT") {
-            let _ = self.db.execute_batch("ROLLBACK");
-            return Err(e);
-        }
-        if batch.logged {
-            *generation.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-            generation.1.notify_all();
-        }
-        Ok(())
-    }
-}
-
 /// The local store: one database connection, the data directory, the WAL.
 pub struct Store {
-    conn: Arc<Mutex<Conn>>,
+    conn: Mutex<Connection>,
     dir: PathBuf,
     host: u32,
     /// Held for the life of the store: a second daemon on the same store
@@ -263,9 +210,7 @@ pub struct Store {
     _lock: nix::fcntl::Flock<File>,
     /// Counts commits that appended to the log; the replicator waits on it
     /// instead of polling.
-    log_generation: Arc<Generation>,
-    /// Commits batches that nobody else commits within the window.
-    flusher: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    log_generation: (Mutex<u64>, std::sync::Condvar),
 }
 
 impl Store {
@@ -321,26 +266,12 @@ impl Store {
         let host: i64 = conn
             .query_row("SELECT value FROM meta WHERE key='host'", [], |r| r.get(0))
             .map_err(bad)?;
-        let conn = Arc::new(Mutex::new(Conn {
-            db: conn,
-            batch: None,
-        }));
-        let log_generation = Arc::new((Mutex::new(0), Condvar::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let flusher = {
-            let (conn, generation, stop) = (conn.clone(), log_generation.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("ferry-commit".into())
-                .spawn(move || flush_idle_batches(&conn, &generation, &stop))
-                .map_err(|e| StoreError::io(dir, e))?
-        };
         Ok(Store {
-            conn,
+            conn: Mutex::new(conn),
             dir: dir.to_path_buf(),
             host: host as u32,
             _lock: lock,
-            log_generation,
-            flusher: Some((stop, flusher)),
+            log_generation: (Mutex::new(0), std::sync::Condvar::new()),
         })
     }
 
@@ -359,61 +290,43 @@ impl Store {
         self.dir.join("data").join(format!("{ino:x}"))
     }
 
-    /// Runs `f` as one transaction: all of it or nothing, in the current
-    /// batch (module docs). An `Err` undoes exactly what `f` did.
+    /// Runs `f` in one immediate transaction and commits if it returns `Ok`.
     pub fn write<T, E: From<rusqlite::Error>>(
         &self,
         f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
         let mut conn = self.lock();
-        if conn.batch.is_none() {
-            conn.db.execute_batch("BEGIN IMMEDIATE")?;
-            conn.batch = Some(Batch {
-                since: Instant::now(),
-                ops: 0,
-                logged: false,
-            });
-        }
-        conn.db.execute_batch("SAVEPOINT op")?;
+        let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let tx = Tx {
-            txn: &conn.db,
+            txn,
             host: self.host,
             logged: std::cell::Cell::new(false),
         };
-        let result = f(&tx);
+        let out = f(&tx)?;
         let logged = tx.logged.get();
-        let out = match result {
-            Ok(out) => out,
-            Err(e) => {
-                conn.db.execute_batch("ROLLBACK TO op; RELEASE op")?;
-                return Err(e);
-            }
-        };
-        conn.db.execute_batch("RELEASE op")?;
-        let batch = conn.batch.as_mut().expect("opened above");
-        batch.ops += 1;
-        batch.logged |= logged;
-        if batch.ops >= BATCH_OPS || batch.since.elapsed() >= BATCH_WINDOW {
-            conn.commit(&self.log_generation)?;
+        tx.txn.commit()?;
+        if logged {
+            let mut generation = self
+                .log_generation
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *generation += 1;
+            self.log_generation.1.notify_all();
         }
         Ok(out)
-    }
-
-    /// Commits the open batch now.
-    pub fn flush(&self) -> rusqlite::Result<()> {
-        self.lock().commit(&self.log_generation)
     }
 
     /// Runs `f` on a read view (reads share the writer's connection).
     pub fn read<T>(&self, f: impl FnOnce(&Reader<'_>) -> T) -> T {
         let conn = self.lock();
-        f(&Reader { conn: &conn.db })
+        f(&Reader { conn: &conn })
     }
 
     /// Waits up to `timeout` for a commit that appends to the log after
     /// generation `seen`; returns the current generation.
     pub fn wait_for_log(&self, seen: u64, timeout: std::time::Duration) -> u64 {
-        let (lock, cond) = &*self.log_generation;
+        let (lock, cond) = &self.log_generation;
         let generation = lock.lock().unwrap_or_else(|p| p.into_inner());
         let (generation, _) = cond
             .wait_timeout_while(generation, timeout, |g| *g == seen)
@@ -423,14 +336,13 @@ impl Store {
 
     /// Wakes every [`Store::wait_for_log`] caller (used to stop them).
     pub fn wake_log_waiters(&self) {
-        let (lock, cond) = &*self.log_generation;
+        let (lock, cond) = &self.log_generation;
         *lock.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         cond.notify_all();
     }
 
     /// Makes every committed transaction durable against power loss.
     pub fn sync(&self) -> io::Result<()> {
-        self.flush().map_err(io::Error::other)?;
         let wal = self.dir.join("meta.db-wal");
         match File::open(&wal) {
             Ok(f) => f.sync_all(),
@@ -440,55 +352,10 @@ impl Store {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Conn> {
-        // A panic inside a transaction leaves its savepoint open in the
-        // batch; the batch is still consistent up to the last released one
-        // only if we never commit it, so the next writer after a poison
-        // rolls everything back (as a crash would).
-        self.conn.lock().unwrap_or_else(|p| {
-            let mut conn = p.into_inner();
-            if conn.batch.take().is_some() {
-                let _ = conn.db.execute_batch("ROLLBACK");
-            }
-            self.conn.clear_poison();
-            conn
-        })
-    }
-}
-
-impl Drop for Store {
-    /// Stops the flusher and commits the last batch: a clean stop loses
-    /// nothing.
-    fn drop(&mut self) {
-        if let Some((stop, thread)) = self.flusher.take() {
-            stop.store(true, Ordering::SeqCst);
-            let _ = thread.join();
-        }
-        if let Err(e) = self.flush() {
-            tracing::error!("committing the last changes to {}: {e}", self.dir.display());
-        }
-    }
-}
-
-/// The flusher thread: commits a batch nobody has committed within the
-/// window, so an idle daemon holds no open transaction for long.
-fn flush_idle_batches(conn: &Mutex<Conn>, generation: &Generation, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        std::thread::sleep(BATCH_WINDOW / 2);
-        let mut conn = match conn.lock() {
-            Ok(c) => c,
-            // Store::lock settles a poisoned batch; leave it to the next writer.
-            Err(_) => continue,
-        };
-        if conn
-            .batch
-            .as_ref()
-            .is_some_and(|b| b.since.elapsed() >= BATCH_WINDOW)
-        {
-            if let Err(e) = conn.commit(generation) {
-                tracing::error!("committing a batch: {e}");
-            }
-        }
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves no half transaction behind
+        // (it rolls back on drop), so the poisoned connection is still sound.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -863,7 +730,7 @@ impl Queries for Reader<'_> {
 /// One write transaction. Every mutating method bumps the inode's version
 /// and appends the matching [`Change`] to the log, in this transaction.
 pub struct Tx<'a> {
-    txn: &'a Connection,
+    txn: rusqlite::Transaction<'a>,
     host: u32,
     /// Whether this transaction appended to the log (so, once committed,
     /// the replicator has work).
@@ -872,7 +739,7 @@ pub struct Tx<'a> {
 
 impl Queries for Tx<'_> {
     fn conn(&self) -> &Connection {
-        self.txn
+        &self.txn
     }
 }
 

@@ -574,14 +574,7 @@ impl Vfs {
         Ok(())
     }
 
-    /// Frees the data file of an inode whose removal this thread just
-    /// wrote; the removal is committed first, so a crash never leaves an
-    /// inode without its bytes.
     fn remove_data(&self, ino: u64) {
-        if let Err(e) = self.store.flush() {
-            warn!("keeping the data file of inode {ino}: {e}");
-            return;
-        }
         let path = self.store.data_path(ino);
         if let Err(e) = self.data.free(&path) {
             warn!("freeing {}: {e}", path.display());
@@ -917,8 +910,6 @@ impl Vfs {
         }
         self.throttle();
         self.store.write(|tx| tx.content(ino)).map_err(db_err)?;
-        // The record must be committed before the bytes it announces change.
-        self.store.flush().map_err(db_err)?;
         // Only a run inside an open is coalesced; without writers (a
         // truncate by path, say) every change is logged on its own.
         if let Some(state) = lock(&self.open).get_mut(&ino) {
