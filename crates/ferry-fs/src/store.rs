@@ -360,14 +360,14 @@ impl Store {
 }
 
 /// Whether `dir` holds nothing but what ferry itself puts in a store
-/// before its database exists (the lock, the log, the data directory).
+/// before its database exists (the lock, the log, empty data directories).
 fn holds_only_ferry_files(dir: &Path) -> Result<bool, StoreError> {
     for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;
         let name = entry.file_name();
         let ours = match name.to_str() {
             Some("lock" | "ferry.log") => true,
-            Some("data") => std::fs::read_dir(entry.path())
+            Some("data" | "spare") => std::fs::read_dir(entry.path())
                 .map(|mut d| d.next().is_none())
                 .unwrap_or(false),
             _ => false,
