@@ -862,9 +862,7 @@ impl Tx<'_> {
             self.add_nlink(parent, -1)?;
             self.add_nlink(newparent, 1)?;
         }
-        self.txn
-            .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
-            .execute(params![moved.ino as i64, t])?;
+        self.touch_ctime(moved.ino, t)?;
         self.touch_dir(parent, t)?;
         self.touch_dir(newparent, t)?;
         self.log(&Change::Rename {
@@ -897,9 +895,7 @@ impl Tx<'_> {
             self.add_nlink(newparent, -delta)?;
         }
         for ino in [a.ino, b.ino] {
-            self.txn
-                .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
-                .execute(params![ino as i64, t])?;
+            self.touch_ctime(ino, t)?;
         }
         self.touch_dir(parent, t)?;
         self.touch_dir(newparent, t)?;
@@ -939,9 +935,7 @@ impl Tx<'_> {
     /// harmless (replication re-reads the file), whereas the other order
     /// could lose a change.
     pub fn content(&self, ino: u64) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
-            .execute(params![ino as i64, now()])?;
+        self.touch_ctime(ino, now())?;
         self.log(&Change::Content { ino })
     }
 
@@ -966,9 +960,7 @@ impl Tx<'_> {
     }
 
     fn xattr_changed(&self, ino: u64) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
-            .execute(params![ino as i64, now()])?;
+        self.touch_ctime(ino, now())?;
         self.log(&Change::Xattr { ino })
     }
 
@@ -1124,6 +1116,14 @@ impl Tx<'_> {
                 .prepare_cached("UPDATE inode SET nlink=nlink+?2 WHERE ino=?1")?
                 .execute(params![dir as i64, delta])?;
         }
+        Ok(())
+    }
+
+    /// Sets the ctime of `ino`: its status changed at `t`.
+    fn touch_ctime(&self, ino: u64, t: Nanos) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
+            .execute(params![ino as i64, t])?;
         Ok(())
     }
 
