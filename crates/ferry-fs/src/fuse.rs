@@ -27,7 +27,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     BackingId, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
@@ -143,6 +143,29 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// A time as the kernel sent it.
+///
+/// fuser 0.18 decodes a pre-1970 `(secs, nsecs)` as `EPOCH - (|secs| s +
+/// nsecs ns)` where the kernel means `secs s + nsecs ns`; this undoes that
+/// here, where the protocol is decoded, so times before 1970 round-trip.
+fn kernel_time(t: SystemTime) -> SystemTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(_) => t,
+        Err(e) => {
+            let d = e.duration();
+            UNIX_EPOCH - Duration::from_secs(d.as_secs())
+                + Duration::from_nanos(d.subsec_nanos().into())
+        }
+    }
+}
+
+fn kernel_time_or_now(t: TimeOrNow) -> TimeOrNow {
+    match t {
+        TimeOrNow::SpecificTime(t) => TimeOrNow::SpecificTime(kernel_time(t)),
+        TimeOrNow::Now => TimeOrNow::Now,
+    }
+}
+
 /// Replies to an entry-creating request.
 fn entry(reply: ReplyEntry, result: Result<fuser::FileAttr, Errno>) {
     match result {
@@ -244,9 +267,9 @@ impl Filesystem for FerryFs {
             uid,
             gid,
             size,
-            atime,
-            mtime,
-            ctime,
+            atime: atime.map(kernel_time_or_now),
+            mtime: mtime.map(kernel_time_or_now),
+            ctime: ctime.map(kernel_time),
         };
         match self.vfs.setattr(ino.0, &set, fh.map(|f| f.0)) {
             Ok(attr) => reply.attr(&TTL, &attr),

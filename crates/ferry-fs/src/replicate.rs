@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::log::{Change, LogRecord};
-use crate::store::{Inode, Kind, Queries, Store, Tx};
+use crate::store::{nanos_of, Inode, Kind, Queries, Store, Tx};
 use crate::vfs::Vfs;
 
 /// Records shipped per backend transaction.
@@ -623,10 +623,6 @@ impl Shipper {
             .vfs
             .attr(inode)
             .map_err(|e| ShipError::Io(std::io::Error::from_raw_os_error(e.code())))?;
-        let nanos = |t: SystemTime| match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => d.as_nanos() as i64,
-            Err(e) => -(e.duration().as_nanos() as i64),
-        };
         let (target, xattrs) = store.read(|r| {
             let target = r.symlink_target(inode.ino)?;
             let mut xattrs = Vec::new();
@@ -642,9 +638,9 @@ impl Shipper {
         state.gid = inode.gid;
         state.rdev = inode.rdev;
         state.size = attr.size;
-        state.atime_ns = nanos(attr.atime);
-        state.mtime_ns = nanos(attr.mtime);
-        state.ctime_ns = nanos(attr.ctime);
+        state.atime_ns = nanos_of(attr.atime);
+        state.mtime_ns = nanos_of(attr.mtime);
+        state.ctime_ns = nanos_of(attr.ctime);
         state.target = target;
         state.xattrs = xattrs;
         state.origin = store.host();

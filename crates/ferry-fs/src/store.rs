@@ -136,10 +136,15 @@ pub type Nanos = i64;
 
 /// The current time in [`Nanos`].
 pub fn now() -> Nanos {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    d.as_nanos() as Nanos
+    nanos_of(std::time::SystemTime::now())
+}
+
+/// `t` in [`Nanos`], before 1970 too.
+pub fn nanos_of(t: std::time::SystemTime) -> Nanos {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as Nanos,
+        Err(e) => -(e.duration().as_nanos() as Nanos),
+    }
 }
 
 /// One inode row.

@@ -180,21 +180,6 @@ fn to_system_time(t: Nanos) -> SystemTime {
     }
 }
 
-/// A time the kernel sent, in [`Nanos`].
-///
-/// fuser 0.18 decodes a pre-1970 `(secs, nsecs)` as `EPOCH - (|secs| s +
-/// nsecs ns)` where the kernel means `secs s + nsecs ns`; this undoes that,
-/// so times before 1970 round-trip exactly.
-fn from_kernel_time(t: SystemTime) -> Nanos {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as Nanos,
-        Err(e) => {
-            let d = e.duration();
-            -(d.as_secs() as Nanos * 1_000_000_000) + Nanos::from(d.subsec_nanos())
-        }
-    }
-}
-
 fn file_type(kind: Kind) -> FileType {
     match kind {
         Kind::File => FileType::RegularFile,
@@ -436,9 +421,10 @@ impl Vfs {
         let now = store::now();
         let nanos = |t: &TimeOrNow| match t {
             TimeOrNow::Now => now,
-            TimeOrNow::SpecificTime(t) => from_kernel_time(*t),
+            TimeOrNow::SpecificTime(t) => store::nanos_of(*t),
         };
-        let is_file = self.inode(ino)?.kind() == Kind::File;
+        let kind = self.inode(ino)?.kind();
+        let is_file = kind == Kind::File;
         let _resident = self.residency.read().unwrap_or_else(|p| p.into_inner());
         if is_file && (set.size.is_some() || set.mtime.is_some()) {
             self.ensure_cached(ino)?;
@@ -486,7 +472,7 @@ impl Vfs {
             if let Some(t) = &set.mtime {
                 inode.mtime = nanos(t);
             }
-            inode.ctime = set.ctime.map_or(now, from_kernel_time);
+            inode.ctime = set.ctime.map_or(now, store::nanos_of);
             tx.set_attr(&inode)?;
             Ok(inode)
         })?;
