@@ -113,7 +113,8 @@ pub struct Vfs {
     /// Opening a data file holds this shared; evicting one holds it
     /// exclusive, so a file is never evicted between check and open.
     residency: std::sync::RwLock<()>,
-    /// When each file was last opened, for least-recently-used eviction.
+    /// When each file was last opened, for least-recently-used eviction
+    /// (kept only with a backend; entries leave with their inode).
     last_open: Mutex<HashMap<u64, std::time::Instant>>,
 }
 
@@ -555,6 +556,7 @@ impl Vfs {
             })
             .map_err(db_err)?;
         if deleted {
+            lock(&self.last_open).remove(&ino);
             self.remove_data(ino);
         }
         Ok(())
@@ -843,7 +845,10 @@ impl Vfs {
                     Errno::EIO
                 })?
         };
-        lock(&self.last_open).insert(ino, std::time::Instant::now());
+        // Only a volume with a backend evicts, so only it needs the order.
+        if self.source.get().is_some() {
+            lock(&self.last_open).insert(ino, std::time::Instant::now());
+        }
         if writable {
             let mut open = lock(&self.open);
             let state = open.entry(ino).or_default();
