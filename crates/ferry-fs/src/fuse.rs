@@ -53,6 +53,10 @@ const MAX_WRITE: u32 = 1 << 20;
 /// kernel still writes its dirty pages back first.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 
+/// Flags of a passed-through open: NOFLUSH as above; the kernel refuses
+/// KEEP_CACHE together with passthrough (there is no FUSE page cache).
+const PASSTHROUGH_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+
 /// The [`Filesystem`] fuser drives, one per mount.
 pub struct FerryFs {
     vfs: Arc<Vfs>,
@@ -82,8 +86,22 @@ impl FerryFs {
     }
 
     /// The backing id for handle `fh` of `ino`, registering the handle's
-    /// data file with the kernel if the inode has none yet.
+    /// data file with the kernel if the inode has none yet; `None` (logged)
+    /// when the kernel refuses, and the file is then served by the daemon.
     fn backing(
+        &self,
+        ino: u64,
+        fh: u64,
+        register: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        self.register_backing(ino, fh, register)
+            .inspect_err(|e| {
+                warn!("passthrough of inode {ino}: {e}; serving it through the daemon")
+            })
+            .ok()
+    }
+
+    fn register_backing(
         &self,
         ino: u64,
         fh: u64,
@@ -407,14 +425,8 @@ impl Filesystem for FerryFs {
                 self.vfs.release(fh);
                 return reply.error(e);
             }
-            match self.backing(ino.0, fh, |f| reply.open_backing(f)) {
-                Ok(id) => {
-                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id)
-                }
-                Err(e) => warn!(
-                    "passthrough open of inode {}: {e}; serving it through the daemon",
-                    ino.0
-                ),
+            if let Some(id) = self.backing(ino.0, fh, |f| reply.open_backing(f)) {
+                return reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_FLAGS, &id);
             }
         }
         reply.opened(FileHandle(fh), OPEN_FLAGS);
@@ -627,21 +639,15 @@ impl Filesystem for FerryFs {
             Err(e) => return reply.error(e),
         };
         if self.passthrough {
-            match self.backing(attr.ino.0, fh, |f| reply.open_backing(f)) {
-                Ok(id) => {
-                    return reply.created_passthrough(
-                        &TTL,
-                        &attr,
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_NOFLUSH,
-                        &id,
-                    )
-                }
-                Err(e) => warn!(
-                    "passthrough create of inode {}: {e}; serving it through the daemon",
-                    attr.ino.0
-                ),
+            if let Some(id) = self.backing(attr.ino.0, fh, |f| reply.open_backing(f)) {
+                return reply.created_passthrough(
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    PASSTHROUGH_FLAGS,
+                    &id,
+                );
             }
         }
         reply.created(&TTL, &attr, Generation(0), FileHandle(fh), OPEN_FLAGS);
