@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_backend::testing::PgServer;
-use support::cli::{assert_restores_identically, ferry, init, status, sync};
-use support::{skip_unless_ferry, sys, Mount, Rng, TempDir};
+use support::cli::{assert_restores_identically, dir_backend, ferry, init, status, sync};
+use support::{skip_unless_ferry, sys, Mount, Rng};
 
 /// A small but varied tree: nested dirs, empty/small/multi-chunk/sparse
 /// files, a symlink, hard links, xattrs, odd modes, a fifo.
@@ -41,9 +41,7 @@ fn dir_round_trip_and_later_changes() {
     if skip_unless_ferry("replication") {
         return;
     }
-    let backend_dir = TempDir::new("ferry-backend");
-    let url = format!("dir:{}", backend_dir.path().join("vol").display());
-    init(&url);
+    let (_backend, _, url) = dir_backend();
     let a = Mount::with_backend(&url);
     populate(a.path(), &mut Rng::new(7));
     sync(&a);
@@ -80,9 +78,7 @@ fn unchanged_chunks_are_never_uploaded_twice() {
     if skip_unless_ferry("replication") {
         return;
     }
-    let backend_dir = TempDir::new("ferry-backend");
-    let url = format!("dir:{}", backend_dir.path().join("vol").display());
-    init(&url);
+    let (_backend, _, url) = dir_backend();
     let a = Mount::with_backend(&url);
     let data = Rng::new(3).bytes(6 << 20);
     fs::write(a.join("one"), &data).unwrap();
@@ -127,9 +123,7 @@ fn kill9_during_replication_loses_and_duplicates_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(6);
-    let backend_dir = TempDir::new("ferry-backend");
-    let url = format!("dir:{}", backend_dir.path().join("vol").display());
-    init(&url);
+    let (_backend, _, url) = dir_backend();
     let mut a = Mount::with_backend(&url);
     let mut rng = Rng::new(11);
     for trial in 0..trials {
@@ -161,9 +155,7 @@ fn clean_files_are_evicted_under_cache_size_and_fetched_back() {
     if skip_unless_ferry("replication") {
         return;
     }
-    let backend_dir = TempDir::new("ferry-backend");
-    let url = format!("dir:{}", backend_dir.path().join("vol").display());
-    init(&url);
+    let (_backend, _, url) = dir_backend();
     let a = Mount::with_args(&["--backend", &url, "--cache-size", "1M"]);
     let mut rng = Rng::new(13);
     let files: Vec<Vec<u8>> = (0..10).map(|_| rng.bytes(512 << 10)).collect();
@@ -195,10 +187,7 @@ fn garbage_from_the_backend_is_an_error_not_corruption() {
     if skip_unless_ferry("replication") {
         return;
     }
-    let backend_dir = TempDir::new("ferry-backend");
-    let vol = backend_dir.path().join("vol");
-    let url = format!("dir:{}", vol.display());
-    init(&url);
+    let (_backend, vol, url) = dir_backend();
     let a = Mount::with_backend(&url);
     fs::write(a.join("good"), b"fine").unwrap();
     fs::write(a.join("bad"), Rng::new(5).bytes(100_000)).unwrap();
@@ -241,11 +230,8 @@ fn offline_mount_writes_locally_and_converges_when_the_backend_returns() {
     if skip_unless_ferry("replication") {
         return;
     }
-    let backend_dir = TempDir::new("ferry-backend");
-    let vol = backend_dir.path().join("vol");
-    let hidden = backend_dir.path().join("away");
-    let url = format!("dir:{}", vol.display());
-    init(&url);
+    let (_backend, vol, url) = dir_backend();
+    let hidden = vol.with_file_name("away");
     let mut a = Mount::with_backend(&url);
     fs::write(a.join("before"), b"1").unwrap();
     sync(&a);

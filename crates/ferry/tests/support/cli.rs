@@ -1,11 +1,12 @@
 //! The `ferry` commands replication tests run against a [`Mount`], each
 //! bounded, panicking with stderr on failure.
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use super::tree::tree_diff;
-use super::{ferry_bin, run_bounded, Mount};
+use super::{ferry_bin, run_bounded, Mount, TempDir};
 
 /// Runs `ferry ARGS`, bounded by `timeout`; returns stdout.
 pub fn ferry_within(args: &[&str], timeout: Duration) -> String {
@@ -27,6 +28,16 @@ pub fn ferry(args: &[&str]) -> String {
 /// `ferry init URL --name test`.
 pub fn init(url: &str) {
     ferry(&["init", url, "--name", "test"]);
+}
+
+/// An initialised `dir:` backend volume in a temp dir, removed with the
+/// returned guard: `(guard, volume path, URL)`.
+pub fn dir_backend() -> (TempDir, PathBuf, String) {
+    let dir = TempDir::new("ferry-backend");
+    let vol = dir.path().join("vol");
+    let url = format!("dir:{}", vol.display());
+    init(&url);
+    (dir, vol, url)
 }
 
 /// `ferry sync` with a timeout of `secs` (the command gets a little more).
