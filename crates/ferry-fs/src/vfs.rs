@@ -447,7 +447,7 @@ impl Vfs {
             return self.getattr(ino);
         }
         if let Some(size) = set.size {
-            match self.inode(ino)?.kind() {
+            match kind {
                 Kind::File => {}
                 Kind::Dir => return Err(Errno::EISDIR),
                 _ => return Err(Errno::EINVAL),
