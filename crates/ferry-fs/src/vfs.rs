@@ -135,6 +135,11 @@ fn io_err(e: std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
+/// The same errno, from nix's type to fuser's.
+fn nix_err(e: nix::errno::Errno) -> Errno {
+    Errno::from_i32(e as i32)
+}
+
 /// Errors inside a store transaction: an errno decided by POSIX rules, or
 /// a database failure. Either way the transaction rolls back.
 enum TxError {
@@ -1044,8 +1049,7 @@ impl Vfs {
         );
         self.will_modify(h.ino)?;
         let mode = nix::fcntl::FallocateFlags::from_bits_retain(mode);
-        nix::fcntl::fallocate(h.file.as_fd(), mode, offset, length)
-            .map_err(|e| Errno::from_i32(e as i32))
+        nix::fcntl::fallocate(h.file.as_fd(), mode, offset, length).map_err(nix_err)
     }
 
     /// `lseek` for SEEK_DATA and SEEK_HOLE (others never reach the daemon).
@@ -1058,7 +1062,7 @@ impl Vfs {
             libc::SEEK_END => nix::unistd::Whence::SeekEnd,
             _ => return Err(Errno::EINVAL),
         };
-        nix::unistd::lseek(h.file.as_fd(), offset, whence).map_err(|e| Errno::from_i32(e as i32))
+        nix::unistd::lseek(h.file.as_fd(), offset, whence).map_err(nix_err)
     }
 
     /// `copy_file_range` between two open files, done by the kernel on the
@@ -1082,7 +1086,7 @@ impl Vfs {
             Some(&mut off_out),
             len,
         )
-        .map_err(|e| Errno::from_i32(e as i32))?;
+        .map_err(nix_err)?;
         Ok(n as u32)
     }
 
@@ -1147,7 +1151,7 @@ impl Vfs {
 
     /// `statfs`: the store's file system, with ferry's inode count.
     pub fn statfs(&self) -> Result<nix::sys::statvfs::Statvfs, Errno> {
-        nix::sys::statvfs::statvfs(self.store.dir()).map_err(|e| Errno::from_i32(e as i32))
+        nix::sys::statvfs::statvfs(self.store.dir()).map_err(nix_err)
     }
 
     /// Number of inodes in use, for statfs.
