@@ -651,11 +651,7 @@ impl Shipper {
             } else {
                 // Not cached here, so not changed here: the list we have is
                 // the backend's.
-                store
-                    .read(|r| r.chunks(inode.ino))?
-                    .into_iter()
-                    .map(|(h, len)| (hash_array(&h), len))
-                    .collect()
+                store.read(|r| r.chunks(inode.ino))?
             };
             state.chunks = list.iter().map(|(h, len)| (ChunkHash(*h), *len)).collect();
             // The bytes read, not the size stat'ed before reading: a file
@@ -812,14 +808,6 @@ fn record(tx: &Tx<'_>, p: &Planned, verdict: &Verdict) -> rusqlite::Result<()> {
     }
 }
 
-fn hash_array(h: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    if h.len() == 32 {
-        out.copy_from_slice(h);
-    }
-    out
-}
-
 /// Reads until `buf` is full or the file ends.
 fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
@@ -949,7 +937,7 @@ impl crate::vfs::ContentSource for Fetcher {
     /// Writes the chunks, verified by the backend against their hashes, to
     /// a temporary file that is fsync'd and renamed over `dest`: a failed
     /// or interrupted fetch never leaves a partial file behind.
-    fn fetch(&self, chunks: &[(Vec<u8>, u32)], dest: &Path) -> Result<(), String> {
+    fn fetch(&self, chunks: &[([u8; 32], u32)], dest: &Path) -> Result<(), String> {
         let mut guard = self.backend.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
             *guard =
@@ -966,7 +954,7 @@ impl crate::vfs::ContentSource for Fetcher {
                 .open(&tmp)
                 .map_err(|e| e.to_string())?;
             for (hash, len) in chunks {
-                let hash = ChunkHash(hash_array(hash));
+                let hash = ChunkHash(*hash);
                 let data = backend.get_chunk(&hash).map_err(|e| e.to_string())?;
                 if data.len() != *len as usize {
                     return Err(format!(

@@ -672,7 +672,8 @@ pub trait Queries {
     }
 
     /// The chunk list of a file: (BLAKE3 hash, length) in order.
-    fn chunks(&self, ino: u64) -> rusqlite::Result<Vec<(Vec<u8>, u32)>> {
+    /// A stored hash that is not 32 bytes is an error, not a short hash.
+    fn chunks(&self, ino: u64) -> rusqlite::Result<Vec<([u8; 32], u32)>> {
         let mut stmt = self
             .conn()
             .prepare_cached("SELECT hash, len FROM chunk WHERE ino=?1 ORDER BY idx")?;

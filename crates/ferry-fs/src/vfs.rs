@@ -39,7 +39,7 @@ pub const XATTR_SIZE_MAX: usize = 65536;
 pub trait ContentSource: Send + Sync {
     /// Writes the concatenation of `chunks` (BLAKE3 hash, length) to
     /// `dest`, atomically; the error is a one-line reason.
-    fn fetch(&self, chunks: &[(Vec<u8>, u32)], dest: &std::path::Path) -> Result<(), String>;
+    fn fetch(&self, chunks: &[([u8; 32], u32)], dest: &std::path::Path) -> Result<(), String>;
 }
 
 /// Who is asking: the kernel's view of the calling process.
