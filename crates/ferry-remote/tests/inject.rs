@@ -57,10 +57,7 @@ fn mmap_mprotect_madvise_munmap_show_in_maps() {
 
     let done = victim.finish("hello");
     assert_eq!((done["n"].as_str(), done["data"].as_str()), ("5", "hello"));
-    assert_eq!(
-        u64::from_str_radix(&done["mask"], 16).unwrap(),
-        victim.ready_mask()
-    );
+    victim.assert_mask_unchanged(&done);
 }
 
 #[test]
@@ -102,10 +99,7 @@ fn blocked_read_resumes_with_registers_xstate_and_mask_intact() {
     assert!(mapping_at(victim.pid, addr).is_some());
     let done = victim.finish("after");
     assert_eq!((done["n"].as_str(), done["data"].as_str()), ("5", "after"));
-    assert_eq!(
-        u64::from_str_radix(&done["mask"], 16).unwrap(),
-        victim.ready_mask()
-    );
+    victim.assert_mask_unchanged(&done);
 }
 
 #[test]
@@ -166,10 +160,7 @@ fn futex_wait_continues_after_injection_into_its_thread() {
     victim.wait_blocked();
     let done = victim.finish("wake");
     assert_eq!((done["ret"].as_str(), done["word"].as_str()), ("0", "1"));
-    assert_eq!(
-        u64::from_str_radix(&done["mask"], 16).unwrap(),
-        victim.ready_mask()
-    );
+    victim.assert_mask_unchanged(&done);
 }
 
 #[test]
@@ -196,10 +187,7 @@ fn epoll_wait_continues_after_injection() {
         (1..=20).contains(&eintr),
         "{eintr} EINTRs for 20 injected calls"
     );
-    assert_eq!(
-        u64::from_str_radix(&done["mask"], 16).unwrap(),
-        victim.ready_mask()
-    );
+    victim.assert_mask_unchanged(&done);
 }
 
 /// ppoll runs with a temporary mask and the kernel restores the saved one
@@ -219,10 +207,7 @@ fn ppoll_gets_its_saved_signal_mask_back() {
     stopped.resume().unwrap();
     let done = victim.finish("y");
     assert_eq!((done["ret"].as_str(), done["revents"].as_str()), ("1", "1"));
-    assert_eq!(
-        u64::from_str_radix(&done["mask"], 16).unwrap(),
-        victim.ready_mask()
-    );
+    victim.assert_mask_unchanged(&done);
     assert_eq!(victim.ready_mask(), 1 << (libc::SIGUSR2 - 1));
 }
 

@@ -172,6 +172,16 @@ impl Victim {
         fields(&done)
     }
 
+    /// Asserts the signal mask in a `done` report is the one the victim had
+    /// when it was ready: injection left it unchanged.
+    pub fn assert_mask_unchanged(&self, done: &HashMap<String, String>) {
+        assert_eq!(
+            u64::from_str_radix(&done["mask"], 16).unwrap(),
+            self.ready_mask(),
+            "signal mask changed"
+        );
+    }
+
     /// The number of open descriptors of the victim.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid))
