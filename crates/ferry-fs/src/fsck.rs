@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use crate::error::StoreError;
-use crate::log::Change;
+use crate::log::{Change, LogRecord};
 use crate::store::{Kind, Queries, Store, ROOT_INO};
 
 /// What a clean check found.
@@ -39,105 +39,27 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
     store.read(|r| -> Result<Report, StoreError> {
         let conn = r.conn();
         // Replay.
-        let mut names: BTreeMap<(u64, Vec<u8>), u64> = BTreeMap::new();
+        let mut names: Names = BTreeMap::new();
         let mut live: HashSet<u64> = HashSet::from([ROOT_INO]);
         let mut records: HashMap<u64, u64> = HashMap::new();
-        let mut stmt = conn
-            .prepare("SELECT seq, op, ino, parent, name, parent2, name2 FROM log ORDER BY seq")
-            .map_err(db)?;
-        let mut rows = stmt.query([]).map_err(db)?;
         let mut replayed = 0u64;
-        while let Some(row) = rows.next().map_err(db)? {
-            let seq: i64 = row.get(0).map_err(db)?;
-            let op: String = row.get(1).map_err(db)?;
-            let ino = row.get::<_, i64>(2).map_err(db)? as u64;
-            let p = row.get::<_, Option<i64>>(3).map_err(db)?.map(|v| v as u64);
-            let n: Option<Vec<u8>> = row.get(4).map_err(db)?;
-            let p2 = row.get::<_, Option<i64>>(5).map_err(db)?.map(|v| v as u64);
-            let n2: Option<Vec<u8>> = row.get(6).map_err(db)?;
-            let change = Change::decode(&op, ino, (p, n.as_deref(), p2, n2.as_deref()))
-                .ok_or_else(|| corrupt(format!("log record {seq}: undecodable {op:?}")))?;
-            let bad =
-                |what: &str| corrupt(format!("log record {seq} ({op} of inode {ino}): {what}"));
-            match change {
-                Change::Create { parent, name, .. } => {
-                    if !live.insert(ino) {
-                        return Err(bad("inode created twice"));
-                    }
-                    if names.insert((parent, name.to_vec()), ino).is_some() {
-                        return Err(bad("name already taken"));
-                    }
-                }
-                Change::Link { parent, name, .. } => {
-                    if !live.contains(&ino) {
-                        return Err(bad("link to a dead inode"));
-                    }
-                    if names.insert((parent, name.to_vec()), ino).is_some() {
-                        return Err(bad("name already taken"));
-                    }
-                }
-                Change::Unlink { parent, name, .. } => {
-                    if names.remove(&(parent, name.to_vec())) != Some(ino) {
-                        return Err(bad("unlinked name did not name this inode"));
-                    }
-                }
-                Change::Rename {
-                    parent,
-                    name,
-                    newparent,
-                    newname,
-                    ..
-                } => {
-                    if names.remove(&(parent, name.to_vec())) != Some(ino) {
-                        return Err(bad("renamed name did not name this inode"));
-                    }
-                    if names.insert((newparent, newname.to_vec()), ino).is_some() {
-                        return Err(bad("rename target still taken"));
-                    }
-                }
-                Change::Exchange {
-                    parent,
-                    name,
-                    newparent,
-                    newname,
-                    ..
-                } => {
-                    let a = (parent, name.to_vec());
-                    let b = (newparent, newname.to_vec());
-                    let (Some(&ia), Some(&ib)) = (names.get(&a), names.get(&b)) else {
-                        return Err(bad("exchange of a missing name"));
-                    };
-                    if ia != ino {
-                        return Err(bad("exchanged name did not name this inode"));
-                    }
-                    names.insert(a, ib);
-                    names.insert(b, ia);
-                }
-                Change::Import { .. } => {
-                    // The root is imported over the one every store has.
-                    live.insert(ino);
-                }
-                Change::Delete { .. } => {
-                    if !live.remove(&ino) {
-                        return Err(bad("delete of a dead inode"));
-                    }
-                }
-                Change::SetAttr { .. } | Change::Content { .. } | Change::Xattr { .. } => {
-                    if !live.contains(&ino) {
-                        return Err(bad("change to a dead inode"));
-                    }
-                }
+        let mut after = 0;
+        // Bounded by the log's length: each page moves `after` forward.
+        loop {
+            let page = r.log_after(after, 4096).map_err(db)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for rec in &page {
+                replay(rec, &mut names, &mut live, &mut records).map_err(corrupt)?;
+                replayed += 1;
             }
-            *records.entry(ino).or_default() += 1;
-            replayed += 1;
         }
-        drop(rows);
 
         // Compare the replayed namespace with the store's entries.
         let mut stmt = conn
             .prepare("SELECT parent, name, ino FROM dentry")
             .map_err(db)?;
-        let stored: BTreeMap<(u64, Vec<u8>), u64> = stmt
+        let stored: Names = stmt
             .query_map([], |r| {
                 Ok((
                     (r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?),
@@ -224,4 +146,92 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
             stray_data_files: stray,
         })
     })
+}
+
+/// The namespace model the log replays into: `(directory, name) -> inode`.
+type Names = BTreeMap<(u64, Vec<u8>), u64>;
+
+/// Applies one log record to the model; the error is the inconsistency.
+fn replay(
+    rec: &LogRecord,
+    names: &mut Names,
+    live: &mut HashSet<u64>,
+    records: &mut HashMap<u64, u64>,
+) -> Result<(), String> {
+    let (seq, op, ino) = (rec.seq, rec.op.as_str(), rec.ino);
+    let change = rec
+        .change()
+        .ok_or_else(|| format!("log record {seq}: undecodable {op:?}"))?;
+    let bad = |what: &str| format!("log record {seq} ({op} of inode {ino}): {what}");
+    match change {
+        Change::Create { parent, name, .. } => {
+            if !live.insert(ino) {
+                return Err(bad("inode created twice"));
+            }
+            if names.insert((parent, name.to_vec()), ino).is_some() {
+                return Err(bad("name already taken"));
+            }
+        }
+        Change::Link { parent, name, .. } => {
+            if !live.contains(&ino) {
+                return Err(bad("link to a dead inode"));
+            }
+            if names.insert((parent, name.to_vec()), ino).is_some() {
+                return Err(bad("name already taken"));
+            }
+        }
+        Change::Unlink { parent, name, .. } => {
+            if names.remove(&(parent, name.to_vec())) != Some(ino) {
+                return Err(bad("unlinked name did not name this inode"));
+            }
+        }
+        Change::Rename {
+            parent,
+            name,
+            newparent,
+            newname,
+            ..
+        } => {
+            if names.remove(&(parent, name.to_vec())) != Some(ino) {
+                return Err(bad("renamed name did not name this inode"));
+            }
+            if names.insert((newparent, newname.to_vec()), ino).is_some() {
+                return Err(bad("rename target still taken"));
+            }
+        }
+        Change::Exchange {
+            parent,
+            name,
+            newparent,
+            newname,
+            ..
+        } => {
+            let a = (parent, name.to_vec());
+            let b = (newparent, newname.to_vec());
+            let (Some(&ia), Some(&ib)) = (names.get(&a), names.get(&b)) else {
+                return Err(bad("exchange of a missing name"));
+            };
+            if ia != ino {
+                return Err(bad("exchanged name did not name this inode"));
+            }
+            names.insert(a, ib);
+            names.insert(b, ia);
+        }
+        Change::Import { .. } => {
+            // The root is imported over the one every store has.
+            live.insert(ino);
+        }
+        Change::Delete { .. } => {
+            if !live.remove(&ino) {
+                return Err(bad("delete of a dead inode"));
+            }
+        }
+        Change::SetAttr { .. } | Change::Content { .. } | Change::Xattr { .. } => {
+            if !live.contains(&ino) {
+                return Err(bad("change to a dead inode"));
+            }
+        }
+    }
+    *records.entry(ino).or_default() += 1;
+    Ok(())
 }
