@@ -415,7 +415,10 @@ impl Shipper {
         let age = Duration::from_nanos((crate::store::now() - newest).max(0) as u64);
         age < WRITER_GRACE
             && batch.iter().any(|r| {
-                matches!(r.op.as_str(), "create" | "content") && self.vfs.has_writers(r.ino)
+                matches!(
+                    r.change(),
+                    Some(Change::Create { .. } | Change::Content { .. })
+                ) && self.vfs.has_writers(r.ino)
             })
     }
 
