@@ -2,8 +2,8 @@
 //!
 //! Layout:
 //! - `PATH/ferry.db` — SQLite (WAL) with the volume row, inodes, chunk lists,
-//!   entries and the change feed. The schema version is SQLite's
-//!   `user_version`.
+//!   entries, the change feed and the host marks. The schema version is
+//!   SQLite's `user_version`.
 //! - `PATH/chunks/ab/cdef…` — one file per chunk, named by its BLAKE3 hex,
 //!   written to a temp name, fsync'd and renamed, so a reader sees a whole
 //!   chunk or none; every read is verified against the name.
@@ -11,9 +11,12 @@
 //! Several processes (several local daemons) may open the same directory:
 //! SQLite's normal file locking with a busy timeout serializes writers, and
 //! `commit` runs in one `BEGIN IMMEDIATE` transaction, so it is atomic and
-//! takes the write lock before its version checks (no lost updates).
+//! takes the write lock before its version checks (no lost updates) and
+//! before the I3 rules look at the state.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
+use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,10 +27,11 @@ use rusqlite::{
     params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
 
+use crate::integrity::{self, CommitTx, KeyRow, Step};
 use crate::{
-    check_schema, clamp, decide, decode_xattrs, encode_xattrs, new_volume_id, now_ns, root_inode,
-    stored, verify_stored, verify_upload, Backend, BackendError, ChunkHash, Entry, FeedChange,
-    FeedItem, InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo,
+    check_schema, clamp, decode_xattrs, encode_xattrs, new_volume_id, now_ns, root_inode, stored,
+    verify_stored, verify_upload, Backend, BackendError, ChunkHash, Entry, FeedChange, FeedItem,
+    HostMark, InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo, SCHEMA_VERSION,
 };
 
 /// Database file inside the volume directory.
@@ -42,7 +46,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const FEED_POLL: Duration = Duration::from_millis(20);
 
 /// `MIGRATIONS[i]` upgrades schema version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE volume (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         name TEXT NOT NULL,
@@ -98,7 +103,19 @@ const MIGRATIONS: &[&str] = &["
         counter INTEGER NOT NULL,
         name BLOB
     );
-"];
+",
+    "
+    -- What the backend knows of each host (HostMark).
+    CREATE TABLE hosts (
+        host INTEGER PRIMARY KEY,
+        shipped_seq INTEGER NOT NULL
+    );
+    -- The names of an inode, for the I3 rules; live entries only.
+    CREATE INDEX entries_child ON entries (child_host, child_counter) WHERE deleted = 0;
+",
+];
+// One migration per schema version.
+const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
 
 /// The `dir:` backend. Holds a small pool of SQLite connections so readers
 /// in different threads do not queue behind each other.
@@ -146,7 +163,7 @@ fn create(path: &Path, volume_name: &str, location: &str) -> Result<VolumeInfo, 
     for migration in &MIGRATIONS[plan.first_migration()..] {
         tx.execute_batch(migration).map_err(sql)?;
     }
-    tx.pragma_update(None, "user_version", MIGRATIONS.len() as u32)
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(sql)?;
     if plan == InitPlan::Create {
         let now = now_ns();
@@ -155,16 +172,13 @@ fn create(path: &Path, volume_name: &str, location: &str) -> Result<VolumeInfo, 
             params![volume_name, new_volume_id(volume_name), now],
         )
         .map_err(sql)?;
-        apply(
-            &tx,
-            0,
-            &Op::PutInode {
-                state: root_inode(now),
-                base: None,
-            },
-        )?;
+        let root = Op::PutInode {
+            state: root_inode(now),
+            base: None,
+        };
+        apply(&tx, 0, &root, false)?;
     }
-    let info = read_info(&tx, MIGRATIONS.len() as u32)?;
+    let info = read_info(&tx, SCHEMA_VERSION)?;
     tx.commit().map_err(sql)?;
     Ok(info)
 }
@@ -222,7 +236,7 @@ impl DirBackend {
 
 impl Backend for DirBackend {
     fn info(&self) -> Result<VolumeInfo, BackendError> {
-        self.with_conn(|c| read_info(c, MIGRATIONS.len() as u32))
+        self.with_conn(|c| read_info(c, SCHEMA_VERSION))
     }
 
     fn missing_chunks(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, BackendError> {
@@ -282,10 +296,7 @@ impl Backend for DirBackend {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|e| map_sql(e, "begin commit"))?;
-            let outcomes = ops
-                .iter()
-                .map(|op| apply(&tx, origin, op))
-                .collect::<Result<Vec<_>, _>>()?;
+            let outcomes = run_ready(integrity::commit(&SqliteCommit { tx: &tx, origin }, ops))?;
             tx.commit().map_err(|e| map_sql(e, "commit"))?;
             Ok(outcomes)
         })
@@ -401,6 +412,143 @@ impl Backend for DirBackend {
             std::thread::sleep(FEED_POLL.min(deadline - now));
         }
     }
+
+    fn host_mark(&self, host: u32) -> Result<HostMark, BackendError> {
+        self.with_conn(|c| {
+            let what = || format!("mark of host {host}");
+            let (max_counter, shipped_seq): (i64, i64) = c
+                .prepare_cached(
+                    "SELECT (SELECT COALESCE(MAX(counter), 0) FROM inodes WHERE host = ?1),
+                            (SELECT COALESCE(MAX(shipped_seq), 0) FROM hosts WHERE host = ?1)",
+                )
+                .and_then(|mut st| st.query_row([host], |r| Ok((r.get(0)?, r.get(1)?))))
+                .map_err(|e| map_sql(e, &what()))?;
+            Ok(HostMark {
+                max_counter: max_counter as u64,
+                shipped_seq: stored(shipped_seq, &what)?,
+            })
+        })
+    }
+
+    fn set_shipped(&self, host: u32, seq: u64) -> Result<(), BackendError> {
+        self.with_conn(|c| {
+            c.prepare_cached(
+                "INSERT INTO hosts (host, shipped_seq) VALUES (?1, ?2)
+                 ON CONFLICT (host) DO UPDATE SET shipped_seq = max(shipped_seq, excluded.shipped_seq)",
+            )
+            .and_then(|mut st| st.execute(params![host, clamp(seq)]))
+            .map_err(|e| map_sql(e, &format!("set_shipped of host {host}")))?;
+            Ok(())
+        })
+    }
+}
+
+/// A commit transaction, as the I3 rules see it. SQLite is synchronous, so
+/// every future here is ready on its first poll ([`run_ready`]).
+struct SqliteCommit<'a> {
+    tx: &'a Transaction<'a>,
+    origin: u32,
+}
+
+impl CommitTx for SqliteCommit<'_> {
+    async fn savepoint(&self) -> Result<(), BackendError> {
+        self.tx
+            .execute_batch("SAVEPOINT ferry_i3")
+            .map_err(|e| map_sql(e, "commit savepoint"))
+    }
+
+    async fn rollback_to_savepoint(&self) -> Result<(), BackendError> {
+        self.tx
+            .execute_batch("ROLLBACK TO ferry_i3")
+            .map_err(|e| map_sql(e, "commit rollback"))
+    }
+
+    async fn apply(&self, ops: &[Op], refused: &[bool]) -> Result<Vec<Step>, BackendError> {
+        ops.iter()
+            .zip(refused)
+            .map(|(op, &refused)| apply(self.tx, self.origin, op, refused))
+            .collect()
+    }
+
+    async fn live_modes(&self, ids: &[ObjectId]) -> Result<HashMap<ObjectId, u32>, BackendError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT mode FROM inodes WHERE host = ?1 AND counter = ?2 AND deleted = 0",
+            )
+            .map_err(|e| map_sql(e, "commit: modes"))?;
+        let mut modes = HashMap::new();
+        for id in ids {
+            let mode: Option<i64> = stmt
+                .query_row(params![id.host, id.counter as i64], |r| r.get(0))
+                .optional()
+                .map_err(|e| map_sql(e, &format!("commit: mode of {id}")))?;
+            if let Some(mode) = mode {
+                modes.insert(*id, stored(mode, &|| format!("mode of inode {id}"))?);
+            }
+        }
+        Ok(modes)
+    }
+
+    async fn name_parents(
+        &self,
+        ids: &[ObjectId],
+    ) -> Result<HashMap<ObjectId, Vec<ObjectId>>, BackendError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT parent_host, parent_counter FROM entries
+                 WHERE child_host = ?1 AND child_counter = ?2 AND deleted = 0 LIMIT 2",
+            )
+            .map_err(|e| map_sql(e, "commit: names"))?;
+        let mut names = HashMap::new();
+        for id in ids {
+            let what = || format!("commit: names of {id}");
+            let parents = stmt
+                .query_map(params![id.host, id.counter as i64], |r| {
+                    Ok(ObjectId {
+                        host: r.get(0)?,
+                        counter: r.get::<_, i64>(1)? as u64,
+                    })
+                })
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(|e| map_sql(e, &what()))?;
+            if !parents.is_empty() {
+                names.insert(*id, parents);
+            }
+        }
+        Ok(names)
+    }
+
+    async fn with_entries(&self, dirs: &[ObjectId]) -> Result<HashSet<ObjectId>, BackendError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM entries
+                 WHERE parent_host = ?1 AND parent_counter = ?2 AND deleted = 0)",
+            )
+            .map_err(|e| map_sql(e, "commit: entries"))?;
+        let mut nonempty = HashSet::new();
+        for dir in dirs {
+            let any: bool = stmt
+                .query_row(params![dir.host, dir.counter as i64], |r| r.get(0))
+                .map_err(|e| map_sql(e, &format!("commit: entries of {dir}")))?;
+            if any {
+                nonempty.insert(*dir);
+            }
+        }
+        Ok(nonempty)
+    }
+}
+
+/// Runs a future that cannot wait (one of [`SqliteCommit`]'s) to its end.
+fn run_ready<T>(f: impl Future<Output = Result<T, BackendError>>) -> Result<T, BackendError> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(result) => result,
+        std::task::Poll::Pending => Err(BackendError::other("commit: a SQLite step waited")),
+    }
 }
 
 /// Opens a connection with the locking and durability settings every
@@ -439,38 +587,54 @@ fn max_seq(c: &Connection) -> Result<u64, BackendError> {
     stored(seq, &|| "feed seq".into())
 }
 
-/// Live version and row version (tombstones included) of a key.
-fn versions(
+/// The stored row of a key (tombstones included). `sql` selects version,
+/// deleted, mode (inodes) and child host and counter (entries).
+fn key_row(
     tx: &Transaction<'_>,
     sql: &str,
     key: impl rusqlite::Params,
     what: &dyn Fn() -> String,
-) -> Result<(Option<u64>, Option<u64>), BackendError> {
-    let row: Option<(i64, bool)> = tx
+) -> Result<Option<KeyRow>, BackendError> {
+    type Raw = (i64, bool, Option<i64>, Option<u32>, Option<i64>);
+    let row: Option<Raw> = tx
         .prepare_cached(sql)
-        .and_then(|mut s| s.query_row(key, |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .and_then(|mut s| {
+            s.query_row(key, |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()
+        })
         .map_err(|e| map_sql(e, &what()))?;
-    let row = row
-        .map(|(v, deleted)| stored::<u64>(v, what).map(|v| (v, deleted)))
-        .transpose()?;
-    Ok((
-        row.filter(|(_, deleted)| !deleted).map(|(v, _)| v),
-        row.map(|(v, _)| v),
-    ))
+    let Some((version, deleted, mode, child_host, child_counter)) = row else {
+        return Ok(None);
+    };
+    Ok(Some(KeyRow {
+        version: stored(version, what)?,
+        deleted,
+        mode: mode.map(|m| stored(m, what)).transpose()?,
+        child: child_host
+            .zip(child_counter)
+            .map(|(host, counter)| ObjectId {
+                host,
+                counter: counter as u64,
+            }),
+    }))
 }
 
-/// Applies one op inside `tx`: checks its base, writes, appends to the feed.
-fn apply(tx: &Transaction<'_>, origin: u32, op: &Op) -> Result<Outcome, BackendError> {
+/// Applies one op inside `tx` as [`Step::decide`] says: writes it and
+/// appends it to the feed, or reports it refused.
+fn apply(tx: &Transaction<'_>, origin: u32, op: &Op, refused: bool) -> Result<Step, BackendError> {
     let sql = |e| map_sql(e, "commit");
-    let (change, base) = op.target();
-    let (live, row) = match &change {
-        FeedChange::Inode(id) => inode_versions(tx, id)?,
-        FeedChange::Entry { parent, name } => entry_versions(tx, parent, name)?,
+    let change = op.target();
+    let row = match &change {
+        FeedChange::Inode(id) => inode_row(tx, id)?,
+        FeedChange::Entry { parent, name } => entry_row(tx, parent, name)?,
     };
-    let version = match decide(base, live, row) {
-        Ok(version) => version as i64,
-        Err(conflict) => return Ok(conflict),
+    let step = Step::decide(op, refused, row);
+    let Some(version) = step.version() else {
+        return Ok(step);
     };
+    let version = version as i64;
     match op {
         Op::PutInode { state: s, .. } => {
             tx.prepare_cached(
@@ -544,31 +708,27 @@ fn apply(tx: &Transaction<'_>, origin: u32, op: &Op) -> Result<Outcome, BackendE
     )
     .and_then(|mut st| st.execute(params![origin, kind, id.host, id.counter as i64, name]))
     .map_err(sql)?;
-    Ok(Outcome::Applied {
-        version: version as u64,
-    })
+    Ok(step)
 }
 
-fn inode_versions(
-    tx: &Transaction<'_>,
-    id: &ObjectId,
-) -> Result<(Option<u64>, Option<u64>), BackendError> {
-    versions(
+fn inode_row(tx: &Transaction<'_>, id: &ObjectId) -> Result<Option<KeyRow>, BackendError> {
+    key_row(
         tx,
-        "SELECT version, deleted FROM inodes WHERE host = ?1 AND counter = ?2",
+        "SELECT version, deleted, mode, NULL, NULL FROM inodes WHERE host = ?1 AND counter = ?2",
         params![id.host, id.counter as i64],
         &|| format!("inode {id}"),
     )
 }
 
-fn entry_versions(
+fn entry_row(
     tx: &Transaction<'_>,
     parent: &ObjectId,
     name: &[u8],
-) -> Result<(Option<u64>, Option<u64>), BackendError> {
-    versions(
+) -> Result<Option<KeyRow>, BackendError> {
+    key_row(
         tx,
-        "SELECT version, deleted FROM entries WHERE parent_host = ?1 AND parent_counter = ?2 AND name = ?3",
+        "SELECT version, deleted, NULL, child_host, child_counter FROM entries
+         WHERE parent_host = ?1 AND parent_counter = ?2 AND name = ?3",
         params![parent.host, parent.counter as i64, name],
         &|| format!("entry {parent}/{}", String::from_utf8_lossy(name)),
     )

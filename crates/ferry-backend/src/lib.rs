@@ -12,16 +12,61 @@
 //!   [`Backend::commit`]. Each op names the version it was based on; the
 //!   backend applies it only if that still is the current version, and
 //!   reports an [`Outcome`] per op. Conflicts are the replicator's to
-//!   resolve — nothing is lost here.
+//!   resolve — nothing is lost here. Ops that would leave a state no
+//!   restore can load are conflicts too (see "Invariant I3" below).
 //! - Each applied op appends a [`FeedItem`] to the change feed; other hosts
 //!   read it with [`Backend::feed`] / [`Backend::wait_feed`] and fetch the
 //!   current state. A new host starts from [`Backend::snapshot`].
 //! - [`open`] picks the implementation from the URL: `dir:PATH` (embedded
 //!   SQLite + chunk files, no server) or `postgres://…` (shared server,
 //!   LISTEN/NOTIFY feed). [`init`] creates a volume (what `ferry init` runs).
+//! - Per-host marks ([`Backend::host_mark`], [`Backend::set_shipped`]) let
+//!   a host notice that its local store went back in time (restored from a
+//!   backup, say): the backend holds ids of the host beyond the store's
+//!   counter, or the host shipped log seqs beyond the store's log.
+//! - [`check`] lists what breaks I3 in a backend's state (what
+//!   `ferry fsck --backend URL` prints).
 //!
 //! Versions never repeat for a key: deleting keeps a tombstone, so a stale
 //! base from before a delete can never match a re-created inode or entry.
+//!
+//! # Invariant I3: the backend stays whole
+//!
+//! Version checks alone let two hosts together commit a state no restore
+//! can load: host A creates `dir/f` while host B removes `dir`; A and B
+//! rename one directory to two names; A deletes a file B just edited. So
+//! [`Backend::commit`] also refuses every op that would leave the committed
+//! state broken, as [`Outcome::Conflict`] with the key's live version, and
+//! applies nothing of it. The rules are checked on the state at the *end*
+//! of the commit (a rename is a DeleteEntry then a PutEntry; in between
+//! the directory legitimately has no name). After a commit:
+//!
+//! 1. Every entry a PutEntry of the commit wrote has a live directory as
+//!    parent, a live inode as child, and a name a file system can hold
+//!    (not empty, `.` or `..`, no `/` or NUL). Blame: that PutEntry.
+//! 2. A directory that a PutEntry of the commit names has exactly one live
+//!    name, and walking up through its parents' single names reaches
+//!    [`ObjectId::ROOT`] (no cycle: "A moves x into y while B moves y into
+//!    x"). The root itself has no name. Blame: that PutEntry.
+//! 3. A PutEntry whose child has a PutInode in the same commit that was
+//!    refused (by its version or by these rules) is refused too: a name
+//!    depends on the state of the inode it names. This is what turns the
+//!    losing side of a concurrent rename into a conflict.
+//! 4. An inode deleted by the commit is named by no live entry and is the
+//!    parent of none; the root is never deleted. Blame: that DeleteInode.
+//! 5. An inode that lost a name in the commit (a DeleteEntry, or a
+//!    PutEntry that points the name elsewhere) and is still live keeps at
+//!    least one name: removing a last name is allowed only together with
+//!    deleting the inode. Blame: that entry op.
+//! 6. An inode created by the commit (PutInode with base `None`) that is
+//!    still live has at least one name: a create whose name was refused is
+//!    refused as a whole. Blame: that PutInode.
+//! 7. A PutInode has a mode of a known file type and keeps the file type
+//!    of the live inode it replaces. Blame: that PutInode.
+//!
+//! Refusing an op can break a rule elsewhere (a refused name leaves its new
+//! inode unnamed), so the backend applies, checks, and re-applies without
+//! the blamed ops until nothing breaks; see the `integrity` module.
 //!
 //! Calls are synchronous and meant for plain threads (the postgres backend
 //! runs its own tokio runtime; from async code use `spawn_blocking`).
@@ -63,6 +108,18 @@
 //! let feed = backend.feed(0, 100)?;
 //! assert_eq!(feed.len(), 3); // the root inode from `init`, then our two ops
 //! assert_eq!(backend.get_chunk(&hash)?, data);
+//!
+//! // A name in a directory that does not exist would break I3: refused,
+//! // and the new inode with it.
+//! let orphan = InodeState::new(ObjectId { host: 7, counter: 3 }, 0o100644);
+//! let nowhere = ObjectId { host: 7, counter: 99 };
+//! let ops = [
+//!     Op::PutInode { state: orphan, base: None },
+//!     Op::PutEntry { parent: nowhere, name: b"lost".to_vec(), child: ObjectId { host: 7, counter: 3 }, base: None },
+//! ];
+//! let outcomes = backend.commit(7, &ops)?;
+//! assert_eq!(outcomes, vec![Outcome::Conflict { current: None }; 2]);
+//! assert!(ferry_backend::check(&*backend)?.is_empty(), "the backend is whole");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -72,13 +129,16 @@
 use std::fmt;
 use std::time::Duration;
 
+mod check;
 mod dir;
 mod error;
+mod integrity;
 mod postgres;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod url;
 
+pub use check::{check, Violation};
 pub use error::BackendError;
 pub use url::redact;
 
@@ -113,6 +173,12 @@ impl fmt::Display for ObjectId {
 pub struct ChunkHash(pub [u8; 32]);
 
 impl ChunkHash {
+    /// Not a chunk: in a chunk list, `(HOLE, len)` stands for `len` zero
+    /// bytes that are stored nowhere (a hole of a sparse file). No BLAKE3
+    /// output is all zeros in practice, so it never names real data; it is
+    /// never uploaded, and a reader makes a hole of it.
+    pub const HOLE: ChunkHash = ChunkHash([0; 32]);
+
     /// Hashes `data`.
     pub fn of(data: &[u8]) -> ChunkHash {
         ChunkHash(*blake3::hash(data).as_bytes())
@@ -203,7 +269,8 @@ impl InodeState {
 pub struct Entry {
     /// The directory.
     pub parent: ObjectId,
-    /// Name bytes (any bytes but `/` and NUL; not checked here).
+    /// Name bytes: any bytes but `/` and NUL, and not empty, `.` or `..`
+    /// (a commit refuses other names).
     pub name: Vec<u8>,
     /// The inode the name refers to.
     pub child: ObjectId,
@@ -212,7 +279,8 @@ pub struct Entry {
 }
 
 /// One metadata change. Each carries the version it was based on and is
-/// applied only if that is still the current version.
+/// applied only if that is still the current version, and only if the
+/// commit leaves the backend whole (the I3 rules of the crate docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Create (`base: None`, the inode must not exist) or replace
@@ -307,6 +375,19 @@ pub struct VolumeInfo {
     pub created_ns: i64,
 }
 
+/// What the backend knows of one host, to tell whether the host's local
+/// store went back in time (restored from an old backup, say): such a store
+/// would hand out ids the backend already holds, and reuse log seqs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostMark {
+    /// Largest counter of any inode (live or deleted) whose id has this
+    /// host; 0 if none.
+    pub max_counter: u64,
+    /// Largest local log seq the host reported through
+    /// [`Backend::set_shipped`]; 0 if none.
+    pub shipped_seq: u64,
+}
+
 /// A shared store of chunks and versioned metadata with a change feed.
 ///
 /// Implementations are safe to call from many threads at once, and every
@@ -332,6 +413,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// base. Conflicting ops are not applied and are reported; the others
     /// are applied (per-op, not all-or-nothing) and each appends to the
     /// change feed. Returns one [`Outcome`] per op.
+    ///
+    /// An op that would leave the committed state breaking invariant I3
+    /// (the rules in the crate docs) is a conflict as well, reported with
+    /// its key's live version, and nothing of it is applied.
     fn commit(&self, origin: u32, ops: &[Op]) -> Result<Vec<Outcome>, BackendError>;
     /// Current state of an inode, `None` if it does not exist (or was deleted).
     fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError>;
@@ -345,6 +430,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Blocks up to `timeout` until the feed has items after `after_seq`;
     /// returns whether it has.
     fn wait_feed(&self, after_seq: u64, timeout: Duration) -> Result<bool, BackendError>;
+    /// What the backend knows of `host` ([`HostMark`]).
+    fn host_mark(&self, host: u32) -> Result<HostMark, BackendError>;
+    /// Records that `host` has shipped its local log up to `seq`. Marks
+    /// only rise: a lower `seq` than the recorded one changes nothing.
+    fn set_shipped(&self, host: u32, seq: u64) -> Result<(), BackendError>;
 }
 
 /// Opens the backend at `url`: `dir:PATH` or `postgres://…`/`postgresql://…`.
@@ -374,8 +464,10 @@ pub fn init(url: &str, volume_name: &str) -> Result<VolumeInfo, BackendError> {
 /// Connect timeout for `init`, which runs once from the CLI.
 const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Schema version this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Schema version this build reads and writes. Version 2 added the
+/// per-host marks and the index of entries by child (for the I3 rules).
+/// [`open`] refuses an older volume; [`init`] migrates it.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What `init` must do given the schema version found at the location
 /// (0 = no volume). Shared by both implementations so they agree.
@@ -435,47 +527,60 @@ pub(crate) fn check_schema(found: u32, location: &str) -> Result<(), BackendErro
 }
 
 impl Op {
-    /// The key this op changes (which is also its feed item) and the
-    /// version it expects that key to have (`None` = absent).
-    pub(crate) fn target(&self) -> (FeedChange, Option<u64>) {
+    /// The key this op changes, which is also its feed item.
+    pub(crate) fn target(&self) -> FeedChange {
         match self {
-            Op::PutInode { state, base } => (FeedChange::Inode(state.id), *base),
-            Op::DeleteInode { id, base } => (FeedChange::Inode(*id), Some(*base)),
-            Op::PutEntry {
-                parent, name, base, ..
-            } => (
+            Op::PutInode { state, .. } => FeedChange::Inode(state.id),
+            Op::DeleteInode { id, .. } => FeedChange::Inode(*id),
+            Op::PutEntry { parent, name, .. } | Op::DeleteEntry { parent, name, .. } => {
                 FeedChange::Entry {
                     parent: *parent,
                     name: name.clone(),
-                },
-                *base,
-            ),
-            Op::DeleteEntry { parent, name, base } => (
-                FeedChange::Entry {
-                    parent: *parent,
-                    name: name.clone(),
-                },
-                Some(*base),
-            ),
+                }
+            }
+        }
+    }
+
+    /// The version this op expects its key to have (`None` = absent).
+    pub(crate) fn base(&self) -> Option<u64> {
+        match self {
+            Op::PutInode { base, .. } | Op::PutEntry { base, .. } => *base,
+            Op::DeleteInode { base, .. } | Op::DeleteEntry { base, .. } => Some(*base),
         }
     }
 }
 
-/// The version check both implementations run for each op. `live` is the
-/// key's live version (`None` = absent or deleted), `row` the version of
-/// whatever row is stored (tombstones included).
-///
-/// Returns the version to write — one more than the stored row, so
-/// versions never repeat for a key — or the conflict to report.
-pub(crate) fn decide(
-    base: Option<u64>,
-    live: Option<u64>,
-    row: Option<u64>,
-) -> Result<u64, Outcome> {
-    if base != live {
-        return Err(Outcome::Conflict { current: live });
-    }
-    Ok(row.map_or(1, |v| v + 1))
+/// File type bits of a mode (`S_IFMT`).
+const S_IFMT: u32 = 0o170000;
+/// Directory type (`S_IFDIR`).
+const S_IFDIR: u32 = 0o040000;
+/// Regular file type (`S_IFREG`).
+const S_IFREG: u32 = 0o100000;
+
+/// Whether `mode` is one file type (fifo, character device, directory,
+/// block device, regular file, symlink, socket) plus permission bits.
+pub(crate) fn valid_mode(mode: u32) -> bool {
+    const TYPES: [u32; 7] = [
+        0o010000, 0o020000, S_IFDIR, 0o060000, S_IFREG, 0o120000, 0o140000,
+    ];
+    mode & !(S_IFMT | 0o7777) == 0 && TYPES.contains(&(mode & S_IFMT))
+}
+
+pub(crate) fn is_dir(mode: u32) -> bool {
+    mode & S_IFMT == S_IFDIR
+}
+
+pub(crate) fn is_regular(mode: u32) -> bool {
+    mode & S_IFMT == S_IFREG
+}
+
+pub(crate) fn same_type(a: u32, b: u32) -> bool {
+    a & S_IFMT == b & S_IFMT
+}
+
+/// Whether `name` can be a directory entry in a real file system.
+pub(crate) fn valid_name(name: &[u8]) -> bool {
+    !matches!(name, b"" | b"." | b"..") && !name.iter().any(|&b| b == b'/' || b == 0)
 }
 
 impl FeedChange {
@@ -685,6 +790,28 @@ mod tests {
             InitPlan::decide(SCHEMA_VERSION + 1, "dir:/x", String::new),
             Err(BackendError::SchemaVersion { .. })
         ));
+        let plan = InitPlan::decide(1, "dir:/x", String::new).unwrap();
+        assert_eq!(plan, InitPlan::Migrate { from: 1 });
+        assert_eq!(plan.first_migration(), 1);
+    }
+
+    #[test]
+    fn modes_and_names() {
+        for ok in [
+            0o100644, 0o40755, 0o120777, 0o20600, 0o60600, 0o10644, 0o140755, 0o104755,
+        ] {
+            assert!(valid_mode(ok), "{ok:o}");
+        }
+        for bad in [0, 0o644, 0o170644, 0o30644, 0o1100644] {
+            assert!(!valid_mode(bad), "{bad:o}");
+        }
+        assert!(is_dir(0o40700) && !is_dir(0o100700) && is_regular(0o100000));
+        for ok in [&b"a"[..], b"...", b"\xff\x01 x", b".hidden"] {
+            assert!(valid_name(ok), "{ok:?}");
+        }
+        for bad in [&b""[..], b".", b"..", b"a/b", b"nul\0"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -19,7 +19,9 @@
 //! through a tunnel.
 
 use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::ops::Range;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,11 +31,12 @@ use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Transaction};
 
+use crate::integrity::{self, CommitTx, KeyRow, Step};
 use crate::{
-    check_schema, clamp, decide, decode_feed_row, decode_xattrs, encode_xattrs, new_volume_id,
-    now_ns, redact, root_inode, stored, verify_stored, verify_upload, Backend, BackendError,
-    ChunkHash, Entry, FeedChange, FeedItem, InitPlan, InodeState, ObjectId, Op, Outcome,
-    VolumeInfo,
+    check_schema, clamp, decode_feed_row, decode_xattrs, encode_xattrs, new_volume_id, now_ns,
+    redact, root_inode, stored, verify_stored, verify_upload, Backend, BackendError, ChunkHash,
+    Entry, FeedChange, FeedItem, HostMark, InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo,
+    SCHEMA_VERSION,
 };
 
 /// Bound on any one call after connecting (a query, a commit, a chunk
@@ -47,13 +50,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// already passed 11 would never see 10.
 const COMMIT_LOCK: i64 = 0x6665_7272_7900; // "ferry\0"
 
+/// The savepoint a commit returns to between its I3 rounds.
+const SAVEPOINT: &str = "ferry_i3";
+
 /// How often `commit` retries itself after a deadlock or serialization
 /// failure (possible only with writers that bypass `COMMIT_LOCK`).
 const COMMIT_ATTEMPTS: usize = 3;
 
 /// `MIGRATIONS[i]` upgrades schema version `i` to `i + 1`. All integers are
 /// `bigint`: PostgreSQL has no unsigned types and u32 fields must round-trip.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE ferry_volume (
         id int PRIMARY KEY CHECK (id = 1),
         name text NOT NULL,
@@ -113,7 +120,19 @@ const MIGRATIONS: &[&str] = &["
         counter bigint NOT NULL,
         name bytea
     );
-"];
+",
+    "
+    -- What the backend knows of each host (HostMark).
+    CREATE TABLE ferry_hosts (
+        host bigint PRIMARY KEY,
+        shipped_seq bigint NOT NULL
+    );
+    -- The names of an inode, for the I3 rules; live entries only.
+    CREATE INDEX ferry_entries_child ON ferry_entries (child_host, child_counter) WHERE NOT deleted;
+",
+];
+// One migration per schema version.
+const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
 
 /// The `postgres://` backend.
 pub(crate) struct PgBackend {
@@ -168,7 +187,7 @@ pub(crate) fn init(
             for migration in &MIGRATIONS[plan.first_migration()..] {
                 tx.batch_execute(migration).await.map_err(err)?;
             }
-            let version = MIGRATIONS.len() as i32;
+            let version = SCHEMA_VERSION as i32;
             if plan == InitPlan::Create {
                 let now = now_ns();
                 tx.execute(
@@ -178,16 +197,11 @@ pub(crate) fn init(
                 )
                 .await
                 .map_err(err)?;
-                apply_pipelined(
-                    &tx,
-                    loc,
-                    0,
-                    &[Op::PutInode {
-                        state: root_inode(now),
-                        base: None,
-                    }],
-                )
-                .await?;
+                let root = Op::PutInode {
+                    state: root_inode(now),
+                    base: None,
+                };
+                apply_pipelined(&tx, loc, 0, &[root], &[false]).await?;
             } else {
                 tx.execute("UPDATE ferry_volume SET schema_version = $1", &[&version])
                     .await
@@ -634,6 +648,39 @@ impl Backend for PgBackend {
             }
         }
     }
+
+    fn host_mark(&self, host: u32) -> Result<HostMark, BackendError> {
+        let host = i64::from(host);
+        self.call("host_mark", async |c, loc| {
+            let row = c
+                .query_one(
+                    "SELECT (SELECT COALESCE(MAX(counter), 0) FROM ferry_inodes WHERE host = $1),
+                            (SELECT COALESCE(MAX(shipped_seq), 0) FROM ferry_hosts WHERE host = $1)",
+                    &[&host],
+                )
+                .await
+                .map_err(pg_error(loc, "host_mark"))?;
+            let what = || format!("mark of host {host}");
+            Ok(HostMark {
+                max_counter: get::<i64>(&row, 0, &what)? as u64,
+                shipped_seq: stored(get(&row, 1, &what)?, &what)?,
+            })
+        })
+    }
+
+    fn set_shipped(&self, host: u32, seq: u64) -> Result<(), BackendError> {
+        self.call("set_shipped", async |c, loc| {
+            c.execute(
+                "INSERT INTO ferry_hosts (host, shipped_seq) VALUES ($1, $2)
+                 ON CONFLICT (host) DO UPDATE
+                    SET shipped_seq = GREATEST(ferry_hosts.shipped_seq, EXCLUDED.shipped_seq)",
+                &[&i64::from(host), &clamp(seq)],
+            )
+            .await
+            .map_err(pg_error(loc, "set_shipped"))?;
+            Ok(())
+        })
+    }
 }
 
 /// A read-only transaction whose queries all see one snapshot.
@@ -670,17 +717,22 @@ async fn commit_once(
     };
     let tx = c.transaction().await.map_err(classify)?;
     begun.set(true);
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
-        .await
-        .map_err(classify)?;
-    let mut outcomes = Vec::with_capacity(ops.len());
-    for segment in distinct_key_runs(ops) {
-        outcomes.extend(
-            apply_pipelined(&tx, loc, origin, segment)
-                .await
-                .map_err(CommitError::Fatal)?,
-        );
-    }
+    // The lock and the savepoint of the I3 rounds in one round trip.
+    tx.batch_execute(&format!(
+        "SELECT pg_advisory_xact_lock({COMMIT_LOCK}); SAVEPOINT {SAVEPOINT}"
+    ))
+    .await
+    .map_err(classify)?;
+    let outcomes = integrity::commit(
+        &PgCommit {
+            tx: &tx,
+            loc,
+            origin,
+        },
+        ops,
+    )
+    .await
+    .map_err(CommitError::Fatal)?;
     if outcomes
         .iter()
         .any(|o| matches!(o, Outcome::Applied { .. }))
@@ -694,27 +746,140 @@ async fn commit_once(
     Ok(outcomes)
 }
 
-/// Splits `ops` into consecutive runs in which no key repeats. Within a run
-/// the ops are independent, so [`apply_pipelined`] may send their
-/// statements without waiting for each other's results; a repeated key
-/// starts a new run, so a later op still sees the earlier one's version.
-fn distinct_key_runs(ops: &[Op]) -> Vec<&[Op]> {
+/// A commit transaction, as the I3 rules see it: every query of a rule
+/// check is one statement over arrays of ids, so a check costs one round
+/// trip however many ops the commit has.
+struct PgCommit<'t, 'c> {
+    tx: &'t Transaction<'c>,
+    loc: &'t str,
+    origin: u32,
+}
+
+impl CommitTx for PgCommit<'_, '_> {
+    /// Already taken: `commit_once` sends it with the commit lock, which
+    /// saves a round trip per commit.
+    async fn savepoint(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&self) -> Result<(), BackendError> {
+        self.tx
+            .batch_execute(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}"))
+            .await
+            .map_err(pg_error(self.loc, "commit rollback"))
+    }
+
+    async fn apply(&self, ops: &[Op], refused: &[bool]) -> Result<Vec<Step>, BackendError> {
+        let mut steps = Vec::with_capacity(ops.len());
+        for run in distinct_key_runs(ops) {
+            steps.extend(
+                apply_pipelined(
+                    self.tx,
+                    self.loc,
+                    self.origin,
+                    &ops[run.clone()],
+                    &refused[run],
+                )
+                .await?,
+            );
+        }
+        Ok(steps)
+    }
+
+    async fn live_modes(&self, ids: &[ObjectId]) -> Result<HashMap<ObjectId, u32>, BackendError> {
+        let rows = self
+            .query_ids(
+                "SELECT i.host, i.counter, i.mode FROM unnest($1::bigint[], $2::bigint[]) AS k(host, counter)
+                 JOIN ferry_inodes i ON i.host = k.host AND i.counter = k.counter
+                 WHERE NOT i.deleted",
+                ids,
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let id = object_id(r, 0, "inode")?;
+                let what = || format!("mode of inode {id}");
+                Ok((id, stored(get(r, 2, &what)?, &what)?))
+            })
+            .collect()
+    }
+
+    async fn name_parents(
+        &self,
+        ids: &[ObjectId],
+    ) -> Result<HashMap<ObjectId, Vec<ObjectId>>, BackendError> {
+        let rows = self
+            .query_ids(
+                "SELECT k.host, k.counter, e.parent_host, e.parent_counter
+                 FROM unnest($1::bigint[], $2::bigint[]) AS k(host, counter)
+                 CROSS JOIN LATERAL (SELECT parent_host, parent_counter FROM ferry_entries
+                    WHERE child_host = k.host AND child_counter = k.counter AND NOT deleted
+                    LIMIT 2) e",
+                ids,
+            )
+            .await?;
+        let mut names: HashMap<ObjectId, Vec<ObjectId>> = HashMap::new();
+        for r in &rows {
+            let child = object_id(r, 0, "entry child")?;
+            names
+                .entry(child)
+                .or_default()
+                .push(object_id(r, 2, "entry parent")?);
+        }
+        Ok(names)
+    }
+
+    async fn with_entries(&self, dirs: &[ObjectId]) -> Result<HashSet<ObjectId>, BackendError> {
+        let rows = self
+            .query_ids(
+                "SELECT k.host, k.counter FROM unnest($1::bigint[], $2::bigint[]) AS k(host, counter)
+                 WHERE EXISTS (SELECT 1 FROM ferry_entries
+                    WHERE parent_host = k.host AND parent_counter = k.counter AND NOT deleted)",
+                dirs,
+            )
+            .await?;
+        rows.iter().map(|r| object_id(r, 0, "directory")).collect()
+    }
+}
+
+impl PgCommit<'_, '_> {
+    /// Runs `sql` with the ids as two arrays, hosts ($1) and counters ($2).
+    async fn query_ids(
+        &self,
+        sql: &str,
+        ids: &[ObjectId],
+    ) -> Result<Vec<tokio_postgres::Row>, BackendError> {
+        let hosts: Vec<i64> = ids.iter().map(|id| i64::from(id.host)).collect();
+        let counters: Vec<i64> = ids.iter().map(|id| id.counter as i64).collect();
+        self.tx
+            .query(sql, &[&hosts, &counters])
+            .await
+            .map_err(pg_error(self.loc, "commit: I3 check"))
+    }
+}
+
+/// Splits `ops` into consecutive runs (index ranges) in which no key
+/// repeats. Within a run the ops are independent, so [`apply_pipelined`]
+/// may send their statements without waiting for each other's results; a
+/// repeated key starts a new run, so a later op still sees the earlier
+/// one's version.
+fn distinct_key_runs(ops: &[Op]) -> Vec<Range<usize>> {
     let mut runs = Vec::new();
-    let (mut start, mut keys) = (0, std::collections::HashSet::new());
+    let (mut start, mut keys) = (0, HashSet::new());
     for (i, op) in ops.iter().enumerate() {
-        if !keys.insert(op.target().0) {
-            runs.push(&ops[start..i]);
+        if !keys.insert(op.target()) {
+            runs.push(start..i);
             start = i;
             keys.clear();
-            keys.insert(op.target().0);
+            keys.insert(op.target());
         }
     }
-    runs.push(&ops[start..]);
+    runs.push(start..ops.len());
     runs
 }
 
-/// Applies ops on distinct keys inside `tx` with the same result as one by
-/// one, in a handful of round trips instead of several per op: all base
+/// Applies ops on distinct keys inside `tx` (each as [`Step::decide`] says,
+/// given its refused flag) with the same result as one by one, in a handful of round trips instead of several per op: all base
 /// checks (`FOR UPDATE`) are pipelined, then all writes, then all feed
 /// rows. A connection executes pipelined statements in the order they were
 /// sent, and each phase sends in op order, so rows and feed seqs are
@@ -724,27 +889,21 @@ async fn apply_pipelined(
     loc: &str,
     origin: u32,
     ops: &[Op],
-) -> Result<Vec<Outcome>, BackendError> {
+    refused: &[bool],
+) -> Result<Vec<Step>, BackendError> {
     let err = pg_error(loc, "commit");
-    let rows = try_join_all(ops.iter().map(|op| lock_version(tx, op)))
+    let rows = try_join_all(ops.iter().map(|op| lock_row(tx, op)))
         .await
         .map_err(err)?;
-    let mut decided = Vec::with_capacity(ops.len());
-    for (op, row) in ops.iter().zip(rows) {
-        let row = row
-            .map(|r| {
-                let deleted: bool = r.get(1);
-                stored::<u64>(r.get(0), &|| format!("version of {:?}", op.target().0))
-                    .map(|v| (v, deleted))
-            })
-            .transpose()?;
-        let live = row.filter(|(_, deleted)| !deleted).map(|(v, _)| v);
-        decided.push(decide(op.target().1, live, row.map(|(v, _)| v)));
+    let mut steps = Vec::with_capacity(ops.len());
+    for ((op, row), &refused) in ops.iter().zip(rows).zip(refused) {
+        let row = row.map(|r| key_row(&r, op)).transpose()?;
+        steps.push(Step::decide(op, refused, row));
     }
     let applied: Vec<(&Op, i64)> = ops
         .iter()
-        .zip(&decided)
-        .filter_map(|(op, d)| d.as_ref().ok().map(|v| (op, *v as i64)))
+        .zip(&steps)
+        .filter_map(|(op, step)| step.version().map(|v| (op, v as i64)))
         .collect();
     let origin = i64::from(origin);
     try_join_all(
@@ -754,7 +913,7 @@ async fn apply_pipelined(
     )
     .await?;
     try_join_all(applied.iter().map(|&(op, _)| {
-        let (change, _) = op.target();
+        let change = op.target();
         async move {
             let (kind, id, name) = change.encode();
             tx.execute(
@@ -766,37 +925,53 @@ async fn apply_pipelined(
     }))
     .await
     .map_err(err)?;
-    Ok(decided
-        .into_iter()
-        .map(|d| match d {
-            Ok(version) => Outcome::Applied { version },
-            Err(conflict) => conflict,
-        })
-        .collect())
+    Ok(steps)
 }
 
-/// The row of `op`'s key (version, deleted), locked for this transaction.
-async fn lock_version(
+/// The row of `op`'s key, locked for this transaction: version, deleted,
+/// then mode (inodes) or child host and counter (entries).
+async fn lock_row(
     tx: &Transaction<'_>,
     op: &Op,
 ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
-    match op.target().0 {
+    match op.target() {
         FeedChange::Inode(id) => {
             tx.query_opt(
-                "SELECT version, deleted FROM ferry_inodes WHERE host = $1 AND counter = $2 FOR UPDATE",
+                "SELECT version, deleted, mode, NULL::bigint, NULL::bigint FROM ferry_inodes
+                 WHERE host = $1 AND counter = $2 FOR UPDATE",
                 &[&i64::from(id.host), &(id.counter as i64)],
             )
             .await
         }
         FeedChange::Entry { parent, name } => {
             tx.query_opt(
-                "SELECT version, deleted FROM ferry_entries
+                "SELECT version, deleted, NULL::bigint, child_host, child_counter FROM ferry_entries
                  WHERE parent_host = $1 AND parent_counter = $2 AND name = $3 FOR UPDATE",
                 &[&i64::from(parent.host), &(parent.counter as i64), &name],
             )
             .await
         }
     }
+}
+
+/// Decodes a row from [`lock_row`].
+fn key_row(r: &tokio_postgres::Row, op: &Op) -> Result<KeyRow, BackendError> {
+    let what = || format!("row of {:?}", op.target());
+    let mode: Option<i64> = get(r, 2, &what)?;
+    let child_host: Option<i64> = get(r, 3, &what)?;
+    let child_counter: Option<i64> = get(r, 4, &what)?;
+    Ok(KeyRow {
+        version: stored(get(r, 0, &what)?, &what)?,
+        deleted: get(r, 1, &what)?,
+        mode: mode.map(|m| stored(m, &what)).transpose()?,
+        child: match (child_host, child_counter) {
+            (Some(host), Some(counter)) => Some(ObjectId {
+                host: stored(host, &what)?,
+                counter: counter as u64,
+            }),
+            _ => None,
+        },
+    })
 }
 
 /// Writes `op` at `version` (its base check passed).

@@ -1,156 +1,23 @@
 //! The conformance suite: every property is one generic function over a
 //! [`Volume`], and `conformance!` runs each against both implementations
 //! (`dir::NAME` and `pg::NAME`). The PostgreSQL cases share one throwaway
-//! cluster per test binary ([`PgServer::shared`]), one database per test.
+//! cluster per test binary (`PgServer::shared`), one database per test.
+//!
+//! The I3 rules of `commit` and the checker have their own binary
+//! (`integrity.rs`).
 
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferry_backend::testing::PgServer;
 use ferry_backend::{
-    Backend, BackendError, ChunkHash, Entry, FeedChange, InodeState, ObjectId, Op, Outcome,
-    MAX_CHUNK, SCHEMA_VERSION,
+    Backend, BackendError, ChunkHash, Entry, FeedChange, HostMark, InodeState, ObjectId, Op,
+    Outcome, MAX_CHUNK, SCHEMA_VERSION,
 };
 
-const TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A not-yet-initialized volume location of one implementation, plus the
-/// backdoors tests need to damage it.
-struct Volume {
-    url: String,
-    kind: Kind,
-    /// Keeps a dir volume's temp directory alive.
-    _tmp: Option<tempfile::TempDir>,
-}
-
-enum Kind {
-    Dir(std::path::PathBuf),
-    Pg { db: String },
-}
-
-impl Volume {
-    fn dir(_name: &str) -> Volume {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("volume");
-        Volume {
-            url: format!("dir:{}", path.display()),
-            kind: Kind::Dir(path),
-            _tmp: Some(tmp),
-        }
-    }
-
-    fn pg(name: &str) -> Volume {
-        let db = format!("t_{name}");
-        Volume {
-            url: PgServer::shared().create_database(&db),
-            kind: Kind::Pg { db },
-            _tmp: None,
-        }
-    }
-
-    /// Another fresh location of the same implementation.
-    fn sibling(&self, name: &str) -> Volume {
-        match &self.kind {
-            Kind::Dir(_) => Volume::dir(name),
-            Kind::Pg { db } => Volume::pg(&format!("{db}_{name}")),
-        }
-    }
-
-    /// Initializes the volume and opens it.
-    fn init_open(&self) -> Box<dyn Backend> {
-        ferry_backend::init(&self.url, "test").unwrap();
-        self.open()
-    }
-
-    fn open(&self) -> Box<dyn Backend> {
-        ferry_backend::open(&self.url, TIMEOUT).unwrap()
-    }
-
-    /// Table name as this implementation spells it.
-    fn table(&self, name: &str) -> String {
-        match self.kind {
-            Kind::Dir(_) => name.to_owned(),
-            Kind::Pg { .. } => format!("ferry_{name}"),
-        }
-    }
-
-    /// A blob literal from hex.
-    fn blob(&self, hex: &str) -> String {
-        match self.kind {
-            Kind::Dir(_) => format!("X'{hex}'"),
-            Kind::Pg { .. } => format!("'\\x{hex}'::bytea"),
-        }
-    }
-
-    /// Runs SQL directly in the volume's database, behind the backend's back.
-    fn exec(&self, sql: &str) {
-        match &self.kind {
-            Kind::Dir(path) => {
-                let conn = rusqlite::Connection::open(path.join("ferry.db")).unwrap();
-                conn.busy_timeout(TIMEOUT).unwrap();
-                conn.execute_batch(sql).unwrap();
-            }
-            Kind::Pg { db } => {
-                PgServer::shared().psql(db, sql);
-            }
-        }
-    }
-
-    fn set_schema_version(&self, version: u32) {
-        match self.kind {
-            Kind::Dir(_) => self.exec(&format!("PRAGMA user_version = {version}")),
-            Kind::Pg { .. } => self.exec(&format!(
-                "UPDATE ferry_volume SET schema_version = {version}"
-            )),
-        }
-    }
-
-    /// Truncates the stored copy of a chunk to its first 3 bytes.
-    fn truncate_chunk(&self, hash: &ChunkHash) {
-        match &self.kind {
-            Kind::Dir(path) => {
-                let hex = hash.to_hex();
-                let file = path.join("chunks").join(&hex[..2]).join(&hex[2..]);
-                let data = std::fs::read(&file).unwrap();
-                std::fs::write(&file, &data[..3]).unwrap();
-            }
-            Kind::Pg { .. } => self.exec(&format!(
-                "UPDATE ferry_chunks SET data = substring(data from 1 for 3) WHERE hash = {}",
-                self.blob(&hash.to_hex())
-            )),
-        }
-    }
-
-    /// Replaces the stored chunk with different bytes of the same length.
-    fn flip_chunk(&self, hash: &ChunkHash, len: usize) {
-        let other = "ab".repeat(len);
-        match &self.kind {
-            Kind::Dir(path) => {
-                let hex = hash.to_hex();
-                let file = path.join("chunks").join(&hex[..2]).join(&hex[2..]);
-                std::fs::write(&file, vec![0xab; len]).unwrap();
-            }
-            Kind::Pg { .. } => self.exec(&format!(
-                "UPDATE ferry_chunks SET data = {} WHERE hash = {}",
-                self.blob(&other),
-                self.blob(&hash.to_hex())
-            )),
-        }
-    }
-}
-
-/// Generates `dir::NAME` and `pg::NAME` tests for each property `NAME`.
-macro_rules! conformance {
-    ($($prop:ident),* $(,)?) => {
-        mod dir {
-            $( #[test] fn $prop() { super::$prop(&super::Volume::dir(stringify!($prop))) } )*
-        }
-        mod pg {
-            $( #[test] fn $prop() { super::$prop(&super::Volume::pg(stringify!($prop))) } )*
-        }
-    };
-}
+#[macro_use]
+mod support;
+use support::*;
 
 conformance!(
     init_and_info,
@@ -171,32 +38,9 @@ conformance!(
     concurrent_counters_lose_no_update,
     garbage_rows_are_corrupt,
     inode_reads_are_consistent_under_concurrent_commits,
+    host_marks_follow_ids_and_shipping,
+    version_1_volume_is_refused_until_init_migrates_it,
 );
-
-fn file(host: u32, counter: u64) -> InodeState {
-    let mut inode = InodeState::new(ObjectId { host, counter }, 0o100644);
-    inode.uid = 1000;
-    inode.gid = 100;
-    inode.mtime_ns = 1_700_000_000_123_456_789;
-    inode.xattrs = vec![(b"user.k".to_vec(), b"v\0binary".to_vec())];
-    inode
-}
-
-fn put(state: InodeState, base: Option<u64>) -> Op {
-    Op::PutInode { state, base }
-}
-
-fn applied(version: u64) -> Outcome {
-    Outcome::Applied { version }
-}
-
-fn conflict(current: Option<u64>) -> Outcome {
-    Outcome::Conflict { current }
-}
-
-fn last_seq(b: &dyn Backend) -> u64 {
-    b.snapshot().unwrap().0
-}
 
 fn init_and_info(v: &Volume) {
     let info = ferry_backend::init(&v.url, "photos").unwrap();
@@ -301,8 +145,8 @@ fn create_twice_conflicts(v: &Volume) {
     let b = v.init_open();
     let f = file(1, 10);
     assert_eq!(
-        b.commit(1, &[put(f.clone(), None)]).unwrap(),
-        vec![applied(1)]
+        b.commit(1, &create(&f, ObjectId::ROOT, "f")).unwrap(),
+        vec![applied(1), applied(1)]
     );
     assert_eq!(
         b.commit(2, &[put(f.clone(), None)]).unwrap(),
@@ -322,7 +166,7 @@ fn create_twice_conflicts(v: &Volume) {
 fn stale_update_conflicts_and_leaves_state(v: &Volume) {
     let b = v.init_open();
     let mut f = file(1, 10);
-    b.commit(1, &[put(f.clone(), None)]).unwrap();
+    b.commit(1, &create(&f, ObjectId::ROOT, "f")).unwrap();
     f.size = 5;
     assert_eq!(
         b.commit(1, &[put(f.clone(), Some(1))]).unwrap(),
@@ -349,12 +193,20 @@ fn stale_update_conflicts_and_leaves_state(v: &Volume) {
 fn stale_delete_conflicts(v: &Volume) {
     let b = v.init_open();
     let f = file(1, 10);
-    b.commit(1, &[put(f.clone(), None), put(f.clone(), Some(1))])
-        .unwrap();
+    let [new, name] = create(&f, ObjectId::ROOT, "f");
+    b.commit(1, &[new, name, put(f.clone(), Some(1))]).unwrap();
     let del = |base| Op::DeleteInode { id: f.id, base };
-    assert_eq!(b.commit(2, &[del(1)]).unwrap(), vec![conflict(Some(2))]);
+    let unlink_f = unlink(ObjectId::ROOT, "f", 1);
+    assert_eq!(
+        b.commit(2, &[unlink_f.clone(), del(1)]).unwrap(),
+        vec![conflict(Some(1)), conflict(Some(2))],
+        "the name stays with the inode it names"
+    );
     assert!(b.inode(&f.id).unwrap().is_some());
-    assert_eq!(b.commit(2, &[del(2)]).unwrap(), vec![applied(3)]);
+    assert_eq!(
+        b.commit(2, &[unlink_f, del(2)]).unwrap(),
+        vec![applied(2), applied(3)]
+    );
     assert!(b.inode(&f.id).unwrap().is_none());
     assert_eq!(
         b.commit(2, &[del(3)]).unwrap(),
@@ -366,40 +218,25 @@ fn stale_delete_conflicts(v: &Volume) {
 fn versions_never_repeat_after_delete(v: &Volume) {
     let b = v.init_open();
     let f = file(1, 10);
-    b.commit(1, &[put(f.clone(), None)]).unwrap();
-    b.commit(1, &[Op::DeleteInode { id: f.id, base: 1 }])
-        .unwrap();
-    // Re-created: the version continues past the tombstone's (2) ...
+    b.commit(1, &create(&f, ObjectId::ROOT, "n")).unwrap();
+    let delete = [
+        unlink(ObjectId::ROOT, "n", 1),
+        Op::DeleteInode { id: f.id, base: 1 },
+    ];
+    assert_eq!(b.commit(1, &delete).unwrap(), vec![applied(2), applied(2)]);
+    // Re-created: the versions continue past the tombstones' (2) ...
     assert_eq!(
-        b.commit(1, &[put(f.clone(), None)]).unwrap(),
-        vec![applied(3)]
+        b.commit(1, &create(&f, ObjectId::ROOT, "n")).unwrap(),
+        vec![applied(3), applied(3)]
     );
     // ... so a host still holding base 1 from the first life conflicts.
     assert_eq!(
         b.commit(2, &[put(f.clone(), Some(1))]).unwrap(),
         vec![conflict(Some(3))]
     );
-
-    let name = b"n".to_vec();
-    let entry = |base| Op::PutEntry {
-        parent: ObjectId::ROOT,
-        name: name.clone(),
-        child: f.id,
-        base,
-    };
-    b.commit(1, &[entry(None)]).unwrap();
-    b.commit(
-        1,
-        &[Op::DeleteEntry {
-            parent: ObjectId::ROOT,
-            name: name.clone(),
-            base: 1,
-        }],
-    )
-    .unwrap();
-    assert_eq!(b.commit(1, &[entry(None)]).unwrap(), vec![applied(3)]);
     assert_eq!(
-        b.commit(2, &[entry(Some(1))]).unwrap(),
+        b.commit(2, &[link(ObjectId::ROOT, "n", f.id, Some(1))])
+            .unwrap(),
         vec![conflict(Some(3))]
     );
 }
@@ -407,7 +244,7 @@ fn versions_never_repeat_after_delete(v: &Volume) {
 fn batch_reports_per_op_outcomes(v: &Volume) {
     let b = v.init_open();
     let (a, c) = (file(1, 1), file(1, 2));
-    b.commit(1, &[put(a.clone(), None)]).unwrap();
+    b.commit(1, &create(&a, ObjectId::ROOT, "a")).unwrap();
     let seq = last_seq(&*b);
     let ops = [
         put(a.clone(), None),                  // conflict: exists
@@ -468,22 +305,28 @@ fn entries_put_replace_delete(v: &Volume) {
         },
         0o40700,
     );
-    b.commit(
-        2,
-        &[
-            put(x.clone(), None),
-            put(y.clone(), None),
-            put(dir.clone(), None),
-        ],
-    )
-    .unwrap();
+    let made = b
+        .commit(
+            2,
+            &[
+                put(x.clone(), None),
+                put(y.clone(), None),
+                put(dir.clone(), None),
+                link(ObjectId::ROOT, "x", x.id, None),
+                link(ObjectId::ROOT, "y", y.id, None),
+                link(ObjectId::ROOT, "d", dir.id, None),
+            ],
+        )
+        .unwrap();
+    assert_eq!(made, vec![applied(1); 6]);
     let e = |name: &[u8], child, base| Op::PutEntry {
         parent: dir.id,
         name: name.to_vec(),
         child,
         base,
     };
-    let names: [&[u8]; 3] = [b"b", b"a", b"\xff\x00bytes"];
+    // Any bytes but `/` and NUL, UTF-8 or not.
+    let names: [&[u8]; 3] = [b"b", b"a", b"\xff\x01bytes"];
     for n in names {
         assert_eq!(b.commit(2, &[e(n, x.id, None)]).unwrap(), vec![applied(1)]);
     }
@@ -514,16 +357,19 @@ fn entries_put_replace_delete(v: &Volume) {
             },
             Entry {
                 parent: dir.id,
-                name: b"\xff\x00bytes".to_vec(),
+                name: b"\xff\x01bytes".to_vec(),
                 child: x.id,
                 version: 1
             },
         ]
     );
-    assert!(
-        b.entries(&ObjectId::ROOT).unwrap().is_empty(),
-        "entries are per parent"
-    );
+    let in_root: Vec<Vec<u8>> = b
+        .entries(&ObjectId::ROOT)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(in_root, [b"d", b"x", b"y"], "entries are per parent");
 }
 
 fn feed_order_and_content(v: &Volume) {
@@ -535,8 +381,17 @@ fn feed_order_and_content(v: &Volume) {
     for i in 1..=20u64 {
         let origin = (i % 3) as u32 + 1;
         let f = file(origin, i);
-        b.commit(origin, &[put(f.clone(), None)]).unwrap();
+        let name = format!("f{i}");
+        b.commit(origin, &create(&f, ObjectId::ROOT, &name))
+            .unwrap();
         expect.push((origin, FeedChange::Inode(f.id)));
+        expect.push((
+            origin,
+            FeedChange::Entry {
+                parent: ObjectId::ROOT,
+                name: name.into_bytes(),
+            },
+        ));
     }
     let all = b.feed(start[0].seq, 1000).unwrap();
     let got: Vec<_> = all.iter().map(|i| (i.origin, i.change.clone())).collect();
@@ -630,8 +485,9 @@ fn wait_feed_wakes_on_commit_from_other_host(v: &Volume) {
         let after = last_seq(&*b).max(after);
         let committer = thread::spawn(move || {
             thread::sleep(Duration::from_millis(300));
+            let f = file(9, after + 100);
             writer
-                .commit(9, &[put(file(9, after + 100), None)])
+                .commit(9, &create(&f, ObjectId::ROOT, &format!("f{after}")))
                 .unwrap();
         });
         let t0 = Instant::now();
@@ -649,7 +505,7 @@ fn wait_feed_wakes_on_commit_from_other_host(v: &Volume) {
             "{label}: woke late ({waited:?})"
         );
         committer.join().unwrap();
-        assert_eq!(b.feed(after, 10).unwrap().len(), 1, "{label}");
+        assert_eq!(b.feed(after, 10).unwrap().len(), 2, "{label}");
     }
     // Already there: immediate.
     assert!(b.wait_feed(0, Duration::ZERO).unwrap());
@@ -672,7 +528,9 @@ fn concurrent_counters_lose_no_update(v: &Volume) {
     const INCREMENTS: u64 = 25;
     let shared: Arc<dyn Backend> = v.init_open().into();
     let counter = file(1, 1);
-    shared.commit(1, &[put(counter.clone(), None)]).unwrap();
+    shared
+        .commit(1, &create(&counter, ObjectId::ROOT, "counter"))
+        .unwrap();
     let barrier = Arc::new(Barrier::new(THREADS));
     let threads: Vec<_> = (0..THREADS)
         .map(|t| {
@@ -729,7 +587,7 @@ fn garbage_rows_are_corrupt(v: &Volume) {
     let b = v.init_open();
     let mut f = file(4, 4);
     f.chunks = vec![(ChunkHash::of(b"x"), 1)];
-    b.commit(4, &[put(f.clone(), None)]).unwrap();
+    b.commit(4, &create(&f, ObjectId::ROOT, "f")).unwrap();
     let inodes = v.table("inodes");
     let expect_corrupt = |what: &str, r: Result<(), BackendError>| {
         let err = r.unwrap_err();
@@ -784,7 +642,7 @@ fn inode_reads_are_consistent_under_concurrent_commits(v: &Volume) {
     let hash = ChunkHash::of(b"c");
     b.put_chunk(&hash, b"c").unwrap();
     let mut f = file(6, 1);
-    b.commit(6, &[put(f.clone(), None)]).unwrap();
+    b.commit(6, &create(&f, ObjectId::ROOT, "f")).unwrap();
     let writer = {
         let b = v.open();
         thread::spawn(move || {
@@ -818,4 +676,109 @@ fn inode_reads_are_consistent_under_concurrent_commits(v: &Volume) {
     }
     writer.join().unwrap();
     assert!(reads > 0);
+}
+
+fn host_marks_follow_ids_and_shipping(v: &Volume) {
+    let b = v.init_open();
+    assert_eq!(b.host_mark(1).unwrap(), HostMark::default());
+    assert_eq!(
+        b.host_mark(0).unwrap().max_counter,
+        1,
+        "the root is the volume's"
+    );
+    let (f5, f9, big) = (file(1, 5), file(1, 9), file(2, 1 << 40));
+    b.commit(
+        1,
+        &[
+            create(&f9, ObjectId::ROOT, "f9"),
+            create(&f5, ObjectId::ROOT, "f5"),
+            create(&big, ObjectId::ROOT, "big"),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    // Deleted inodes count: their ids are taken for good.
+    let gone = [
+        unlink(ObjectId::ROOT, "f9", 1),
+        Op::DeleteInode { id: f9.id, base: 1 },
+    ];
+    assert_eq!(b.commit(1, &gone).unwrap(), [applied(2), applied(2)]);
+    assert_eq!(b.host_mark(1).unwrap().max_counter, 9);
+    assert_eq!(b.host_mark(2).unwrap().max_counter, 1 << 40);
+    // A refused create takes no id.
+    assert_eq!(
+        b.commit(3, &[put(file(3, 50), None)]).unwrap(),
+        [conflict(None)]
+    );
+    assert_eq!(b.host_mark(3).unwrap().max_counter, 0);
+
+    b.set_shipped(1, 40).unwrap();
+    b.set_shipped(1, 12).unwrap();
+    assert_eq!(b.host_mark(1).unwrap().shipped_seq, 40, "marks only rise");
+    b.set_shipped(1, 41).unwrap();
+    b.set_shipped(u32::MAX, u64::from(u32::MAX) + 7).unwrap();
+    assert_eq!(b.host_mark(2).unwrap().shipped_seq, 0, "marks are per host");
+    let other = v.open();
+    assert_eq!(
+        other.host_mark(1).unwrap(),
+        HostMark {
+            max_counter: 9,
+            shipped_seq: 41
+        }
+    );
+    assert_eq!(
+        other.host_mark(u32::MAX).unwrap(),
+        HostMark {
+            max_counter: 0,
+            shipped_seq: u64::from(u32::MAX) + 7
+        }
+    );
+}
+
+/// A volume as version 1 left it (no host marks, no index of entries by
+/// child): `open` refuses it with the way out, `init` migrates it in place.
+fn version_1_volume_is_refused_until_init_migrates_it(v: &Volume) {
+    let b = v.init_open();
+    let info = b.info().unwrap();
+    let f = file(1, 3);
+    b.commit(1, &create(&f, ObjectId::ROOT, "f")).unwrap();
+    drop(b);
+    v.exec(&format!(
+        "DROP TABLE {}; DROP INDEX {};",
+        v.table("hosts"),
+        v.table("entries_child")
+    ));
+    v.set_schema_version(1);
+
+    let err = ferry_backend::open(&v.url, TIMEOUT).unwrap_err();
+    assert!(
+        matches!(err, BackendError::SchemaVersion { found: 1, supported } if supported == SCHEMA_VERSION),
+        "{err}"
+    );
+    assert!(err.to_string().contains("ferry init"), "{err}");
+
+    let migrated = ferry_backend::init(&v.url, "another name").unwrap();
+    assert_eq!(
+        migrated,
+        ferry_backend::VolumeInfo {
+            schema_version: SCHEMA_VERSION,
+            ..info
+        },
+        "same volume, new schema"
+    );
+    let b = v.open();
+    assert_eq!(b.info().unwrap(), migrated);
+    assert_eq!(b.inode(&f.id).unwrap().unwrap().version, 1, "data kept");
+    assert_eq!(b.host_mark(1).unwrap().max_counter, 3);
+    b.set_shipped(1, 8).unwrap();
+    assert_eq!(b.host_mark(1).unwrap().shipped_seq, 8);
+    // The I3 rules run on the migrated volume.
+    assert_eq!(
+        b.commit(1, &[unlink(ObjectId::ROOT, "f", 1)]).unwrap(),
+        [conflict(Some(1))]
+    );
+    assert!(matches!(
+        ferry_backend::init(&v.url, "x").unwrap_err(),
+        BackendError::AlreadyInitialized { .. }
+    ));
 }

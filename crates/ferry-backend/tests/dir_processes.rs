@@ -52,7 +52,16 @@ fn processes_share_a_dir_volume() {
     ferry_backend::init(&url, "shared").unwrap();
     let b = ferry_backend::open(&url, Duration::from_secs(5)).unwrap();
     let state = InodeState::new(COUNTER, 0o100644);
-    b.commit(1, &[Op::PutInode { state, base: None }]).unwrap();
+    let name = Op::PutEntry {
+        parent: ObjectId::ROOT,
+        name: b"counter".to_vec(),
+        child: COUNTER,
+        base: None,
+    };
+    let created = b
+        .commit(1, &[Op::PutInode { state, base: None }, name])
+        .unwrap();
+    assert!(created.iter().all(|o| matches!(o, Outcome::Applied { .. })));
     let seq = b.feed(0, 100).unwrap().last().unwrap().seq;
 
     let children: Vec<_> = (0..CHILDREN)

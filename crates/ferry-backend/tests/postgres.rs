@@ -6,9 +6,17 @@ use std::time::{Duration, Instant};
 use ferry_backend::testing::PgServer;
 use ferry_backend::{Backend, BackendError, InodeState, ObjectId, Op, Outcome};
 
+/// Creates file `f{counter}` in the root; outcomes of the inode and the name.
 fn put_new(b: &dyn Backend, counter: u64) -> Result<Vec<Outcome>, BackendError> {
-    let state = InodeState::new(ObjectId { host: 5, counter }, 0o100600);
-    b.commit(5, &[Op::PutInode { state, base: None }])
+    let id = ObjectId { host: 5, counter };
+    let state = InodeState::new(id, 0o100600);
+    let name = Op::PutEntry {
+        parent: ObjectId::ROOT,
+        name: format!("f{counter}").into_bytes(),
+        child: id,
+        base: None,
+    };
+    b.commit(5, &[Op::PutInode { state, base: None }, name])
 }
 
 /// Asserts `r` failed transiently, within `limit` of `t0`.
@@ -33,7 +41,7 @@ fn outage_fails_transiently_and_same_object_recovers() {
     let b = ferry_backend::open(&url, connect_timeout).unwrap();
     assert_eq!(
         put_new(&*b, 1).unwrap(),
-        vec![Outcome::Applied { version: 1 }]
+        vec![Outcome::Applied { version: 1 }; 2]
     );
     assert!(
         b.wait_feed(0, Duration::ZERO).unwrap(),
@@ -66,7 +74,7 @@ fn outage_fails_transiently_and_same_object_recovers() {
     assert_eq!(b.info().unwrap().name, "outage", "same object reconnects");
     assert_eq!(
         put_new(&*b, 2).unwrap(),
-        vec![Outcome::Applied { version: 1 }]
+        vec![Outcome::Applied { version: 1 }; 2]
     );
     assert_eq!(
         b.inode(&ObjectId {
@@ -102,7 +110,7 @@ fn outage_fails_transiently_and_same_object_recovers() {
     pg.restart();
     assert_eq!(
         put_new(&*b, 4).unwrap(),
-        vec![Outcome::Applied { version: 1 }]
+        vec![Outcome::Applied { version: 1 }; 2]
     );
     assert_eq!(b.info().unwrap().name, "outage");
     assert!(b.wait_feed(0, Duration::ZERO).unwrap());
