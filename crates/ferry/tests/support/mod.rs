@@ -23,6 +23,7 @@
 
 pub mod cli;
 pub mod crates;
+pub mod fsimage;
 pub mod sys;
 pub mod tree;
 pub mod wan;
