@@ -5,6 +5,12 @@
 //! lines: `status` gets one [`Report`]; `sync` gets a report every 200 ms
 //! until everything logged before the request is committed at the backend,
 //! then a last one with `done: true`. The client bounds the wait.
+//!
+//! `sync` is where invariant I1 is kept (see [`crate::replicate`]): files
+//! open for writing are logged first, so their current bytes are waited
+//! for too, and it is done only once this daemon run has checked the
+//! backend is the store's volume. Conflicts kept along the way are in the
+//! report; a client must not call a sync with conflicts a success.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -102,6 +108,9 @@ fn answer(conn: UnixStream, vfs: &Vfs, replication: Option<&Shared>) -> std::io:
     match line.trim() {
         "status" => send(&mut out, &report(vfs, replication)),
         "sync" => {
+            let _urgent = replication.map(Shared::urgent);
+            vfs.log_open_writers()
+                .map_err(|e| std::io::Error::from_raw_os_error(e.code()))?;
             // Everything logged so far is durable locally first.
             vfs.store().sync()?;
             let target = vfs
@@ -113,7 +122,7 @@ fn answer(conn: UnixStream, vfs: &Vfs, replication: Option<&Shared>) -> std::io:
             loop {
                 let mut r = report(vfs, replication);
                 r.target_seq = Some(target);
-                r.done = r.status.shipped_seq >= target;
+                r.done = r.local_only || (r.status.verified && r.status.shipped_seq >= target);
                 send(&mut out, &r)?;
                 if r.done {
                     return Ok(());

@@ -6,12 +6,25 @@
 //! version must be one more than its number of records; link counts must
 //! match the entries; every regular file must have its data file. Run with
 //! the daemon stopped (opening the store takes its lock).
+//!
+//! [`verify`] goes further and reads file contents: every cached file whose
+//! bytes were shipped and not changed since has a chunk list (BLAKE3 per
+//! chunk, and [`HOLE`] runs that must read as zeros) that its data file must
+//! still match, so bit rot in the store's file system is found before it is
+//! served or shipped again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use ferry_backend::ChunkHash;
+use rusqlite::OptionalExtension;
 
 use crate::error::StoreError;
 use crate::log::{Change, LogRecord};
+use crate::replicate::HOLE;
 use crate::store::{Kind, Queries, Store, ROOT_INO};
 
 /// What a clean check found.
@@ -234,4 +247,267 @@ fn replay(
     }
     *records.entry(ino).or_default() += 1;
     Ok(())
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// Files whose bytes were compared with their chunk lists.
+    pub files: u64,
+    /// Bytes of data hashed doing so (holes are not counted).
+    pub bytes: u64,
+    /// Cached regular files with nothing to compare with: changed since
+    /// they were last shipped (or shipped while open for writing), never
+    /// shipped, or empty.
+    pub skipped: u64,
+    /// Every mismatch, in inode order.
+    pub damaged: Vec<Damage>,
+}
+
+/// One place where a data file does not hold what its chunk list says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The inode.
+    pub ino: u64,
+    /// A path to it from the root, if it has a name.
+    pub path: Option<String>,
+    /// What is wrong.
+    pub what: Mismatch,
+}
+
+/// How a data file differs from its chunk list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Mismatch {
+    /// Chunk `index` (of `count`, covering bytes `start..end`) hashes to
+    /// something else, or, for a hole, holds bytes that are not zero.
+    Chunk {
+        /// Chunk number, from 0.
+        index: usize,
+        /// Chunks in the list.
+        count: usize,
+        /// First byte of the chunk.
+        start: u64,
+        /// One past its last byte.
+        end: u64,
+        /// Whether the chunk stands for a hole ([`HOLE`]).
+        hole: bool,
+    },
+    /// The file ends at byte `len`, inside chunk `index` of `count`.
+    Short {
+        /// Where the file ends.
+        len: u64,
+        /// The chunk it ends in.
+        index: usize,
+        /// Chunks in the list.
+        count: usize,
+    },
+    /// The file has bytes past the `expected` its chunks add up to.
+    Long {
+        /// The chunks' total.
+        expected: u64,
+    },
+    /// The data file could not be read.
+    Unreadable(String),
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "inode {}", self.ino)?;
+        if let Some(p) = &self.path {
+            write!(f, " ({p})")?;
+        }
+        match &self.what {
+            Mismatch::Chunk {
+                index,
+                count,
+                start,
+                end,
+                hole: false,
+            } => write!(
+                f,
+                ": chunk {index} of {count} (bytes {start}..{end}) does not match its hash"
+            ),
+            Mismatch::Chunk {
+                index,
+                count,
+                start,
+                end,
+                hole: true,
+            } => write!(
+                f,
+                ": chunk {index} of {count} (bytes {start}..{end}) is a hole but holds data"
+            ),
+            Mismatch::Short { len, index, count } => write!(
+                f,
+                ": data file ends at byte {len}, inside chunk {index} of {count}"
+            ),
+            Mismatch::Long { expected } => write!(
+                f,
+                ": data file is longer than the {expected} bytes of its chunks"
+            ),
+            Mismatch::Unreadable(e) => write!(f, ": data file unreadable: {e}"),
+        }
+    }
+}
+
+/// Rehashes the store's clean cached files against their chunk lists (see
+/// the module docs); run offline, like [`check`]. Damage is reported, not
+/// an error; an error means the store itself could not be read.
+pub fn verify(dir: &Path) -> Result<Verification, StoreError> {
+    let store = Store::open_existing(dir)?;
+    let db = |e| StoreError::db(dir, e);
+    let (clean, cached) = store
+        .read(|r| -> rusqlite::Result<_> {
+            let shipped = r.meta_int("shipped_seq")?.unwrap_or(0) as u64;
+            let cached: i64 = r.conn().query_row(
+                &format!(
+                    "SELECT count(*) FROM inode WHERE cached=1 AND mode & {} = {}",
+                    libc::S_IFMT,
+                    libc::S_IFREG
+                ),
+                [],
+                |row| row.get(0),
+            )?;
+            // Shipped while open for writing: later writes may not be
+            // logged yet (the next mount logs them), so not comparable.
+            let writing: HashSet<u64> = r.writing()?.into_iter().collect();
+            let mut clean = r.clean_cached_files(shipped)?;
+            clean.retain(|ino| !writing.contains(ino));
+            Ok((clean, cached as u64))
+        })
+        .map_err(db)?;
+    let mut report = Verification {
+        files: 0,
+        bytes: 0,
+        skipped: cached.saturating_sub(clean.len() as u64),
+        damaged: Vec::new(),
+    };
+    let mut buf = Vec::with_capacity(ferry_backend::MAX_CHUNK);
+    for ino in clean {
+        let chunks = store.read(|r| r.chunks(ino)).map_err(db)?;
+        let mismatches = rehash(&store.data_path(ino), &chunks, &mut buf, &mut report.bytes);
+        report.files += 1;
+        if !mismatches.is_empty() {
+            let path = store.read(|r| path_of(r, ino)).map_err(db)?;
+            report
+                .damaged
+                .extend(mismatches.into_iter().map(|what| Damage {
+                    ino,
+                    path: path.clone(),
+                    what,
+                }));
+        }
+    }
+    Ok(report)
+}
+
+/// Compares the data file at `path` with `chunks`, chunk by chunk; adds
+/// the data bytes it hashed to `bytes`.
+fn rehash(
+    path: &Path,
+    chunks: &[([u8; 32], u32)],
+    buf: &mut Vec<u8>,
+    bytes: &mut u64,
+) -> Vec<Mismatch> {
+    let unreadable = |e: std::io::Error| vec![Mismatch::Unreadable(e.to_string())];
+    let (file, size) = match File::open(path).and_then(|f| {
+        let size = f.metadata()?.len();
+        Ok((f, size))
+    }) {
+        Ok(opened) => opened,
+        Err(e) => return unreadable(e),
+    };
+    let count = chunks.len();
+    let mut found = Vec::new();
+    let mut start = 0u64;
+    for (index, (hash, len)) in chunks.iter().enumerate() {
+        let end = start + u64::from(*len);
+        if end > size {
+            found.push(Mismatch::Short {
+                len: size,
+                index,
+                count,
+            });
+            return found;
+        }
+        let hole = *hash == HOLE;
+        let intact = if hole {
+            all_zero(&file, start, end, buf)
+        } else {
+            buf.resize(*len as usize, 0);
+            *bytes += u64::from(*len);
+            file.read_exact_at(buf, start)
+                .map(|()| ChunkHash::of(buf).0 == *hash)
+        };
+        match intact {
+            Ok(true) => {}
+            Ok(false) => found.push(Mismatch::Chunk {
+                index,
+                count,
+                start,
+                end,
+                hole,
+            }),
+            Err(e) => return unreadable(e),
+        }
+        start = end;
+    }
+    if size > start {
+        found.push(Mismatch::Long { expected: start });
+    }
+    found
+}
+
+/// Whether bytes `start..end` of `file` are all zero, reading only what
+/// the store's file system holds as data there (its holes are zeros).
+fn all_zero(file: &File, start: u64, end: u64, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    let mut at = start;
+    // Bounded: every pass moves `at` forward or returns.
+    while at < end {
+        at = match nix::unistd::lseek(file, at as i64, nix::unistd::Whence::SeekData) {
+            Ok(data) => data as u64,
+            // No data after `at`: the rest is a hole.
+            Err(nix::errno::Errno::ENXIO) => return Ok(true),
+            // No SEEK_DATA here: read everything.
+            Err(nix::errno::Errno::EINVAL) => at,
+            Err(e) => return Err(e.into()),
+        };
+        if at >= end {
+            return Ok(true);
+        }
+        let want = (end - at).min(ferry_backend::MAX_CHUNK as u64) as usize;
+        buf.resize(want, 0);
+        file.read_exact_at(buf, at)?;
+        if buf.iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += want as u64;
+    }
+    Ok(true)
+}
+
+/// A path from the root to `ino` through one of its names, if it has one.
+fn path_of(r: &impl Queries, ino: u64) -> rusqlite::Result<Option<String>> {
+    /// Deeper than any real tree; bounds the walk should the entries loop.
+    const MAX_DEPTH: usize = 4096;
+    let mut stmt = r
+        .conn()
+        .prepare_cached("SELECT parent, name FROM dentry WHERE ino=?1 LIMIT 1")?;
+    let mut names = Vec::new();
+    let mut at = ino;
+    while at != ROOT_INO && names.len() < MAX_DEPTH {
+        let Some((parent, name)) = stmt
+            .query_row([at as i64], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, row.get::<_, Vec<u8>>(1)?))
+            })
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        names.push(String::from_utf8_lossy(&name).into_owned());
+        at = parent;
+    }
+    names.reverse();
+    Ok(Some(format!("/{}", names.join("/"))))
 }

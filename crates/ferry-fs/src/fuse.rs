@@ -210,6 +210,11 @@ fn xattr(reply: ReplyXattr, size: u32, result: Result<Vec<u8>, Errno>) {
 }
 
 impl Filesystem for FerryFs {
+    /// The unmount: the store is left at rest, its WAL emptied.
+    fn destroy(&mut self) {
+        self.vfs.store().checkpoint();
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         if self.passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()

@@ -29,6 +29,7 @@ mounted.run()?;             // serves until `ferry umount /mnt/vol`
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod binding;
 pub mod cache;
 pub mod control;
 pub mod data;
@@ -40,5 +41,6 @@ pub mod mount;
 pub mod replicate;
 pub mod store;
 pub mod vfs;
+pub mod wal;
 
 pub use error::StoreError;

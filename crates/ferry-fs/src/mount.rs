@@ -6,13 +6,17 @@
 //! directories with its cached attributes, which is both faster than a round
 //! trip per check and exactly the kernel's own semantics.
 
+use std::ffi::OsString;
 use std::fmt;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::io::{self, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 
+use crate::binding::{self, BindingError};
 use crate::cache::Evictor;
 use crate::control;
 use crate::error::StoreError;
@@ -119,6 +123,18 @@ pub enum MountError {
     Mount(PathBuf, io::Error),
     /// A new host could not restore the volume from its backend.
     Backend(String),
+    /// The store is not the backend volume's (see [`crate::binding`]).
+    Binding(BindingError),
+    /// The mountpoint has no default store yet, but an older ferry's store
+    /// under the name it shared with other mountpoints may be its own.
+    LegacyStore {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+        /// The store under the old name.
+        old: PathBuf,
+        /// The mountpoint's default store now.
+        new: PathBuf,
+    },
 }
 
 impl fmt::Display for MountError {
@@ -143,6 +159,22 @@ impl fmt::Display for MountError {
             MountError::Backend(e) => {
                 write!(f, "cannot restore the volume into the empty store: {e}")
             }
+            MountError::Binding(e) => e.fmt(f),
+            MountError::LegacyStore {
+                mountpoint,
+                old,
+                new,
+            } => write!(
+                f,
+                "{} has no store yet, but {} may be its store from an older ferry, whose default \
+                 store names several mountpoints shared: if it is, run mv {} {}; if not, pass \
+                 --store {}",
+                mountpoint.display(),
+                old.display(),
+                shell_quote(old),
+                shell_quote(new),
+                shell_quote(new)
+            ),
         }
     }
 }
@@ -233,6 +265,145 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The store `ferry mount` uses when none is given: `data_dir/NAME`, where
+/// `data_dir` is `$XDG_DATA_HOME/ferry` and NAME is [`store_name`] of the
+/// mountpoint's canonical path.
+///
+/// Older ferry versions named it by replacing `/` with `-`, so `/x/a-b` and
+/// `/x/a/b` shared a store. When the new name has no store yet but the old
+/// name has one, the store is moved to the new name if this mountpoint is
+/// the only existing path the old name can stand for and no daemon holds it;
+/// otherwise the mount is refused with the command to move it
+/// ([`MountError::LegacyStore`]), never silently started on an empty store.
+pub fn default_store(data_dir: &Path, mountpoint: &Path) -> Result<DefaultStore, MountError> {
+    let canonical = match std::fs::canonicalize(mountpoint) {
+        Ok(p) => p,
+        Err(e) => {
+            // Say why in preflight's words (missing, dead mount, …).
+            preflight(mountpoint)?;
+            return Err(MountError::Mount(mountpoint.to_path_buf(), e));
+        }
+    };
+    let path = data_dir.join(store_name(&canonical));
+    let fresh = DefaultStore {
+        path: path.clone(),
+        moved_from: None,
+    };
+    if path.symlink_metadata().is_ok() {
+        return Ok(fresh);
+    }
+    // The old name came from the path as typed, made absolute.
+    let typed = std::path::absolute(mountpoint)
+        .map_err(|e| MountError::Mount(mountpoint.to_path_buf(), e))?;
+    let typed = typed.to_string_lossy();
+    let old_name = legacy_store_name(&typed);
+    let old = data_dir.join(&old_name);
+    if old == path || !old.join("meta.db").exists() {
+        return Ok(fresh);
+    }
+    let refuse = || MountError::LegacyStore {
+        mountpoint: mountpoint.to_path_buf(),
+        old: old.clone(),
+        new: path.clone(),
+    };
+    if !sole_claimant(&typed, &old_name) {
+        return Err(refuse());
+    }
+    // Moving a store under a running daemon would pull it from under it.
+    let lock = std::fs::File::open(old.join("lock")).map_err(|_| refuse())?;
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| refuse())?;
+    std::fs::rename(&old, &path).map_err(|e| MountError::Mount(old.clone(), e))?;
+    Ok(DefaultStore {
+        path,
+        moved_from: Some(old),
+    })
+}
+
+/// What [`default_store`] chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultStore {
+    /// The store directory.
+    pub path: PathBuf,
+    /// Where the store was before [`default_store`] moved it from its old
+    /// name, if it did.
+    pub moved_from: Option<PathBuf>,
+}
+
+/// The default store's name for an absolute, canonical `mountpoint`: its
+/// components joined by `-`, with `-` and `%` inside a component written
+/// `%2D` and `%25`; the root is `-`. One name per path and one path per
+/// name (split at `-`, then undo the escapes), so two mountpoints never
+/// share a default store; a path without `-` or `%` keeps its old name.
+pub fn store_name(mountpoint: &Path) -> OsString {
+    let mut name = Vec::new();
+    for part in mountpoint
+        .components()
+        .filter(|c| !matches!(c, Component::RootDir))
+    {
+        if !name.is_empty() {
+            name.push(b'-');
+        }
+        for &b in part.as_os_str().as_bytes() {
+            match b {
+                b'-' | b'%' => write!(name, "%{b:02X}").expect("writing to a Vec"),
+                _ => name.push(b),
+            }
+        }
+    }
+    if name.is_empty() {
+        name.push(b'-');
+    }
+    OsString::from_vec(name)
+}
+
+/// The name older versions gave the default store of `typed` (an absolute
+/// path as the user typed it).
+fn legacy_store_name(typed: &str) -> String {
+    let name = typed.trim_matches('/').replace('/', "-");
+    if name.is_empty() {
+        "root".into()
+    } else {
+        name
+    }
+}
+
+/// Whether `typed` is the only existing path that the old store name
+/// `old_name` can have been made from (each `-` was a `/` or a `-`).
+fn sole_claimant(typed: &str, old_name: &str) -> bool {
+    /// Names with more dashes than this are not searched, just refused.
+    const MAX_DASHES: usize = 12;
+    let ours = format!("/{}", typed.trim_matches('/'));
+    let parts: Vec<&str> = old_name.split('-').collect();
+    let dashes = parts.len() - 1;
+    // "root" also stood for "/", and lossy names for many byte strings.
+    if old_name == "root" || old_name.contains('\u{FFFD}') || dashes > MAX_DASHES {
+        return false;
+    }
+    (0..1u32 << dashes).all(|mask| {
+        let mut candidate = format!("/{}", parts[0]);
+        for (i, part) in parts[1..].iter().enumerate() {
+            candidate.push(if mask & (1 << i) != 0 { '/' } else { '-' });
+            candidate.push_str(part);
+        }
+        candidate == ours
+            || matches!(Path::new(&candidate).symlink_metadata(),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound)
+    })
+}
+
+/// `p` as a shell word: as is when it has nothing a shell would read,
+/// else in single quotes.
+fn shell_quote(p: &Path) -> String {
+    let s = p.to_string_lossy();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-%+,=@~:".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// A live mount: the kernel has answered INIT, so the mountpoint works.
 pub struct Mounted {
     session: Session<FerryFs>,
@@ -257,6 +428,10 @@ impl Mounted {
     }
 }
 
+/// How long a mount waits for the backend to confirm that the store is its
+/// volume's before mounting without that answer.
+const BINDING_CHECK: Duration = Duration::from_millis(1500);
+
 /// Opens the store and mounts it; returns once the mount is live.
 pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
     preflight(&cfg.mountpoint)?;
@@ -273,11 +448,16 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
             .map_err(db)?;
         if fresh {
             // A new host: show the volume's whole namespace from the start.
-            // This one time the backend must answer; afterwards it never has to.
+            // This one time the backend must answer; afterwards it never has
+            // to. The store is bound to the volume before it holds any of it.
             let backend = ferry_backend::open(url, replicate::CONNECT_TIMEOUT)
                 .map_err(|e| MountError::Backend(e.to_string()))?;
+            binding::verify(&store, &*backend, url).map_err(MountError::Binding)?;
             replicate::restore(&store, &*backend)
                 .map_err(|e| MountError::Backend(e.to_string()))?;
+        } else {
+            // Offline, the replicator checks once the backend answers.
+            binding::verify_within(&store, url, BINDING_CHECK).map_err(MountError::Binding)?;
         }
     }
     let vfs = Arc::new(Vfs::new(store, cfg.read_only)?);

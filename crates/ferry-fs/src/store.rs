@@ -12,7 +12,13 @@
 //! the daemon (the WAL is written before commit returns) but not a power cut.
 //! [`Store::sync`] fsyncs the WAL, which makes every earlier commit durable;
 //! `fsync` and `fsyncdir` call it, so once they return the change survives
-//! power loss too.
+//! power loss too. The WAL is checked before SQLite replays it
+//! ([`crate::wal`]), kept small (`journal_size_limit`), and emptied into the
+//! database when the store closes.
+//!
+//! A full disk must not wedge the volume: the store keeps a small reserve
+//! file, given up by operations that free space ([`Store::make_room`]) so
+//! an unlink can still commit, and taken back once there is room again.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -30,7 +36,22 @@ use crate::log::{Change, LogRecord};
 const APPLICATION_ID: i32 = 0x4652_5259;
 
 /// The store layout version this build reads and writes (`PRAGMA user_version`).
-pub const FORMAT_VERSION: i32 = 1;
+pub const FORMAT_VERSION: i32 = 2;
+
+/// What a store of each older format version needs to reach the next:
+/// `MIGRATIONS[v - 1]` takes version `v` to `v + 1`.
+const MIGRATIONS: &[&str] = &[WRITING_TABLE];
+
+/// Files whose contents were shipped while a writer still had them open
+/// (version 2). Writes after that point are not visible to the daemon
+/// (passthrough, mmap), so until the last writer closes and the file is
+/// logged again, this row is the durable memory that the file may have
+/// changed: a daemon killed in between logs every such file at its next
+/// start. See [`crate::vfs`].
+const WRITING_TABLE: &str = "CREATE TABLE writing(ino INTEGER PRIMARY KEY);";
+
+/// Bytes kept in reserve for operations that free space on a full disk.
+const RESERVE_BYTES: u64 = 8 << 20;
 
 /// Inode number of the root directory, fixed by FUSE.
 pub const ROOT_INO: u64 = 1;
@@ -94,6 +115,7 @@ CREATE TABLE log(
     parent2 INTEGER,
     name2 BLOB,
     at INTEGER NOT NULL);
+CREATE TABLE writing(ino INTEGER PRIMARY KEY);
 ";
 
 /// File type bits of `mode`, as stored (the `S_IFMT` part).
@@ -246,6 +268,17 @@ impl Store {
         }
         std::fs::create_dir_all(dir.join("data")).map_err(|e| StoreError::io(dir, e))?;
         let lock = lock_store(dir)?;
+        let wal_path = dir.join("meta.db-wal");
+        match crate::wal::check(&wal_path) {
+            Ok(Ok(())) => {}
+            Ok(Err(damage)) => {
+                return Err(StoreError::Corrupt {
+                    path: dir.to_path_buf(),
+                    detail: damage.to_string(),
+                })
+            }
+            Err(e) => return Err(StoreError::io(&wal_path, e)),
+        }
         let conn = Connection::open(&db_path).map_err(|e| StoreError::db(&db_path, e))?;
         let bad = |e| StoreError::db(&db_path, e);
         conn.busy_timeout(std::time::Duration::from_secs(10))
@@ -268,16 +301,22 @@ impl Store {
         // under a create storm, still a short replay after a crash.
         conn.pragma_update(None, "wal_autocheckpoint", 4096)
             .map_err(bad)?;
+        // A checkpoint restarts the WAL from its start but keeps the file;
+        // this bounds what a burst leaves behind on disk.
+        conn.pragma_update(None, "journal_size_limit", 32 << 20)
+            .map_err(bad)?;
         let host: i64 = conn
             .query_row("SELECT value FROM meta WHERE key='host'", [], |r| r.get(0))
             .map_err(bad)?;
-        Ok(Store {
+        let store = Store {
             conn: Mutex::new(conn),
             dir: dir.to_path_buf(),
             host: host as u32,
             _lock: lock,
             log_generation: (Mutex::new(0), std::sync::Condvar::new()),
-        })
+        };
+        store.make_room();
+        Ok(store)
     }
 
     /// The store directory.
@@ -357,10 +396,51 @@ impl Store {
         }
     }
 
+    /// Moves everything in the WAL into the database and empties the WAL:
+    /// what a clean unmount (and closing the store) does, so a store at rest
+    /// is one file with nothing left to replay.
+    pub fn checkpoint(&self) {
+        let conn = self.lock();
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+            tracing::warn!("checkpointing the store: {e}");
+        }
+    }
+
+    /// Keeps the reserve right for the space left on the store's file
+    /// system: given up when less than it is free, so the operation about to
+    /// run (an unlink, a truncate: one that frees space) can commit its
+    /// transaction; taken back once there is room for it twice over. Cheap
+    /// (a statvfs), so every operation that frees space calls it first.
+    pub fn make_room(&self) {
+        let path = self.dir.join("reserve");
+        let Ok(fs) = nix::sys::statvfs::statvfs(&self.dir) else {
+            return;
+        };
+        let free = fs.blocks_available() * fs.fragment_size();
+        let held = std::fs::metadata(&path).map_or(0, |m| m.len());
+        if held > 0 && free < RESERVE_BYTES {
+            tracing::warn!("the store's file system is full; releasing its reserve");
+            let _ = std::fs::remove_file(&path);
+        } else if held == 0 && free > 2 * RESERVE_BYTES {
+            let made = File::create(&path).and_then(|f| {
+                nix::fcntl::posix_fallocate(&f, 0, RESERVE_BYTES as i64).map_err(io::Error::from)
+            });
+            if made.is_err() {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves no half transaction behind
         // (it rolls back on drop), so the poisoned connection is still sound.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.checkpoint();
     }
 }
 
@@ -371,7 +451,7 @@ fn holds_only_ferry_files(dir: &Path) -> Result<bool, StoreError> {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;
         let name = entry.file_name();
         let ours = match name.to_str() {
-            Some("lock" | "ferry.log") => true,
+            Some("lock" | "ferry.log" | "reserve") => true,
             Some("data" | "spare") => std::fs::read_dir(entry.path())
                 .map(|mut d| d.next().is_none())
                 .unwrap_or(false),
@@ -438,7 +518,7 @@ fn check_store(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let version: i32 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(bad)?;
-    if version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&version) {
         return Err(StoreError::Version {
             path: path.to_path_buf(),
             found: version,
@@ -453,6 +533,14 @@ fn check_store(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             path: path.to_path_buf(),
             detail: verdict,
         });
+    }
+    if version < FORMAT_VERSION {
+        // Only a checked store is migrated, in one transaction.
+        let steps = MIGRATIONS[version as usize - 1..].join("\n");
+        conn.execute_batch(&format!(
+            "BEGIN; {steps} PRAGMA user_version={FORMAT_VERSION}; COMMIT;"
+        ))
+        .map_err(bad)?;
     }
     Ok(())
 }
@@ -640,6 +728,33 @@ pub trait Queries {
 
     /// An integer from the `meta` table.
     fn meta_int(&self, key: &str) -> rusqlite::Result<Option<i64>> {
+        self.conn()
+            .prepare_cached("SELECT value FROM meta WHERE key=?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()
+    }
+
+    /// The largest number AUTOINCREMENT ever handed out in `table` (`inode`
+    /// or `log`), deleted rows included: a store's high-water marks, which
+    /// only a store rolled back in time (a backup, a VM snapshot) can lower.
+    fn sequence(&self, table: &str) -> rusqlite::Result<u64> {
+        self.conn()
+            .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name=?1")?
+            .query_row([table], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|o| o.unwrap_or(0) as u64)
+    }
+
+    /// Files shipped while a writer had them open, not yet logged again
+    /// (see [`WRITING_TABLE`]).
+    fn writing(&self) -> rusqlite::Result<Vec<u64>> {
+        let mut stmt = self.conn().prepare_cached("SELECT ino FROM writing")?;
+        let rows = stmt.query_map([], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
+        rows.collect()
+    }
+
+    /// A text value from the `meta` table.
+    fn meta_text(&self, key: &str) -> rusqlite::Result<Option<String>> {
         self.conn()
             .prepare_cached("SELECT value FROM meta WHERE key=?1")?
             .query_row([key], |r| r.get(0))
@@ -840,6 +955,7 @@ impl Tx<'_> {
     /// open handle are gone); logs `Delete`.
     pub fn delete(&self, ino: u64) -> rusqlite::Result<()> {
         self.log(&Change::Delete { ino })?;
+        self.clear_writing(ino)?;
         self.txn
             .prepare_cached("DELETE FROM xattr WHERE ino=?1")?
             .execute([ino as i64])?;
@@ -977,6 +1093,30 @@ impl Tx<'_> {
         self.txn
             .prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?
             .execute(params![key, value])?;
+        Ok(())
+    }
+
+    /// Sets a text value in the `meta` table.
+    pub fn set_meta_text(&self, key: &str, value: &str) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?
+            .execute(params![key, value])?;
+        Ok(())
+    }
+
+    /// Remembers that `ino` was shipped while open for writing.
+    pub fn mark_writing(&self, ino: u64) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("INSERT OR IGNORE INTO writing(ino) VALUES (?1)")?
+            .execute([ino as i64])?;
+        Ok(())
+    }
+
+    /// `ino` is logged again (or gone): forget [`Tx::mark_writing`].
+    pub fn clear_writing(&self, ino: u64) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("DELETE FROM writing WHERE ino=?1")?
+            .execute([ino as i64])?;
         Ok(())
     }
 

@@ -124,10 +124,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Maps a database error to EIO, logging it: the kernel can only say EIO.
+/// Maps a database error to an errno, logging it: a full disk is ENOSPC,
+/// which tells the caller to free space (and unlink can: see
+/// [`Store::make_room`]); anything else is EIO.
 fn db_err(e: rusqlite::Error) -> Errno {
     error!("store: {e}");
-    Errno::EIO
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => Errno::ENOSPC,
+        _ => Errno::EIO,
+    }
 }
 
 /// An `Errno` from an I/O error, EIO if it carries none.
@@ -219,6 +224,7 @@ impl Vfs {
         };
         if !read_only {
             vfs.reap_orphans()
+                .and_then(|()| vfs.relog_interrupted_writers())
                 .map_err(|e| StoreError::db(vfs.store.dir(), e))?;
         }
         Ok(vfs)
@@ -304,6 +310,23 @@ impl Vfs {
         self.store
             .write(|tx| tx.set_cached(ino, true))
             .map_err(db_err)
+    }
+
+    /// Files that were open for writing when the last daemon died, after
+    /// replication had shipped them: their later writes never reached the
+    /// log (passthrough and mmap writes bypass the daemon, and the last
+    /// close that would have logged them never came), so each is logged as
+    /// changed now and ships again.
+    fn relog_interrupted_writers(&self) -> rusqlite::Result<()> {
+        self.store.write(|tx| {
+            for ino in tx.writing()? {
+                if tx.inode(ino)?.is_some() {
+                    tx.content(ino)?;
+                }
+                tx.clear_writing(ino)?;
+            }
+            Ok(())
+        })
     }
 
     fn reap_orphans(&self) -> rusqlite::Result<()> {
@@ -452,6 +475,7 @@ impl Vfs {
             return self.getattr(ino);
         }
         if let Some(size) = set.size {
+            self.store.make_room();
             match kind {
                 Kind::File => {}
                 Kind::Dir => return Err(Errno::EISDIR),
@@ -551,6 +575,7 @@ impl Vfs {
     }
 
     fn delete_if_unlinked(&self, ino: u64) -> Result<(), Errno> {
+        self.store.make_room();
         let deleted = self
             .store
             .write(|tx| -> rusqlite::Result<bool> {
@@ -629,7 +654,7 @@ impl Vfs {
                 let path = self.store.data_path(inode.ino);
                 self.data.create(&path).map_err(|e| {
                     error!("creating {}: {e}", path.display());
-                    Errno::EIO
+                    io_err(e)
                 })?;
             }
             Ok(inode)
@@ -678,6 +703,7 @@ impl Vfs {
     pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> Result<(), Errno> {
         self.writable()?;
         check_name(name)?;
+        self.store.make_room();
         let victim = self.store.write(|tx| -> Result<Inode, TxError> {
             let victim = tx.lookup(parent, name)?.ok_or(Errno::ENOENT)?;
             check_removable(tx, &victim, dir)?;
@@ -716,6 +742,7 @@ impl Vfs {
         {
             return Err(Errno::EINVAL);
         }
+        self.store.make_room();
         let replaced = self.store.write(|tx| -> Result<Option<Inode>, TxError> {
             let moved = tx.lookup(parent, name)?.ok_or(Errno::ENOENT)?;
             let newdir = tx.inode(newparent)?.ok_or(Errno::ENOENT)?;
@@ -958,8 +985,15 @@ impl Vfs {
             }
             drop(open);
             if relog {
-                if let Err(e) = self.will_modify(h.ino) {
-                    warn!("logging the last writes to inode {}: {e:?}", h.ino);
+                // The writes since replication last read the file: logged
+                // now, and the durable reminder of them goes in the same
+                // commit (see `relog_interrupted_writers`).
+                let logged = self.store.write(|tx| {
+                    tx.content(h.ino)?;
+                    tx.clear_writing(h.ino)
+                });
+                if let Err(e) = logged {
+                    warn!("logging the last writes to inode {}: {e}", h.ino);
                 }
             }
         }
@@ -1012,12 +1046,34 @@ impl Vfs {
 
     /// Called by replication before it reads the bytes of `ino`: ends the
     /// current run of writes, so every write after this point is logged
-    /// again and shipped later, never lost between two reads.
+    /// again and shipped later, never lost between two reads. The shipper
+    /// makes that promise durable with [`Tx::mark_writing`] in the commit
+    /// that records the shipped state, if the file still has writers then.
     pub fn begin_ship(&self, ino: u64) {
         if let Some(state) = lock(&self.open).get_mut(&ino) {
             state.logged = false;
             state.shipped_mid_run = true;
         }
+    }
+
+    /// What `ferry sync` needs first: every file open for writing whose
+    /// latest writes no log record covers yet (replication read it since
+    /// its run began, and passthrough or mmap writes may have followed) is
+    /// logged now, so the sync waits for its current contents too.
+    pub fn log_open_writers(&self) -> Result<(), Errno> {
+        let unlogged: Vec<u64> = lock(&self.open)
+            .iter()
+            .filter(|(_, s)| s.writers > 0 && !s.logged)
+            .map(|(ino, _)| *ino)
+            .collect();
+        for ino in unlogged {
+            match self.will_modify(ino) {
+                // Closed and deleted in the meantime: nothing to ship.
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// `fsync`: the file's bytes, then every committed metadata change.

@@ -53,19 +53,29 @@ pub enum Command {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
-    /// Check offline that a store is intact and its change log matches it.
+    /// Check offline that a store is intact and its change log matches it,
+    /// or that a backend volume is whole.
+    #[command(group = clap::ArgGroup::new("what").required(true).multiple(true))]
     Fsck {
         /// The store directory (the daemon must not be running on it).
-        #[arg(long)]
-        store: PathBuf,
+        #[arg(long, group = "what")]
+        store: Option<PathBuf>,
+        /// Also rehash the store's cached files that were shipped and not
+        /// changed since, against their chunk lists.
+        #[arg(long, requires = "store")]
+        verify: bool,
+        /// Check the invariants of the volume at this backend.
+        #[arg(long, group = "what")]
+        backend: Option<String>,
     },
 }
 
 /// Arguments of `ferry mount`.
 #[derive(clap::Args)]
 pub struct MountArgs {
-    /// Local store directory [default: $XDG_DATA_HOME/ferry/<mountpoint> or
-    /// ~/.local/share/ferry/<mountpoint>].
+    /// Local store directory [default: $XDG_DATA_HOME/ferry/NAME or
+    /// ~/.local/share/ferry/NAME, NAME being the mountpoint's path with `/`
+    /// as `-`, and `-` and `%` in it as `%2D` and `%25`].
     #[arg(long)]
     store: Option<PathBuf>,
     /// Mount options: allow_other, default_permissions, ro, rw, threads=N,
@@ -113,18 +123,67 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             mountpoint,
             timeout,
         } => sync_cmd(&mountpoint, Duration::from_secs(timeout)),
-        Command::Fsck { store } => {
-            let report = ferry_fs::fsck::check(&store)?;
-            println!(
-                "{}: ok: {} inodes, {} entries, {} log records, {} stray data files",
-                store.display(),
-                report.inodes,
-                report.entries,
-                report.records,
-                report.stray_data_files
-            );
+        Command::Fsck {
+            store,
+            verify,
+            backend,
+        } => {
+            if let Some(store) = &store {
+                fsck_store(store, verify)?;
+            }
+            if let Some(url) = &backend {
+                fsck_backend(url)?;
+            }
             Ok(())
         }
+    }
+}
+
+fn fsck_store(store: &Path, verify: bool) -> anyhow::Result<()> {
+    let report = ferry_fs::fsck::check(store)?;
+    println!(
+        "{}: ok: {} inodes, {} entries, {} log records, {} stray data files",
+        store.display(),
+        report.inodes,
+        report.entries,
+        report.records,
+        report.stray_data_files
+    );
+    if !verify {
+        return Ok(());
+    }
+    let v = ferry_fs::fsck::verify(store)?;
+    for damage in &v.damaged {
+        println!("{}: damaged: {damage}", store.display());
+    }
+    let summary = format!(
+        "{} files ({} bytes) rehashed, {} skipped (changed since shipped, never shipped, or empty)",
+        v.files, v.bytes, v.skipped
+    );
+    if v.damaged.is_empty() {
+        println!("{}: contents ok: {summary}", store.display());
+        Ok(())
+    } else {
+        bail!(
+            "store {} is damaged in {} places: {summary}",
+            store.display(),
+            v.damaged.len()
+        )
+    }
+}
+
+fn fsck_backend(url: &str) -> anyhow::Result<()> {
+    let shown = ferry_backend::redact(url);
+    let backend = ferry_backend::open(url, ferry_fs::replicate::CONNECT_TIMEOUT)?;
+    let violations = ferry_backend::check(&*backend)?;
+    for v in &violations {
+        println!("{shown}: violation: {v}");
+    }
+    if violations.is_empty() {
+        println!("{shown}: ok: the volume is whole");
+        Ok(())
+    } else {
+        bail!("backend {shown} has {} violations", violations.len())
     }
 }
 
@@ -165,9 +224,9 @@ pub fn mount_helper_argv(args: impl Iterator<Item = OsString>) -> Vec<OsString> 
     out
 }
 
-/// The default store for a mountpoint: one directory per volume, named
-/// after the mountpoint's absolute path.
-fn default_store(mountpoint: &Path) -> anyhow::Result<PathBuf> {
+/// Where default stores live: `$XDG_DATA_HOME/ferry`, or
+/// `~/.local/share/ferry`.
+fn data_dir() -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("XDG_DATA_HOME") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
         _ => PathBuf::from(
@@ -175,22 +234,23 @@ fn default_store(mountpoint: &Path) -> anyhow::Result<PathBuf> {
         )
         .join(".local/share"),
     };
-    let abs = std::path::absolute(mountpoint)?;
-    let name: String = abs
-        .to_string_lossy()
-        .trim_matches('/')
-        .chars()
-        .map(|c| if c == '/' { '-' } else { c })
-        .collect();
-    Ok(base
-        .join("ferry")
-        .join(if name.is_empty() { "root".into() } else { name }))
+    Ok(base.join("ferry"))
 }
 
 fn mount_cmd(args: MountArgs) -> anyhow::Result<()> {
     let store = match args.store {
         Some(s) => s,
-        None => default_store(&args.mountpoint)?,
+        None => {
+            let chosen = mount::default_store(&data_dir()?, &args.mountpoint)?;
+            if let Some(old) = &chosen.moved_from {
+                eprintln!(
+                    "ferry: moved store {} to {}, its name now that no two mountpoints share one",
+                    old.display(),
+                    chosen.path.display()
+                );
+            }
+            chosen.path
+        }
     };
     let mut cfg = MountConfig::new(store, args.mountpoint.clone());
     cfg.backend = args.backend.clone();
@@ -426,6 +486,12 @@ fn print_status(r: &control::Report) {
 fn sync_cmd(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
     let store = store_of(mountpoint)?;
     let deadline = Instant::now() + timeout;
+    // Dirty pages the kernel still holds for the mount (its writeback
+    // cache, when files are not passed through) reach the daemon first, so
+    // the sync covers them too.
+    let root = std::fs::File::open(mountpoint)
+        .with_context(|| format!("opening {}", mountpoint.display()))?;
+    nix::unistd::syncfs(&root).with_context(|| format!("syncfs {}", mountpoint.display()))?;
     let (tx, rx) = std::sync::mpsc::channel();
     {
         let store = store.clone();
@@ -453,15 +519,18 @@ fn sync_cmd(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
         bar
     });
     let mut start: Option<u64> = None;
+    let mut last_error = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let report = match rx.recv_timeout(left) {
             Ok(r) => r.context("talking to the daemon")?,
             Err(_) => bail!(
-                "sync: not everything is at the backend after {}s",
-                timeout.as_secs()
+                "sync: not everything is at the backend after {}s{}",
+                timeout.as_secs(),
+                last_error.map_or(String::new(), |e| format!(" (last error: {e})"))
             ),
         };
+        last_error.clone_from(&report.status.last_error);
         if report.local_only {
             return Ok(());
         }
@@ -475,6 +544,14 @@ fn sync_cmd(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
         if report.done {
             if let Some(bar) = bar {
                 bar.finish_and_clear();
+            }
+            // Held back, so not at the backend: a restore would differ.
+            let held = report.status.conflicts;
+            if held > 0 {
+                bail!(
+                    "sync: {held} change(s) are held back by conflicts and are not at the \
+                     backend; see `ferry status`"
+                );
             }
             return Ok(());
         }

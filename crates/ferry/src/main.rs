@@ -43,6 +43,11 @@ fn main() {
                 }),
         )
         .with_writer(std::io::stderr)
+        // A daemon's stderr is its log, in the store: on a full disk a
+        // failed log write must not become a panic (tracing would report it
+        // with eprintln!, which panics when stderr fails too) and kill the
+        // daemon in the middle of a request.
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse_from(fs_cmd::mount_helper_argv(std::env::args_os()));
     let result = match cli.command {
