@@ -112,6 +112,8 @@ const MIGRATIONS: &[&str] = &[
     );
     -- The names of an inode, for the I3 rules; live entries only.
     CREATE INDEX entries_child ON entries (child_host, child_counter) WHERE deleted = 0;
+    -- Which host changed an entry last (Entry::origin).
+    ALTER TABLE entries ADD COLUMN origin INTEGER NOT NULL DEFAULT 0;
 ",
 ];
 // One migration per schema version.
@@ -679,7 +681,7 @@ fn apply(tx: &Transaction<'_>, origin: u32, op: &Op, refused: bool) -> Result<St
         } => {
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO entries (parent_host, parent_counter, name, child_host,
-                    child_counter, version, deleted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
+                    child_counter, version, deleted, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7)",
             )
             .and_then(|mut st| {
                 st.execute(params![
@@ -688,16 +690,17 @@ fn apply(tx: &Transaction<'_>, origin: u32, op: &Op, refused: bool) -> Result<St
                     name,
                     child.host,
                     child.counter as i64,
-                    version
+                    version,
+                    origin
                 ])
             })
             .map_err(sql)?;
         }
         Op::DeleteEntry { parent, name, .. } => {
             tx.execute(
-                "UPDATE entries SET version = ?4, deleted = 1
+                "UPDATE entries SET version = ?4, deleted = 1, origin = ?5
                  WHERE parent_host = ?1 AND parent_counter = ?2 AND name = ?3",
-                params![parent.host, parent.counter as i64, name, version],
+                params![parent.host, parent.counter as i64, name, version, origin],
             )
             .map_err(sql)?;
         }
@@ -819,10 +822,12 @@ fn read_inode(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<InodeState, Back
 }
 
 /// Columns [`read_entry`] expects, in order.
-const ENTRY_COLUMNS: &str = "parent_host, parent_counter, name, child_host, child_counter, version";
+const ENTRY_COLUMNS: &str =
+    "parent_host, parent_counter, name, child_host, child_counter, version, origin";
 
 fn read_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry, BackendError>> {
     let version: i64 = r.get(5)?;
+    let origin: u32 = r.get(6)?;
     let entry = Entry {
         parent: ObjectId {
             host: r.get(0)?,
@@ -834,6 +839,7 @@ fn read_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Entry, BackendEr
             counter: r.get::<_, i64>(4)? as u64,
         },
         version: 0,
+        origin,
     };
     Ok(stored(version, &|| format!("entry {}", entry.parent))
         .map(|version| Entry { version, ..entry }))

@@ -276,6 +276,10 @@ pub struct Entry {
     pub child: ObjectId,
     /// Backend-assigned version of this (parent, name) key.
     pub version: u64,
+    /// Host that made the last change to this key (set by
+    /// [`Backend::commit`]): how a host recognises, after a crash, its own
+    /// write whose acknowledgement it lost.
+    pub origin: u32,
 }
 
 /// One metadata change. Each carries the version it was based on and is

@@ -129,6 +129,8 @@ const MIGRATIONS: &[&str] = &[
     );
     -- The names of an inode, for the I3 rules; live entries only.
     CREATE INDEX ferry_entries_child ON ferry_entries (child_host, child_counter) WHERE NOT deleted;
+    -- Which host changed an entry last (Entry::origin).
+    ALTER TABLE ferry_entries ADD COLUMN origin bigint NOT NULL DEFAULT 0;
 ",
 ];
 // One migration per schema version.
@@ -1034,10 +1036,10 @@ async fn write(
         } => {
             tx.execute(
                 "INSERT INTO ferry_entries (parent_host, parent_counter, name, child_host, child_counter,
-                    version, deleted) VALUES ($1, $2, $3, $4, $5, $6, false)
+                    version, deleted, origin) VALUES ($1, $2, $3, $4, $5, $6, false, $7)
                  ON CONFLICT (parent_host, parent_counter, name) DO UPDATE SET
                     child_host = EXCLUDED.child_host, child_counter = EXCLUDED.child_counter,
-                    version = EXCLUDED.version, deleted = false",
+                    version = EXCLUDED.version, deleted = false, origin = EXCLUDED.origin",
                 &[
                     &i64::from(parent.host),
                     &(parent.counter as i64),
@@ -1045,6 +1047,7 @@ async fn write(
                     &i64::from(child.host),
                     &(child.counter as i64),
                     &version,
+                    &origin,
                 ],
             )
             .await
@@ -1052,13 +1055,14 @@ async fn write(
         }
         Op::DeleteEntry { parent, name, .. } => {
             tx.execute(
-                "UPDATE ferry_entries SET version = $4, deleted = true
+                "UPDATE ferry_entries SET version = $4, deleted = true, origin = $5
                  WHERE parent_host = $1 AND parent_counter = $2 AND name = $3",
                 &[
                     &i64::from(parent.host),
                     &(parent.counter as i64),
                     name,
                     &version,
+                    &origin,
                 ],
             )
             .await
@@ -1196,7 +1200,8 @@ fn attach_chunks(
 }
 
 /// Columns [`read_entry`] expects, in order.
-const ENTRY_COLUMNS: &str = "parent_host, parent_counter, name, child_host, child_counter, version";
+const ENTRY_COLUMNS: &str =
+    "parent_host, parent_counter, name, child_host, child_counter, version, origin";
 
 fn read_entry(r: &tokio_postgres::Row) -> Result<Entry, BackendError> {
     let parent = object_id(r, 0, "entry")?;
@@ -1206,6 +1211,7 @@ fn read_entry(r: &tokio_postgres::Row) -> Result<Entry, BackendError> {
         name: get(r, 2, &what)?,
         child: object_id(r, 3, "entry child")?,
         version: stored(get(r, 5, &what)?, &what)?,
+        origin: stored(get(r, 6, &what)?, &what)?,
     })
 }
 

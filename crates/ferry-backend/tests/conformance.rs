@@ -353,13 +353,15 @@ fn entries_put_replace_delete(v: &Volume) {
                 parent: dir.id,
                 name: b"a".to_vec(),
                 child: y.id,
-                version: 2
+                version: 2,
+                origin: 2,
             },
             Entry {
                 parent: dir.id,
                 name: b"\xff\x01bytes".to_vec(),
                 child: x.id,
-                version: 1
+                version: 1,
+                origin: 2,
             },
         ]
     );

@@ -70,8 +70,13 @@ use crate::log::{Change, LogRecord};
 use crate::store::{nanos_of, Inode, Kind, Queries, Store, Tx, ROOT_INO};
 use crate::vfs::Vfs;
 
-/// Records shipped per backend transaction.
-const BATCH: usize = 2048;
+/// Records shipped per backend transaction, at most. A batch ships the
+/// *current* state of what its records touched, and only the whole log up to
+/// its head describes that state: a batch cut short would ship, say, an
+/// inode's new name but not the removal of the old one, which is in a later
+/// record. So a batch takes everything pending; the bound only caps memory
+/// (records are about 100 bytes).
+const BATCH: usize = 1 << 20;
 /// Bytes of chunk data held in memory before a group is uploaded.
 const UPLOAD_GROUP: usize = 16 << 20;
 /// How long new changes settle before they ship.
@@ -97,6 +102,24 @@ fn inode_key(id: ObjectId) -> Vec<u8> {
     k.extend_from_slice(&id.host.to_be_bytes());
     k.extend_from_slice(&id.counter.to_be_bytes());
     k
+}
+
+/// What a backend key names; the inverse of [`inode_key`] and [`entry_key`].
+enum Key {
+    Inode(ObjectId),
+    Entry(ObjectId, Vec<u8>),
+}
+
+fn decode_key(key: &[u8]) -> Option<Key> {
+    let (&kind, rest) = key.split_first()?;
+    let host = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    let counter = u64::from_be_bytes(rest.get(4..12)?.try_into().ok()?);
+    let id = ObjectId { host, counter };
+    match kind {
+        b'i' if rest.len() == 12 => Some(Key::Inode(id)),
+        b'e' => Some(Key::Entry(id, rest[12..].to_vec())),
+        _ => None,
+    }
 }
 
 /// The backend key of a directory entry: `e` + parent id + name.
@@ -376,6 +399,163 @@ struct Planned {
     what: String,
 }
 
+/// Everything a batch ships, read from the store at one moment (under its
+/// lock): the pending log up to its head, and the state of what it touched
+/// as it is after that record. Read piecemeal instead, a name could be
+/// looked up after a rename its inode was read before, and the batch would
+/// ship a state that never existed (a name for an inode it does not ship, a
+/// directory with two names), which the backend rightly refuses. Only file
+/// contents are read later, and `begin_ship` covers those.
+struct Snapshot {
+    /// The last record it covers.
+    last: u64,
+    inodes: Vec<InodeSnap>,
+    names: Vec<NameSnap>,
+    /// Inodes gone here and still at the backend: (id, key, base).
+    deleted: Vec<(ObjectId, Vec<u8>, u64)>,
+}
+
+/// A touched inode that still exists and is not held back by a conflict.
+struct InodeSnap {
+    inode: Inode,
+    key: Vec<u8>,
+    base: Option<u64>,
+    /// Its bytes may have changed (a Create or Content record).
+    rewritten: bool,
+    target: Option<Vec<u8>>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The chunk list the backend has (or a restore brought).
+    known: ChunkList,
+}
+
+/// A touched name, not held back by a conflict.
+struct NameSnap {
+    parent: ObjectId,
+    name: Vec<u8>,
+    /// What it names now (`None`: nothing).
+    child: Option<ObjectId>,
+    key: Vec<u8>,
+    base: Option<u64>,
+}
+
+impl Snapshot {
+    /// Reads the log after `shipped` (at most [`BATCH`] records) and the
+    /// state of everything it touched.
+    fn take(r: &crate::store::Reader<'_>, shipped: u64) -> Result<Snapshot, ShipError> {
+        let batch = read_batch(r, shipped)?;
+        let mut inodes = BTreeSet::new();
+        // Inodes whose bytes may have changed: only their data files are read.
+        let mut rewritten = std::collections::HashSet::new();
+        let mut names: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
+        let mut deleted: BTreeSet<ObjectId> = BTreeSet::new();
+        for rec in &batch {
+            let change = rec.change().ok_or_else(|| {
+                ShipError::Store(rusqlite::Error::InvalidColumnType(
+                    0,
+                    format!("log record {}: {}", rec.seq, rec.op),
+                    rusqlite::types::Type::Text,
+                ))
+            })?;
+            match change {
+                Change::Delete { .. } => {
+                    deleted.insert(ObjectId {
+                        host: rec.host,
+                        counter: rec.counter,
+                    });
+                }
+                Change::Content { ino } => {
+                    inodes.insert(ino);
+                    rewritten.insert(ino);
+                }
+                Change::SetAttr { ino } | Change::Xattr { ino } => {
+                    inodes.insert(ino);
+                }
+                // Restored from the backend: already there.
+                Change::Import { .. } => {}
+                other => {
+                    inodes.insert(other.ino());
+                    if matches!(other, Change::Create { .. }) {
+                        rewritten.insert(other.ino());
+                    }
+                    // The directories too: a changed entry changed their
+                    // mtime and ctime, which must travel with it.
+                    let (p, n, p2, n2) = other.places();
+                    for (p, n) in [(p, n), (p2, n2)] {
+                        if let (Some(p), Some(n)) = (p, n) {
+                            names.insert((p, n.to_vec()));
+                            inodes.insert(p);
+                        }
+                    }
+                }
+            }
+        }
+        let mut snap = Snapshot {
+            last: batch.last().map_or(shipped, |rec| rec.seq),
+            inodes: Vec::new(),
+            names: Vec::new(),
+            deleted: Vec::new(),
+        };
+        for ino in inodes {
+            let Some(inode) = r.inode(ino)? else {
+                // Gone, and its Delete record is in this batch.
+                continue;
+            };
+            let key = inode_key(object_id(&inode));
+            if r.in_conflict(&key)? {
+                continue;
+            }
+            let mut xattrs = Vec::new();
+            for name in r.xattr_names(ino)? {
+                if let Some(v) = r.xattr(ino, &name)? {
+                    xattrs.push((name, v));
+                }
+            }
+            snap.inodes.push(InodeSnap {
+                base: r.remote_version(&key)?,
+                key,
+                rewritten: rewritten.contains(&ino),
+                target: r.symlink_target(ino)?,
+                xattrs,
+                known: if inode.kind() == Kind::File {
+                    r.chunks(ino)?
+                } else {
+                    Vec::new()
+                },
+                inode,
+            });
+        }
+        for (parent, name) in names {
+            // A removed directory still names its entries at the backend
+            // until they are deleted there; its log records know its id.
+            let pid = match r.inode(parent)? {
+                Some(dir) => object_id(&dir),
+                None => match r.logged_identity(parent)? {
+                    Some((host, counter)) => ObjectId { host, counter },
+                    None => continue,
+                },
+            };
+            let key = entry_key(pid, &name);
+            if r.in_conflict(&key)? {
+                continue;
+            }
+            snap.names.push(NameSnap {
+                parent: pid,
+                child: r.lookup(parent, &name)?.as_ref().map(object_id),
+                base: r.remote_version(&key)?,
+                key,
+                name,
+            });
+        }
+        for id in deleted {
+            let key = inode_key(id);
+            if let Some(base) = r.remote_version(&key)? {
+                snap.deleted.push((id, key, base));
+            }
+        }
+        Ok(snap)
+    }
+}
+
 /// A local inode as the backend will store it.
 struct Described {
     state: InodeState,
@@ -433,7 +613,7 @@ impl Shipper {
                 }
             }
             let shipped = self.shipped_seq();
-            let batch = match self.store().read(|r| r.log_after(shipped, BATCH)) {
+            let batch = match self.store().read(|r| read_batch(r, shipped)) {
                 Ok(b) => b,
                 Err(e) => {
                     self.failed(&ShipError::Store(e));
@@ -454,7 +634,7 @@ impl Shipper {
                 self.pause(SETTLE);
                 continue;
             }
-            match self.ship(&batch) {
+            match self.ship() {
                 Ok(()) => {
                     backoff.reset();
                     self.probe = false;
@@ -479,11 +659,64 @@ impl Shipper {
 
     /// Checks, once per run and before anything ships, that the backend
     /// answers, is this store's volume, and holds nothing newer from this
-    /// host than the store does (see [`crate::binding`]).
+    /// host than the store does (see [`crate::binding`]); then learns what
+    /// a batch in flight when the last daemon died did at the backend.
     fn verify(&mut self) -> Result<(), ShipError> {
         let (vfs, url) = (self.vfs.clone(), self.url.clone());
         crate::binding::verify(vfs.store(), self.backend()?, &url)?;
+        self.relearn()?;
         self.shared.update(|s| s.verified = true);
+        Ok(())
+    }
+
+    /// The last daemon died with a batch in flight: the backend may have
+    /// committed it while this store never recorded the new versions. For
+    /// each of its keys whose backend state this host wrote last, the
+    /// backend's version becomes the base again, so the batch, shipped
+    /// again, goes on top of its own earlier self instead of colliding with
+    /// it (a name created then would otherwise never be deleted, and a
+    /// directory moved since would get a second name). A key another host
+    /// changed keeps its old base: that is a real conflict.
+    fn relearn(&mut self) -> Result<(), ShipError> {
+        let keys = self.store().read(|r| r.inflight())?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let host = self.store().host();
+        let mut learned = Vec::with_capacity(keys.len());
+        for (key, deleting) in keys {
+            let version = match decode_key(&key) {
+                Some(Key::Inode(id)) => match self.backend()?.inode(&id)? {
+                    Some(t) if t.origin == host => Some(Some(t.version)),
+                    // Gone: deleting it again is recognised as done.
+                    None => Some(None),
+                    Some(_) => None,
+                },
+                Some(Key::Entry(parent, name)) => {
+                    let entries = self.backend()?.entries(&parent)?;
+                    match entries.into_iter().find(|e| e.name == name) {
+                        Some(e) if e.origin == host => Some(Some(e.version)),
+                        // We were deleting it, and it is gone: as we meant.
+                        None if deleting => Some(None),
+                        _ => None,
+                    }
+                }
+                None => None,
+            };
+            if let Some(version) = version {
+                learned.push((key, version));
+            }
+        }
+        info!(
+            "replication: relearned {} backend versions of the batch in flight at the last stop",
+            learned.len()
+        );
+        self.store().write(|tx| {
+            for (key, version) in &learned {
+                tx.set_remote_version(key, *version)?;
+            }
+            tx.set_inflight(std::iter::empty())
+        })?;
         Ok(())
     }
 
@@ -524,10 +757,12 @@ impl Shipper {
     }
 
     /// Whether a file the batch would read is still open for writing and
-    /// the batch is younger than [`WRITER_GRACE`].
+    /// the batch's oldest record is younger than [`WRITER_GRACE`] (older
+    /// than that, it ships anyway: a log written forever must not hold
+    /// everything else back).
     fn writers_busy(&self, batch: &[LogRecord]) -> bool {
-        let newest = batch.last().map_or(0, |r| r.at);
-        let age = Duration::from_nanos((crate::store::now() - newest).max(0) as u64);
+        let oldest = batch.first().map_or(0, |r| r.at);
+        let age = Duration::from_nanos((crate::store::now() - oldest).max(0) as u64);
         self.shared.urgent.load(Ordering::SeqCst) == 0
             && age < WRITER_GRACE
             && batch.iter().any(|r| {
@@ -566,37 +801,40 @@ impl Shipper {
     }
 
     /// Ships one batch: plan, upload chunks, commit, record the outcome.
-    fn ship(&mut self, batch: &[LogRecord]) -> Result<(), ShipError> {
-        let last = batch.last().expect("batch is not empty").seq;
+    fn ship(&mut self) -> Result<(), ShipError> {
         if self.probe {
             self.backend()?.info()?;
         }
+        let shipped = self.shipped_seq();
+        let snap = self.store().read(|r| Snapshot::take(r, shipped))?;
+        let last = snap.last;
         let mut uploads = Uploads::default();
-        let plan = self.plan(batch, &mut uploads)?;
+        let plan = self.plan(snap, &mut uploads)?;
         // Every chunk the ops refer to is at the backend before they commit.
         self.upload(&mut uploads)?;
         let host = self.store().host();
-        let outcomes = if plan.is_empty() {
-            Vec::new()
-        } else {
-            let ops: Vec<Op> = plan.iter().map(|p| p.op.clone()).collect();
-            self.backend()?.commit(host, &ops)?
-        };
-        if outcomes.len() != plan.len() {
-            return Err(BackendError::Corrupt {
-                what: format!("{} outcomes for {} ops", outcomes.len(), plan.len()),
-            }
-            .into());
-        }
+        // If the daemon dies between the backend's commit and ours, these
+        // are the keys whose versions it must learn again (`relearn`).
+        self.store().write(|tx| {
+            tx.set_inflight(plan.iter().map(|p| {
+                let deleting = matches!(p.op, Op::DeleteInode { .. } | Op::DeleteEntry { .. });
+                (&p.key[..], deleting)
+            }))
+        })?;
+        let ops: Vec<Op> = plan.iter().map(|p| p.op.clone()).collect();
+        let outcomes = self.commit(&ops)?;
         let mut settled = Vec::with_capacity(plan.len());
         for (p, outcome) in plan.into_iter().zip(outcomes) {
             let verdict = match outcome {
                 Outcome::Applied { version } => Verdict::Applied(version),
+                // The version matched, so the backend refused it for I3:
+                // something it depends on was refused (see `retry`).
+                Outcome::Conflict { current } if base_of(&p.op) == current => Verdict::Refused,
                 Outcome::Conflict { current } => self.judge(&p, current)?,
             };
             settled.push((p, verdict));
         }
-        self.rebase(&mut settled)?;
+        self.retry(&mut settled)?;
         let vfs = &self.vfs;
         self.store().write(|tx| -> rusqlite::Result<()> {
             for (p, verdict) in &settled {
@@ -609,6 +847,7 @@ impl Shipper {
                     tx.mark_writing(ino)?;
                 }
             }
+            tx.set_inflight(std::iter::empty())?;
             tx.set_meta_int("shipped_seq", last as i64)
         })?;
         // What the backend has from this host, for the check that a store
@@ -618,167 +857,157 @@ impl Shipper {
         Ok(())
     }
 
-    /// Ships again, on top of the backend's current version, the puts the
-    /// judge found safe to rebase: one more commit for all of them.
-    fn rebase(&mut self, settled: &mut [(Planned, Verdict)]) -> Result<(), ShipError> {
-        let mut again = Vec::new();
-        for (i, (p, verdict)) in settled.iter().enumerate() {
-            if let (Op::PutInode { state, .. }, Verdict::Rebase(theirs)) = (&p.op, verdict) {
-                let mut state = state.clone();
-                if Kind::from_mode(state.mode) == Some(Kind::Dir) {
-                    // Both hosts changed entries in it: it changed when the
-                    // later of them did.
-                    state.mtime_ns = state.mtime_ns.max(theirs.mtime_ns);
-                    state.ctime_ns = state.ctime_ns.max(theirs.ctime_ns);
-                }
-                let base = Some(theirs.version);
-                again.push((i, Op::PutInode { state, base }));
-            }
+    /// Commits `ops` (none: nothing to ask) and checks the answer's shape.
+    fn commit(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, ShipError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
         }
-        if again.is_empty() {
-            return Ok(());
-        }
-        let ops: Vec<Op> = again.iter().map(|(_, op)| op.clone()).collect();
         let host = self.store().host();
-        let outcomes = self.backend()?.commit(host, &ops)?;
+        let outcomes = self.backend()?.commit(host, ops)?;
         if outcomes.len() != ops.len() {
             return Err(BackendError::Corrupt {
                 what: format!("{} outcomes for {} ops", outcomes.len(), ops.len()),
             }
             .into());
         }
+        Ok(outcomes)
+    }
+
+    /// One more commit for what the first could not apply but now may: the
+    /// ops the judge rebased on the backend's version, and the ops refused
+    /// only because one they depend on was (a name depends on its inode's
+    /// put). The real conflicts go along unchanged, to be refused again, so
+    /// the backend judges the dependents on them as it did the first time.
+    /// Whatever is refused again is a conflict.
+    fn retry(&mut self, settled: &mut [(Planned, Verdict)]) -> Result<(), ShipError> {
+        let mut again = Vec::new();
+        for (i, (p, verdict)) in settled.iter().enumerate() {
+            match (&p.op, verdict) {
+                (
+                    Op::PutEntry {
+                        parent,
+                        name,
+                        child,
+                        ..
+                    },
+                    Verdict::RebaseEntry(v),
+                ) => {
+                    again.push((
+                        i,
+                        Op::PutEntry {
+                            parent: *parent,
+                            name: name.clone(),
+                            child: *child,
+                            base: Some(*v),
+                        },
+                    ));
+                }
+                (Op::DeleteEntry { parent, name, .. }, Verdict::RebaseEntry(v)) => {
+                    again.push((
+                        i,
+                        Op::DeleteEntry {
+                            parent: *parent,
+                            name: name.clone(),
+                            base: *v,
+                        },
+                    ));
+                }
+                (Op::PutInode { state, .. }, Verdict::Rebase(theirs)) => {
+                    let mut state = state.clone();
+                    if Kind::from_mode(state.mode) == Some(Kind::Dir) {
+                        // Both hosts changed entries in it: it changed when
+                        // the later of them did.
+                        state.mtime_ns = state.mtime_ns.max(theirs.mtime_ns);
+                        state.ctime_ns = state.ctime_ns.max(theirs.ctime_ns);
+                    }
+                    let base = Some(theirs.version);
+                    again.push((i, Op::PutInode { state, base }));
+                }
+                (Op::DeleteInode { id, .. }, Verdict::Rebase(theirs)) => {
+                    let (id, base) = (*id, theirs.version);
+                    again.push((i, Op::DeleteInode { id, base }));
+                }
+                (op, Verdict::Refused | Verdict::Conflict(_)) => again.push((i, op.clone())),
+                (_, Verdict::Applied(_) | Verdict::Gone) => {}
+                // The judge rebases only puts and deletes of their own kind.
+                (_, Verdict::Rebase(_) | Verdict::RebaseEntry(_)) => {}
+            }
+        }
+        let rebased = settled
+            .iter()
+            .any(|(_, v)| matches!(v, Verdict::Rebase(_) | Verdict::RebaseEntry(_)));
+        let ops: Vec<Op> = again.iter().map(|(_, op)| op.clone()).collect();
+        // Without a rebased op, the refused ones would be refused again.
+        let outcomes = if rebased {
+            self.commit(&ops)?
+        } else {
+            vec![Outcome::Conflict { current: None }; ops.len()]
+        };
         for ((i, _), outcome) in again.into_iter().zip(outcomes) {
-            settled[i].1 = match outcome {
-                Outcome::Applied { version } => Verdict::Applied(version),
-                Outcome::Conflict { current } => Verdict::Conflict(format!(
-                    "the backend moved on again (version {current:?}) while rebasing"
-                )),
+            let verdict = &mut settled[i].1;
+            *verdict = match (outcome, &*verdict) {
+                (Outcome::Applied { version }, _) => Verdict::Applied(version),
+                (Outcome::Conflict { .. }, Verdict::Conflict(detail)) => {
+                    Verdict::Conflict(detail.clone())
+                }
+                (Outcome::Conflict { .. }, _) => Verdict::Conflict(
+                    "refused by the backend: with the rest of the batch it would leave \
+                     a state no restore can load, or the backend moved on meanwhile"
+                        .into(),
+                ),
             };
         }
         Ok(())
     }
 
-    /// Turns a batch into backend ops on current state (module docs).
-    fn plan(
-        &mut self,
-        batch: &[LogRecord],
-        uploads: &mut Uploads,
-    ) -> Result<Vec<Planned>, ShipError> {
-        let mut inodes = BTreeSet::new();
-        // Inodes whose bytes may have changed: only their data files are read.
-        let mut rewritten = std::collections::HashSet::new();
-        let mut names: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
-        let mut deleted: Vec<ObjectId> = Vec::new();
-        for rec in batch {
-            let change = rec.change().ok_or_else(|| {
-                ShipError::Store(rusqlite::Error::InvalidColumnType(
-                    0,
-                    format!("log record {}: {}", rec.seq, rec.op),
-                    rusqlite::types::Type::Text,
-                ))
-            })?;
-            match change {
-                Change::Delete { .. } => deleted.push(ObjectId {
-                    host: rec.host,
-                    counter: rec.counter,
-                }),
-                Change::Content { ino } => {
-                    inodes.insert(ino);
-                    rewritten.insert(ino);
-                }
-                Change::SetAttr { ino } | Change::Xattr { ino } => {
-                    inodes.insert(ino);
-                }
-                // Restored from the backend: already there.
-                Change::Import { .. } => {}
-                other => {
-                    inodes.insert(other.ino());
-                    if matches!(other, Change::Create { .. }) {
-                        rewritten.insert(other.ino());
-                    }
-                    // The directories too: a changed entry changed their
-                    // mtime and ctime, which must travel with it.
-                    let (p, n, p2, n2) = other.places();
-                    if let (Some(p), Some(n)) = (p, n) {
-                        names.insert((p, n.to_vec()));
-                        inodes.insert(p);
-                    }
-                    if let (Some(p), Some(n)) = (p2, n2) {
-                        names.insert((p, n.to_vec()));
-                        inodes.insert(p);
-                    }
-                }
-            }
-        }
-
+    /// Turns the pending log into backend ops on current state (module
+    /// docs), from one [`Snapshot`] of the store.
+    fn plan(&mut self, snap: Snapshot, uploads: &mut Uploads) -> Result<Vec<Planned>, ShipError> {
         let mut puts = Vec::new();
         let mut inode_deletes = Vec::new();
-        for ino in inodes {
-            let Some(inode) = self.store().read(|r| r.inode(ino))? else {
-                continue; // deleted since: its Delete record says so
-            };
-            let key = inode_key(object_id(&inode));
-            if self.store().read(|r| r.in_conflict(&key))? {
-                continue;
-            }
-            let base = self.store().read(|r| r.remote_version(&key))?;
-            if inode.nlink == 0 && ino != ROOT_INO {
+        for obj in snap.inodes {
+            let id = object_id(&obj.inode);
+            let what = format!("inode {id}");
+            if obj.inode.nlink == 0 && obj.inode.ino != ROOT_INO {
                 // Unlinked but still open here: no other host can reach it,
                 // and a nameless inode at the backend is data no restore
                 // can reach. It goes now; its later writes stay local.
-                if let Some(base) = base {
-                    let id = object_id(&inode);
+                if let Some(base) = obj.base {
                     inode_deletes.push(Planned {
                         op: Op::DeleteInode { id, base },
-                        key,
+                        key: obj.key,
                         chunks: None,
                         read: None,
-                        what: format!("inode {id}"),
+                        what,
                     });
                 }
                 continue;
             }
-            let rewritten = rewritten.contains(&ino);
+            let base = obj.base;
+            let key = obj.key.clone();
             let Described {
                 state,
                 chunks,
                 read,
-            } = self.inode_state(&inode, rewritten, uploads)?;
+            } = self.inode_state(obj, uploads)?;
             puts.push(Planned {
-                what: format!("inode {}", state.id),
+                what,
                 op: Op::PutInode { state, base },
                 key,
                 chunks,
                 read,
             });
         }
-
         let (mut entry_deletes, mut entry_puts) = (Vec::new(), Vec::new());
-        for (parent, name) in names {
-            let (dir, child) = self
-                .store()
-                .read(|r| Ok::<_, rusqlite::Error>((r.inode(parent)?, r.lookup(parent, &name)?)))?;
-            // A removed directory still names its entries at the backend
-            // until they are deleted there; its log records know its id.
-            let pid = match dir {
-                Some(dir) => object_id(&dir),
-                None => match self.store().read(|r| r.logged_identity(parent))? {
-                    Some((host, counter)) => ObjectId { host, counter },
-                    None => continue,
-                },
-            };
-            let key = entry_key(pid, &name);
-            if self.store().read(|r| r.in_conflict(&key))? {
-                continue;
-            }
-            let base = self.store().read(|r| r.remote_version(&key))?;
-            let what = format!("entry {pid}/{}", String::from_utf8_lossy(&name));
-            match (child, base) {
+        for n in snap.names {
+            let what = format!("entry {}/{}", n.parent, String::from_utf8_lossy(&n.name));
+            let (parent, name, key) = (n.parent, n.name, n.key);
+            match (n.child, n.base) {
                 (Some(child), base) => entry_puts.push(Planned {
                     op: Op::PutEntry {
-                        parent: pid,
+                        parent,
                         name,
-                        child: object_id(&child),
+                        child,
                         base,
                     },
                     key,
@@ -787,11 +1016,7 @@ impl Shipper {
                     what,
                 }),
                 (None, Some(base)) => entry_deletes.push(Planned {
-                    op: Op::DeleteEntry {
-                        parent: pid,
-                        name,
-                        base,
-                    },
+                    op: Op::DeleteEntry { parent, name, base },
                     key,
                     chunks: None,
                     read: None,
@@ -800,18 +1025,14 @@ impl Shipper {
                 (None, None) => {} // created and removed before it ever shipped
             }
         }
-
-        for id in deleted {
-            let key = inode_key(id);
-            if let Some(base) = self.store().read(|r| r.remote_version(&key))? {
-                inode_deletes.push(Planned {
-                    op: Op::DeleteInode { id, base },
-                    key,
-                    chunks: None,
-                    read: None,
-                    what: format!("inode {id}"),
-                });
-            }
+        for (id, key, base) in snap.deleted {
+            inode_deletes.push(Planned {
+                op: Op::DeleteInode { id, base },
+                key,
+                chunks: None,
+                read: None,
+                what: format!("inode {id}"),
+            });
         }
         // Objects before the names that point at them; names before the
         // objects they stop pointing at.
@@ -829,25 +1050,14 @@ impl Shipper {
     /// its size; otherwise that list is shipped again as it is.
     fn inode_state(
         &mut self,
-        inode: &Inode,
-        rewritten: bool,
+        obj: InodeSnap,
         uploads: &mut Uploads,
     ) -> Result<Described, ShipError> {
-        let store = self.vfs.store();
+        let inode = &obj.inode;
         let attr = self
             .vfs
             .attr(inode)
             .map_err(|e| ShipError::Io(std::io::Error::from_raw_os_error(e.code())))?;
-        let (target, xattrs) = store.read(|r| {
-            let target = r.symlink_target(inode.ino)?;
-            let mut xattrs = Vec::new();
-            for name in r.xattr_names(inode.ino)? {
-                if let Some(v) = r.xattr(inode.ino, &name)? {
-                    xattrs.push((name, v));
-                }
-            }
-            Ok::<_, rusqlite::Error>((target, xattrs))
-        })?;
         let mut state = InodeState::new(object_id(inode), inode.mode);
         state.uid = inode.uid;
         state.gid = inode.gid;
@@ -856,17 +1066,17 @@ impl Shipper {
         state.atime_ns = nanos_of(attr.atime);
         state.mtime_ns = nanos_of(attr.mtime);
         state.ctime_ns = nanos_of(attr.ctime);
-        state.target = target;
-        state.xattrs = xattrs;
-        state.origin = store.host();
+        state.target = obj.target;
+        state.xattrs = obj.xattrs;
+        state.origin = self.store().host();
         let mut chunks = None;
         let mut read = None;
         if inode.kind() == Kind::File {
             // Not cached here means not changed here: the list we have is
             // the backend's.
-            let known = store.read(|r| r.chunks(inode.ino))?;
+            let known = obj.known;
             let adds_up = known.iter().map(|(_, len)| u64::from(*len)).sum::<u64>() == attr.size;
-            let list = if inode.cached && (rewritten || !adds_up) {
+            let list = if inode.cached && (obj.rewritten || !adds_up) {
                 read = Some(inode.ino);
                 self.read_chunks(inode.ino, uploads)?
             } else {
@@ -972,6 +1182,16 @@ impl Shipper {
         Ok(match (&p.op, current) {
             // Deleting what is already gone: done.
             (Op::DeleteInode { .. } | Op::DeleteEntry { .. }, None) => Verdict::Gone,
+            (Op::DeleteInode { id, .. }, Some(current)) => {
+                match self.backend()?.inode(id)? {
+                    // Our own put, whose acknowledgement a crash lost, then
+                    // deleted here: the delete goes on top of it.
+                    Some(t) if t.origin == host => Verdict::Rebase(t),
+                    _ => Verdict::Conflict(format!(
+                        "backend has version {current}, this host deleted another"
+                    )),
+                }
+            }
             (Op::PutInode { state, .. }, Some(current)) => {
                 let theirs = self.backend()?.inode(&state.id)?;
                 match theirs {
@@ -994,25 +1214,23 @@ impl Shipper {
                 }
             }
             (
-                Op::PutEntry {
-                    parent,
-                    name,
-                    child,
-                    ..
-                },
+                Op::PutEntry { parent, name, .. } | Op::DeleteEntry { parent, name, .. },
                 Some(current),
             ) => {
-                let same = self
+                let theirs = self
                     .backend()?
                     .entries(parent)?
                     .into_iter()
-                    .any(|e| &e.name == name && e.child == *child);
-                if same {
-                    Verdict::Applied(current)
-                } else {
-                    Verdict::Conflict(format!(
-                        "the name points elsewhere at the backend (version {current})"
-                    ))
+                    .find(|e| &e.name == name);
+                match (&p.op, theirs) {
+                    (Op::PutEntry { child, .. }, Some(e)) if e.child == *child => {
+                        Verdict::Applied(current)
+                    }
+                    // Our own earlier write, as for inodes above.
+                    (_, Some(e)) if e.origin == host => Verdict::RebaseEntry(current),
+                    _ => Verdict::Conflict(format!(
+                        "another host changed the name at the backend (version {current})"
+                    )),
                 }
             }
             (_, current) => Verdict::Conflict(format!(
@@ -1028,6 +1246,11 @@ enum Verdict {
     Applied(u64),
     /// Ship again on top of the backend's current state (see `judge`).
     Rebase(InodeState),
+    /// The same for a name, on top of this version.
+    RebaseEntry(u64),
+    /// Refused by the backend for I3 although its base matched: something
+    /// it depends on was refused; `retry` decides.
+    Refused,
     /// The object is gone from the backend, as we wanted.
     Gone,
     /// A real conflict, kept with this detail.
@@ -1044,7 +1267,9 @@ fn record(tx: &Tx<'_>, p: &Planned, verdict: &Verdict) -> rusqlite::Result<()> {
             }
             Ok(())
         }
-        Verdict::Rebase(_) => unreachable!("rebase settles every Rebase verdict"),
+        Verdict::Rebase(_) | Verdict::RebaseEntry(_) | Verdict::Refused => {
+            unreachable!("retry settles every Rebase and Refused verdict")
+        }
         Verdict::Gone => tx.set_remote_version(&p.key, None),
         Verdict::Conflict(detail) => {
             warn!("conflict on {}: {detail}; kept, not overwritten", p.what);
@@ -1071,6 +1296,28 @@ fn extent(file: &File, at: u64, len: u64) -> std::io::Result<(u64, u64)> {
         Err(e) => return Err(e.into()),
     };
     Ok((data, hole.max(data)))
+}
+
+/// The next batch of the log after `shipped`: [`BATCH`] records, extended
+/// to the end of the transaction the last one belongs to (its records share
+/// their time). A batch that ended inside one — between the unlink of a
+/// rename's target and the rename — would ship a state that never existed.
+fn read_batch(r: &crate::store::Reader<'_>, shipped: u64) -> rusqlite::Result<Vec<LogRecord>> {
+    let mut batch = r.log_after(shipped, BATCH)?;
+    if let Some(last) = batch.last().filter(|_| batch.len() == BATCH) {
+        let (seq, at) = (last.seq, last.at);
+        let rest = r.log_after(seq, BATCH)?;
+        batch.extend(rest.into_iter().take_while(|rec| rec.at == at));
+    }
+    Ok(batch)
+}
+
+/// The version an op expects its key to have (`None`: absent).
+fn base_of(op: &Op) -> Option<u64> {
+    match op {
+        Op::PutInode { base, .. } | Op::PutEntry { base, .. } => *base,
+        Op::DeleteInode { base, .. } | Op::DeleteEntry { base, .. } => Some(*base),
+    }
 }
 
 /// Reads at `offset` until `buf` is full or the file ends.

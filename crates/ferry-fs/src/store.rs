@@ -40,7 +40,7 @@ pub const FORMAT_VERSION: i32 = 2;
 
 /// What a store of each older format version needs to reach the next:
 /// `MIGRATIONS[v - 1]` takes version `v` to `v + 1`.
-const MIGRATIONS: &[&str] = &[WRITING_TABLE];
+const MIGRATIONS: &[&str] = &[VERSION_2];
 
 /// Files whose contents were shipped while a writer still had them open
 /// (version 2). Writes after that point are not visible to the daemon
@@ -48,7 +48,13 @@ const MIGRATIONS: &[&str] = &[WRITING_TABLE];
 /// logged again, this row is the durable memory that the file may have
 /// changed: a daemon killed in between logs every such file at its next
 /// start. See [`crate::vfs`].
-const WRITING_TABLE: &str = "CREATE TABLE writing(ino INTEGER PRIMARY KEY);";
+///
+/// And the backend keys of the batch being committed (`inflight`): if the
+/// daemon dies after the backend committed a batch but before this store
+/// recorded it, these are the keys whose backend versions it must learn
+/// again before it ships on top of them.
+const VERSION_2: &str = "CREATE TABLE writing(ino INTEGER PRIMARY KEY);
+CREATE TABLE inflight(key BLOB PRIMARY KEY, deleting INTEGER NOT NULL) WITHOUT ROWID;";
 
 /// Bytes kept in reserve for operations that free space on a full disk.
 const RESERVE_BYTES: u64 = 8 << 20;
@@ -116,6 +122,7 @@ CREATE TABLE log(
     name2 BLOB,
     at INTEGER NOT NULL);
 CREATE TABLE writing(ino INTEGER PRIMARY KEY);
+CREATE TABLE inflight(key BLOB PRIMARY KEY, deleting INTEGER NOT NULL) WITHOUT ROWID;
 ";
 
 /// File type bits of `mode`, as stored (the `S_IFMT` part).
@@ -345,6 +352,7 @@ impl Store {
             txn,
             host: self.host,
             logged: std::cell::Cell::new(false),
+            at: now(),
         };
         let out = f(&tx)?;
         let logged = tx.logged.get();
@@ -641,6 +649,17 @@ pub trait Queries {
             .optional()
     }
 
+    /// Every name of `ino`: (directory, name) pairs.
+    fn names_of(&self, ino: u64) -> rusqlite::Result<Vec<(u64, Vec<u8>)>> {
+        let mut stmt = self
+            .conn()
+            .prepare_cached("SELECT parent, name FROM dentry WHERE ino=?1")?;
+        let rows = stmt.query_map([ino as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+        })?;
+        rows.collect()
+    }
+
     /// A symlink's target.
     fn symlink_target(&self, ino: u64) -> rusqlite::Result<Option<Vec<u8>>> {
         self.conn()
@@ -746,10 +765,21 @@ pub trait Queries {
     }
 
     /// Files shipped while a writer had them open, not yet logged again
-    /// (see [`WRITING_TABLE`]).
+    /// (see [`VERSION_2`]).
     fn writing(&self) -> rusqlite::Result<Vec<u64>> {
         let mut stmt = self.conn().prepare_cached("SELECT ino FROM writing")?;
         let rows = stmt.query_map([], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
+        rows.collect()
+    }
+
+    /// Backend keys of a batch that may have been committed at the backend
+    /// without this store recording it (see [`VERSION_2`]), each with
+    /// whether the batch deleted it.
+    fn inflight(&self) -> rusqlite::Result<Vec<(Vec<u8>, bool)>> {
+        let mut stmt = self
+            .conn()
+            .prepare_cached("SELECT key, deleting FROM inflight")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect()
     }
 
@@ -856,6 +886,9 @@ pub struct Tx<'a> {
     /// Whether this transaction appended to the log (so, once committed,
     /// the replicator has work).
     logged: std::cell::Cell<bool>,
+    /// When it began: the time of every record it logs, which is how a
+    /// reader of the log tells where a transaction's records end.
+    at: Nanos,
 }
 
 impl Queries for Tx<'_> {
@@ -1104,6 +1137,22 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Replaces the keys of the batch in flight, each with whether the
+    /// batch deletes it (none: the batch is recorded).
+    pub fn set_inflight<'k>(
+        &self,
+        keys: impl IntoIterator<Item = (&'k [u8], bool)>,
+    ) -> rusqlite::Result<()> {
+        self.txn.execute("DELETE FROM inflight", [])?;
+        let mut stmt = self
+            .txn
+            .prepare_cached("INSERT OR REPLACE INTO inflight(key, deleting) VALUES (?1, ?2)")?;
+        for (key, deleting) in keys {
+            stmt.execute(params![key, deleting])?;
+        }
+        Ok(())
+    }
+
     /// Remembers that `ino` was shipped while open for writing.
     pub fn mark_writing(&self, ino: u64) -> rusqlite::Result<()> {
         self.txn
@@ -1306,7 +1355,7 @@ impl Tx<'_> {
                 name,
                 parent2.map(|p| p as i64),
                 name2,
-                now(),
+                self.at,
                 host,
                 counter
             ])?;

@@ -236,6 +236,22 @@ fn capture(root: &Path) -> Result<Image, String> {
 }
 
 /// Checks the databases under `mount` against `log`, bounded.
+/// The database directory of `mount`, copied to a new temp dir.
+fn copy_dbs(mount: &Path) -> std::io::Result<TempDir> {
+    let copy = TempDir::new("ferry-check-dbs");
+    fs::create_dir(copy.path().join(sqlite::DIR))?;
+    for entry in fs::read_dir(mount.join(sqlite::DIR))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            fs::copy(
+                entry.path(),
+                copy.path().join(sqlite::DIR).join(entry.file_name()),
+            )?;
+        }
+    }
+    Ok(copy)
+}
+
 fn check_dbs(mount: &Path, log: &Log) -> Vec<String> {
     let (mount, log) = (mount.to_path_buf(), log.clone());
     within("checking the databases", move || {
@@ -392,7 +408,13 @@ fn sync_and_restore(m: &Mount, url: &str, check: &str, rows: Option<&Log>, repor
         }
     }
     if let Some(log) = rows {
-        let problems = check_dbs(fresh.path(), log);
+        // Checked on a copy: opening a database writes to it (journal
+        // mode, a hot journal's rollback), and the restored host would
+        // ship that to the backend the checked host shares.
+        let problems = match copy_dbs(fresh.path()) {
+            Ok(copy) => check_dbs(copy.path(), log),
+            Err(e) => vec![format!("copying the restored databases: {e}")],
+        };
         if !problems.is_empty() {
             report.fail(&format!("{check}: the restore's databases"), problems);
         }
