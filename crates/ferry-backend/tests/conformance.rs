@@ -738,7 +738,8 @@ fn host_marks_follow_ids_and_shipping(v: &Volume) {
 }
 
 /// A volume as version 1 left it (no host marks, no index of entries by
-/// child): `open` refuses it with the way out, `init` migrates it in place.
+/// child, no origin of entries): `open` refuses it with the way out, `init`
+/// migrates it in place.
 fn version_1_volume_is_refused_until_init_migrates_it(v: &Volume) {
     let b = v.init_open();
     let info = b.info().unwrap();
@@ -746,9 +747,10 @@ fn version_1_volume_is_refused_until_init_migrates_it(v: &Volume) {
     b.commit(1, &create(&f, ObjectId::ROOT, "f")).unwrap();
     drop(b);
     v.exec(&format!(
-        "DROP TABLE {}; DROP INDEX {};",
+        "DROP TABLE {}; DROP INDEX {}; ALTER TABLE {} DROP COLUMN origin;",
         v.table("hosts"),
-        v.table("entries_child")
+        v.table("entries_child"),
+        v.table("entries")
     ));
     v.set_schema_version(1);
 

@@ -14,8 +14,14 @@ the order a request travels:
 * [`log`] — [`log::Change`], the durable ordered outbox that replication
   ships to a backend.
 
+[`replicate`] ships the log to a backend and restores a new host from one,
+keeping the invariants I1–I4 stated in its docs; [`binding`] ties a store to
+its volume and refuses one that went back in time; [`wal`] checks the
+store's write-ahead log before SQLite replays it.
+
 [`mount`] ties them to a mountpoint, and [`fsck`] checks offline that the
-log describes exactly the store.
+log describes exactly the store (and, with `--verify`, that clean files
+still hash to what the backend has).
 
 ```no_run
 use ferry_fs::mount::{mount, MountConfig};
