@@ -835,6 +835,12 @@ impl Shipper {
             settled.push((p, verdict));
         }
         self.retry(&mut settled)?;
+        // What the backend has from this host, for the check that a store
+        // never goes back in time (the store's log already reaches `last`).
+        // Before the local record, so a batch is recorded as shipped only
+        // once every call of it succeeded; a failure ships it again, on top
+        // of its own earlier self.
+        self.backend()?.set_shipped(host, last)?;
         let vfs = &self.vfs;
         self.store().write(|tx| -> rusqlite::Result<()> {
             for (p, verdict) in &settled {
@@ -850,10 +856,6 @@ impl Shipper {
             tx.set_inflight(std::iter::empty())?;
             tx.set_meta_int("shipped_seq", last as i64)
         })?;
-        // What the backend has from this host, for the check that a store
-        // never goes back in time. After the local commit: a crash between
-        // leaves the mark lower than the truth, which only weakens the check.
-        self.backend()?.set_shipped(host, last)?;
         Ok(())
     }
 
