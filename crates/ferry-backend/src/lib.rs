@@ -546,11 +546,22 @@ impl Op {
     }
 
     /// The version this op expects its key to have (`None` = absent).
-    pub(crate) fn base(&self) -> Option<u64> {
+    pub fn base(&self) -> Option<u64> {
         match self {
             Op::PutInode { base, .. } | Op::PutEntry { base, .. } => *base,
             Op::DeleteInode { base, .. } | Op::DeleteEntry { base, .. } => Some(*base),
         }
+    }
+
+    /// The same op, expecting its key to be at version `base` (what a host
+    /// sends again on top of a version it learned is its own).
+    pub fn with_base(&self, version: u64) -> Op {
+        let mut op = self.clone();
+        match &mut op {
+            Op::PutInode { base, .. } | Op::PutEntry { base, .. } => *base = Some(version),
+            Op::DeleteInode { base, .. } | Op::DeleteEntry { base, .. } => *base = version,
+        }
+        op
     }
 }
 

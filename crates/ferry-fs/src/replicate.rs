@@ -829,7 +829,7 @@ impl Shipper {
                 Outcome::Applied { version } => Verdict::Applied(version),
                 // The version matched, so the backend refused it for I3:
                 // something it depends on was refused (see `retry`).
-                Outcome::Conflict { current } if base_of(&p.op) == current => Verdict::Refused,
+                Outcome::Conflict { current } if p.op.base() == current => Verdict::Refused,
                 Outcome::Conflict { current } => self.judge(&p, current)?,
             };
             settled.push((p, verdict));
@@ -885,54 +885,21 @@ impl Shipper {
         let mut again = Vec::new();
         for (i, (p, verdict)) in settled.iter().enumerate() {
             match (&p.op, verdict) {
-                (
-                    Op::PutEntry {
-                        parent,
-                        name,
-                        child,
-                        ..
-                    },
-                    Verdict::RebaseEntry(v),
-                ) => {
-                    again.push((
-                        i,
-                        Op::PutEntry {
-                            parent: *parent,
-                            name: name.clone(),
-                            child: *child,
-                            base: Some(*v),
-                        },
-                    ));
-                }
-                (Op::DeleteEntry { parent, name, .. }, Verdict::RebaseEntry(v)) => {
-                    again.push((
-                        i,
-                        Op::DeleteEntry {
-                            parent: *parent,
-                            name: name.clone(),
-                            base: *v,
-                        },
-                    ));
-                }
-                (Op::PutInode { state, .. }, Verdict::Rebase(theirs)) => {
+                (Op::PutInode { state, .. }, Verdict::Rebase(theirs))
+                    if Kind::from_mode(state.mode) == Some(Kind::Dir) =>
+                {
+                    // Both hosts changed entries in it: it changed when the
+                    // later of them did.
                     let mut state = state.clone();
-                    if Kind::from_mode(state.mode) == Some(Kind::Dir) {
-                        // Both hosts changed entries in it: it changed when
-                        // the later of them did.
-                        state.mtime_ns = state.mtime_ns.max(theirs.mtime_ns);
-                        state.ctime_ns = state.ctime_ns.max(theirs.ctime_ns);
-                    }
+                    state.mtime_ns = state.mtime_ns.max(theirs.mtime_ns);
+                    state.ctime_ns = state.ctime_ns.max(theirs.ctime_ns);
                     let base = Some(theirs.version);
                     again.push((i, Op::PutInode { state, base }));
                 }
-                (Op::DeleteInode { id, .. }, Verdict::Rebase(theirs)) => {
-                    let (id, base) = (*id, theirs.version);
-                    again.push((i, Op::DeleteInode { id, base }));
-                }
+                (op, Verdict::Rebase(theirs)) => again.push((i, op.with_base(theirs.version))),
+                (op, Verdict::RebaseEntry(v)) => again.push((i, op.with_base(*v))),
                 (op, Verdict::Refused | Verdict::Conflict(_)) => again.push((i, op.clone())),
                 (_, Verdict::Applied(_) | Verdict::Gone) => {}
-                // The judge rebases only puts and deletes of their own kind.
-                (_, Verdict::Rebase(_) | Verdict::RebaseEntry(_)) => {}
             }
         }
         let rebased = settled
@@ -1312,14 +1279,6 @@ fn read_batch(r: &crate::store::Reader<'_>, shipped: u64) -> rusqlite::Result<Ve
         batch.extend(rest.into_iter().take_while(|rec| rec.at == at));
     }
     Ok(batch)
-}
-
-/// The version an op expects its key to have (`None`: absent).
-fn base_of(op: &Op) -> Option<u64> {
-    match op {
-        Op::PutInode { base, .. } | Op::PutEntry { base, .. } => *base,
-        Op::DeleteInode { base, .. } | Op::DeleteEntry { base, .. } => Some(*base),
-    }
 }
 
 /// Reads at `offset` until `buf` is full or the file ends.
