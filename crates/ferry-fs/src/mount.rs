@@ -21,7 +21,7 @@ use crate::cache::Evictor;
 use crate::control;
 use crate::error::StoreError;
 use crate::fuse::FerryFs;
-use crate::replicate::{self, Fetcher, Replicator};
+use crate::replicate::{self, Replication};
 use crate::store::{Queries, Store};
 use crate::vfs::Vfs;
 
@@ -49,6 +49,10 @@ pub struct MountConfig {
     /// Bytes of file contents to keep cached when there is a backend
     /// (0: no limit); clean files beyond it are evicted.
     pub cache_size: u64,
+    /// Which contents to fetch in the background when there is a backend.
+    pub prefetch: replicate::Prefetch,
+    /// Largest file [`replicate::Prefetch::Small`] fetches, in bytes.
+    pub prefetch_max_file: u64,
 }
 
 impl MountConfig {
@@ -65,6 +69,8 @@ impl MountConfig {
             backend: None,
             max_backlog: 1 << 30,
             cache_size: 0,
+            prefetch: replicate::Prefetch::default(),
+            prefetch_max_file: 1 << 20,
         }
     }
 
@@ -408,7 +414,7 @@ fn shell_quote(p: &Path) -> String {
 pub struct Mounted {
     session: Session<FerryFs>,
     /// Stopped (and joined) once the session ends.
-    replicator: Option<Replicator>,
+    replication: Option<Replication>,
     evictor: Option<Evictor>,
 }
 
@@ -418,7 +424,7 @@ impl Mounted {
     pub fn run(self) -> io::Result<()> {
         let result = self.session.run();
         drop(self.evictor);
-        drop(self.replicator);
+        drop(self.replication);
         result
     }
 
@@ -461,29 +467,29 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
         }
     }
     let vfs = Arc::new(Vfs::new(store, cfg.read_only)?);
-    let replicator = match &cfg.backend {
-        Some(url) if !cfg.read_only => {
-            let r = Replicator::start(
+    let replication = match &cfg.backend {
+        Some(url) if !cfg.read_only => Some(
+            Replication::start(
                 vfs.clone(),
                 replicate::Config {
                     url: url.clone(),
                     max_backlog: cfg.max_backlog,
+                    prefetch: cfg.prefetch,
+                    prefetch_max_file: cfg.prefetch_max_file,
                 },
             )
-            .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
-            vfs.attach_backend(Arc::new(Fetcher::new(url.clone())), r.shared().clone());
-            Some(r)
-        }
+            .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?,
+        ),
         _ => None,
     };
-    let evictor = match (&replicator, cfg.cache_size) {
+    let evictor = match (&replication, cfg.cache_size) {
         (Some(_), limit) if limit > 0 => Some(
             Evictor::start(vfs.clone(), limit)
                 .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?,
         ),
         _ => None,
     };
-    control::serve(vfs.clone(), replicator.as_ref().map(|r| r.shared().clone()))
+    control::serve(vfs.clone(), replication.as_ref().map(|r| r.shared().clone()))
         .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
     let store_name = std::fs::canonicalize(&cfg.store).unwrap_or_else(|_| cfg.store.clone());
     let mut options = vec![
@@ -515,9 +521,12 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
     let fs = FerryFs::new(vfs, passthrough);
     let session = Session::new(fs, &cfg.mountpoint, &config)
         .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
+    if let Some(r) = &replication {
+        r.set_notifier(session.notifier());
+    }
     Ok(Mounted {
         session,
-        replicator,
+        replication,
         evictor,
     })
 }

@@ -173,6 +173,71 @@ pub struct Status {
     /// store's volume (nothing ships before, and no sync is done before).
     #[serde(default)]
     pub verified: bool,
+    /// The backend feed position this host has applied (down-sync).
+    #[serde(default)]
+    pub feed_seq: u64,
+    /// Remote changes applied to this store since the daemon started.
+    #[serde(default)]
+    pub applied: u64,
+    /// Conflicts resolved on this host, newest last (the most recent ones;
+    /// every one is also in the daemon's log).
+    #[serde(default)]
+    pub resolved: Vec<Resolution>,
+    /// Background prefetch of file contents, while one runs or after.
+    #[serde(default)]
+    pub prefetch: Option<PrefetchProgress>,
+}
+
+/// One conflict and how it was resolved, for `ferry status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Resolution {
+    /// Unix time of the resolution.
+    pub at: f64,
+    /// The path the conflict was on (as it was on this host).
+    pub path: String,
+    /// What was done, in words ("kept this host's version as …").
+    pub how: String,
+}
+
+/// Progress of a background prefetch.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PrefetchProgress {
+    /// Files fetched so far, of `files_total` chosen by the policy.
+    pub files_done: u64,
+    /// Files the policy chose.
+    pub files_total: u64,
+    /// Bytes fetched so far.
+    pub bytes_done: u64,
+    /// Bytes the policy chose.
+    pub bytes_total: u64,
+}
+
+/// Which file contents a mount fetches in the background, before anyone
+/// opens them (Coda's hoarding): after a restore and after each down-sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Only what is opened (and read ahead within its directory).
+    None,
+    /// Files up to the size limit.
+    #[default]
+    Small,
+    /// Everything (still bounded by the cache size, if one is set).
+    All,
+}
+
+impl std::str::FromStr for Prefetch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Prefetch, String> {
+        match s {
+            "none" => Ok(Prefetch::None),
+            "small" => Ok(Prefetch::Small),
+            "all" => Ok(Prefetch::All),
+            other => Err(format!(
+                "prefetch must be none, small or all, not {other:?}"
+            )),
+        }
+    }
 }
 
 /// How the replicator runs.
@@ -182,6 +247,10 @@ pub struct Config {
     pub url: String,
     /// Backlog (bytes of pending contents) above which writers slow down.
     pub max_backlog: u64,
+    /// What to fetch in the background.
+    pub prefetch: Prefetch,
+    /// Largest file `Prefetch::Small` fetches, in bytes.
+    pub prefetch_max_file: u64,
 }
 
 /// State shared between the shipper thread, the vfs and the control socket.
@@ -237,21 +306,23 @@ impl Drop for Urgent<'_> {
     }
 }
 
-/// The running replicator: a handle on the shipper thread.
+/// The running replication of a mount: a handle on its threads.
 ///
-/// Dropping it stops the thread and joins it. That is safe at any moment:
+/// Dropping it stops the threads and joins them. That is safe at any moment:
 /// nothing is acknowledged locally before the backend committed it, so a
 /// stop mid-batch only means the batch is shipped again next time.
-pub struct Replicator {
+pub struct Replication {
     shared: Arc<Shared>,
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     store_waker: Arc<Vfs>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Replicator {
-    /// Starts shipping `vfs`'s log to the backend at `cfg.url`. The backend
-    /// need not be reachable: the thread keeps trying.
-    pub fn start(vfs: Arc<Vfs>, cfg: Config) -> std::io::Result<Replicator> {
+impl Replication {
+    /// Starts replicating `vfs` with the backend at `cfg.url`, and makes
+    /// the vfs fetch contents from it. The backend need not be reachable:
+    /// the threads keep trying.
+    pub fn start(vfs: Arc<Vfs>, cfg: Config) -> std::io::Result<Replication> {
         let shared = Arc::new(Shared {
             status: Mutex::new(Status {
                 backend: ferry_backend::redact(&cfg.url),
@@ -262,26 +333,36 @@ impl Replicator {
             max_backlog: cfg.max_backlog,
             urgent: std::sync::atomic::AtomicUsize::new(0),
         });
+        let cfg_url = cfg.url.clone();
         let thread = {
             let (vfs, shared) = (vfs.clone(), shared.clone());
             std::thread::Builder::new()
                 .name("ferry-replicate".into())
                 .spawn(move || Shipper::new(vfs, cfg.url, shared).run())?
         };
-        Ok(Replicator {
+        vfs.attach_backend(Arc::new(Fetcher::new(cfg_url)), shared.clone());
+        Ok(Replication {
             shared,
+            notifier: Arc::default(),
             store_waker: vfs,
             thread: Some(thread),
         })
     }
 
-    /// The state shared with the thread.
+    /// The state shared with the threads.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
+
+    /// Gives down-sync the kernel's ear: each remote change it applies
+    /// then invalidates what the kernel cached of it. Called once the FUSE
+    /// session exists.
+    pub fn set_notifier(&self, notifier: fuser::Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
 }
 
-impl Drop for Replicator {
+impl Drop for Replication {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.store_waker.store().wake_log_waiters();
