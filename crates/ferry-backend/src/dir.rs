@@ -7,6 +7,11 @@
 //! - `PATH/chunks/ab/cdef…` — one file per chunk, named by its BLAKE3 hex,
 //!   written to a temp name, fsync'd and renamed, so a reader sees a whole
 //!   chunk or none; every read is verified against the name.
+//! - `PATH/feed-signal` — a one-byte file every commit that appends to the
+//!   feed writes to *after* it committed. `wait_feed` watches it with
+//!   inotify, so another process's commit wakes a waiter at once instead of
+//!   at its next poll; the poll stays as the fallback (a network file
+//!   system shows no other client's writes to inotify).
 //!
 //! Several processes (several local daemons) may open the same directory:
 //! SQLite's normal file locking with a busy timeout serializes writers, and
@@ -14,36 +19,47 @@
 //! takes the write lock before its version checks (no lost updates) and
 //! before the I3 rules look at the state.
 
-use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use rusqlite::{
     params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
 
 use crate::integrity::{self, CommitTx, KeyRow, Step};
 use crate::{
-    check_schema, clamp, decode_xattrs, encode_xattrs, new_volume_id, now_ns, root_inode, stored,
-    verify_stored, verify_upload, Backend, BackendError, ChunkHash, Entry, FeedChange, FeedItem,
-    HostMark, InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo, SCHEMA_VERSION,
+    check_schema, clamp, decode_feed_row, decode_xattrs, encode_xattrs, new_volume_id, now_ns,
+    root_inode, stored, verify_stored, verify_upload, Backend, BackendError, Changes, ChunkHash,
+    Entry, FeedChange, FeedItem, HostMark, InitPlan, InodeState, ObjectId, Op, Outcome,
+    SnapshotItem, VolumeInfo, SCHEMA_VERSION,
 };
 
 /// Database file inside the volume directory.
 const DB_FILE: &str = "ferry.db";
 /// Chunk directory inside the volume directory.
 const CHUNK_DIR: &str = "chunks";
+/// The change signal inside the volume directory (see the module docs).
+const SIGNAL_FILE: &str = "feed-signal";
 /// How long a statement waits for another process's lock before the call
 /// fails with a transient error.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Poll interval of `wait_feed`: a `SELECT max(seq)` is cheap, and there is
-/// no cross-process wake-up in SQLite.
+/// Poll interval of `wait_feed` when the change signal cannot be watched
+/// (no inotify instance to be had): a `SELECT max(seq)` is cheap.
 const FEED_POLL: Duration = Duration::from_millis(20);
+/// Poll interval of `wait_feed` while it watches the change signal: only a
+/// fallback for commits the signal does not show (another client of a
+/// network file system), so it can be rare.
+const SIGNAL_FALLBACK_POLL: Duration = Duration::from_millis(500);
 
 /// `MIGRATIONS[i]` upgrades schema version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -115,6 +131,14 @@ const MIGRATIONS: &[&str] = &[
     -- Which host changed an entry last (Entry::origin).
     ALTER TABLE entries ADD COLUMN origin INTEGER NOT NULL DEFAULT 0;
 ",
+    "
+    -- The commit that appended the item, so `changes` never cuts one: the
+    -- first seq the commit could take (above every seq before it), shared
+    -- by all its items. Items from before version 3 have -seq: their
+    -- commits are unknown, so each stands alone.
+    ALTER TABLE feed ADD COLUMN txn INTEGER;
+    UPDATE feed SET txn = -seq;
+",
 ];
 // One migration per schema version.
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
@@ -126,6 +150,14 @@ pub(crate) struct DirBackend {
     chunks: PathBuf,
     location: String,
     pool: Mutex<Vec<Connection>>,
+    signal_path: PathBuf,
+    /// The change signal, open for writing; `None` if it could not be
+    /// opened (then waiters in other processes fall back to polling).
+    signal: Option<File>,
+    /// Inotify instances watching the change signal, kept for the next
+    /// `wait_feed`: closing one costs the closing thread a kernel grace
+    /// period (10–20 ms), which every wake-up would otherwise pay.
+    watches: Mutex<Vec<Inotify>>,
 }
 
 impl std::fmt::Debug for DirBackend {
@@ -148,6 +180,8 @@ pub(crate) fn init(path: &Path, volume_name: &str) -> Result<VolumeInfo, Backend
 fn create(path: &Path, volume_name: &str, location: &str) -> Result<VolumeInfo, BackendError> {
     fs::create_dir_all(path.join(CHUNK_DIR))
         .map_err(|e| io_error(e, &format!("creating {}", path.display())))?;
+    open_signal(&path.join(SIGNAL_FILE))
+        .map_err(|e| io_error(e, &format!("creating {}", path.join(SIGNAL_FILE).display())))?;
     let mut conn = connect(&path.join(DB_FILE), OpenFlags::SQLITE_OPEN_CREATE)?;
     let sql = |e| map_sql(e, "init");
     // WAL is persistent in the file, so setting it once here covers every open.
@@ -178,7 +212,7 @@ fn create(path: &Path, volume_name: &str, location: &str) -> Result<VolumeInfo, 
             state: root_inode(now),
             base: None,
         };
-        apply(&tx, 0, &root, false)?;
+        apply(&tx, 0, next_txn(&tx)?, &root, false)?;
     }
     let info = read_info(&tx, SCHEMA_VERSION)?;
     tx.commit().map_err(sql)?;
@@ -198,11 +232,20 @@ impl DirBackend {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(|e| map_sql(e, "reading schema version"))?;
         check_schema(found, &location)?;
+        let signal_path = path.join(SIGNAL_FILE);
+        let signal = open_signal(&signal_path)
+            .inspect_err(|e| {
+                tracing::warn!(%location, "cannot open the change signal: {e}; other processes poll")
+            })
+            .ok();
         Ok(DirBackend {
             db,
             chunks: path.join(CHUNK_DIR),
             location,
             pool: Mutex::new(vec![conn]),
+            signal_path,
+            signal,
+            watches: Mutex::new(Vec::new()),
         })
     }
 
@@ -234,6 +277,69 @@ impl DirBackend {
     fn max_seq(&self) -> Result<u64, BackendError> {
         self.with_conn(|c| max_seq(c))
     }
+
+    /// Tells waiters in any process that the feed grew. Only a hint (they
+    /// re-read the feed), so a failure is logged, not returned: the commit
+    /// has happened.
+    fn signal_commit(&self) {
+        if let Some(file) = &self.signal {
+            if let Err(e) = file.write_at(&[1], 0) {
+                tracing::debug!(location = %self.location, "writing the change signal: {e}");
+            }
+        }
+    }
+
+    /// An inotify instance watching the change signal for writes, with no
+    /// event pending: taken before the caller's first feed check, so a
+    /// commit after that check wakes it. A kept one (its old events
+    /// drained) or a new one; `None` if none can be had (the caller polls).
+    fn watch_signal(&self) -> Option<Inotify> {
+        let kept = self.watches.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some(inotify) = kept {
+            drain(&inotify);
+            return Some(inotify);
+        }
+        let watch = || {
+            let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?;
+            inotify.add_watch(
+                &self.signal_path,
+                AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_ATTRIB,
+            )?;
+            Ok::<_, nix::Error>(inotify)
+        };
+        watch()
+            .inspect_err(
+                |e| tracing::debug!(location = %self.location, "watching the change signal: {e}"),
+            )
+            .ok()
+    }
+}
+
+/// Opens (creating it if needed) the change signal for writing.
+fn open_signal(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
+/// Blocks until the change signal was written or `nap` passed, then drains
+/// the events (what they say does not matter: the caller re-reads the feed).
+fn wait_signal(inotify: &Inotify, nap: Duration) {
+    let ms = nap.as_micros().div_ceil(1000);
+    let timeout =
+        PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+    // An error (EINTR) just ends this nap early; the caller loops.
+    if nix::poll::poll(&mut fds, timeout).is_ok_and(|ready| ready > 0) {
+        drain(inotify);
+    }
+}
+
+/// Reads every pending event (the instance is non-blocking).
+fn drain(inotify: &Inotify) {
+    while inotify.read_events().is_ok_and(|events| !events.is_empty()) {}
 }
 
 impl Backend for DirBackend {
@@ -292,16 +398,31 @@ impl Backend for DirBackend {
     }
 
     fn commit(&self, origin: u32, ops: &[Op]) -> Result<Vec<Outcome>, BackendError> {
-        self.with_conn(|c| {
+        let outcomes = self.with_conn(|c| {
             // IMMEDIATE takes the write lock before the version checks, so
             // two writers cannot both pass a check on the same version.
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|e| map_sql(e, "begin commit"))?;
-            let outcomes = run_ready(integrity::commit(&SqliteCommit { tx: &tx, origin }, ops))?;
+            let txn = next_txn(&tx)?;
+            let outcomes = run_ready(integrity::commit(
+                &SqliteCommit {
+                    tx: &tx,
+                    origin,
+                    txn,
+                },
+                ops,
+            ))?;
             tx.commit().map_err(|e| map_sql(e, "commit"))?;
             Ok(outcomes)
-        })
+        })?;
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Applied { .. }))
+        {
+            self.signal_commit();
+        }
+        Ok(outcomes)
     }
 
     fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError> {
@@ -309,21 +430,7 @@ impl Backend for DirBackend {
             // One read transaction, so the row and its chunk list come from
             // the same commit.
             let tx = c.transaction().map_err(|e| map_sql(e, "inode"))?;
-            let row = tx
-                .prepare_cached(&format!(
-                    "SELECT {INODE_COLUMNS} FROM inodes WHERE host = ?1 AND counter = ?2 AND deleted = 0"
-                ))
-                .and_then(|mut stmt| {
-                    stmt.query_row(params![id.host, id.counter as i64], read_inode)
-                        .optional()
-                })
-                .map_err(|e| map_sql(e, &format!("inode {id}")))?;
-            let Some(inode) = row else {
-                return Ok(None);
-            };
-            let mut inode = inode?;
-            inode.chunks = read_chunk_list(&tx, id)?;
-            Ok(Some(inode))
+            live_inode(&tx, id)
         })
     }
 
@@ -342,38 +449,39 @@ impl Backend for DirBackend {
         })
     }
 
-    fn snapshot(&self) -> Result<(u64, Vec<InodeState>, Vec<Entry>), BackendError> {
+    fn snapshot_each(
+        &self,
+        sink: &mut dyn FnMut(SnapshotItem) -> Result<(), BackendError>,
+    ) -> Result<u64, BackendError> {
         self.with_conn(|c| {
             // One read transaction: WAL gives it a single consistent view.
+            // Rows are stepped one at a time, so memory stays bounded.
             let tx = c.transaction().map_err(|e| map_sql(e, "snapshot"))?;
             let seq = max_seq(&tx)?;
-            let mut inodes = {
-                let mut stmt = tx
-                    .prepare(&format!(
-                        "SELECT {INODE_COLUMNS} FROM inodes WHERE deleted = 0 ORDER BY host, counter"
-                    ))
-                    .map_err(|e| map_sql(e, "snapshot inodes"))?;
-                let rows = stmt
-                    .query_map([], read_inode)
-                    .map_err(|e| map_sql(e, "snapshot inodes"))?;
-                collect_rows(rows, "snapshot inodes")?
-            };
-            for inode in &mut inodes {
+            let sql = |e| map_sql(e, "snapshot inodes");
+            let mut stmt = tx
+                .prepare(&format!(
+                    "SELECT {INODE_COLUMNS} FROM inodes WHERE deleted = 0 ORDER BY host, counter"
+                ))
+                .map_err(sql)?;
+            let mut rows = stmt.query([]).map_err(sql)?;
+            while let Some(row) = rows.next().map_err(sql)? {
+                let mut inode = read_inode(row).map_err(sql)??;
                 inode.chunks = read_chunk_list(&tx, &inode.id)?;
+                sink(SnapshotItem::Inode(inode))?;
             }
-            let entries = {
-                let mut stmt = tx
-                    .prepare(&format!(
-                        "SELECT {ENTRY_COLUMNS} FROM entries WHERE deleted = 0
-                         ORDER BY parent_host, parent_counter, name"
-                    ))
-                    .map_err(|e| map_sql(e, "snapshot entries"))?;
-                let rows = stmt
-                    .query_map([], read_entry)
-                    .map_err(|e| map_sql(e, "snapshot entries"))?;
-                collect_rows(rows, "snapshot entries")?
-            };
-            Ok((seq, inodes, entries))
+            let sql = |e| map_sql(e, "snapshot entries");
+            let mut stmt = tx
+                .prepare(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM entries WHERE deleted = 0
+                     ORDER BY parent_host, parent_counter, name"
+                ))
+                .map_err(sql)?;
+            let mut rows = stmt.query([]).map_err(sql)?;
+            while let Some(row) = rows.next().map_err(sql)? {
+                sink(SnapshotItem::Entry(read_entry(row).map_err(sql)??))?;
+            }
+            Ok(seq)
         })
     }
 
@@ -387,7 +495,7 @@ impl Backend for DirBackend {
                 .map_err(|e| map_sql(e, "feed"))?;
             let rows = stmt
                 .query_map(params![clamp(after_seq), clamp(limit as u64)], |r| {
-                    Ok(crate::decode_feed_row(
+                    Ok(decode_feed_row(
                         r.get(0)?,
                         r.get(1)?,
                         r.get(2)?,
@@ -401,9 +509,47 @@ impl Backend for DirBackend {
         })
     }
 
+    fn changes(&self, after_seq: u64, limit: usize) -> Result<Changes, BackendError> {
+        self.with_conn(|c| {
+            // One read transaction: WAL gives it one consistent view, so the
+            // items and the states come from the same commits.
+            let tx = c.transaction().map_err(|e| map_sql(e, "changes"))?;
+            let (items, more) = covered_items(&tx, after_seq, limit)?;
+            let mut inode_ids = BTreeSet::new();
+            let mut entry_keys = BTreeSet::new();
+            for item in &items {
+                match &item.change {
+                    FeedChange::Inode(id) => inode_ids.insert(*id),
+                    FeedChange::Entry { parent, name } => {
+                        entry_keys.insert((*parent, name.clone()))
+                    }
+                };
+            }
+            let mut entries = Vec::with_capacity(entry_keys.len());
+            for (parent, name) in entry_keys {
+                let entry = live_entry(&tx, &parent, &name)?;
+                if let Some(entry) = &entry {
+                    inode_ids.insert(entry.child);
+                }
+                entries.push((parent, name, entry));
+            }
+            let inodes = inode_ids
+                .into_iter()
+                .map(|id| Ok((id, live_inode(&tx, &id)?)))
+                .collect::<Result<_, BackendError>>()?;
+            Ok(Changes {
+                seq: items.last().map_or(after_seq, |i| i.seq),
+                more,
+                inodes,
+                entries,
+            })
+        })
+    }
+
     fn wait_feed(&self, after_seq: u64, timeout: Duration) -> Result<bool, BackendError> {
         let deadline = Instant::now() + timeout;
-        loop {
+        let signal = self.watch_signal();
+        let waited = (|| loop {
             if self.max_seq()? > after_seq {
                 return Ok(true);
             }
@@ -411,8 +557,18 @@ impl Backend for DirBackend {
             if now >= deadline {
                 return Ok(false);
             }
-            std::thread::sleep(FEED_POLL.min(deadline - now));
+            match &signal {
+                Some(inotify) => wait_signal(inotify, SIGNAL_FALLBACK_POLL.min(deadline - now)),
+                None => std::thread::sleep(FEED_POLL.min(deadline - now)),
+            }
+        })();
+        if let Some(inotify) = signal {
+            self.watches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(inotify);
         }
+        waited
     }
 
     fn host_mark(&self, host: u32) -> Result<HostMark, BackendError> {
@@ -450,6 +606,8 @@ impl Backend for DirBackend {
 struct SqliteCommit<'a> {
     tx: &'a Transaction<'a>,
     origin: u32,
+    /// The commit's id in the feed ([`next_txn`]).
+    txn: i64,
 }
 
 impl CommitTx for SqliteCommit<'_> {
@@ -468,7 +626,7 @@ impl CommitTx for SqliteCommit<'_> {
     async fn apply(&self, ops: &[Op], refused: &[bool]) -> Result<Vec<Step>, BackendError> {
         ops.iter()
             .zip(refused)
-            .map(|(op, &refused)| apply(self.tx, self.origin, op, refused))
+            .map(|(op, &refused)| apply(self.tx, self.origin, self.txn, op, refused))
             .collect()
     }
 
@@ -589,6 +747,99 @@ fn max_seq(c: &Connection) -> Result<u64, BackendError> {
     stored(seq, &|| "feed seq".into())
 }
 
+/// The id of a commit that starts now, under the write lock: above every
+/// seq so far, so no earlier commit has it, and no later one (their ids
+/// are above this commit's seqs).
+fn next_txn(tx: &Transaction<'_>) -> Result<i64, BackendError> {
+    tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM feed", [], |r| {
+        r.get(0)
+    })
+    .map_err(|e| map_sql(e, "commit: feed position"))
+}
+
+/// The feed items [`Backend::changes`] covers: up to `limit` after
+/// `after_seq`, then on to the end of the last one's commit (items of one
+/// commit are adjacent: commits hold the write lock). Also whether more
+/// items follow. Rows are stepped one at a time, so the work is bounded by
+/// what is returned.
+fn covered_items(
+    c: &Connection,
+    after_seq: u64,
+    limit: usize,
+) -> Result<(Vec<FeedItem>, bool), BackendError> {
+    let sql = |e| map_sql(e, "changes: feed");
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT seq, origin, kind, host, counter, name, txn FROM feed
+             WHERE seq > ?1 ORDER BY seq",
+        )
+        .map_err(sql)?;
+    let mut rows = stmt.query([clamp(after_seq)]).map_err(sql)?;
+    let (mut items, mut last_txn) = (Vec::new(), None);
+    while let Some(r) = rows.next().map_err(sql)? {
+        let txn: i64 = r.get(6).map_err(sql)?;
+        if items.len() >= limit && last_txn != Some(txn) {
+            return Ok((items, true));
+        }
+        let item = (|| {
+            Ok::<_, rusqlite::Error>(decode_feed_row(
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })()
+        .map_err(sql)??;
+        items.push(item);
+        last_txn = Some(txn);
+    }
+    Ok((items, false))
+}
+
+/// An inode's live state with its chunk list; call it inside a read
+/// transaction, so the row and the list come from the same commit.
+fn live_inode(c: &Connection, id: &ObjectId) -> Result<Option<InodeState>, BackendError> {
+    let row = c
+        .prepare_cached(&format!(
+            "SELECT {INODE_COLUMNS} FROM inodes WHERE host = ?1 AND counter = ?2 AND deleted = 0"
+        ))
+        .and_then(|mut stmt| {
+            stmt.query_row(params![id.host, id.counter as i64], read_inode)
+                .optional()
+        })
+        .map_err(|e| map_sql(e, &format!("inode {id}")))?;
+    let Some(inode) = row else {
+        return Ok(None);
+    };
+    let mut inode = inode?;
+    inode.chunks = read_chunk_list(c, id)?;
+    Ok(Some(inode))
+}
+
+/// The live entry `parent/name`, if any.
+fn live_entry(
+    c: &Connection,
+    parent: &ObjectId,
+    name: &[u8],
+) -> Result<Option<Entry>, BackendError> {
+    let what = || format!("entry {parent}/{}", String::from_utf8_lossy(name));
+    c.prepare_cached(&format!(
+        "SELECT {ENTRY_COLUMNS} FROM entries
+         WHERE parent_host = ?1 AND parent_counter = ?2 AND name = ?3 AND deleted = 0"
+    ))
+    .and_then(|mut stmt| {
+        stmt.query_row(
+            params![parent.host, parent.counter as i64, name],
+            read_entry,
+        )
+        .optional()
+    })
+    .map_err(|e| map_sql(e, &what()))?
+    .transpose()
+}
+
 /// The stored row of a key (tombstones included). `sql` selects version,
 /// deleted, mode (inodes) and child host and counter (entries).
 fn key_row(
@@ -625,7 +876,13 @@ fn key_row(
 
 /// Applies one op inside `tx` as [`Step::decide`] says: writes it and
 /// appends it to the feed, or reports it refused.
-fn apply(tx: &Transaction<'_>, origin: u32, op: &Op, refused: bool) -> Result<Step, BackendError> {
+fn apply(
+    tx: &Transaction<'_>,
+    origin: u32,
+    txn: i64,
+    op: &Op,
+    refused: bool,
+) -> Result<Step, BackendError> {
     let sql = |e| map_sql(e, "commit");
     let change = op.target();
     let row = match &change {
@@ -707,9 +964,9 @@ fn apply(tx: &Transaction<'_>, origin: u32, op: &Op, refused: bool) -> Result<St
     }
     let (kind, id, name) = change.encode();
     tx.prepare_cached(
-        "INSERT INTO feed (origin, kind, host, counter, name) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO feed (origin, kind, host, counter, name, txn) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )
-    .and_then(|mut st| st.execute(params![origin, kind, id.host, id.counter as i64, name]))
+    .and_then(|mut st| st.execute(params![origin, kind, id.host, id.counter as i64, name, txn]))
     .map_err(sql)?;
     Ok(step)
 }
@@ -881,10 +1138,14 @@ fn map_sql(e: rusqlite::Error, what: &str) -> BackendError {
     }
 }
 
-/// Puts the volume's location into an `Unreachable` error from [`map_sql`].
+/// Puts the volume's location into an `Unreachable` error from [`map_sql`]
+/// (one that has none yet: an error from a snapshot's sink passes as is).
 fn locate(e: BackendError, location: &str) -> BackendError {
     match e {
-        BackendError::Unreachable { detail, .. } => BackendError::Unreachable {
+        BackendError::Unreachable {
+            detail,
+            location: l,
+        } if l.is_empty() => BackendError::Unreachable {
             location: location.to_owned(),
             detail,
         },

@@ -14,12 +14,24 @@
 //!   reports an [`Outcome`] per op. Conflicts are the replicator's to
 //!   resolve — nothing is lost here. Ops that would leave a state no
 //!   restore can load are conflicts too (see "Invariant I3" below).
-//! - Each applied op appends a [`FeedItem`] to the change feed; other hosts
-//!   read it with [`Backend::feed`] / [`Backend::wait_feed`] and fetch the
-//!   current state. A new host starts from [`Backend::snapshot`].
-//! - [`open`] picks the implementation from the URL: `dir:PATH` (embedded
-//!   SQLite + chunk files, no server) or `postgres://…` (shared server,
-//!   LISTEN/NOTIFY feed). [`init`] creates a volume (what `ferry init` runs).
+//! - Each applied op appends a [`FeedItem`] to the change feed; the items
+//!   of one commit are adjacent. Other hosts follow it: [`Backend::wait_feed`]
+//!   blocks until there is something new (LISTEN/NOTIFY on PostgreSQL, an
+//!   inotify signal file on `dir:`, a poll as the fallback), and
+//!   [`Backend::changes`] returns the next whole commits *together with the
+//!   current state of everything they name*, read in one consistent read
+//!   (one round trip), so applying them never needs a second query.
+//!   [`Backend::feed`] lists bare items.
+//! - A new host starts from [`Backend::snapshot_each`]: the whole namespace
+//!   streamed in one consistent read in bounded memory, plus the feed seq to
+//!   follow on from.
+//! - Contents are fetched with [`Backend::get_chunks`]: many chunks in one
+//!   round trip, each verified against its hash.
+//! - A [`Location`] is a parsed backend URL: `dir:/ABSOLUTE/PATH` (embedded
+//!   SQLite + chunk files, no server) or `postgres://…` (shared server).
+//!   [`Location::open`] opens the volume there and [`Location::init`]
+//!   creates it (what `ferry init` runs); [`open`] and [`init`] do the same
+//!   from a string.
 //! - Per-host marks ([`Backend::host_mark`], [`Backend::set_shipped`]) let
 //!   a host notice that its local store went back in time (restored from a
 //!   backup, say): the backend holds ids of the host beyond the store's
@@ -81,12 +93,12 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use ferry_backend::{ChunkHash, ObjectId, Op, Outcome, InodeState};
+//! use ferry_backend::{ChunkHash, Location, ObjectId, Op, Outcome, InodeState};
 //!
 //! let dir = tempfile::tempdir()?;
-//! let url = format!("dir:{}", dir.path().display());
-//! ferry_backend::init(&url, "demo")?;
-//! let backend = ferry_backend::open(&url, Duration::from_secs(5))?;
+//! let location: Location = format!("dir:{}", dir.path().display()).parse()?;
+//! location.init("demo")?;
+//! let backend = location.open(Duration::from_secs(5))?;
 //!
 //! // Upload the content first, then commit metadata that refers to it.
 //! let data = b"hello, ferry";
@@ -104,10 +116,16 @@
 //! let outcomes = backend.commit(7, &ops)?;
 //! assert_eq!(outcomes, vec![Outcome::Applied { version: 1 }, Outcome::Applied { version: 1 }]);
 //!
-//! // Another host follows the feed and fetches what changed.
-//! let feed = backend.feed(0, 100)?;
-//! assert_eq!(feed.len(), 3); // the root inode from `init`, then our two ops
-//! assert_eq!(backend.get_chunk(&hash)?, data);
+//! // Another host follows the feed: whole commits, with the current state
+//! // of what they name, in one read; then the contents it needs.
+//! let changes = backend.changes(0, 100)?;
+//! assert!(!changes.more);
+//! assert_eq!(changes.inodes.len(), 2); // the root from `init`, then our file
+//! let (_, _, entry) = &changes.entries[0];
+//! assert_eq!(entry.as_ref().map(|e| e.child), Some(id));
+//! assert_eq!(backend.get_chunks(&[hash])?, [data.to_vec()]);
+//! // Later: wait for more, and go on from `changes.seq`.
+//! assert!(!backend.wait_feed(changes.seq, Duration::from_millis(10))?);
 //!
 //! // A name in a directory that does not exist would break I3: refused,
 //! // and the new inode with it.
@@ -140,9 +158,7 @@ mod url;
 
 pub use check::{check, Violation};
 pub use error::BackendError;
-pub use url::redact;
-
-use url::Location;
+pub use url::{redact, Location};
 
 /// Global identity of an inode: the host that created it plus that host's
 /// counter, so hosts can create inodes offline without colliding.
@@ -392,6 +408,34 @@ pub struct HostMark {
     pub shipped_seq: u64,
 }
 
+/// What [`Backend::changes`] returns: a run of whole commits from the feed
+/// and the current state of every key they name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// The last feed seq this answer covers: follow on from here. The
+    /// `after_seq` asked for when the answer covers nothing.
+    pub seq: u64,
+    /// Whether more feed items follow `seq` (the limit cut the answer).
+    pub more: bool,
+    /// Every inode a covered feed item names, deduplicated, with its current
+    /// state (`None`: deleted / does not exist); plus the child of every
+    /// live entry in `entries`, so a reader that has never seen that inode
+    /// needs no second round trip. Sorted by id.
+    pub inodes: Vec<(ObjectId, Option<InodeState>)>,
+    /// Every entry key a covered feed item names, deduplicated: (parent,
+    /// name, current entry or `None` when removed). Sorted by parent, name.
+    pub entries: Vec<(ObjectId, Vec<u8>, Option<Entry>)>,
+}
+
+/// One item of [`Backend::snapshot_each`]'s stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotItem {
+    /// A live inode (all of them come before the first entry).
+    Inode(InodeState),
+    /// A live directory entry.
+    Entry(Entry),
+}
+
 /// A shared store of chunks and versioned metadata with a change feed.
 ///
 /// Implementations are safe to call from many threads at once, and every
@@ -413,6 +457,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Reads a chunk, verifying its hash: a truncated or altered chunk is
     /// [`BackendError::Corrupt`], never returned as data.
     fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, BackendError>;
+    /// Reads many chunks, answering in the order asked (a hash asked twice
+    /// is answered twice), each verified as [`Backend::get_chunk`] does: a
+    /// missing one is [`BackendError::NotFound`], a damaged one
+    /// [`BackendError::Corrupt`]. A remote backend fetches them in one round
+    /// trip, so reading many small files costs their bytes, not one round
+    /// trip each. Everything is held in memory at once: the caller bounds
+    /// the batch (by [`MAX_CHUNK`] times its length).
+    fn get_chunks(&self, hashes: &[ChunkHash]) -> Result<Vec<Vec<u8>>, BackendError> {
+        hashes.iter().map(|h| self.get_chunk(h)).collect()
+    }
     /// Applies `ops` in one transaction, in order, each checked against its
     /// base. Conflicting ops are not applied and are reported; the others
     /// are applied (per-op, not all-or-nothing) and each appends to the
@@ -426,11 +480,44 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError>;
     /// Entries of a directory, sorted by name.
     fn entries(&self, parent: &ObjectId) -> Result<Vec<Entry>, BackendError>;
-    /// Whole namespace for a new host's restore: every inode and entry,
-    /// plus the feed seq they are consistent with (follow the feed from there).
-    fn snapshot(&self) -> Result<(u64, Vec<InodeState>, Vec<Entry>), BackendError>;
+    /// Streams the whole namespace in one consistent read, in bounded
+    /// memory (a restore of millions of files must not hold them all):
+    /// every live inode (ordered by id) before any entry, then every live
+    /// entry (ordered by parent, name). Returns the feed seq the stream is
+    /// consistent with (follow the feed from there). An error from `sink`
+    /// stops the stream and is returned.
+    fn snapshot_each(
+        &self,
+        sink: &mut dyn FnMut(SnapshotItem) -> Result<(), BackendError>,
+    ) -> Result<u64, BackendError>;
+    /// [`Backend::snapshot_each`] collected in memory: every live inode and
+    /// entry, plus the feed seq. For checks and small volumes; a restore
+    /// streams.
+    fn snapshot(&self) -> Result<(u64, Vec<InodeState>, Vec<Entry>), BackendError> {
+        let (mut inodes, mut entries) = (Vec::new(), Vec::new());
+        let seq = self.snapshot_each(&mut |item| {
+            match item {
+                SnapshotItem::Inode(inode) => inodes.push(inode),
+                SnapshotItem::Entry(entry) => entries.push(entry),
+            }
+            Ok(())
+        })?;
+        Ok((seq, inodes, entries))
+    }
     /// Up to `limit` feed items with `seq > after_seq`, in order.
     fn feed(&self, after_seq: u64, limit: usize) -> Result<Vec<FeedItem>, BackendError>;
+    /// The changes after `after_seq`, with the current state of every
+    /// object they name, read in ONE consistent read (one transaction, one
+    /// round trip on PostgreSQL): so applying them never sees an entry whose
+    /// inode this read has not caught up with.
+    ///
+    /// Covers up to `limit` feed items, plus the rest of the last commit
+    /// they touch: an answer never ends inside a commit, because a commit's
+    /// state is whole only as a whole (a rename is two items). "Current"
+    /// means as of this read, which may be newer than [`Changes::seq`]; a
+    /// reader compares versions. A feed item of unknown kind is
+    /// [`BackendError::Corrupt`].
+    fn changes(&self, after_seq: u64, limit: usize) -> Result<Changes, BackendError>;
     /// Blocks up to `timeout` until the feed has items after `after_seq`;
     /// returns whether it has.
     fn wait_feed(&self, after_seq: u64, timeout: Duration) -> Result<bool, BackendError>;
@@ -441,37 +528,24 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn set_shipped(&self, host: u32, seq: u64) -> Result<(), BackendError>;
 }
 
-/// Opens the backend at `url`: `dir:PATH` or `postgres://…`/`postgresql://…`.
-///
-/// `connect_timeout` bounds connecting (and, for postgres, reconnecting
-/// later). The volume must exist ([`BackendError::NotInitialized`]) and have
-/// the supported schema version ([`BackendError::SchemaVersion`]).
+/// Opens the backend at `url` (`dir:/PATH`, `postgres://…` or
+/// `postgresql://…`): [`Location::open`] of the parsed URL.
 pub fn open(url: &str, connect_timeout: Duration) -> Result<Box<dyn Backend>, BackendError> {
-    Ok(match Location::parse(url)? {
-        Location::Dir(path) => Box::new(dir::DirBackend::open(&path)?),
-        Location::Postgres(url) => Box::new(postgres::PgBackend::open(&url, connect_timeout)?),
-    })
+    url.parse::<Location>()?.open(connect_timeout)
 }
 
-/// Creates a volume at `url` (what `ferry init` runs): the schema, then the
-/// root directory (mode `0o40755`, owned by root).
-///
-/// Refuses an existing volume with [`BackendError::AlreadyInitialized`];
-/// an existing volume of an older schema version is migrated instead.
+/// Creates a volume at `url` (what `ferry init` runs): [`Location::init`]
+/// of the parsed URL.
 pub fn init(url: &str, volume_name: &str) -> Result<VolumeInfo, BackendError> {
-    match Location::parse(url)? {
-        Location::Dir(path) => dir::init(&path, volume_name),
-        Location::Postgres(url) => postgres::init(&url, volume_name, INIT_TIMEOUT),
-    }
+    url.parse::<Location>()?.init(volume_name)
 }
-
-/// Connect timeout for `init`, which runs once from the CLI.
-const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Schema version this build reads and writes. Version 2 added the
-/// per-host marks and the index of entries by child (for the I3 rules).
-/// [`open`] refuses an older volume; [`init`] migrates it.
-pub const SCHEMA_VERSION: u32 = 2;
+/// per-host marks and the index of entries by child (for the I3 rules);
+/// version 3 the commit of each feed item (so [`Backend::changes`] never
+/// cuts a commit). [`open`] refuses an older volume (an older build would
+/// write feed items without their commit); [`init`] migrates it.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// What `init` must do given the schema version found at the location
 /// (0 = no volume). Shared by both implementations so they agree.

@@ -5,10 +5,19 @@
 //! connections; each call `block_on`s its query with a timeout. Do not call
 //! it from inside another tokio runtime (use `spawn_blocking` there).
 //!
-//! Connections live in a small pool. A connection that failed or timed out
-//! is dropped, and the next call connects anew, so a server restart needs no
-//! new backend object. `wait_feed` keeps one extra connection that
-//! `LISTEN`s on `ferry_feed`; `commit` sends `NOTIFY` in its transaction.
+//! Connections live in a pool. A call takes one for itself (connecting a
+//! new one when all are busy), so calls from several threads run
+//! concurrently rather than queueing behind one connection; a connection
+//! goes back to the pool when its call is done. A connection that failed or
+//! timed out is dropped, and the next call connects anew, so a server
+//! restart needs no new backend object. `wait_feed` keeps one extra
+//! connection that `LISTEN`s on `ferry_feed`; `commit` sends `NOTIFY` in
+//! its transaction.
+//!
+//! Round trips are what a remote backend costs, so the reads a replicator
+//! repeats are one round trip each: statements are sent with their
+//! parameter types (`query_typed`: no separate prepare), and `changes`
+//! pipelines its whole transaction (BEGIN, three reads, COMMIT).
 //!
 //! Chunks are `bytea` rows (≤ 4 MiB, TOASTed out of line) rather than large
 //! objects: they commit in the same transactions as everything else, need no
@@ -18,25 +27,26 @@
 //! TLS is not supported yet (`NoTls`): use it on a trusted network or
 //! through a tunnel.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::future::try_join_all;
+use futures_util::future::{try_join3, try_join_all};
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Transaction};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Portal, Transaction};
 
 use crate::integrity::{self, CommitTx, KeyRow, Step};
 use crate::{
     check_schema, clamp, decode_feed_row, decode_xattrs, encode_xattrs, new_volume_id, now_ns,
-    redact, root_inode, stored, verify_stored, verify_upload, Backend, BackendError, ChunkHash,
-    Entry, FeedChange, FeedItem, HostMark, InitPlan, InodeState, ObjectId, Op, Outcome, VolumeInfo,
-    SCHEMA_VERSION,
+    redact, root_inode, stored, verify_stored, verify_upload, Backend, BackendError, Changes,
+    ChunkHash, Entry, FeedChange, FeedItem, HostMark, InitPlan, InodeState, ObjectId, Op, Outcome,
+    SnapshotItem, VolumeInfo, SCHEMA_VERSION,
 };
 
 /// Bound on any one call after connecting (a query, a commit, a chunk
@@ -56,6 +66,9 @@ const SAVEPOINT: &str = "ferry_i3";
 /// How often `commit` retries itself after a deadlock or serialization
 /// failure (possible only with writers that bypass `COMMIT_LOCK`).
 const COMMIT_ATTEMPTS: usize = 3;
+
+/// Rows `snapshot_each` fetches at a time: what it holds in memory.
+const SNAPSHOT_PAGE: i32 = 1000;
 
 /// `MIGRATIONS[i]` upgrades schema version `i` to `i + 1`. All integers are
 /// `bigint`: PostgreSQL has no unsigned types and u32 fields must round-trip.
@@ -132,6 +145,16 @@ const MIGRATIONS: &[&str] = &[
     -- Which host changed an entry last (Entry::origin).
     ALTER TABLE ferry_entries ADD COLUMN origin bigint NOT NULL DEFAULT 0;
 ",
+    "
+    -- The commit (top-level transaction) that appended the item, so
+    -- `changes` never cuts one; a default, so every insert gets it. Items
+    -- from before version 3 have -seq: their commits are unknown, so each
+    -- stands alone.
+    ALTER TABLE ferry_feed ADD COLUMN txn bigint;
+    UPDATE ferry_feed SET txn = -seq;
+    ALTER TABLE ferry_feed ALTER COLUMN txn SET NOT NULL,
+        ALTER COLUMN txn SET DEFAULT txid_current();
+",
 ];
 // One migration per schema version.
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
@@ -170,6 +193,7 @@ pub(crate) fn init(
     let begun = Cell::new(false);
     let info = backend.call_retrying(
         "init",
+        Some(CALL_TIMEOUT),
         || !begun.get(),
         async |client, loc| {
             let err = pg_error(loc, "init");
@@ -278,13 +302,14 @@ impl PgBackend {
         }
     }
 
-    /// Runs an idempotent call; see [`PgBackend::call_retrying`].
+    /// Runs an idempotent call under [`CALL_TIMEOUT`]; see
+    /// [`PgBackend::call_retrying`].
     fn call<T>(
         &self,
         what: &str,
         f: impl AsyncFn(&mut Client, &str) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        self.call_retrying(what, || true, f)
+        self.call_retrying(what, Some(CALL_TIMEOUT), || true, f)
     }
 
     /// Runs `f` on a pooled (or new) connection. If a pooled connection
@@ -296,18 +321,22 @@ impl PgBackend {
     /// begun: after that, a lost connection leaves the outcome unknown, and
     /// the error goes to the caller (the replicator resolves it through
     /// base versions).
+    ///
+    /// `limit` bounds the whole call; `None` is for a call that bounds each
+    /// of its steps itself (a snapshot streams for as long as it takes).
     fn call_retrying<T>(
         &self,
         what: &str,
+        limit: Option<Duration>,
         may_retry: impl Fn() -> bool,
         f: impl AsyncFn(&mut Client, &str) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
         let pooled = self.pooled();
         let was_pooled = pooled.is_some();
-        match self.attempt(what, pooled, &f) {
+        match self.attempt(what, pooled, limit, &f) {
             Err(e) if was_pooled && e.is_transient() && may_retry() => {
                 tracing::debug!("{what}: retrying on a fresh connection after {e}");
-                self.attempt(what, None, &f)
+                self.attempt(what, None, limit, &f)
             }
             result => result,
         }
@@ -320,12 +349,13 @@ impl PgBackend {
         pool.pop()
     }
 
-    /// Runs `f` on `client` (or a new connection) under [`CALL_TIMEOUT`].
-    /// The connection goes back to the pool only if it is still healthy.
+    /// Runs `f` on `client` (or a new connection) within `limit`. The
+    /// connection goes back to the pool only if it is still healthy.
     fn attempt<T>(
         &self,
         what: &str,
         client: Option<Client>,
+        limit: Option<Duration>,
         f: impl AsyncFnOnce(&mut Client, &str) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
         let location = self.location.as_str();
@@ -342,13 +372,16 @@ impl PgBackend {
                     client
                 }
             };
-            match tokio::time::timeout(CALL_TIMEOUT, f(&mut client, location)).await {
-                Ok(result) => Ok((result, client)),
-                Err(_) => Err(BackendError::Unreachable {
-                    location: location.to_owned(),
-                    detail: format!("{what} timed out after {CALL_TIMEOUT:?}"),
-                }),
-            }
+            let result = match limit {
+                Some(limit) => tokio::time::timeout(limit, f(&mut client, location))
+                    .await
+                    .map_err(|_| BackendError::Unreachable {
+                        location: location.to_owned(),
+                        detail: format!("{what} timed out after {limit:?}"),
+                    })?,
+                None => f(&mut client, location).await,
+            };
+            Ok((result, client))
         });
         let (result, client) = result?;
         if !client.is_closed() && !matches!(result, Err(BackendError::Unreachable { .. })) {
@@ -475,26 +508,58 @@ impl Backend for PgBackend {
     }
 
     fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, BackendError> {
-        let data = self.call("get_chunk", async |c, loc| {
-            let row = c
-                .query_opt(
-                    "SELECT data FROM ferry_chunks WHERE hash = $1",
-                    &[&&hash.0[..]],
-                )
-                .await
-                .map_err(pg_error(loc, "get_chunk"))?;
-            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        let mut data = self.get_chunks(std::slice::from_ref(hash))?;
+        Ok(data.pop().expect("one answer per hash"))
+    }
+
+    fn get_chunks(&self, hashes: &[ChunkHash]) -> Result<Vec<Vec<u8>>, BackendError> {
+        if hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        // How often each hash was asked for: the last answer takes the
+        // fetched bytes, earlier ones a copy; each is fetched once.
+        let mut left: HashMap<ChunkHash, usize> = HashMap::new();
+        for hash in hashes {
+            *left.entry(*hash).or_default() += 1;
+        }
+        let keys: Vec<&[u8]> = left.keys().map(|h| &h.0[..]).collect();
+        let rows = self.call("get_chunks", async |c, loc| {
+            c.query_typed(
+                "SELECT hash, data FROM ferry_chunks WHERE hash = ANY($1)",
+                &[(&keys, Type::BYTEA_ARRAY)],
+            )
+            .await
+            .map_err(pg_error(loc, "get_chunks"))
         })?;
-        let data = data.ok_or_else(|| BackendError::NotFound {
-            what: format!("chunk {}", hash.to_hex()),
-        })?;
-        verify_stored(hash, data)
+        let mut found = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let what = || "chunk key".to_owned();
+            let hash = ChunkHash::from_stored(&get::<Vec<u8>>(r, 0, &what)?, "chunk key")?;
+            found.insert(hash, get::<Vec<u8>>(r, 1, &what)?);
+        }
+        drop(rows);
+        hashes
+            .iter()
+            .map(|hash| {
+                let n = left.get_mut(hash).expect("every hash is counted");
+                *n -= 1;
+                let data = match n {
+                    0 => found.remove(hash),
+                    _ => found.get(hash).cloned(),
+                };
+                let data = data.ok_or_else(|| BackendError::NotFound {
+                    what: format!("chunk {}", hash.to_hex()),
+                })?;
+                verify_stored(hash, data)
+            })
+            .collect()
     }
 
     fn commit(&self, origin: u32, ops: &[Op]) -> Result<Vec<Outcome>, BackendError> {
         let begun = Cell::new(false);
         self.call_retrying(
             "commit",
+            Some(CALL_TIMEOUT),
             || !begun.get(),
             async |c, loc| {
                 let mut attempt = 0;
@@ -514,33 +579,21 @@ impl Backend for PgBackend {
     }
 
     fn inode(&self, id: &ObjectId) -> Result<Option<InodeState>, BackendError> {
+        let key = (i64::from(id.host), id.counter as i64);
         self.call("inode", async |c, loc| {
-            let err = pg_error(loc, "inode");
-            // One snapshot, so the row and its chunk list come from the same commit.
-            let tx = read_transaction(c).await.map_err(err)?;
-            let row = tx
-                .query_opt(
+            // One statement, one snapshot: the row and its chunk list come
+            // from the same commit.
+            let rows = c
+                .query_typed(
                     &format!(
-                        "SELECT {INODE_COLUMNS} FROM ferry_inodes
-                         WHERE host = $1 AND counter = $2 AND NOT deleted"
+                        "SELECT {INODE_COLUMNS} FROM ferry_inodes i {INODE_CHUNKS}
+                         WHERE i.host = $1 AND i.counter = $2 AND NOT i.deleted"
                     ),
-                    &[&i64::from(id.host), &(id.counter as i64)],
+                    &[(&key.0, Type::INT8), (&key.1, Type::INT8)],
                 )
                 .await
-                .map_err(err)?;
-            let Some(row) = row else { return Ok(None) };
-            let mut inode = read_inode(&row)?;
-            let chunks = tx
-                .query(
-                    "SELECT host, counter, hash, len FROM ferry_inode_chunks
-                     WHERE host = $1 AND counter = $2 ORDER BY idx",
-                    &[&i64::from(id.host), &(id.counter as i64)],
-                )
-                .await
-                .map_err(err)?;
-            attach_chunks(std::slice::from_mut(&mut inode), &chunks)?;
-            tx.commit().await.map_err(err)?;
-            Ok(Some(inode))
+                .map_err(pg_error(loc, "inode"))?;
+            rows.first().map(read_inode).transpose()
         })
     }
 
@@ -549,7 +602,7 @@ impl Backend for PgBackend {
             let rows = c
                 .query(
                     &format!(
-                        "SELECT {ENTRY_COLUMNS} FROM ferry_entries
+                        "SELECT {ENTRY_COLUMNS} FROM ferry_entries e
                          WHERE parent_host = $1 AND parent_counter = $2 AND NOT deleted ORDER BY name"
                     ),
                     &[&i64::from(parent.host), &(parent.counter as i64)],
@@ -560,43 +613,56 @@ impl Backend for PgBackend {
         })
     }
 
-    fn snapshot(&self) -> Result<(u64, Vec<InodeState>, Vec<Entry>), BackendError> {
-        self.call("snapshot", async |c, loc| {
-            let err = pg_error(loc, "snapshot");
-            // REPEATABLE READ: every query sees the same snapshot; with
-            // COMMIT_LOCK, a visible max(seq) means all lower seqs are visible too.
-            let tx = read_transaction(c).await.map_err(err)?;
-            let seq = max_seq(&tx, loc).await?;
-            let inode_rows = tx
-                .query(
-                    &format!("SELECT {INODE_COLUMNS} FROM ferry_inodes WHERE NOT deleted ORDER BY host, counter"),
-                    &[],
-                )
-                .await
-                .map_err(err)?;
-            let mut inodes = inode_rows.iter().map(read_inode).collect::<Result<Vec<_>, _>>()?;
-            let chunk_rows = tx
-                .query(
-                    "SELECT host, counter, hash, len FROM ferry_inode_chunks ORDER BY host, counter, idx",
-                    &[],
-                )
-                .await
-                .map_err(err)?;
-            attach_chunks(&mut inodes, &chunk_rows)?;
-            let entry_rows = tx
-                .query(
-                    &format!(
-                        "SELECT {ENTRY_COLUMNS} FROM ferry_entries WHERE NOT deleted
-                         ORDER BY parent_host, parent_counter, name"
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(err)?;
-            let entries = entry_rows.iter().map(read_entry).collect::<Result<Vec<_>, _>>()?;
-            tx.commit().await.map_err(err)?;
-            Ok((seq, inodes, entries))
-        })
+    fn snapshot_each(
+        &self,
+        sink: &mut dyn FnMut(SnapshotItem) -> Result<(), BackendError>,
+    ) -> Result<u64, BackendError> {
+        // Once an item went out, a retry would send it twice.
+        let streamed = Cell::new(false);
+        let mut send = |item| {
+            streamed.set(true);
+            sink(item)
+        };
+        // The call's closure may run twice (a retry), so it cannot own `send`.
+        let send = RefCell::new(&mut send);
+        // No limit on the whole call: each step has its own.
+        self.call_retrying(
+            "snapshot",
+            None,
+            || !streamed.get(),
+            async |c, loc| {
+                let err = pg_error(loc, "snapshot");
+                // REPEATABLE READ: every query sees the same snapshot; with
+                // COMMIT_LOCK, a visible max(seq) means all lower seqs are
+                // visible too. Portals fetch the rows a page at a time.
+                let (tx, seq, inodes) = bounded(loc, "snapshot", async {
+                    let tx = read_transaction(c).await.map_err(err)?;
+                    let seq = max_seq(&tx, loc).await?;
+                    let sql = format!(
+                        "SELECT {INODE_COLUMNS} FROM ferry_inodes i {INODE_CHUNKS}
+                     WHERE NOT i.deleted ORDER BY i.host, i.counter"
+                    );
+                    let inodes = tx.bind(sql.as_str(), &[]).await.map_err(err)?;
+                    Ok((tx, seq, inodes))
+                })
+                .await?;
+                stream_portal(&tx, loc, &inodes, |r| {
+                    (send.borrow_mut())(SnapshotItem::Inode(read_inode(r)?))
+                })
+                .await?;
+                let sql = format!(
+                    "SELECT {ENTRY_COLUMNS} FROM ferry_entries e WHERE NOT e.deleted
+                 ORDER BY e.parent_host, e.parent_counter, e.name"
+                );
+                let entries = with_timeout(loc, "snapshot", tx.bind(sql.as_str(), &[])).await?;
+                stream_portal(&tx, loc, &entries, |r| {
+                    (send.borrow_mut())(SnapshotItem::Entry(read_entry(r)?))
+                })
+                .await?;
+                with_timeout(loc, "snapshot", tx.commit()).await?;
+                Ok(seq)
+            },
+        )
     }
 
     fn feed(&self, after_seq: u64, limit: usize) -> Result<Vec<FeedItem>, BackendError> {
@@ -622,6 +688,57 @@ impl Backend for PgBackend {
                     )
                 })
                 .collect()
+        })
+    }
+
+    fn changes(&self, after_seq: u64, limit: usize) -> Result<Changes, BackendError> {
+        let (after, limit) = (clamp(after_seq), clamp(limit as u64));
+        let params: [(&(dyn ToSql + Sync), Type); 2] = [(&after, Type::INT8), (&limit, Type::INT8)];
+        let [cursor, inodes, entries] = &*CHANGES_SQL;
+        let (cursor, inodes, entries) = self.call("changes", async |c, loc| {
+            pipelined_read(
+                c,
+                try_join3(
+                    c.query_typed(cursor, &params),
+                    c.query_typed(inodes, &params),
+                    c.query_typed(entries, &params),
+                ),
+            )
+            .await
+            .map_err(pg_error(loc, "changes"))
+        })?;
+        let what = || "changes".to_owned();
+        let [cursor] = &cursor[..] else {
+            return Err(BackendError::corrupt("changes: no cursor row"));
+        };
+        if let Some(seq) = get::<Option<i64>>(cursor, 2, &what)? {
+            return Err(BackendError::corrupt(format!(
+                "feed item {seq}: unknown kind"
+            )));
+        }
+        let last: Option<i64> = get(cursor, 0, &what)?;
+        let inodes = inodes
+            .iter()
+            .map(|r| {
+                let id = object_id(r, INODE_KEY, "changed inode")?;
+                let live = get::<Option<i64>>(r, 0, &what)?.is_some();
+                Ok((id, live.then(|| read_inode(r)).transpose()?))
+            })
+            .collect::<Result<_, BackendError>>()?;
+        let entries = entries
+            .iter()
+            .map(|r| {
+                let parent = object_id(r, ENTRY_KEY, "changed entry")?;
+                let name = get(r, ENTRY_KEY + 2, &what)?;
+                let live = get::<Option<i64>>(r, 0, &what)?.is_some();
+                Ok((parent, name, live.then(|| read_entry(r)).transpose()?))
+            })
+            .collect::<Result<_, BackendError>>()?;
+        Ok(Changes {
+            seq: last.map_or(Ok(after_seq), |seq| stored(seq, &what))?,
+            more: get(cursor, 1, &what)?,
+            inodes,
+            entries,
         })
     }
 
@@ -692,6 +809,115 @@ async fn read_transaction(c: &mut Client) -> Result<Transaction<'_>, tokio_postg
         .read_only(true)
         .start()
         .await
+}
+
+/// Runs `reads` in one REPEATABLE READ, READ ONLY transaction in one round
+/// trip: BEGIN, the reads and COMMIT are pipelined, so the reads see one
+/// snapshot without first waiting for BEGIN's answer. `reads` must send
+/// its statements on `c` when first polled (tokio-postgres queries do).
+/// A failed read aborts the transaction, and the COMMIT already sent ends
+/// it, so the connection is left idle either way.
+async fn pipelined_read<T>(
+    c: &Client,
+    reads: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    let (_, value, _) = try_join3(
+        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+        reads,
+        c.batch_execute("COMMIT"),
+    )
+    .await?;
+    Ok(value)
+}
+
+/// The feed items `changes` covers, as the CTE `covered` that each of its
+/// statements starts with ($1 = after_seq, $2 = limit): the first `$2`
+/// items after `$1`, then on to the end of the last one's commit. Items of
+/// one commit are adjacent (commits hold COMMIT_LOCK), so the commit ends
+/// before `bound`, the first later item of another commit. Index range
+/// scans only: the work is bounded by what is covered.
+const COVERED: &str = "
+    WITH page AS (
+        SELECT seq, txn FROM ferry_feed WHERE seq > $1 ORDER BY seq LIMIT $2
+    ), edge AS (
+        SELECT seq, txn FROM page ORDER BY seq DESC LIMIT 1
+    ), bound AS (
+        SELECT COALESCE(
+            (SELECT n.seq FROM edge CROSS JOIN LATERAL (
+                SELECT seq FROM ferry_feed WHERE seq > edge.seq AND txn <> edge.txn
+                ORDER BY seq LIMIT 1) n),
+            (SELECT 9223372036854775807 FROM edge),
+            $1) AS seq
+    ), covered AS (
+        SELECT seq, kind, host, counter, name FROM ferry_feed
+        WHERE seq > $1 AND seq < (SELECT seq FROM bound)
+    )";
+
+/// The three statements of `changes`, each after [`COVERED`]:
+/// 1. the cursor: the last covered seq (NULL if none), whether items follow
+///    it, and the first covered item of an unknown kind (NULL if none);
+/// 2. every inode a covered item names, plus the child of every live entry
+///    a covered item names: [`INODE_COLUMNS`] (NULL: not live), then the
+///    key at [`INODE_KEY`];
+/// 3. every entry a covered item names: [`ENTRY_COLUMNS`] (NULL: not
+///    live), then the key (parent host, counter, name) at [`ENTRY_KEY`].
+static CHANGES_SQL: LazyLock<[String; 3]> = LazyLock::new(|| {
+    [
+        format!(
+            "{COVERED}
+            SELECT (SELECT max(seq) FROM covered),
+                COALESCE((SELECT max(seq) FROM ferry_feed), 0)
+                    > COALESCE((SELECT max(seq) FROM covered), $1),
+                (SELECT min(seq) FROM covered
+                    WHERE NOT ((kind = 0 AND name IS NULL) OR (kind = 1 AND name IS NOT NULL)))"
+        ),
+        format!(
+            "{COVERED}, keys AS (
+                SELECT host, counter FROM covered WHERE kind = 0
+                UNION
+                SELECT e.child_host, e.child_counter FROM covered k JOIN ferry_entries e
+                    ON e.parent_host = k.host AND e.parent_counter = k.counter AND e.name = k.name
+                WHERE k.kind = 1 AND NOT e.deleted
+            )
+            SELECT {INODE_COLUMNS}, k.host, k.counter FROM keys k
+                LEFT JOIN ferry_inodes i
+                    ON i.host = k.host AND i.counter = k.counter AND NOT i.deleted
+                {INODE_CHUNKS}
+            ORDER BY k.host, k.counter"
+        ),
+        format!(
+            "{COVERED}, keys AS (SELECT DISTINCT host, counter, name FROM covered WHERE kind = 1)
+            SELECT {ENTRY_COLUMNS}, k.host, k.counter, k.name FROM keys k
+                LEFT JOIN ferry_entries e ON e.parent_host = k.host
+                    AND e.parent_counter = k.counter AND e.name = k.name AND NOT e.deleted
+            ORDER BY k.host, k.counter, k.name"
+        ),
+    ]
+});
+
+/// Column of the key (host, counter) in a row of the second statement of
+/// [`CHANGES_SQL`].
+const INODE_KEY: usize = 16;
+
+/// Column of the key (parent host, counter, name) in a row of the third
+/// statement of [`CHANGES_SQL`].
+const ENTRY_KEY: usize = 7;
+
+/// Feeds every row of `portal` to `each`, fetched [`SNAPSHOT_PAGE`] rows
+/// at a time, each page under [`CALL_TIMEOUT`].
+async fn stream_portal(
+    tx: &Transaction<'_>,
+    loc: &str,
+    portal: &Portal,
+    mut each: impl FnMut(&tokio_postgres::Row) -> Result<(), BackendError>,
+) -> Result<(), BackendError> {
+    loop {
+        let rows = with_timeout(loc, "snapshot", tx.query_portal(portal, SNAPSHOT_PAGE)).await?;
+        rows.iter().try_for_each(&mut each)?;
+        if rows.len() < SNAPSHOT_PAGE as usize {
+            return Ok(());
+        }
+    }
 }
 
 /// Why one commit attempt failed: worth retrying in a fresh transaction
@@ -1148,18 +1374,38 @@ async fn max_seq(c: &impl GenericClient, loc: &str) -> Result<u64, BackendError>
     stored(seq, &|| "feed seq".into())
 }
 
-/// Columns [`read_inode`] expects, in order.
-const INODE_COLUMNS: &str =
-    "host, counter, version, mode, uid, gid, rdev, size, atime_ns, mtime_ns,
-    ctime_ns, target, xattrs, origin";
+/// Columns [`read_inode`] expects, in order: the row of `ferry_inodes i`,
+/// then its chunk list as two arrays (hashes, lengths) that
+/// [`INODE_CHUNKS`] joins in, so one row is a whole inode.
+const INODE_COLUMNS: &str = "i.host, i.counter, i.version, i.mode, i.uid, i.gid, i.rdev, i.size,
+    i.atime_ns, i.mtime_ns, i.ctime_ns, i.target, i.xattrs, i.origin, ch.hashes, ch.lens";
 
-/// Decodes an inode row (chunk list attached separately). Every value is
-/// range-checked: a garbage row is `Corrupt`, never a panic.
+/// The join that gives [`INODE_COLUMNS`] their chunk list (NULL arrays for
+/// none).
+const INODE_CHUNKS: &str = "CROSS JOIN LATERAL (
+    SELECT array_agg(hash ORDER BY idx) AS hashes, array_agg(len ORDER BY idx) AS lens
+    FROM ferry_inode_chunks WHERE host = i.host AND counter = i.counter) ch";
+
+/// Decodes an inode row with its chunk list. Every value is range-checked:
+/// a garbage row is `Corrupt`, never a panic.
 fn read_inode(r: &tokio_postgres::Row) -> Result<InodeState, BackendError> {
     let id = object_id(r, 0, "inode")?;
     let what = || format!("inode {id}");
     let field = |i: usize| -> Result<i64, BackendError> { get(r, i, &what) };
     let xattrs: Vec<u8> = get(r, 12, &what)?;
+    let hashes: Vec<Vec<u8>> = get::<Option<_>>(r, 14, &what)?.unwrap_or_default();
+    let lens: Vec<i64> = get::<Option<_>>(r, 15, &what)?.unwrap_or_default();
+    if hashes.len() != lens.len() {
+        return Err(BackendError::corrupt(format!("chunk list of {}", what())));
+    }
+    let chunks = hashes
+        .iter()
+        .zip(lens)
+        .map(|(hash, len)| {
+            let what = || format!("chunk list of inode {id}");
+            Ok((ChunkHash::from_stored(hash, &what())?, stored(len, &what)?))
+        })
+        .collect::<Result<_, BackendError>>()?;
     Ok(InodeState {
         id,
         version: stored(field(2)?, &what)?,
@@ -1173,35 +1419,14 @@ fn read_inode(r: &tokio_postgres::Row) -> Result<InodeState, BackendError> {
         ctime_ns: field(10)?,
         target: get(r, 11, &what)?,
         xattrs: decode_xattrs(&xattrs, &id)?,
-        chunks: Vec::new(),
+        chunks,
         origin: stored(field(13)?, &what)?,
     })
 }
 
-/// Distributes chunk rows (host, counter, hash, len — sorted like
-/// `inodes`, by id then index) onto their inodes.
-fn attach_chunks(
-    inodes: &mut [InodeState],
-    rows: &[tokio_postgres::Row],
-) -> Result<(), BackendError> {
-    let mut inodes = inodes.iter_mut().peekable();
-    for r in rows {
-        let id = object_id(r, 0, "chunk list")?;
-        let what = || format!("chunk list of inode {id}");
-        let hash = ChunkHash::from_stored(&get::<Vec<u8>>(r, 2, &what)?, &what())?;
-        let len = stored(get(r, 3, &what)?, &what)?;
-        // Rows of deleted inodes were removed with them; skip any strays.
-        while inodes.next_if(|i| i.id < id).is_some() {}
-        if let Some(inode) = inodes.peek_mut().filter(|i| i.id == id) {
-            inode.chunks.push((hash, len));
-        }
-    }
-    Ok(())
-}
-
-/// Columns [`read_entry`] expects, in order.
+/// Columns [`read_entry`] expects, in order, from `ferry_entries e`.
 const ENTRY_COLUMNS: &str =
-    "parent_host, parent_counter, name, child_host, child_counter, version, origin";
+    "e.parent_host, e.parent_counter, e.name, e.child_host, e.child_counter, e.version, e.origin";
 
 fn read_entry(r: &tokio_postgres::Row) -> Result<Entry, BackendError> {
     let parent = object_id(r, 0, "entry")?;
@@ -1232,6 +1457,22 @@ fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
 ) -> Result<T, BackendError> {
     r.try_get(i)
         .map_err(|e| BackendError::corrupt(format!("{}: column {i}: {e}", what())))
+}
+
+/// Runs steps of a call that has no overall limit under [`CALL_TIMEOUT`].
+async fn bounded<T>(
+    loc: &str,
+    what: &str,
+    f: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    tokio::time::timeout(CALL_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| {
+            Err(BackendError::Unreachable {
+                location: loc.to_owned(),
+                detail: format!("{what} timed out after {CALL_TIMEOUT:?}"),
+            })
+        })
 }
 
 /// Runs a future on a connection under [`CALL_TIMEOUT`].

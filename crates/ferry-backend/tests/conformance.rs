@@ -4,15 +4,18 @@
 //! cluster per test binary (`PgServer::shared`), one database per test.
 //!
 //! The I3 rules of `commit` and the checker have their own binary
-//! (`integrity.rs`).
+//! (`integrity.rs`); streaming a large snapshot and timings through a
+//! delay proxy have theirs too (`snapshot_stream.rs`, `pg_latency.rs`).
 
-use std::sync::{Arc, Barrier};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_backend::{
-    Backend, BackendError, ChunkHash, Entry, FeedChange, HostMark, InodeState, ObjectId, Op,
-    Outcome, MAX_CHUNK, SCHEMA_VERSION,
+    Backend, BackendError, Changes, ChunkHash, Entry, FeedChange, HostMark, InodeState, Location,
+    ObjectId, Op, Outcome, SnapshotItem, MAX_CHUNK, SCHEMA_VERSION,
 };
 
 #[macro_use]
@@ -39,7 +42,14 @@ conformance!(
     garbage_rows_are_corrupt,
     inode_reads_are_consistent_under_concurrent_commits,
     host_marks_follow_ids_and_shipping,
-    version_1_volume_is_refused_until_init_migrates_it,
+    older_volumes_are_refused_until_init_migrates_them,
+    get_chunks_answers_in_order_verified,
+    changes_cover_whole_commits_with_current_state,
+    changes_limits_and_ends,
+    changes_are_consistent_under_concurrent_commits,
+    snapshot_each_streams_in_order_and_stops_on_sink_error,
+    wait_feed_wakes_promptly_on_another_objects_commit,
+    location_parses_opens_and_inits,
 );
 
 fn init_and_info(v: &Volume) {
@@ -604,6 +614,7 @@ fn garbage_rows_are_corrupt(v: &Volume) {
     ));
     expect_corrupt("undecodable xattrs", read());
     expect_corrupt("undecodable xattrs in snapshot", snap());
+    expect_corrupt("undecodable xattrs in changes", b.changes(0, 100).map(drop));
     v.exec(&format!(
         "UPDATE {inodes} SET xattrs = {}, mode = -5 WHERE counter = 4",
         v.blob("")
@@ -619,8 +630,10 @@ fn garbage_rows_are_corrupt(v: &Volume) {
         v.blob("0102")
     ));
     expect_corrupt("short chunk hash", read());
+    expect_corrupt("short chunk hash in snapshot", snap());
     v.exec(&format!("UPDATE {} SET kind = 9", v.table("feed")));
     expect_corrupt("unknown feed kind", b.feed(0, 10).map(drop));
+    expect_corrupt("unknown feed kind in changes", b.changes(0, 10).map(drop));
     v.exec(&format!("UPDATE {} SET version = -1", v.table("entries")));
     b.commit(
         4,
@@ -737,26 +750,43 @@ fn host_marks_follow_ids_and_shipping(v: &Volume) {
     );
 }
 
-/// A volume as version 1 left it (no host marks, no index of entries by
-/// child, no origin of entries): `open` refuses it with the way out, `init`
-/// migrates it in place.
-fn version_1_volume_is_refused_until_init_migrates_it(v: &Volume) {
+/// Volumes as versions 1 and 2 left them: `open` refuses them with the
+/// way out, `init` migrates them in place, and what the newer versions add
+/// works on the migrated volume.
+fn older_volumes_are_refused_until_init_migrates_them(v: &Volume) {
+    old_volume_is_refused_until_init_migrates_it(v, 1);
+    old_volume_is_refused_until_init_migrates_it(&v.sibling("v2"), 2);
+}
+
+/// Takes a fresh volume back to schema `version` (undoing the later
+/// migrations), then checks `open` and `init` on it.
+fn old_volume_is_refused_until_init_migrates_it(v: &Volume, version: u32) {
     let b = v.init_open();
     let info = b.info().unwrap();
     let f = file(1, 3);
+    let g = file(1, 4);
+    // Two commits of two items each before the downgrade.
     b.commit(1, &create(&f, ObjectId::ROOT, "f")).unwrap();
+    b.commit(1, &create(&g, ObjectId::ROOT, "g")).unwrap();
     drop(b);
-    v.exec(&format!(
-        "DROP TABLE {}; DROP INDEX {}; ALTER TABLE {} DROP COLUMN origin;",
-        v.table("hosts"),
-        v.table("entries_child"),
-        v.table("entries")
-    ));
-    v.set_schema_version(1);
+    // Version 3 added the commit of feed items.
+    let mut undo = format!("ALTER TABLE {} DROP COLUMN txn;", v.table("feed"));
+    if version < 2 {
+        // Version 2 added the host marks, the index of entries by child and
+        // the origin of entries.
+        undo += &format!(
+            "DROP TABLE {}; DROP INDEX {}; ALTER TABLE {} DROP COLUMN origin;",
+            v.table("hosts"),
+            v.table("entries_child"),
+            v.table("entries")
+        );
+    }
+    v.exec(&undo);
+    v.set_schema_version(version);
 
     let err = ferry_backend::open(&v.url, TIMEOUT).unwrap_err();
     assert!(
-        matches!(err, BackendError::SchemaVersion { found: 1, supported } if supported == SCHEMA_VERSION),
+        matches!(err, BackendError::SchemaVersion { found, supported } if found == version && supported == SCHEMA_VERSION),
         "{err}"
     );
     assert!(err.to_string().contains("ferry init"), "{err}");
@@ -773,7 +803,7 @@ fn version_1_volume_is_refused_until_init_migrates_it(v: &Volume) {
     let b = v.open();
     assert_eq!(b.info().unwrap(), migrated);
     assert_eq!(b.inode(&f.id).unwrap().unwrap().version, 1, "data kept");
-    assert_eq!(b.host_mark(1).unwrap().max_counter, 3);
+    assert_eq!(b.host_mark(1).unwrap().max_counter, 4);
     b.set_shipped(1, 8).unwrap();
     assert_eq!(b.host_mark(1).unwrap().shipped_seq, 8);
     // The I3 rules run on the migrated volume.
@@ -781,8 +811,481 @@ fn version_1_volume_is_refused_until_init_migrates_it(v: &Volume) {
         b.commit(1, &[unlink(ObjectId::ROOT, "f", 1)]).unwrap(),
         [conflict(Some(1))]
     );
+    // Items from before the migration have no known commit: each stands
+    // alone. Commits after it are whole again.
+    let old = b.feed(0, 100).unwrap();
+    assert_eq!(old.len(), 5, "root, then two creates");
+    let one = b.changes(old[0].seq, 1).unwrap();
+    assert_eq!((one.seq, one.more), (old[1].seq, true));
+    let h = file(1, 5);
+    b.commit(1, &create(&h, ObjectId::ROOT, "h")).unwrap();
+    let new = b.changes(old[4].seq, 1).unwrap();
+    let all = b.feed(0, 100).unwrap();
+    assert_eq!(new.seq, all[6].seq, "the new commit comes whole");
+    assert!(!new.more);
     assert!(matches!(
         ferry_backend::init(&v.url, "x").unwrap_err(),
+        BackendError::AlreadyInitialized { .. }
+    ));
+}
+
+fn get_chunks_answers_in_order_verified(v: &Volume) {
+    let b = v.init_open();
+    let data: Vec<Vec<u8>> = (0..6u8)
+        .map(|i| vec![i; (i as usize) * 20_000 + 1])
+        .collect();
+    let hashes: Vec<ChunkHash> = data.iter().map(|d| ChunkHash::of(d)).collect();
+    for (h, d) in hashes.iter().zip(&data) {
+        b.put_chunk(h, d).unwrap();
+    }
+    assert!(b.get_chunks(&[]).unwrap().is_empty());
+    // Any order, duplicates included (adjacent and not).
+    let order = [5, 0, 5, 5, 2, 1, 0, 3, 4];
+    let asked: Vec<ChunkHash> = order.iter().map(|&i| hashes[i]).collect();
+    let got = b.get_chunks(&asked).unwrap();
+    assert_eq!(got.len(), order.len());
+    for (g, &i) in got.iter().zip(&order) {
+        assert!(g == &data[i], "answer for chunk {i} has the wrong bytes");
+    }
+    assert_eq!(b.get_chunk(&hashes[3]).unwrap(), data[3]);
+
+    let never = ChunkHash::of(b"never stored");
+    let err = b.get_chunks(&[hashes[0], never, hashes[1]]).unwrap_err();
+    assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
+    assert!(err.to_string().contains(&never.to_hex()), "{err}");
+
+    v.truncate_chunk(&hashes[4]);
+    v.flip_chunk(&hashes[2], data[2].len());
+    for damaged in [4, 2] {
+        let err = b.get_chunks(&[hashes[1], hashes[damaged]]).unwrap_err();
+        assert!(matches!(err, BackendError::Corrupt { .. }), "{err}");
+        // Asked twice, damaged once: still an error, never data.
+        let err = b
+            .get_chunks(&[hashes[damaged], hashes[damaged]])
+            .unwrap_err();
+        assert!(matches!(err, BackendError::Corrupt { .. }), "{err}");
+    }
+    assert_eq!(b.get_chunks(&[hashes[1]]).unwrap(), [data[1].clone()]);
+}
+
+/// What a reader following `changes` holds: inodes and entries by key.
+#[derive(Debug, Default, PartialEq)]
+struct Model {
+    inodes: BTreeMap<ObjectId, InodeState>,
+    entries: BTreeMap<(ObjectId, Vec<u8>), Entry>,
+}
+
+impl Model {
+    /// Applies one answer: its states are current, so they replace.
+    fn apply(&mut self, changes: &Changes) {
+        for (id, state) in &changes.inodes {
+            match state {
+                Some(state) => self.inodes.insert(*id, state.clone()),
+                None => self.inodes.remove(id),
+            };
+        }
+        for (parent, name, entry) in &changes.entries {
+            let key = (*parent, name.clone());
+            match entry {
+                Some(entry) => self.entries.insert(key, entry.clone()),
+                None => self.entries.remove(&key),
+            };
+        }
+    }
+
+    fn of_snapshot(b: &dyn Backend) -> Model {
+        let (_, inodes, entries) = b.snapshot().unwrap();
+        Model {
+            inodes: inodes.into_iter().map(|i| (i.id, i)).collect(),
+            entries: entries
+                .into_iter()
+                .map(|e| ((e.parent, e.name.clone()), e))
+                .collect(),
+        }
+    }
+}
+
+/// Checks what every answer promises on its own: sorted, deduplicated
+/// keys; each state under its own key; and the child of every live entry
+/// in the answer's inodes, live.
+fn assert_answer_whole(c: &Changes) {
+    assert!(
+        c.inodes.windows(2).all(|w| w[0].0 < w[1].0),
+        "inodes sorted, no duplicates: {c:?}"
+    );
+    assert!(
+        c.entries
+            .windows(2)
+            .all(|w| (w[0].0, &w[0].1) < (w[1].0, &w[1].1)),
+        "entries sorted, no duplicates: {c:?}"
+    );
+    for (id, state) in &c.inodes {
+        assert!(state.as_ref().is_none_or(|s| s.id == *id), "{c:?}");
+    }
+    for (parent, name, entry) in &c.entries {
+        let Some(entry) = entry else { continue };
+        assert_eq!((&entry.parent, &entry.name), (parent, name));
+        assert!(
+            c.inodes
+                .iter()
+                .any(|(id, state)| *id == entry.child && state.is_some()),
+            "child of live entry {parent}/{name:?} missing: {c:?}"
+        );
+    }
+}
+
+fn changes_cover_whole_commits_with_current_state(v: &Volume) {
+    let b = v.init_open();
+    let hash = ChunkHash::of(b"c");
+    b.put_chunk(&hash, b"c").unwrap();
+    let d = dir(1, 1);
+    let (mut f1, mut f2) = (file(1, 2), file(1, 3));
+    f2.chunks = vec![(hash, 1), (hash, 1)];
+    f2.size = 2;
+    // Items per commit, in feed order: init's root first.
+    let mut commit_sizes = vec![1];
+    let mut run = |ops: &[Op]| {
+        let outcomes = b.commit(1, ops).unwrap();
+        assert!(outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Applied { .. })));
+        commit_sizes.push(ops.len());
+    };
+    run(&create(&d, ObjectId::ROOT, "d"));
+    run(&[create(&f1, d.id, "f1"), create(&f2, d.id, "f2")].concat());
+    f1.size = 0;
+    f1.mtime_ns += 1;
+    run(&[put(f1.clone(), Some(1))]);
+    // A rename: two items, one commit.
+    run(&[
+        unlink(d.id, "f2", 1),
+        link(ObjectId::ROOT, "g", f2.id, None),
+    ]);
+    run(&[
+        unlink(d.id, "f1", 1),
+        Op::DeleteInode { id: f1.id, base: 2 },
+    ]);
+    let feed = b.feed(0, 1000).unwrap();
+    assert_eq!(feed.len(), commit_sizes.iter().sum::<usize>());
+    // The index of the last item of the commit each item belongs to.
+    let commit_end: Vec<usize> = commit_sizes
+        .iter()
+        .scan(0, |end, n| {
+            *end += n;
+            Some(vec![*end - 1; *n])
+        })
+        .flatten()
+        .collect();
+
+    // Everything at once: each key once, in its current state.
+    let all = b.changes(0, 1000).unwrap();
+    assert_answer_whole(&all);
+    assert_eq!((all.seq, all.more), (feed.last().unwrap().seq, false));
+    let live = |id: &ObjectId| b.inode(id).unwrap();
+    let ids = [ObjectId::ROOT, d.id, f1.id, f2.id];
+    assert_eq!(
+        all.inodes,
+        ids.iter().map(|id| (*id, live(id))).collect::<Vec<_>>()
+    );
+    assert_eq!(all.inodes[2].1, None, "f1 is deleted");
+    assert_eq!(all.inodes[3].1.as_ref().unwrap().chunks, f2.chunks);
+    let entry = |parent: ObjectId, name: &str| {
+        let e = b.entries(&parent).unwrap();
+        e.into_iter().find(|e| e.name == name.as_bytes())
+    };
+    let keys = [
+        (ObjectId::ROOT, "d"),
+        (ObjectId::ROOT, "g"),
+        (d.id, "f1"),
+        (d.id, "f2"),
+    ];
+    assert_eq!(
+        all.entries,
+        keys.iter()
+            .map(|&(p, n)| (p, n.as_bytes().to_vec(), entry(p, n)))
+            .collect::<Vec<_>>()
+    );
+    assert!(all.entries[2].2.is_none() && all.entries[3].2.is_none());
+
+    // Paged by every limit: each answer ends at the end of a commit, covers
+    // `limit` items or more only to finish one, and the pages together
+    // rebuild the state a snapshot shows.
+    for limit in 1..=feed.len() + 1 {
+        let (mut at, mut model) = (0, Model::default());
+        let mut after = 0;
+        loop {
+            let c = b.changes(after, limit).unwrap();
+            assert_answer_whole(&c);
+            let end = commit_end[(at + limit - 1).min(feed.len() - 1)];
+            assert_eq!(c.seq, feed[end].seq, "limit {limit}, from item {at}");
+            assert_eq!(c.more, end + 1 < feed.len(), "limit {limit}");
+            model.apply(&c);
+            (after, at) = (c.seq, end + 1);
+            if !c.more {
+                break;
+            }
+        }
+        assert_eq!(model, Model::of_snapshot(&*b), "limit {limit}");
+    }
+    // The rename alone: g's child is in the answer though no item of it
+    // names that inode.
+    let rename_at = commit_sizes[..4].iter().sum::<usize>();
+    let c = b.changes(feed[rename_at - 1].seq, 1).unwrap();
+    assert_eq!(c.seq, feed[rename_at + 1].seq);
+    assert_eq!(
+        c.inodes,
+        [(f2.id, live(&f2.id))],
+        "the child of a renamed entry"
+    );
+}
+
+fn changes_limits_and_ends(v: &Volume) {
+    let b = v.init_open();
+    let end = last_seq(&*b);
+    // Limit 0 covers nothing but still tells whether more is there.
+    assert_eq!(
+        b.changes(0, 0).unwrap(),
+        Changes {
+            seq: 0,
+            more: true,
+            ..Changes::default()
+        }
+    );
+    for after in [end, end + 5, u64::MAX] {
+        assert_eq!(
+            b.changes(after, 10).unwrap(),
+            Changes {
+                seq: after,
+                ..Changes::default()
+            },
+            "nothing after {after}"
+        );
+    }
+    // A commit bigger than the limit comes whole.
+    let files: Vec<InodeState> = (1..=10).map(|i| file(2, i)).collect();
+    let ops: Vec<Op> = files
+        .iter()
+        .enumerate()
+        .flat_map(|(i, f)| create(f, ObjectId::ROOT, &format!("f{i}")))
+        .collect();
+    b.commit(2, &ops).unwrap();
+    let c = b.changes(end, 3).unwrap();
+    assert_eq!((c.seq, c.more), (end + 20, false));
+    assert_eq!(c.inodes.len(), 10);
+    assert_eq!(c.entries.len(), 10);
+    assert_eq!(
+        b.changes(end, usize::MAX).unwrap(),
+        c,
+        "huge limits are fine"
+    );
+    // An item of unknown kind is corruption, not skipped.
+    v.exec(&format!(
+        "UPDATE {} SET kind = 9 WHERE seq = {end}",
+        v.table("feed")
+    ));
+    let err = b.changes(0, 10).unwrap_err();
+    assert!(matches!(err, BackendError::Corrupt { .. }), "{err}");
+}
+
+/// A reader follows `changes` in small pages while another host commits
+/// creates and renames (each commit from its own origin, so commit
+/// boundaries show in the feed). Every answer must be whole on its own
+/// (the entry's child read in the same snapshot as the entry), end at a
+/// commit boundary, and the pages must add up to the final state.
+fn changes_are_consistent_under_concurrent_commits(v: &Volume) {
+    let b: Arc<dyn Backend> = v.init_open().into();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (b, done) = (v.open(), done.clone());
+        thread::spawn(move || {
+            for i in 1..=60u64 {
+                let f = file(3, i);
+                let origin = i as u32;
+                b.commit(origin, &create(&f, ObjectId::ROOT, &format!("f{i}")))
+                    .unwrap();
+                if i % 3 == 0 {
+                    // Rename an earlier file; its inode changes in the same commit.
+                    let mut moved = b.inode(&file(3, i - 1).id).unwrap().unwrap();
+                    let base = moved.version;
+                    moved.ctime_ns = i as i64;
+                    let ops = [
+                        unlink(ObjectId::ROOT, &format!("f{}", i - 1), 1),
+                        link(ObjectId::ROOT, &format!("r{}", i - 1), moved.id, None),
+                        put(moved, Some(base)),
+                    ];
+                    b.commit(1000 + origin, &ops).unwrap();
+                }
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let (mut after, mut model, mut answers) = (0, Model::default(), 0);
+    loop {
+        let finished = done.load(Ordering::SeqCst);
+        let c = b.changes(after, 2).unwrap();
+        assert_answer_whole(&c);
+        if c.seq > after {
+            // The next item, if any, is of another commit (another origin).
+            let around = b.feed(c.seq - 1, 2).unwrap();
+            if let [last, next] = &around[..] {
+                assert_ne!(last.origin, next.origin, "answer cut a commit: {c:?}");
+            }
+        }
+        model.apply(&c);
+        after = c.seq;
+        answers += 1;
+        if finished && !c.more {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(model, Model::of_snapshot(&*b));
+    assert!(answers > 20, "{answers}");
+}
+
+fn snapshot_each_streams_in_order_and_stops_on_sink_error(v: &Volume) {
+    let b = v.init_open();
+    let hash = ChunkHash::of(b"x");
+    // Directories with files; ids interleaved so the order is the backend's.
+    let mut ops = vec![];
+    for d in 0..5u64 {
+        let dir_inode = dir(2, 100 - d);
+        ops.extend(create(&dir_inode, ObjectId::ROOT, &format!("d{d}")));
+        for f in 0..40u64 {
+            let mut inode = file(1 + (f % 3) as u32, d * 100 + f);
+            inode.chunks = vec![(hash, 1); (f % 3) as usize];
+            inode.size = f % 3;
+            ops.extend(create(&inode, dir_inode.id, &format!("{}", 40 - f)));
+        }
+    }
+    b.commit(1, &ops).unwrap();
+    let seq = last_seq(&*b);
+    let (mut inodes, mut entries) = (vec![], vec![]);
+    let got = b
+        .snapshot_each(&mut |item| {
+            match item {
+                SnapshotItem::Inode(i) => {
+                    assert!(entries.is_empty(), "an inode after an entry");
+                    inodes.push(i);
+                }
+                SnapshotItem::Entry(e) => entries.push(e),
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(got, seq);
+    assert_eq!((inodes.len(), entries.len()), (1 + 5 + 200, 205));
+    assert!(
+        inodes.windows(2).all(|w| w[0].id < w[1].id),
+        "ordered by id"
+    );
+    assert!(
+        entries
+            .windows(2)
+            .all(|w| (w[0].parent, &w[0].name) < (w[1].parent, &w[1].name)),
+        "ordered by parent, name"
+    );
+    for inode in &inodes {
+        assert_eq!(Some(inode), b.inode(&inode.id).unwrap().as_ref());
+    }
+    assert_eq!(b.snapshot().unwrap(), (seq, inodes, entries));
+
+    // The sink's error ends the stream and comes back as it was.
+    let mut calls = 0;
+    let err = b
+        .snapshot_each(&mut |_| {
+            calls += 1;
+            match calls {
+                10 => Err(BackendError::Invalid {
+                    detail: "sink is full".into(),
+                }),
+                _ => Ok(()),
+            }
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Invalid { detail } if detail == "sink is full"),
+        "{err}"
+    );
+    assert_eq!(calls, 10, "no item after the error");
+    // And the backend is fine afterwards (no transaction left open).
+    let f = file(9, 1);
+    assert_eq!(
+        b.commit(9, &create(&f, ObjectId::ROOT, "after")).unwrap(),
+        [applied(1), applied(1)]
+    );
+    assert_eq!(b.snapshot().unwrap().1.len(), 207);
+}
+
+/// Another host's commit wakes a waiter promptly: LISTEN/NOTIFY on
+/// PostgreSQL, the change signal on `dir:`. The fallback polls (500 ms on
+/// `dir:`) would not: over several rounds their median wake-up would be
+/// far above the bound.
+fn wait_feed_wakes_promptly_on_another_objects_commit(v: &Volume) {
+    const ROUNDS: usize = 8;
+    let waiter = v.init_open();
+    let writer = v.open();
+    let (committed_tx, committed) = mpsc::channel::<Instant>();
+    let start = last_seq(&*waiter);
+    let committer = thread::spawn(move || {
+        for i in 0..ROUNDS as u64 {
+            // Uneven gaps, so a poll cannot happen to line up.
+            thread::sleep(Duration::from_millis(120 + 37 * i));
+            let f = file(4, i + 1);
+            writer
+                .commit(4, &create(&f, ObjectId::ROOT, &format!("w{i}")))
+                .unwrap();
+            committed_tx.send(Instant::now()).unwrap();
+        }
+    });
+    // A wake-up that finds several new commits counts from the oldest.
+    let (mut after, mut seen, mut latencies) = (start, 0, vec![]);
+    while seen < ROUNDS {
+        assert!(waiter.wait_feed(after, Duration::from_secs(20)).unwrap());
+        let woke = Instant::now();
+        let items = waiter.feed(start, 100).unwrap();
+        after = items.last().unwrap().seq;
+        let visible = items.len() / 2;
+        let oldest = committed.recv_timeout(Duration::from_secs(20)).unwrap();
+        for _ in seen + 1..visible {
+            committed.recv_timeout(Duration::from_secs(20)).unwrap();
+        }
+        latencies.push(woke.saturating_duration_since(oldest));
+        seen = visible;
+    }
+    committer.join().unwrap();
+    latencies.sort();
+    let kind = v.url.split(':').next().unwrap();
+    eprintln!("{kind}: wait_feed wake-ups after a commit: {latencies:?}");
+    let median = latencies[latencies.len() / 2];
+    assert!(median < Duration::from_millis(100), "{latencies:?}");
+}
+
+fn location_parses_opens_and_inits(v: &Volume) {
+    let location: Location = v.url.parse().unwrap();
+    let shown = location.to_string();
+    if let Some(password) = v.password() {
+        assert!(!shown.contains(&password), "{shown}");
+        assert!(!format!("{location:?}").contains(&password));
+        assert!(shown.contains("***"), "{shown}");
+    } else {
+        assert_eq!(shown, v.url, "a dir: location shows as given");
+    }
+    let err = location.open(TIMEOUT).unwrap_err();
+    assert!(matches!(err, BackendError::NotInitialized { .. }), "{err}");
+    let info = location.init("by location").unwrap();
+    let b = location.open(TIMEOUT).unwrap();
+    assert_eq!(b.info().unwrap(), info);
+    // The free functions are the same thing.
+    assert_eq!(
+        ferry_backend::open(&v.url, TIMEOUT)
+            .unwrap()
+            .info()
+            .unwrap(),
+        info
+    );
+    assert!(matches!(
+        ferry_backend::init(&v.url, "again").unwrap_err(),
         BackendError::AlreadyInitialized { .. }
     ));
 }

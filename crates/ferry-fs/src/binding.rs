@@ -39,6 +39,9 @@ use crate::store::{Queries, Store, ROOT_INO};
 const VOLUME_ID: &str = "volume_id";
 /// Meta key of that volume's name, kept only to name it in messages.
 const VOLUME_NAME: &str = "volume_name";
+/// Meta key of the backend the store last replicated to, password removed:
+/// kept to say which backend a mount without one has forgotten.
+const BACKEND: &str = "backend";
 /// Meta key of the store's high-water marks (`COUNTER LOG_SEQ`) as they
 /// were when it was mounted without the check, before it wrote anything;
 /// empty once the check passed (see [`verify_within`]).
@@ -253,6 +256,40 @@ pub fn verify_within(store: &Store, url: &str, within: Duration) -> Result<bool,
     settle(store, &local, &remote, url).map(|()| true)
 }
 
+/// The volume a store belongs to, as the store remembers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bound {
+    /// The volume's id.
+    pub volume_id: String,
+    /// Its name, if the store knows it.
+    pub volume_name: Option<String>,
+    /// The backend the store last replicated to, password removed; stores
+    /// bound before ferry remembered it do not know.
+    pub backend: Option<String>,
+}
+
+impl Bound {
+    /// `NAME (ID)`, or the id alone.
+    pub fn describe(&self) -> String {
+        match &self.volume_name {
+            Some(name) => format!("{name} ({})", self.volume_id),
+            None => self.volume_id.clone(),
+        }
+    }
+}
+
+/// The volume `store` belongs to, if it was ever bound to one: such a
+/// store must not be mounted without its backend by accident (its changes
+/// would only pile up in its log).
+pub fn bound(store: &Store) -> Result<Option<Bound>, BindingError> {
+    let local = Local::read(store)?;
+    Ok(local.bound.map(|(volume_id, volume_name)| Bound {
+        volume_id,
+        volume_name,
+        backend: local.backend,
+    }))
+}
+
 /// What the store says about itself.
 #[derive(Clone, Debug)]
 struct Local {
@@ -260,6 +297,8 @@ struct Local {
     host: u32,
     /// The volume id and name the store is bound to.
     bound: Option<(String, Option<String>)>,
+    /// The backend it last replicated to (password removed).
+    backend: Option<String>,
     /// Whether the store ever replicated (shipped, or was restored).
     replicated: bool,
     /// High-water marks: the largest inode number (this host's counters
@@ -299,6 +338,7 @@ impl Local {
                     dir: store.dir().to_path_buf(),
                     host: store.host(),
                     bound,
+                    backend: r.meta_text(BACKEND)?.filter(|b| !b.is_empty()),
                     replicated,
                     counter: r.sequence("inode")?,
                     log_seq: r.sequence("log")?,
@@ -405,7 +445,9 @@ fn settle(store: &Store, local: &Local, remote: &Remote, url: &str) -> Result<()
             probed: local.probes.len(),
         });
     }
-    if !unbound && local.unchecked.is_none() {
+    let shown = ferry_backend::redact(url);
+    let new_backend = local.backend.as_deref() != Some(shown.as_str());
+    if !unbound && local.unchecked.is_none() && !new_backend {
         return Ok(());
     }
     store
@@ -414,6 +456,7 @@ fn settle(store: &Store, local: &Local, remote: &Remote, url: &str) -> Result<()
                 tx.set_meta_text(VOLUME_ID, &volume.volume_id)?;
                 tx.set_meta_text(VOLUME_NAME, &volume.name)?;
             }
+            tx.set_meta_text(BACKEND, &shown)?;
             tx.set_meta_text(UNCHECKED, "")
         })
         .map_err(|source| BindingError::Store {

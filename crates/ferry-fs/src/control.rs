@@ -11,15 +11,25 @@
 //! for too, and it is done only once this daemon run has checked the
 //! backend is the store's volume. Conflicts kept along the way are in the
 //! report; a client must not call a sync with conflicts a success.
+//!
+//! A mount may also serve Prometheus metrics over HTTP ([`serve_metrics`],
+//! opt-in with `-o metrics=ADDR`): the replication numbers of
+//! [`Shared::status`], read at each scrape, next to what the FUSE layer and
+//! the cache count as they go. The exposition is the `prometheus` crate's;
+//! the listener answers `GET /metrics`, one request per connection.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{Counter, Gauge, Opts, Registry};
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::replicate::{Shared, Status};
 use crate::store::Queries;
@@ -63,8 +73,14 @@ pub fn serve(vfs: Arc<Vfs>, replication: Option<Arc<Shared>>) -> std::io::Result
                 let spawned = std::thread::Builder::new()
                     .name("ferry-control-conn".into())
                     .spawn(move || {
-                        if let Err(e) = answer(conn, &vfs, replication.as_deref()) {
-                            warn!("control request: {e}");
+                        match answer(conn, &vfs, replication.as_deref()) {
+                            // A client that stopped listening (a sync that
+                            // timed out): nothing went wrong here.
+                            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                                debug!("control client left: {e}")
+                            }
+                            Err(e) => warn!("control request: {e}"),
+                            Ok(()) => {}
                         }
                     });
                 if let Err(e) = spawned {
@@ -122,7 +138,8 @@ fn answer(conn: UnixStream, vfs: &Vfs, replication: Option<&Shared>) -> std::io:
             loop {
                 let mut r = report(vfs, replication);
                 r.target_seq = Some(target);
-                r.done = r.local_only || (r.status.verified && r.status.shipped_seq >= target);
+                r.done = r.local_only
+                    || (r.status.verified && r.status.shipped_seq >= target && !r.status.resolving);
                 send(&mut out, &r)?;
                 if r.done {
                     return Ok(());
@@ -134,15 +151,249 @@ fn answer(conn: UnixStream, vfs: &Vfs, replication: Option<&Shared>) -> std::io:
     }
 }
 
+/// How long a client waits for each answer line: the daemon sends one at
+/// once, or every 200 ms while a sync runs, so silence this long means the
+/// daemon is stuck.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Client side: sends `request` to the daemon of `store` and returns the
-/// answer lines as they come.
+/// answer lines as they come, each within [`ANSWER_TIMEOUT`].
 pub fn request(
     store: &Path,
     request: &str,
 ) -> std::io::Result<impl Iterator<Item = std::io::Result<Report>>> {
     let conn = UnixStream::connect(socket_path(store))?;
+    conn.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     (&conn).write_all(format!("{request}\n").as_bytes())?;
     Ok(BufReader::new(conn)
         .lines()
         .map(|line| serde_json::from_str(&line?).map_err(std::io::Error::other)))
+}
+
+/// The registry of one mount's metrics; every name starts with `ferry_`.
+pub fn registry() -> Registry {
+    Registry::new_custom(Some("ferry".into()), None)
+        .unwrap_or_else(|e| unreachable!("\"ferry\" is a valid metric prefix: {e}"))
+}
+
+/// Serves `registry` (plus, with replication, the replication numbers) on
+/// `listener`, on a thread for the life of the daemon. Requests are
+/// answered one at a time, each bounded by [`SCRAPE_TIMEOUT`].
+pub fn serve_metrics(
+    listener: TcpListener,
+    registry: Registry,
+    vfs: Arc<Vfs>,
+    replication: Option<Arc<Shared>>,
+) -> std::io::Result<()> {
+    if let Some(shared) = replication {
+        let collector = ReplicationMetrics::new(vfs, shared).map_err(std::io::Error::other)?;
+        registry
+            .register(Box::new(collector))
+            .map_err(std::io::Error::other)?;
+    }
+    std::thread::Builder::new()
+        .name("ferry-metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if let Err(e) = answer_scrape(conn, &registry) {
+                    debug!("metrics request: {e}");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// How long one metrics request may take to arrive or to be sent.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest request head read.
+const MAX_REQUEST_HEAD: u64 = 8 << 10;
+
+fn answer_scrape(conn: TcpStream, registry: &Registry) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
+    conn.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
+    let mut head = BufReader::new((&conn).take(MAX_REQUEST_HEAD));
+    let mut request_line = String::new();
+    head.read_line(&mut request_line)?;
+    // The rest of the head is read so the client sees no reset; its
+    // contents do not matter.
+    let mut line = String::new();
+    while head.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let mut words = request_line.split_whitespace();
+    let (status, content_type, body) = match (words.next(), words.next()) {
+        (Some("GET"), Some("/metrics" | "/")) => {
+            let text = prometheus::TextEncoder::new()
+                .encode_to_string(&registry.gather())
+                .map_err(std::io::Error::other)?;
+            ("200 OK", prometheus::TEXT_FORMAT, text)
+        }
+        (Some("GET"), _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "ferry serves its metrics at /metrics\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "only GET /metrics is served\n".to_string(),
+        ),
+    };
+    let mut out = &conn;
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    out.flush()
+}
+
+/// How a replication number is read from the status.
+type Reader = fn(&Status) -> f64;
+/// A replication number: its name, its help, and how it is read.
+type Reading = (&'static str, &'static str, Reader);
+
+/// Replication numbers that go up and down.
+const GAUGES: &[Reading] = &[
+    (
+        "pending_changes",
+        "Log records not yet committed at the backend.",
+        |s| s.pending_ops as f64,
+    ),
+    (
+        "pending_bytes",
+        "Bytes of file contents the pending records may upload.",
+        |s| s.pending_bytes as f64,
+    ),
+    (
+        "oldest_pending_seconds",
+        "Age of the oldest pending record (0: none).",
+        |s| s.oldest_pending_age_s.unwrap_or(0.0),
+    ),
+    (
+        "conflicts",
+        "Conflicts held back, waiting to be resolved.",
+        |s| s.conflicts as f64,
+    ),
+    (
+        "resolved_conflicts",
+        "Conflicts resolved on this host that ferry status lists.",
+        |s| s.resolved.len() as f64,
+    ),
+    (
+        "last_contact_timestamp_seconds",
+        "Unix time of the last successful backend call (0: none yet).",
+        |s| s.last_contact.unwrap_or(0.0),
+    ),
+    (
+        "backend_verified",
+        "1 once this run checked the backend is the store's volume.",
+        |s| f64::from(u8::from(s.verified)),
+    ),
+    (
+        "shipped_seq",
+        "Last log record committed at the backend.",
+        |s| s.shipped_seq as f64,
+    ),
+    ("head_seq", "Newest log record.", |s| s.head_seq as f64),
+    ("feed_seq", "Backend feed position applied here.", |s| {
+        s.feed_seq as f64
+    }),
+    (
+        "prefetch_files_done",
+        "Files the background prefetch has fetched.",
+        |s| s.prefetch.as_ref().map_or(0.0, |p| p.files_done as f64),
+    ),
+    (
+        "prefetch_files_total",
+        "Files the prefetch policy chose.",
+        |s| s.prefetch.as_ref().map_or(0.0, |p| p.files_total as f64),
+    ),
+    (
+        "prefetch_bytes_done",
+        "Bytes the background prefetch has fetched.",
+        |s| s.prefetch.as_ref().map_or(0.0, |p| p.bytes_done as f64),
+    ),
+    (
+        "prefetch_bytes_total",
+        "Bytes the prefetch policy chose.",
+        |s| s.prefetch.as_ref().map_or(0.0, |p| p.bytes_total as f64),
+    ),
+];
+
+/// Replication numbers that only grow while the daemon runs.
+const COUNTERS: &[Reading] = &[
+    (
+        "shipped_bytes_total",
+        "Bytes of chunks uploaded to the backend.",
+        |s| s.bytes_uploaded as f64,
+    ),
+    (
+        "shipped_chunks_total",
+        "Chunks uploaded to the backend.",
+        |s| s.chunks_uploaded as f64,
+    ),
+    (
+        "replication_errors_total",
+        "Failed replication attempts (each retried).",
+        |s| s.errors as f64,
+    ),
+    (
+        "applied_changes_total",
+        "Changes of other hosts applied to this store.",
+        |s| s.applied as f64,
+    ),
+];
+
+/// The replication numbers, read from [`Shared::status`] at each scrape.
+struct ReplicationMetrics {
+    vfs: Arc<Vfs>,
+    shared: Arc<Shared>,
+    gauges: Vec<(Gauge, Reader)>,
+    counters: Vec<(Counter, Reader)>,
+}
+
+impl ReplicationMetrics {
+    fn new(vfs: Arc<Vfs>, shared: Arc<Shared>) -> prometheus::Result<ReplicationMetrics> {
+        let gauges = GAUGES
+            .iter()
+            .map(|&(name, help, read)| Ok((Gauge::with_opts(Opts::new(name, help))?, read)))
+            .collect::<prometheus::Result<_>>()?;
+        let counters = COUNTERS
+            .iter()
+            .map(|&(name, help, read)| Ok((Counter::with_opts(Opts::new(name, help))?, read)))
+            .collect::<prometheus::Result<_>>()?;
+        Ok(ReplicationMetrics {
+            vfs,
+            shared,
+            gauges,
+            counters,
+        })
+    }
+}
+
+impl Collector for ReplicationMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        let gauges = self.gauges.iter().flat_map(|(g, _)| g.desc());
+        gauges
+            .chain(self.counters.iter().flat_map(|(c, _)| c.desc()))
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let status = self.shared.status(self.vfs.store());
+        for (gauge, read) in &self.gauges {
+            gauge.set(read(&status));
+        }
+        for (counter, read) in &self.counters {
+            // The status counts since the daemon started, as the counter does.
+            counter.inc_by((read(&status) - counter.get()).max(0.0));
+        }
+        let gauges = self.gauges.iter().flat_map(|(g, _)| g.collect());
+        gauges
+            .chain(self.counters.iter().flat_map(|(c, _)| c.collect()))
+            .collect()
+    }
 }

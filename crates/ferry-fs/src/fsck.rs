@@ -239,7 +239,10 @@ fn replay(
                 return Err(bad("delete of a dead inode"));
             }
         }
-        Change::SetAttr { .. } | Change::Content { .. } | Change::Xattr { .. } => {
+        Change::SetAttr { .. }
+        | Change::Content { .. }
+        | Change::Xattr { .. }
+        | Change::Revive { .. } => {
             if !live.contains(&ino) {
                 return Err(bad("change to a dead inode"));
             }
@@ -359,7 +362,7 @@ pub fn verify(dir: &Path) -> Result<Verification, StoreError> {
     let db = |e| StoreError::db(dir, e);
     let (clean, cached) = store
         .read(|r| -> rusqlite::Result<_> {
-            let shipped = r.meta_int("shipped_seq")?.unwrap_or(0) as u64;
+            let shipped = crate::log::Outbox::cursor(r)?;
             let cached: i64 = r.conn().query_row(
                 &format!(
                     "SELECT count(*) FROM inode WHERE cached=1 AND mode & {} = {}",

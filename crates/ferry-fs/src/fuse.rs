@@ -21,6 +21,11 @@
 //!   they are coherent either way.
 //! * **Readdirplus**: a listing returns attributes too, so `ls -l` costs one
 //!   request per batch instead of one per entry.
+//!
+//! With metrics on ([`FerryFs::with_metrics`]), each request's time to its
+//! reply goes into a histogram per operation, and each open of a replicated
+//! volume counts as a cache hit or miss; without them, a request pays one
+//! branch for it.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -35,6 +40,7 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use prometheus::{HistogramTimer, HistogramVec, IntCounter, Registry};
 use tracing::{debug, warn};
 
 use crate::vfs::{Caller, SetAttr, Vfs};
@@ -63,7 +69,22 @@ pub struct FerryFs {
     /// Whether opens are passed through (decided at `init`).
     passthrough: bool,
     backings: Mutex<Backings>,
+    metrics: Option<Metrics>,
 }
+
+/// What the FUSE layer reports to the metrics endpoint.
+struct Metrics {
+    /// Seconds from a request's arrival to its reply, by operation.
+    latency: HistogramVec,
+    /// Opens whose contents were here, and opens that fetched them from
+    /// the backend; only for a replicated volume.
+    cache: Option<(IntCounter, IntCounter)>,
+}
+
+/// Latency buckets: 10 µs to about 2.6 s, by fours.
+const LATENCY_BUCKETS: [f64; 10] = [
+    1e-5, 4e-5, 1.6e-4, 6.4e-4, 2.56e-3, 1.024e-2, 4.096e-2, 0.16384, 0.65536, 2.62144,
+];
 
 /// Kernel backing ids of passed-through files. The kernel insists that all
 /// open files of one inode share one backing id, so ids are per inode and
@@ -82,6 +103,60 @@ impl FerryFs {
             vfs,
             passthrough,
             backings: Mutex::new(Backings::default()),
+            metrics: None,
+        }
+    }
+
+    /// Reports request latencies (and, with `replicated`, cache hits and
+    /// misses) to `registry`.
+    pub fn with_metrics(
+        mut self,
+        registry: &Registry,
+        replicated: bool,
+    ) -> prometheus::Result<FerryFs> {
+        let latency = HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "fuse_request_duration_seconds",
+                "Time from a FUSE request's arrival to its reply, by operation.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["op"],
+        )?;
+        registry.register(Box::new(latency.clone()))?;
+        let cache = if replicated {
+            let hits = IntCounter::new(
+                "cache_hits_total",
+                "Opens of files whose contents were cached here.",
+            )?;
+            let misses = IntCounter::new(
+                "cache_misses_total",
+                "Opens of files whose contents had to be fetched from the backend.",
+            )?;
+            registry.register(Box::new(hits.clone()))?;
+            registry.register(Box::new(misses.clone()))?;
+            Some((hits, misses))
+        } else {
+            None
+        };
+        self.metrics = Some(Metrics { latency, cache });
+        Ok(self)
+    }
+
+    /// Times a request of operation `op` until the returned guard drops.
+    fn timer(&self, op: &str) -> Option<HistogramTimer> {
+        let m = self.metrics.as_ref()?;
+        Some(m.latency.with_label_values(&[op]).start_timer())
+    }
+
+    /// Counts an open of `ino` as a cache hit or miss: whether its data
+    /// file is here before the open (which fetches a missing one).
+    fn count_cache_use(&self, ino: u64) {
+        if let Some((hits, misses)) = self.metrics.as_ref().and_then(|m| m.cache.as_ref()) {
+            if self.vfs.store().data_path(ino).exists() {
+                hits.inc();
+            } else {
+                misses.inc();
+            }
         }
     }
 
@@ -250,15 +325,18 @@ impl Filesystem for FerryFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = self.timer("lookup");
         debug!(parent = parent.0, ?name, "lookup");
         entry(reply, self.vfs.lookup(parent.0, name.as_bytes()));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _timer = self.timer("forget");
         self.vfs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = self.timer("getattr");
         debug!(ino = ino.0, "getattr");
         match self.vfs.getattr(ino.0) {
             Ok(attr) => reply.attr(&TTL, &attr),
@@ -284,6 +362,7 @@ impl Filesystem for FerryFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _timer = self.timer("setattr");
         debug!(ino = ino.0, ?mode, ?uid, ?gid, ?size, "setattr");
         let set = SetAttr {
             mode,
@@ -301,6 +380,7 @@ impl Filesystem for FerryFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = self.timer("readlink");
         debug!(ino = ino.0, "readlink");
         match self.vfs.readlink(ino.0) {
             Ok(target) => reply.data(&target),
@@ -318,6 +398,7 @@ impl Filesystem for FerryFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.timer("mknod");
         debug!(parent = parent.0, ?name, mode, "mknod");
         entry(
             reply,
@@ -335,6 +416,7 @@ impl Filesystem for FerryFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.timer("mkdir");
         debug!(parent = parent.0, ?name, mode, "mkdir");
         let mode = libc::S_IFDIR | (mode & 0o7777);
         entry(
@@ -345,11 +427,13 @@ impl Filesystem for FerryFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.timer("unlink");
         debug!(parent = parent.0, ?name, "unlink");
         empty(reply, self.vfs.remove(parent.0, name.as_bytes(), false));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.timer("rmdir");
         debug!(parent = parent.0, ?name, "rmdir");
         empty(reply, self.vfs.remove(parent.0, name.as_bytes(), true));
     }
@@ -362,6 +446,7 @@ impl Filesystem for FerryFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _timer = self.timer("symlink");
         debug!(parent = parent.0, ?link_name, ?target, "symlink");
         let mode = libc::S_IFLNK | 0o777;
         let target = target.as_os_str().as_bytes();
@@ -388,6 +473,7 @@ impl Filesystem for FerryFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("rename");
         debug!(
             parent = parent.0,
             ?name,
@@ -415,12 +501,15 @@ impl Filesystem for FerryFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _timer = self.timer("link");
         debug!(ino = ino.0, newparent = newparent.0, ?newname, "link");
         entry(reply, self.vfs.link(ino.0, newparent.0, newname.as_bytes()));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.timer("open");
         debug!(ino = ino.0, flags = flags.0, "open");
+        self.count_cache_use(ino.0);
         let fh = match self.vfs.open(ino.0, flags.0, false) {
             Ok(fh) => fh,
             Err(e) => return reply.error(e),
@@ -448,6 +537,7 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _timer = self.timer("read");
         debug!(fh = fh.0, offset, size, "read");
         match self.vfs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
@@ -467,6 +557,7 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _timer = self.timer("write");
         debug!(fh = fh.0, offset, len = data.len(), "write");
         match self.vfs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
@@ -482,6 +573,7 @@ impl Filesystem for FerryFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("flush");
         // Writes are already in the data file (the kernel flushed its
         // writeback cache before sending this); nothing is buffered here.
         reply.ok();
@@ -497,6 +589,7 @@ impl Filesystem for FerryFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("release");
         debug!(fh = fh.0, "release");
         self.release_backing(fh.0);
         self.vfs.release(fh.0);
@@ -511,11 +604,13 @@ impl Filesystem for FerryFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("fsync");
         debug!(fh = fh.0, datasync, "fsync");
         empty(reply, self.vfs.fsync(Some(fh.0), datasync));
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.timer("opendir");
         // Listings resume from cookies in the store, so a directory handle
         // carries no state.
         reply.opened(FileHandle(0), FopenFlags::empty());
@@ -529,6 +624,7 @@ impl Filesystem for FerryFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = self.timer("readdir");
         debug!(ino = ino.0, offset, "readdir");
         let result = self.vfs.readdir(ino.0, offset, false, |next, name, attr| {
             !reply.add(attr.ino, next, attr.kind, OsStr::from_bytes(name))
@@ -547,6 +643,7 @@ impl Filesystem for FerryFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timer = self.timer("readdirplus");
         debug!(ino = ino.0, offset, "readdirplus");
         let result = self.vfs.readdir(ino.0, offset, true, |next, name, attr| {
             !reply.add(
@@ -572,11 +669,13 @@ impl Filesystem for FerryFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("fsyncdir");
         debug!("fsyncdir");
         empty(reply, self.vfs.fsync(None, false));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = self.timer("statfs");
         match (self.vfs.statfs(), self.vfs.inode_count()) {
             (Ok(s), Ok(used)) => reply.statfs(
                 s.blocks(),
@@ -602,6 +701,7 @@ impl Filesystem for FerryFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("setxattr");
         debug!(ino = ino.0, ?name, len = value.len(), "setxattr");
         empty(
             reply,
@@ -610,16 +710,19 @@ impl Filesystem for FerryFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timer = self.timer("getxattr");
         debug!(ino = ino.0, ?name, size, "getxattr");
         xattr(reply, size, self.vfs.getxattr(ino.0, name.as_bytes()));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = self.timer("listxattr");
         debug!(ino = ino.0, size, "listxattr");
         xattr(reply, size, self.vfs.listxattr(ino.0));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.timer("removexattr");
         debug!(ino = ino.0, ?name, "removexattr");
         empty(reply, self.vfs.removexattr(ino.0, name.as_bytes()));
     }
@@ -634,6 +737,7 @@ impl Filesystem for FerryFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _timer = self.timer("create");
         debug!(parent = parent.0, ?name, mode, flags, "create");
         let made = self
             .vfs
@@ -669,6 +773,7 @@ impl Filesystem for FerryFs {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
+        let _timer = self.timer("ioctl");
         // Terminal probes (TCGETS from isatty) land here for every file a
         // program opens; "not a terminal" is the right answer to all.
         reply.error(Errno::ENOTTY);
@@ -684,6 +789,7 @@ impl Filesystem for FerryFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("fallocate");
         debug!(fh = fh.0, offset, length, mode, "fallocate");
         empty(reply, self.vfs.fallocate(fh.0, offset, length, mode));
     }
@@ -697,6 +803,7 @@ impl Filesystem for FerryFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _timer = self.timer("lseek");
         debug!(fh = fh.0, offset, whence, "lseek");
         match self.vfs.lseek(fh.0, offset, whence) {
             Ok(off) => reply.offset(off),
@@ -717,6 +824,7 @@ impl Filesystem for FerryFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _timer = self.timer("copy_file_range");
         debug!(fh_in = fh_in.0, fh_out = fh_out.0, len, "copy_file_range");
         match self
             .vfs

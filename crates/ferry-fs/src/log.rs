@@ -6,10 +6,17 @@
 //! replication reads the current state when it ships, which is what lets it
 //! coalesce many writes to one file into one upload.
 //!
+//! The records after the outbox's cursor ([`Outbox`]) are what this host
+//! still has to ship; [`Touched`] says which objects they concern.
+//!
 //! Each record carries the inode's version after the change. Versions start
 //! at 1 and every record bumps by one, so for every inode
 //! `version == 1 + number of its records` — the invariant [`crate::fsck`]
 //! checks after a crash.
+
+use std::collections::{BTreeSet, HashSet};
+
+use crate::store::{Queries, Tx};
 
 /// The (directory, name) places a change touches: `(parent, name,
 /// parent2, name2)`, as the log's columns store them.
@@ -91,9 +98,16 @@ pub enum Change<'a> {
         /// The inode.
         ino: u64,
     },
-    /// `ino` came from the backend (a restore); its names follow as `Link`
-    /// records. Already at the backend, so never shipped.
+    /// `ino` came from the backend (a restore or down-sync); its names
+    /// follow as `Link` records. Already at the backend, so never shipped.
     Import {
+        /// The inode.
+        ino: u64,
+    },
+    /// `ino` ships again whole, with all its names (conflict resolution:
+    /// it got a new global identity, or was refused for another object's
+    /// sake).
+    Revive {
         /// The inode.
         ino: u64,
     },
@@ -113,6 +127,7 @@ impl Change<'_> {
             Change::Xattr { .. } => "xattr",
             Change::Delete { .. } => "delete",
             Change::Import { .. } => "import",
+            Change::Revive { .. } => "revive",
         }
     }
 
@@ -128,7 +143,8 @@ impl Change<'_> {
             | Change::Content { ino }
             | Change::Xattr { ino }
             | Change::Delete { ino }
-            | Change::Import { ino } => ino,
+            | Change::Import { ino }
+            | Change::Revive { ino } => ino,
         }
     }
 
@@ -157,7 +173,8 @@ impl Change<'_> {
             | Change::Content { .. }
             | Change::Xattr { .. }
             | Change::Delete { .. }
-            | Change::Import { .. } => (None, None, None, None),
+            | Change::Import { .. }
+            | Change::Revive { .. } => (None, None, None, None),
         }
     }
 
@@ -195,6 +212,7 @@ impl Change<'_> {
             ("xattr", (None, None, None, None)) => Change::Xattr { ino },
             ("delete", (None, None, None, None)) => Change::Delete { ino },
             ("import", (None, None, None, None)) => Change::Import { ino },
+            ("revive", (None, None, None, None)) => Change::Revive { ino },
             _ => return None,
         })
     }
@@ -223,6 +241,9 @@ pub struct LogRecord {
     pub host: u32,
     /// The inode's per-host counter.
     pub counter: u64,
+    /// Pulled from the backend by down-sync (or a restore): already there,
+    /// so never shipped.
+    pub pulled: bool,
 }
 
 impl LogRecord {
@@ -238,5 +259,104 @@ impl LogRecord {
                 self.name2.as_deref(),
             ),
         )
+    }
+}
+
+/// What a run of this host's own records touched: the objects whose
+/// current state ships (or that down-sync must leave alone, because they
+/// have changes of this host's still to ship). Pulled records touch
+/// nothing: the backend has what they describe.
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// Inodes whose state ships: changed ones, and the directories whose
+    /// entries changed (their mtime and ctime travel with the entries).
+    pub inodes: BTreeSet<u64>,
+    /// Inodes whose bytes may have changed (a `Create`, `Content` or
+    /// `Revive`): only their data files are read.
+    pub rewritten: HashSet<u64>,
+    /// Names (directory, name) whose target ships.
+    pub names: BTreeSet<(u64, Vec<u8>)>,
+    /// Global identities (host, counter) of inodes deleted here.
+    pub deleted: BTreeSet<(u32, u64)>,
+    /// Inodes with a new identity: all their names ship too.
+    pub revived: BTreeSet<u64>,
+}
+
+impl Touched {
+    /// Collects `records`; the seq of the first one this build cannot
+    /// decode is the error.
+    pub fn of<'a>(records: impl IntoIterator<Item = &'a LogRecord>) -> Result<Touched, u64> {
+        let mut t = Touched::default();
+        for rec in records.into_iter().filter(|r| !r.pulled) {
+            let change = rec.change().ok_or(rec.seq)?;
+            match change {
+                Change::Delete { .. } => {
+                    t.deleted.insert((rec.host, rec.counter));
+                }
+                Change::Content { ino } => {
+                    t.inodes.insert(ino);
+                    t.rewritten.insert(ino);
+                }
+                Change::Revive { ino } => {
+                    t.inodes.insert(ino);
+                    t.rewritten.insert(ino);
+                    t.revived.insert(ino);
+                }
+                Change::SetAttr { ino } | Change::Xattr { ino } => {
+                    t.inodes.insert(ino);
+                }
+                // Restored from the backend: already there.
+                Change::Import { .. } => {}
+                other => {
+                    t.inodes.insert(other.ino());
+                    if matches!(other, Change::Create { .. }) {
+                        t.rewritten.insert(other.ino());
+                    }
+                    let (p, n, p2, n2) = other.places();
+                    for (p, n) in [(p, n), (p2, n2)] {
+                        if let (Some(p), Some(n)) = (p, n) {
+                            t.names.insert((p, n.to_vec()));
+                            t.inodes.insert(p);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// The outbox: the log seen from replication. Its cursor is the last record
+/// committed at the backend (recorded in the same store transaction as the
+/// backend versions that commit produced); what follows it is pending.
+pub struct Outbox;
+
+impl Outbox {
+    /// The `meta` key of the cursor.
+    const CURSOR: &'static str = "shipped_seq";
+
+    /// The last record shipped (0: none).
+    pub fn cursor(r: &impl Queries) -> rusqlite::Result<u64> {
+        Ok(r.meta_int(Self::CURSOR)?.unwrap_or(0) as u64)
+    }
+
+    /// Records everything up to `seq` as shipped.
+    pub fn advance(tx: &Tx<'_>, seq: u64) -> rusqlite::Result<()> {
+        tx.set_meta_int(Self::CURSOR, seq as i64)
+    }
+
+    /// The pending records: up to `limit` after the cursor, extended to the
+    /// end of the transaction the last one belongs to (its records share
+    /// their time). A batch that ended inside one (between the unlink of a
+    /// rename's target and the rename) would describe a state that never
+    /// existed.
+    pub fn pending(r: &impl Queries, limit: usize) -> rusqlite::Result<Vec<LogRecord>> {
+        let mut batch = r.log_after(Self::cursor(r)?, limit)?;
+        if let Some(last) = batch.last().filter(|_| batch.len() == limit) {
+            let (seq, at) = (last.seq, last.at);
+            let rest = r.log_after(seq, limit)?;
+            batch.extend(rest.into_iter().take_while(|rec| rec.at == at));
+        }
+        Ok(batch)
     }
 }

@@ -36,11 +36,11 @@ use crate::log::{Change, LogRecord};
 const APPLICATION_ID: i32 = 0x4652_5259;
 
 /// The store layout version this build reads and writes (`PRAGMA user_version`).
-pub const FORMAT_VERSION: i32 = 2;
+pub const FORMAT_VERSION: i32 = 3;
 
 /// What a store of each older format version needs to reach the next:
 /// `MIGRATIONS[v - 1]` takes version `v` to `v + 1`.
-const MIGRATIONS: &[&str] = &[VERSION_2];
+const MIGRATIONS: &[&str] = &[VERSION_2, VERSION_3];
 
 /// Files whose contents were shipped while a writer still had them open
 /// (version 2). Writes after that point are not visible to the daemon
@@ -56,8 +56,27 @@ const MIGRATIONS: &[&str] = &[VERSION_2];
 const VERSION_2: &str = "CREATE TABLE writing(ino INTEGER PRIMARY KEY);
 CREATE TABLE inflight(key BLOB PRIMARY KEY, deleting INTEGER NOT NULL) WITHOUT ROWID;";
 
+/// Down-sync (version 3). Records of changes pulled from the backend are
+/// `pulled`: they keep the log a faithful replay of the store, but the
+/// shipper skips them, because the backend already holds what they
+/// describe (shipping them back would echo every change between hosts).
+/// `recheck` holds the backend keys whose remote state down-sync could not
+/// apply yet (a local change to the same object was pending): they are
+/// fetched and tried again until they apply, so no remote change is lost
+/// to a skipped feed item.
+///
+/// `resolved` lists every conflict this host resolved, with the path and
+/// how, for `ferry status` (the table `conflict` keeps only what waits).
+const VERSION_3: &str = "ALTER TABLE log ADD COLUMN pulled INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE recheck(key BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE resolved(id INTEGER PRIMARY KEY, at INTEGER NOT NULL, path TEXT NOT NULL,
+    how TEXT NOT NULL);";
+
 /// Bytes kept in reserve for operations that free space on a full disk.
 const RESERVE_BYTES: u64 = 8 << 20;
+
+/// One resolved conflict as the store keeps it: (when, path, how).
+pub type Resolved = (Nanos, String, String);
 
 /// Inode number of the root directory, fixed by FUSE.
 pub const ROOT_INO: u64 = 1;
@@ -120,9 +139,13 @@ CREATE TABLE log(
     name BLOB,
     parent2 INTEGER,
     name2 BLOB,
-    at INTEGER NOT NULL);
+    at INTEGER NOT NULL,
+    pulled INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE writing(ino INTEGER PRIMARY KEY);
 CREATE TABLE inflight(key BLOB PRIMARY KEY, deleting INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE recheck(key BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE resolved(id INTEGER PRIMARY KEY, at INTEGER NOT NULL, path TEXT NOT NULL,
+    how TEXT NOT NULL);
 ";
 
 /// File type bits of `mode`, as stored (the `S_IFMT` part).
@@ -353,6 +376,7 @@ impl Store {
             host: self.host,
             logged: std::cell::Cell::new(false),
             at: now(),
+            pulled: std::cell::Cell::new(false),
         };
         let out = f(&tx)?;
         let logged = tx.logged.get();
@@ -702,11 +726,11 @@ pub trait Queries {
             .map(|o| o.map(|i| i as u64))
     }
 
-    /// The global identity of `ino` as its log records name it: the way to
-    /// name an inode whose row is already gone.
+    /// The global identity of `ino` as its last log record names it: the
+    /// way to name an inode whose row is already gone.
     fn logged_identity(&self, ino: u64) -> rusqlite::Result<Option<(u32, u64)>> {
         self.conn()
-            .prepare_cached("SELECT host, counter FROM log WHERE ino=?1 LIMIT 1")?
+            .prepare_cached("SELECT host, counter FROM log WHERE ino=?1 ORDER BY seq DESC LIMIT 1")?
             .query_row([ino as i64], |r| {
                 Ok((r.get::<_, i64>(0)? as u32, r.get::<_, i64>(1)? as u64))
             })
@@ -716,7 +740,7 @@ pub trait Queries {
     /// Up to `limit` log records after `seq`, in order.
     fn log_after(&self, seq: u64, limit: usize) -> rusqlite::Result<Vec<LogRecord>> {
         let mut stmt = self.conn().prepare_cached(
-            "SELECT seq, op, ino, parent, name, parent2, name2, at, host, counter FROM log
+            "SELECT seq, op, ino, parent, name, parent2, name2, at, host, counter, pulled FROM log
              WHERE seq>?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![seq as i64, limit as i64], |r| {
@@ -731,6 +755,7 @@ pub trait Queries {
                 at: r.get(7)?,
                 host: r.get::<_, i64>(8)? as u32,
                 counter: r.get::<_, i64>(9)? as u64,
+                pulled: r.get(10)?,
             })
         })?;
         rows.collect()
@@ -807,6 +832,38 @@ pub trait Queries {
             .exists([key])
     }
 
+    /// Backend keys down-sync must try again (see [`VERSION_3`]), at most
+    /// `limit`.
+    fn rechecks(&self, limit: usize) -> rusqlite::Result<Vec<Vec<u8>>> {
+        let mut stmt = self
+            .conn()
+            .prepare_cached("SELECT key FROM recheck LIMIT ?1")?;
+        let rows = stmt.query_map([limit as i64], |r| r.get(0))?;
+        rows.collect()
+    }
+
+    /// The last `limit` resolved conflicts, oldest first: (when, path,
+    /// how), and how many there are in all.
+    fn resolved(&self, limit: usize) -> rusqlite::Result<(Vec<Resolved>, u64)> {
+        let mut stmt = self.conn().prepare_cached(
+            "SELECT at, path, how FROM (SELECT * FROM resolved ORDER BY id DESC LIMIT ?1)
+             ORDER BY id",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let list = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        let total = self
+            .conn()
+            .query_row("SELECT count(*) FROM resolved", [], |r| r.get::<_, i64>(0))?;
+        Ok((list, total as u64))
+    }
+
+    /// The keys of the conflicts waiting to be resolved.
+    fn conflict_keys(&self) -> rusqlite::Result<Vec<Vec<u8>>> {
+        let mut stmt = self.conn().prepare_cached("SELECT key FROM conflict")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect()
+    }
+
     /// The recorded conflicts: (object, detail, when).
     fn conflicts(&self) -> rusqlite::Result<Vec<(String, String, Nanos)>> {
         let mut stmt = self
@@ -829,7 +886,8 @@ pub trait Queries {
     /// The inodes named by records after `seq` whose bytes may need shipping.
     fn pending_content(&self, seq: u64) -> rusqlite::Result<Vec<u64>> {
         let mut stmt = self.conn().prepare_cached(
-            "SELECT DISTINCT ino FROM log WHERE seq>?1 AND op IN ('create', 'content', 'setattr')",
+            "SELECT DISTINCT ino FROM log
+             WHERE seq>?1 AND NOT pulled AND op IN ('create', 'content', 'setattr')",
         )?;
         let rows = stmt.query_map([seq as i64], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
         rows.collect()
@@ -841,7 +899,8 @@ pub trait Queries {
         let mut stmt = self.conn().prepare_cached(&format!(
             "SELECT i.ino FROM inode i WHERE i.cached=1 AND i.mode & {} = {}
                AND EXISTS (SELECT 1 FROM chunk c WHERE c.ino = i.ino)
-               AND NOT EXISTS (SELECT 1 FROM log l WHERE l.ino = i.ino AND l.seq > ?1)",
+               AND NOT EXISTS (SELECT 1 FROM log l WHERE l.ino = i.ino AND l.seq > ?1
+                               AND NOT l.pulled)",
             libc::S_IFMT,
             libc::S_IFREG
         ))?;
@@ -849,10 +908,71 @@ pub trait Queries {
         rows.collect()
     }
 
-    /// Count and oldest time of the records after `seq`.
+    /// Regular files whose bytes only the backend has, up to `max_size`
+    /// bytes each: `limit` of them after inode `after`, as (ino, size).
+    fn uncached_files(
+        &self,
+        after: u64,
+        max_size: u64,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<(u64, u64)>> {
+        let mut stmt = self.conn().prepare_cached(&format!(
+            "SELECT ino, size FROM inode WHERE ino > ?1 AND cached = 0 AND size <= ?2
+               AND mode & {} = {} ORDER BY ino LIMIT ?3",
+            libc::S_IFMT,
+            libc::S_IFREG
+        ))?;
+        let rows = stmt.query_map(
+            params![
+                after as i64,
+                max_size.min(i64::MAX as u64) as i64,
+                limit as i64
+            ],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?;
+        rows.collect()
+    }
+
+    /// How many such files there are, and their bytes.
+    fn uncached_total(&self, max_size: u64) -> rusqlite::Result<(u64, u64)> {
+        self.conn()
+            .prepare_cached(&format!(
+                "SELECT count(*), coalesce(sum(size), 0) FROM inode WHERE cached = 0
+                   AND size <= ?1 AND mode & {} = {}",
+                libc::S_IFMT,
+                libc::S_IFREG
+            ))?
+            .query_row([max_size.min(i64::MAX as u64) as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+    }
+
+    /// Up to `limit` uncached regular files of at most `max_size` bytes
+    /// named in directory `dir`, in directory order.
+    fn uncached_in(&self, dir: u64, max_size: u64, limit: usize) -> rusqlite::Result<Vec<u64>> {
+        let mut stmt = self.conn().prepare_cached(&format!(
+            "SELECT i.ino FROM dentry d JOIN inode i ON i.ino = d.ino
+             WHERE d.parent = ?1 AND i.cached = 0 AND i.size <= ?2 AND i.mode & {} = {}
+             ORDER BY d.id LIMIT ?3",
+            libc::S_IFMT,
+            libc::S_IFREG
+        ))?;
+        let rows = stmt.query_map(
+            params![
+                dir as i64,
+                max_size.min(i64::MAX as u64) as i64,
+                limit as i64
+            ],
+            |r| r.get::<_, i64>(0).map(|v| v as u64),
+        )?;
+        rows.collect()
+    }
+
+    /// Count and oldest time of the records after `seq` that are this
+    /// host's own changes (pulled ones have nothing to ship).
     fn pending(&self, seq: u64) -> rusqlite::Result<(u64, Option<Nanos>)> {
         self.conn()
-            .prepare_cached("SELECT count(*), min(at) FROM log WHERE seq>?1")?
+            .prepare_cached("SELECT count(*), min(at) FROM log WHERE seq>?1 AND NOT pulled")?
             .query_row([seq as i64], |r| {
                 Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
             })
@@ -889,6 +1009,9 @@ pub struct Tx<'a> {
     /// When it began: the time of every record it logs, which is how a
     /// reader of the log tells where a transaction's records end.
     at: Nanos,
+    /// Whether the records it logs are pulled from the backend (see
+    /// [`VERSION_3`]); set by [`Tx::pulling`].
+    pulled: std::cell::Cell<bool>,
 }
 
 impl Queries for Tx<'_> {
@@ -1195,6 +1318,107 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// A conflict is settled: the object ships again.
+    pub fn clear_conflict(&self, key: &[u8]) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("DELETE FROM conflict WHERE key=?1")?
+            .execute([key])?;
+        Ok(())
+    }
+
+    /// Records how a conflict on `path` was resolved, for `ferry status`.
+    pub fn add_resolved(&self, path: &str, how: &str) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("INSERT INTO resolved(at, path, how) VALUES (?1, ?2, ?3)")?
+            .execute(params![now(), path, how])?;
+        Ok(())
+    }
+
+    /// Down-sync must fetch and try `key` again (see [`VERSION_3`]).
+    pub fn add_recheck(&self, key: &[u8]) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("INSERT OR IGNORE INTO recheck(key) VALUES (?1)")?
+            .execute([key])?;
+        Ok(())
+    }
+
+    /// `key` applied (or needs nothing more).
+    pub fn remove_recheck(&self, key: &[u8]) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("DELETE FROM recheck WHERE key=?1")?
+            .execute([key])?;
+        Ok(())
+    }
+
+    /// From now on, the records this transaction logs are (`true`) or are
+    /// not changes pulled from the backend (see [`VERSION_3`]); returns
+    /// what they were, for the caller to restore.
+    pub fn pulling(&self, pulled: bool) -> bool {
+        self.pulled.replace(pulled)
+    }
+
+    /// Removes the name `parent/name` of `ino` as the backend did; logs
+    /// `Unlink`. Times are the backend's and links are recounted by the
+    /// caller ([`Tx::recount`]).
+    pub fn drop_entry(&self, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached("DELETE FROM dentry WHERE parent=?1 AND name=?2")?
+            .execute(params![parent as i64, name])?;
+        self.log(&Change::Unlink { ino, parent, name })
+    }
+
+    /// Sets the link count of `ino` from its entries: names for a
+    /// non-directory, 2 plus subdirectories for a directory (whose single
+    /// name is not counted, as everywhere in this store).
+    pub fn recount(&self, ino: u64) -> rusqlite::Result<()> {
+        self.txn
+            .prepare_cached(&format!(
+                "UPDATE inode SET nlink = CASE WHEN mode & {ifmt} = {ifdir}
+                     THEN 2 + (SELECT count(*) FROM dentry d JOIN inode c ON c.ino = d.ino
+                               WHERE d.parent = inode.ino AND c.mode & {ifmt} = {ifdir})
+                     ELSE (SELECT count(*) FROM dentry d WHERE d.ino = inode.ino) END
+                 WHERE ino = ?1",
+                ifmt = libc::S_IFMT,
+                ifdir = libc::S_IFDIR
+            ))?
+            .execute([ino as i64])?;
+        Ok(())
+    }
+
+    /// Gives `ino` a new global identity, one no host has ever used; logs
+    /// `Revive`, so it ships with all its names (whose backend versions the
+    /// caller clears). What conflict resolution
+    /// does to this host's version of an object the backend resolved the
+    /// other way (replaced, or deleted while it was changed here): that
+    /// version lives on as a new object instead of being lost.
+    pub fn reidentify(&self, ino: u64) -> rusqlite::Result<(u32, u64)> {
+        // A counter from the inode sequence: larger than every local inode
+        // number so far, so no inode of this host ever had it, and it keeps
+        // the store's high-water mark honest (see `crate::binding`).
+        self.txn
+            .prepare_cached(
+                "INSERT INTO inode(host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, version)
+                 VALUES (?1, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)",
+            )?
+            .execute([self.host])?;
+        let counter = self.txn.last_insert_rowid();
+        self.txn
+            .prepare_cached("DELETE FROM inode WHERE ino=?1")?
+            .execute([counter])?;
+        self.txn
+            .prepare_cached("UPDATE inode SET host=?2, counter=?3 WHERE ino=?1")?
+            .execute(params![ino as i64, self.host, counter])?;
+        self.relog(ino)?;
+        Ok((self.host, counter as u64))
+    }
+
+    /// Logs `Revive` for `ino`: it and all its names ship again, whole (an
+    /// object refused by the backend for its directory's sake, say, after
+    /// that directory was settled).
+    pub fn relog(&self, ino: u64) -> rusqlite::Result<()> {
+        self.log(&Change::Revive { ino })
+    }
+
     /// Replaces the chunk list of a file.
     pub fn set_chunks(&self, ino: u64, chunks: &[([u8; 32], u32)]) -> rusqlite::Result<()> {
         self.txn
@@ -1344,8 +1568,8 @@ impl Tx<'_> {
         let (parent, name, parent2, name2) = change.places();
         self.txn
             .prepare_cached(
-                "INSERT INTO log(op, ino, host, counter, version, parent, name, parent2, name2, at)
-                 VALUES (?1, ?2, ?9, ?10, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO log(op, ino, host, counter, version, parent, name, parent2, name2, at, pulled)
+                 VALUES (?1, ?2, ?9, ?10, ?3, ?4, ?5, ?6, ?7, ?8, ?11)",
             )?
             .execute(params![
                 change.op(),
@@ -1357,7 +1581,8 @@ impl Tx<'_> {
                 name2,
                 self.at,
                 host,
-                counter
+                counter,
+                self.pulled.get()
             ])?;
         self.logged.set(true);
         Ok(())

@@ -35,11 +35,11 @@ pub const XATTR_NAME_MAX: usize = 255;
 pub const XATTR_SIZE_MAX: usize = 65536;
 
 /// Where the bytes of files that are not cached here come from (the
-/// backend, through [`crate::replicate::Fetcher`]).
+/// backend, through replication's fetcher).
 pub trait ContentSource: Send + Sync {
-    /// Writes the concatenation of `chunks` (BLAKE3 hash, length) to
-    /// `dest`, atomically; the error is a one-line reason.
-    fn fetch(&self, chunks: &[([u8; 32], u32)], dest: &std::path::Path) -> Result<(), String>;
+    /// Makes the data file of `ino` hold the bytes of its chunk list and
+    /// marks it cached in `store`; the error is a one-line reason.
+    fn fetch(&self, store: &Store, ino: u64) -> Result<(), String>;
 }
 
 /// Who is asking: the kernel's view of the calling process.
@@ -106,8 +106,6 @@ pub struct Vfs {
     next_fh: AtomicU64,
     /// Fetches uncached files; set when the volume has a backend.
     source: std::sync::OnceLock<Arc<dyn ContentSource>>,
-    /// One fetch at a time, so two opens of an uncached file fetch it once.
-    fetching: Mutex<()>,
     /// The replicator's backlog gauge, for backpressure.
     replication: std::sync::OnceLock<Arc<crate::replicate::Shared>>,
     /// Opening a data file holds this shared; evicting one holds it
@@ -183,7 +181,7 @@ fn check_name(name: &[u8]) -> Result<(), Errno> {
     Ok(())
 }
 
-fn to_system_time(t: Nanos) -> SystemTime {
+pub(crate) fn to_system_time(t: Nanos) -> SystemTime {
     if t >= 0 {
         UNIX_EPOCH + Duration::from_nanos(t as u64)
     } else {
@@ -217,7 +215,6 @@ impl Vfs {
             open: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             source: std::sync::OnceLock::new(),
-            fetching: Mutex::new(()),
             replication: std::sync::OnceLock::new(),
             residency: std::sync::RwLock::new(()),
             last_open: Mutex::new(HashMap::new()),
@@ -265,10 +262,6 @@ impl Vfs {
     /// Makes sure the data file of `ino` holds its bytes, fetching them from
     /// the backend if this host never had them (or evicted them).
     fn ensure_cached(&self, ino: u64) -> Result<(), Errno> {
-        if self.inode(ino)?.cached {
-            return Ok(());
-        }
-        let _one = lock(&self.fetching);
         let inode = self.inode(ino)?;
         if inode.cached {
             return Ok(());
@@ -281,35 +274,14 @@ impl Vfs {
             );
             return Err(Errno::EIO);
         };
-        let chunks = self.store.read(|r| r.chunks(ino)).map_err(db_err)?;
-        let total: u64 = chunks.iter().map(|(_, len)| u64::from(*len)).sum();
-        if total != inode.size {
-            // Garbage from the backend: refuse it rather than serve a file
-            // whose bytes disagree with its size.
-            error!(
-                "inode {} ({}): its chunks add up to {total} bytes, its size is {}",
-                ino,
-                inode.global_id(),
-                inode.size
-            );
-            return Err(Errno::EIO);
-        }
-        let path = self.store.data_path(ino);
-        if let Err(e) = source.fetch(&chunks, &path) {
+        source.fetch(&self.store, ino).map_err(|e| {
             error!(
                 "fetching inode {} ({}) from the backend: {e}",
                 ino,
                 inode.global_id()
             );
-            return Err(Errno::EIO);
-        }
-        // The data file is a regular file's mtime; keep the restored one.
-        if let Ok(f) = File::options().write(true).open(&path) {
-            let _ = f.set_modified(to_system_time(inode.mtime));
-        }
-        self.store
-            .write(|tx| tx.set_cached(ino, true))
-            .map_err(db_err)
+            Errno::EIO
+        })
     }
 
     /// Files that were open for writing when the last daemon died, after
@@ -716,7 +688,7 @@ impl Vfs {
 
     /// Deletes an inode that just lost its last name, unless the kernel
     /// still holds it (it is open, or a cwd): then `forget` deletes it.
-    fn delete_if_forgotten(&self, ino: u64) {
+    pub(crate) fn delete_if_forgotten(&self, ino: u64) {
         if !lock(&self.lookups).contains_key(&ino) {
             if let Err(e) = self.delete_if_unlinked(ino) {
                 warn!("delete {ino}: {e:?}");
@@ -1037,6 +1009,11 @@ impl Vfs {
             cached = cached.saturating_sub(meta.len());
         }
         Ok(cached)
+    }
+
+    /// Whether any handle has `ino` open.
+    pub fn is_open(&self, ino: u64) -> bool {
+        lock(&self.handles).values().any(|h| h.ino == ino)
     }
 
     /// Whether `ino` is open for writing.

@@ -1,57 +1,92 @@
-//! `ferry` subcommands for ferry-fs: mount, umount, fsck.
+//! `ferry` subcommands for ferry-fs: mount, umount, init, status, sync, fsck.
 //!
 //! `ferry mount` without `--foreground` behaves like sshfs: it starts the
 //! daemon (this binary again, in the foreground mode, in its own session),
 //! waits until the kernel has the mount, and returns. The daemon reports
 //! "ready" or its one-line error on its stdout, which is a pipe to the
-//! parent, so the parent can exit with the daemon's own words.
+//! parent, so the parent can exit with the daemon's own words. The parent
+//! hands the daemon its settings as one `-o` list, and the backend URL,
+//! which may hold a password, in the environment (readable by the user
+//! alone), never on a command line every user can read.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry_fs::control;
 use ferry_fs::mount::{self, MountConfig};
+use ferry_fs::replicate::Prefetch;
+
+use crate::logging::LogFormat;
+use crate::parse::{parse_duration, parse_size};
+
+/// Set in the environment of a daemon that `ferry mount` started.
+const DAEMON_ENV: &str = "FERRY_DAEMON";
+/// The backend URL `ferry mount` hands its daemon.
+const DAEMON_BACKEND_ENV: &str = "FERRY_DAEMON_BACKEND";
 
 /// Subcommands of this family.
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Mount a ferry volume; returns once the mount is live.
+    #[command(after_help = MOUNT_HELP)]
     Mount(MountArgs),
     /// Flush and unmount a ferry volume, and wait for its daemon to finish.
+    ///
+    /// Also clears a dead ferry mount (its daemon killed), and refuses
+    /// anything that is not a ferry mount.
     Umount {
         /// The mountpoint.
         mountpoint: PathBuf,
-        /// Give up waiting for the daemon after this many seconds.
-        #[arg(long, default_value_t = 60)]
-        timeout: u64,
+        /// Detach now, even if busy; the daemon finishes once the last file
+        /// in the mount is closed.
+        #[arg(short = 'l', long)]
+        lazy: bool,
+        /// Give up waiting for the daemon after this long (seconds, or with
+        /// a unit: 90s, 5m).
+        #[arg(long, default_value = "60", value_parser = parse_duration, allow_hyphen_values = true)]
+        timeout: Duration,
     },
-    /// Create a volume at a backend: `dir:PATH` or `postgres://…`.
+    /// Create a volume at a backend: `dir:/PATH` or `postgres://…`.
     Init {
-        /// Where: `dir:PATH` (embedded, no server) or `postgres://user@host/db`.
+        /// Where: `dir:/PATH` (embedded, no server; an absolute path whose
+        /// parent exists) or `postgres://user@host/db`.
+        #[arg(value_parser = backend_url)]
         backend: String,
         /// The volume's name.
         #[arg(long, default_value = "ferry")]
         name: String,
     },
-    /// Show replication state: pending changes, last contact, errors, conflicts.
+    /// Show each mount's state: store, backend, pending changes and bytes,
+    /// last contact, conflicts.
+    ///
+    /// Without a mountpoint: a table of every ferry mount this user may see
+    /// (root: all), dead daemons marked as such. With mountpoints (or paths
+    /// inside mounts): the details of each. Exits 1 if any could not be
+    /// asked.
     Status {
-        /// A ferry mountpoint [default: every ferry mount].
-        mountpoint: Option<PathBuf>,
-        /// Print JSON lines instead of text.
+        /// Ferry mountpoints, or paths inside them [default: every mount].
+        mounts: Vec<PathBuf>,
+        /// Print one JSON object per mount, errors included
+        /// (`{"mount": …, "state": "dead", "error": …}`).
         #[arg(long)]
         json: bool,
     },
-    /// Wait until everything written before this call is committed at the backend.
+    /// Wait until everything written before this call is committed at the
+    /// backend, showing bytes, rate and ETA.
     Sync {
-        /// The ferry mountpoint.
-        mountpoint: PathBuf,
-        /// Give up after this many seconds.
-        #[arg(long, default_value_t = 600)]
-        timeout: u64,
+        /// The ferry mountpoint, or any path inside it (the whole volume is
+        /// synced).
+        path: PathBuf,
+        /// Give up after this long (seconds, or with a unit: 90s, 10m).
+        #[arg(long, default_value = "600", value_parser = parse_duration, allow_hyphen_values = true)]
+        timeout: Duration,
+        /// When stderr is not a terminal, print progress this often.
+        #[arg(long, default_value = "5", value_parser = parse_duration, allow_hyphen_values = true)]
+        interval: Duration,
     },
     /// Check offline that a store is intact and its change log matches it,
     /// or that a backend volume is whole.
@@ -65,12 +100,25 @@ pub enum Command {
         #[arg(long, requires = "store")]
         verify: bool,
         /// Check the invariants of the volume at this backend.
-        #[arg(long, group = "what")]
+        #[arg(long, group = "what", value_parser = backend_url)]
         backend: Option<String>,
     },
 }
 
-/// Arguments of `ferry mount`.
+impl Command {
+    /// Whether this command runs a daemon (it then logs more by default).
+    pub fn serves(&self) -> bool {
+        matches!(self, Command::Mount(args) if args.foreground)
+    }
+}
+
+const MOUNT_HELP: &str = "\
+Every flag has an -o spelling, so one fstab line describes a mount (see `ferry install-helper`):
+  /var/lib/ferry/vol /mnt/vol fuse.ferry backend=postgres://ferry@db/vol,cache_size=20G,_netdev 0 0
+A store that belongs to a backend volume is refused without --backend (or -o nobackend).";
+
+/// Arguments of `ferry mount`. Each setting flag overrides the same
+/// setting in `-o`.
 #[derive(clap::Args)]
 pub struct MountArgs {
     /// Local store directory [default: $XDG_DATA_HOME/ferry/NAME or
@@ -78,51 +126,71 @@ pub struct MountArgs {
     /// as `-`, and `-` and `%` in it as `%2D` and `%25`].
     #[arg(long)]
     store: Option<PathBuf>,
-    /// Mount options: allow_other, default_permissions, ro, rw, threads=N,
-    /// plus fstab's usual ones (ignored).
+    /// Mount options, comma-separated: allow_other, ro, rw, [no]passthrough,
+    /// nodev, nosuid, noexec, threads=N (1-64), backend=URL, nobackend,
+    /// max_backlog=SIZE, cache_size=SIZE, prefetch=none|small|all,
+    /// prefetch_max_file=SIZE, metrics=ADDR:PORT; fstab's own (defaults,
+    /// _netdev, nofail, x-*, …) are ignored.
     #[arg(short = 'o', value_name = "OPTS")]
     options: Vec<String>,
     /// Stay in the foreground and serve until unmounted.
     #[arg(long, short = 'f')]
     foreground: bool,
-    /// Replicate to this backend (`dir:PATH` or `postgres://…`, made by
-    /// `ferry init`); without it the volume stays local.
-    #[arg(long)]
+    /// Replicate to this backend (`dir:/PATH` or `postgres://…`, made by
+    /// `ferry init`); without it the volume stays local [-o backend=URL].
+    #[arg(long, value_parser = backend_url)]
     backend: Option<String>,
-    /// Pending bytes above which writers slow down (suffixes K, M, G).
-    #[arg(long, value_parser = parse_size, default_value = "1G")]
-    max_backlog: u64,
+    /// Mount a store that belongs to a backend volume without replicating;
+    /// its changes wait in its log [-o nobackend].
+    #[arg(long)]
+    no_backend: bool,
+    /// Pending bytes above which writers slow down (K, M, G, T suffixes)
+    /// [default: 1G] [-o max_backlog=SIZE].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+    max_backlog: Option<u64>,
     /// With a backend: bytes of file contents kept cached locally; clean
-    /// files beyond it are evicted, least recently used first (0: no limit).
-    #[arg(long, value_parser = parse_size, default_value = "0")]
-    cache_size: u64,
+    /// files beyond it are evicted, least recently used first (0: no
+    /// limit) [default: 0] [-o cache_size=SIZE].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+    cache_size: Option<u64>,
+    /// With a backend: which contents to fetch in the background, `none`,
+    /// `small` (files up to --prefetch-max-file) or `all` [default: small]
+    /// [-o prefetch=…].
+    #[arg(long, value_parser = |s: &str| s.parse::<Prefetch>())]
+    prefetch: Option<Prefetch>,
+    /// Largest file `--prefetch small` fetches [default: 1M]
+    /// [-o prefetch_max_file=SIZE].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+    prefetch_max_file: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT or
+    /// localhost:PORT) [-o metrics=ADDR].
+    #[arg(long, value_name = "ADDR", value_parser = mount::parse_listen_addr)]
+    metrics: Option<SocketAddr>,
     /// Where to mount.
     mountpoint: PathBuf,
 }
 
+/// A backend URL, checked for its form (clap's value parser).
+fn backend_url(url: &str) -> Result<String, String> {
+    mount::check_backend_url(url).map(|()| url.to_string())
+}
+
 /// Runs one subcommand.
-pub fn run(command: Command) -> anyhow::Result<()> {
+pub fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
     match command {
-        Command::Mount(args) => mount_cmd(args),
+        Command::Mount(args) => mount_cmd(args, log_format),
         Command::Umount {
             mountpoint,
+            lazy,
             timeout,
-        } => umount_cmd(&mountpoint, Duration::from_secs(timeout)),
-        Command::Init { backend, name } => {
-            let info = ferry_backend::init(&backend, &name)?;
-            println!(
-                "created volume {:?} ({}) at {}",
-                info.name,
-                info.volume_id,
-                ferry_backend::redact(&backend)
-            );
-            Ok(())
-        }
-        Command::Status { mountpoint, json } => status_cmd(mountpoint.as_deref(), json),
+        } => umount_cmd(&mountpoint, lazy, timeout),
+        Command::Init { backend, name } => init_cmd(&backend, &name),
+        Command::Status { mounts, json } => crate::status::run(&mounts, json),
         Command::Sync {
-            mountpoint,
+            path,
             timeout,
-        } => sync_cmd(&mountpoint, Duration::from_secs(timeout)),
+            interval,
+        } => crate::sync::run(&path, timeout, interval),
         Command::Fsck {
             store,
             verify,
@@ -139,7 +207,40 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
+fn init_cmd(url: &str, name: &str) -> anyhow::Result<()> {
+    // A dir: volume gets its own new directory, never missing parents: a
+    // typo must not leave a tree of directories somewhere unexpected.
+    let new_dir = match url.strip_prefix("dir:").map(Path::new) {
+        Some(dir) if !dir.try_exists().unwrap_or(true) => {
+            let parent = dir.parent().unwrap_or(Path::new("/"));
+            if !parent.is_dir() {
+                bail!(
+                    "{} does not exist: create it first (ferry init creates only the volume's \
+                     own directory, {})",
+                    parent.display(),
+                    dir.display()
+                );
+            }
+            Some(dir)
+        }
+        _ => None,
+    };
+    let info = ferry_backend::init(url, name)?;
+    println!(
+        "created volume {:?} ({}) at {}{}",
+        info.name,
+        info.volume_id,
+        ferry_backend::redact(url),
+        new_dir.map_or(String::new(), |d| format!(
+            " (in the new directory {})",
+            d.display()
+        ))
+    );
+    Ok(())
+}
+
 fn fsck_store(store: &Path, verify: bool) -> anyhow::Result<()> {
+    mount::check_store_access(store)?;
     let report = ferry_fs::fsck::check(store)?;
     println!(
         "{}: ok: {} inodes, {} entries, {} log records, {} stray data files",
@@ -237,11 +338,44 @@ fn data_dir() -> anyhow::Result<PathBuf> {
     Ok(base.join("ferry"))
 }
 
-fn mount_cmd(args: MountArgs) -> anyhow::Result<()> {
-    let store = match args.store {
+/// The settings of a mount: `-o` lists first, then the flags, which win.
+fn config(args: MountArgs, store: PathBuf) -> anyhow::Result<MountConfig> {
+    let mut cfg = MountConfig::new(store, args.mountpoint);
+    for opts in &args.options {
+        cfg.apply_options(opts)?;
+    }
+    if std::env::var_os(DAEMON_ENV).is_some() {
+        if let Some(url) = std::env::var_os(DAEMON_BACKEND_ENV) {
+            cfg.backend = Some(
+                url.into_string()
+                    .map_err(|_| anyhow::anyhow!("{DAEMON_BACKEND_ENV} is not valid UTF-8"))?,
+            );
+        }
+    }
+    if args.backend.is_some() {
+        cfg.backend = args.backend;
+    }
+    cfg.no_backend |= args.no_backend;
+    if cfg.backend.is_some() && cfg.no_backend {
+        bail!("--no-backend (nobackend) contradicts the backend given");
+    }
+    cfg.max_backlog = args.max_backlog.unwrap_or(cfg.max_backlog);
+    cfg.cache_size = args.cache_size.unwrap_or(cfg.cache_size);
+    cfg.prefetch = args.prefetch.unwrap_or(cfg.prefetch);
+    cfg.prefetch_max_file = args.prefetch_max_file.unwrap_or(cfg.prefetch_max_file);
+    cfg.metrics = args.metrics.or(cfg.metrics);
+    Ok(cfg)
+}
+
+fn mount_cmd(args: MountArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    let foreground = args.foreground;
+    let store = args.store.clone();
+    // Options first: a typo in them is the first thing to hear about.
+    let mut cfg = config(args, PathBuf::new())?;
+    cfg.store = match store {
         Some(s) => s,
         None => {
-            let chosen = mount::default_store(&data_dir()?, &args.mountpoint)?;
+            let chosen = mount::default_store(&data_dir()?, &cfg.mountpoint)?;
             if let Some(old) = &chosen.moved_from {
                 eprintln!(
                     "ferry: moved store {} to {}, its name now that no two mountpoints share one",
@@ -252,24 +386,18 @@ fn mount_cmd(args: MountArgs) -> anyhow::Result<()> {
             chosen.path
         }
     };
-    let mut cfg = MountConfig::new(store, args.mountpoint.clone());
-    cfg.backend = args.backend.clone();
-    cfg.max_backlog = args.max_backlog;
-    cfg.cache_size = args.cache_size;
-    for opts in &args.options {
-        cfg.apply_options(opts)?;
-    }
-    if args.foreground {
+    if foreground {
         serve(&cfg)
     } else {
         // Fail fast, in the caller's terminal, on what can be seen from here.
+        mount::check_store_access(&cfg.store)?;
         mount::preflight(&cfg.mountpoint)?;
-        start_daemon(&cfg, &args.options)
+        start_daemon(&cfg, log_format)
     }
 }
 
 /// Re-executes this binary as the daemon and waits for its verdict.
-fn start_daemon(cfg: &MountConfig, options: &[String]) -> anyhow::Result<()> {
+fn start_daemon(cfg: &MountConfig, log_format: LogFormat) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.store)
         .with_context(|| format!("creating store {}", cfg.store.display()))?;
     let log_path = cfg.store.join("ferry.log");
@@ -279,27 +407,25 @@ fn start_daemon(cfg: &MountConfig, options: &[String]) -> anyhow::Result<()> {
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("mount")
-        .arg("--foreground")
-        .arg("--store")
+    let format = match log_format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    cmd.args(["--log-format", format, "mount", "--foreground", "--store"])
         .arg(&cfg.store)
-        .arg("--max-backlog")
-        .arg(cfg.max_backlog.to_string())
-        .arg("--cache-size")
-        .arg(cfg.cache_size.to_string());
-    if let Some(b) = &cfg.backend {
-        cmd.arg("--backend").arg(b);
-    }
-    for o in options {
-        cmd.arg("-o").arg(o);
-    }
-    cmd.arg(&cfg.mountpoint)
-        .env("FERRY_DAEMON", "1")
+        .arg("-o")
+        .arg(cfg.options_without_backend())
+        .arg(&cfg.mountpoint)
+        .env(DAEMON_ENV, "1")
+        .env_remove(DAEMON_BACKEND_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
+    if let Some(url) = &cfg.backend {
+        cmd.env(DAEMON_BACKEND_ENV, url);
+    }
     let mut child = cmd.spawn().context("starting the ferry daemon")?;
-    let stdout = child.stdout.take().expect("stdout is piped");
+    let stdout = child.stdout.take().context("the daemon's stdout")?;
     let mut line = String::new();
     // Bounded: the daemon answers or exits (EOF) once the mount is settled.
     BufReader::new(stdout).read_line(&mut line)?;
@@ -321,7 +447,7 @@ fn start_daemon(cfg: &MountConfig, options: &[String]) -> anyhow::Result<()> {
 
 /// The daemon: mounts, reports, serves until unmounted or signalled.
 fn serve(cfg: &MountConfig) -> anyhow::Result<()> {
-    let daemon = std::env::var_os("FERRY_DAEMON").is_some();
+    let daemon = std::env::var_os(DAEMON_ENV).is_some();
     if daemon {
         // Leave the caller's session, so its hangup does not reach us.
         let _ = nix::unistd::setsid();
@@ -370,16 +496,56 @@ fn stop_signals() -> nix::sys::signal::SigSet {
     set
 }
 
-fn umount_cmd(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
-    let Some(source) = mount::mounted_source(mountpoint) else {
-        bail!("{} is not mounted", mountpoint.display());
+fn umount_cmd(path: &Path, lazy: bool, timeout: Duration) -> anyhow::Result<()> {
+    let Some(entry) = mount::mount_at(path) else {
+        if let Some(m) = mount::ferry_mount_containing(path) {
+            bail!(
+                "{} is not a mountpoint: it is inside the ferry mount {}",
+                path.display(),
+                m.mountpoint.display()
+            );
+        }
+        bail!("{} is not mounted", path.display());
     };
-    mount::unmount(mountpoint).with_context(|| format!("unmounting {}", mountpoint.display()))?;
+    if !entry.is_ferry() {
+        bail!(
+            "{} is not a ferry mount (it is a {} mount of {}); refusing to unmount it",
+            path.display(),
+            entry.fstype,
+            entry.source
+        );
+    }
+    let point = &entry.mountpoint;
+    let dead = mount::is_dead(point);
+    match mount::unmount(point, lazy) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => bail!(
+            "{} is busy: a process has a file open or its working directory in it (`fuser -vm {}` \
+             lists them); close them, or detach it now with `ferry umount -l {}`",
+            point.display(),
+            point.display(),
+            point.display()
+        ),
+        result => result.with_context(|| format!("unmounting {}", point.display()))?,
+    }
+    if dead {
+        println!(
+            "cleared the dead ferry mount {} (its daemon was gone); `ferry mount` serves it again",
+            point.display()
+        );
+        return Ok(());
+    }
+    if lazy {
+        println!(
+            "detached {}; its daemon finishes once the last file in it is closed",
+            point.display()
+        );
+        return Ok(());
+    }
     // The daemon holds the store's lock until it has closed the store; once
     // the lock is free, the volume is fully at rest and may be mounted again.
-    let lock = Path::new(&source).join("lock");
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
+    let lock = entry.store().join("lock");
+    let deadline = Instant::now().checked_add(timeout);
+    while deadline.is_none_or(|d| Instant::now() < d) {
         match std::fs::File::open(&lock) {
             Ok(f) => {
                 if nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_ok() {
@@ -392,168 +558,8 @@ fn umount_cmd(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!(
-        "unmounted {}, but its daemon did not finish within {}s",
-        mountpoint.display(),
-        timeout.as_secs()
+        "unmounted {}, but its daemon did not finish within {:?}",
+        point.display(),
+        timeout
     )
-}
-
-/// Parses a byte count with an optional K, M, G or T suffix (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size suffix in {s:?}")),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_shl(shift)
-        .filter(|v| v >> shift == n)
-        .ok_or_else(|| format!("size too large: {s:?}"))
-}
-
-/// The store behind a ferry mountpoint.
-fn store_of(mountpoint: &Path) -> anyhow::Result<PathBuf> {
-    mount::mounted_source(mountpoint)
-        .map(PathBuf::from)
-        .filter(|s| control::socket_path(s).exists())
-        .with_context(|| format!("{} is not a ferry mount", mountpoint.display()))
-}
-
-fn status_cmd(mountpoint: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let stores = match mountpoint {
-        Some(m) => vec![store_of(m)?],
-        None => mount::ferry_stores(),
-    };
-    if stores.is_empty() {
-        bail!("no ferry volume is mounted");
-    }
-    for store in stores {
-        let report = control::request(&store, "status")
-            .with_context(|| format!("asking the daemon of {}", store.display()))?
-            .next()
-            .context("the daemon closed the connection")??;
-        if json {
-            println!("{}", serde_json::to_string(&report)?);
-        } else {
-            print_status(&report);
-        }
-    }
-    Ok(())
-}
-
-fn print_status(r: &control::Report) {
-    let s = &r.status;
-    println!("store:    {}", r.store);
-    if r.local_only {
-        println!("backend:  none (local only)");
-        return;
-    }
-    println!("backend:  {}", s.backend);
-    let age = s
-        .oldest_pending_age_s
-        .map_or(String::new(), |a| format!(", oldest {a:.1}s old"));
-    println!(
-        "pending:  {} changes, {} bytes{age}",
-        s.pending_ops, s.pending_bytes
-    );
-    let contact = s.last_contact.map_or("never".to_string(), |t| {
-        let ago = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64())
-            - t;
-        format!("{ago:.1}s ago")
-    });
-    println!("contact:  {contact}");
-    println!(
-        "errors:   {}{}",
-        s.errors,
-        s.last_error
-            .as_ref()
-            .map_or(String::new(), |e| format!(" (last: {e})"))
-    );
-    println!("conflicts: {}", s.conflicts);
-}
-
-fn sync_cmd(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
-    let store = store_of(mountpoint)?;
-    let deadline = Instant::now() + timeout;
-    // Dirty pages the kernel still holds for the mount (its writeback
-    // cache, when files are not passed through) reach the daemon first, so
-    // the sync covers them too.
-    let root = std::fs::File::open(mountpoint)
-        .with_context(|| format!("opening {}", mountpoint.display()))?;
-    nix::unistd::syncfs(&root).with_context(|| format!("syncfs {}", mountpoint.display()))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    {
-        let store = store.clone();
-        // The reader thread ends when the daemon finishes or the socket
-        // closes; we stop listening at the deadline either way.
-        std::thread::spawn(move || match control::request(&store, "sync") {
-            Ok(lines) => {
-                for line in lines {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-            }
-        });
-    }
-    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} syncing {pos}/{len} changes {msg}")
-                .expect("static template"),
-        );
-        bar
-    });
-    let mut start: Option<u64> = None;
-    let mut last_error = None;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let report = match rx.recv_timeout(left) {
-            Ok(r) => r.context("talking to the daemon")?,
-            Err(_) => bail!(
-                "sync: not everything is at the backend after {}s{}",
-                timeout.as_secs(),
-                last_error.map_or(String::new(), |e| format!(" (last error: {e})"))
-            ),
-        };
-        last_error.clone_from(&report.status.last_error);
-        if report.local_only {
-            return Ok(());
-        }
-        let target = report.target_seq.unwrap_or(report.status.head_seq);
-        let first = *start.get_or_insert(report.status.shipped_seq);
-        if let Some(bar) = &bar {
-            bar.set_length(target.saturating_sub(first));
-            bar.set_position(report.status.shipped_seq.min(target).saturating_sub(first));
-            bar.set_message(report.status.last_error.clone().unwrap_or_default());
-        }
-        if report.done {
-            if let Some(bar) = bar {
-                bar.finish_and_clear();
-            }
-            // Held back, so not at the backend: a restore would differ.
-            let held = report.status.conflicts;
-            if held > 0 {
-                bail!(
-                    "sync: {held} change(s) are held back by conflicts and are not at the \
-                     backend; see `ferry status`"
-                );
-            }
-            return Ok(());
-        }
-    }
 }

@@ -1,11 +1,16 @@
 //! `ferry` subcommands for ferry-spawn.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context};
 use ferry_spawn::{Resource, Server};
+
+use crate::parse::{parse_signal, parse_umask};
 
 /// Subcommands of this family.
 #[derive(clap::Subcommand)]
@@ -17,7 +22,9 @@ pub enum Command {
         #[arg(long, conflicts_with = "socket", required_unless_present = "socket")]
         fd: Option<i32>,
         /// Path of a socket to create and serve any number of clients on
-        /// (`Server::connect`); children are this server's own.
+        /// (`Server::connect`); children are this server's own. A socket
+        /// left there by a server that died is replaced; the server removes
+        /// its socket when stopped by SIGTERM, SIGINT or SIGHUP.
         #[arg(long)]
         socket: Option<PathBuf>,
     },
@@ -28,7 +35,8 @@ pub enum Command {
 /// Options of `ferry spawn`.
 #[derive(clap::Args)]
 pub struct SpawnArgs {
-    /// User id for the command.
+    /// User id for the command (with --gid: a uid alone would leave the
+    /// command in group 0).
     #[arg(long)]
     uid: Option<u32>,
     /// Group id for the command.
@@ -47,14 +55,15 @@ pub struct SpawnArgs {
     #[arg(long)]
     chroot: Option<PathBuf>,
     /// File mode creation mask, octal.
-    #[arg(long, value_parser = |s: &str| u32::from_str_radix(s, 8))]
+    #[arg(long, value_parser = parse_umask)]
     umask: Option<u32>,
     /// Resource limit, NAME=SOFT[:HARD] with NAME one of nofile, nproc,
     /// core, as, cpu, fsize, stack, memlock (repeatable).
     #[arg(long)]
     rlimit: Vec<String>,
-    /// Signal number sent to the command when ferry exits.
-    #[arg(long)]
+    /// Signal sent to the command when ferry exits: a name (KILL, TERM)
+    /// or a number.
+    #[arg(long, value_parser = parse_signal)]
     pdeathsig: Option<i32>,
     /// Set no_new_privs.
     #[arg(long)]
@@ -65,8 +74,14 @@ pub struct SpawnArgs {
     /// Spawn through a freshly started spawn server.
     #[arg(long)]
     via_server: bool,
-    /// The command and its arguments.
-    #[arg(required = true, last = true)]
+    /// The command and its arguments (`--` before it is optional; it is
+    /// needed only when the command's name starts with `-`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
     command: Vec<OsString>,
 }
 
@@ -78,14 +93,95 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::SpawnServer {
             socket: Some(path), ..
-        } => ferry_spawn::server::serve_path(&path)
-            .with_context(|| format!("spawn server on {}", path.display())),
+        } => serve_socket(&path),
         Command::SpawnServer { .. } => bail!("spawn-server needs --fd or --socket"),
         Command::Spawn(args) => spawn(args),
     }
 }
 
+/// Serves on a socket path: a stale socket of a dead server is replaced,
+/// a live server's is left alone, and the socket is removed again when
+/// this server is stopped.
+fn serve_socket(path: &Path) -> anyhow::Result<()> {
+    clear_stale_socket(path)?;
+    remove_socket_on_signal(path)?;
+    let result = ferry_spawn::server::serve_path(path)
+        .with_context(|| format!("spawn server on {}", path.display()));
+    let _ = std::fs::remove_file(path);
+    result
+}
+
+fn clear_stale_socket(path: &Path) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("checking {}", path.display())),
+        Ok(m) if !m.file_type().is_socket() => bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Ok(_) => match Server::connect(path) {
+            Ok(_) => bail!("a spawn server already listens on {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing the stale socket {}", path.display()))
+            }
+            Err(e) => Err(e).with_context(|| {
+                format!(
+                    "checking whether a spawn server listens on {}",
+                    path.display()
+                )
+            }),
+        },
+    }
+}
+
+/// The socket the stop-signal handler removes.
+static SOCKET: OnceLock<CString> = OnceLock::new();
+
+/// Removes the socket and dies of the same signal: what SIGTERM, SIGINT and
+/// SIGHUP do to a spawn server. Only async-signal-safe calls.
+extern "C" fn remove_socket_and_die(sig: libc::c_int) {
+    if let Some(path) = SOCKET.get() {
+        // SAFETY: a valid NUL-terminated path that lives forever.
+        unsafe { libc::unlink(path.as_ptr()) };
+    }
+    // SAFETY: restoring the default action and re-raising are
+    // async-signal-safe and take no pointers.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+fn remove_socket_on_signal(path: &Path) -> anyhow::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("{} contains a NUL byte", path.display()))?;
+    if SOCKET.set(c_path).is_err() {
+        bail!("the spawn server's socket is already set");
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction with a handler that only makes
+        // async-signal-safe calls; sigemptyset initialises its mask.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = remove_socket_and_die as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("installing signal handlers");
+        }
+    }
+    Ok(())
+}
+
 fn spawn(args: SpawnArgs) -> anyhow::Result<()> {
+    if let (Some(uid), None) = (args.uid, args.gid) {
+        bail!(
+            "--uid {uid} needs --gid too: without it the command would keep group id 0 (root's \
+             group)"
+        );
+    }
     let mut cmd = ferry_spawn::Command::new(&args.command[0]);
     cmd.args(&args.command[1..])
         .setsid(args.setsid)

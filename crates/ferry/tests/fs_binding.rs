@@ -407,9 +407,14 @@ fn fsck_verify_finds_rotten_bytes() {
     drop(sparse);
     sync(&m);
     m.unmount();
-    // Mounted without its backend, a new file stays pending: it has no
-    // chunk list to compare with.
-    let store_arg = ["--store".as_ref(), m.store().as_os_str()];
+    // Mounted without its backend (on purpose: `nobackend`), a new file
+    // stays pending: it has no chunk list to compare with.
+    let store_arg = [
+        "--store".as_ref(),
+        m.store().as_os_str(),
+        "-o".as_ref(),
+        "nobackend".as_ref(),
+    ];
     let (local, _) = CliMount::start(&store_arg, m.path(), &[]);
     fs::write(local.join("unshipped"), b"written after the sync").unwrap();
     drop(local);

@@ -28,7 +28,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::cli::{assert_restores_identically, dir_backend, ferry, status, sync};
+use support::cli::{assert_restores_identically, dir_backend, status, sync};
 use support::{poll_until, run_bounded, skip_unless_ferry, sys, Mount, Rng, TempDir};
 
 /// Waits until the shipper has committed everything logged so far without
@@ -487,75 +487,4 @@ fn sqlite_rollback_journal_survives_kill_9() {
     assert_eq!(count(&db), acked, "local");
     let fresh = Mount::with_backend(&url);
     assert_eq!(count(&fresh.join("app.db")), acked, "restored");
-}
-
-/// `ferry sync` on `m`, expected to fail because of conflicts kept.
-fn sync_refused(m: &Mount) {
-    let out = run_bounded(
-        Command::new(support::ferry_bin())
-            .args(["sync", "--timeout", "60"])
-            .arg(m.path()),
-        Duration::from_secs(90),
-    )
-    .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "sync said all is at the backend");
-    assert!(err.contains("held back by conflicts"), "{err}");
-}
-
-/// The backend passes `ferry fsck --backend`, a new host restores it, and
-/// what it restored reads without error.
-fn assert_backend_whole(url: &str) -> Mount {
-    ferry(&["fsck", "--backend", url]);
-    Mount::with_backend(url)
-}
-
-/// Item 7: two hosts on one backend can no longer leave it unrestorable.
-/// Each refused change is a conflict, counted, kept locally, and makes
-/// that host's sync fail instead of lying; the backend stays whole.
-#[test]
-fn two_hosts_cannot_corrupt_the_backend() {
-    if skip_unless_ferry("replication") {
-        return;
-    }
-    let (_guard, _, url) = dir_backend();
-    let a = Mount::with_backend(&url);
-    fs::create_dir(a.join("dir")).unwrap();
-    fs::write(a.join("f"), b"one").unwrap();
-    fs::write(a.join("g"), b"original").unwrap();
-    sync(&a);
-    let b = Mount::with_backend(&url);
-
-    // A file written into a directory the other host removed.
-    fs::remove_dir(b.join("dir")).unwrap();
-    sync(&b);
-    fs::write(a.join("dir/fa"), b"kept").unwrap();
-    sync_refused(&a);
-    assert_eq!(fs::read(a.join("dir/fa")).unwrap(), b"kept", "lost locally");
-    assert!(!assert_backend_whole(&url).join("dir").exists());
-
-    // One file renamed to two names.
-    fs::rename(a.join("f"), a.join("x")).unwrap();
-    sync_refused(&a); // (the earlier conflict is still held back)
-    fs::rename(b.join("f"), b.join("y")).unwrap();
-    sync_refused(&b);
-    let fresh = assert_backend_whole(&url);
-    let names: Vec<bool> = ["f", "x", "y"]
-        .iter()
-        .map(|n| fresh.join(n).exists())
-        .collect();
-    assert_eq!(
-        names.iter().filter(|&&e| e).count(),
-        1,
-        "f, x, y: {names:?}"
-    );
-
-    // An edit on one host to a file deleted on the other: the edit stays.
-    fs::write(b.join("g"), b"edited").unwrap();
-    sync_refused(&b);
-    fs::remove_file(a.join("g")).unwrap();
-    sync_refused(&a);
-    let fresh = assert_backend_whole(&url);
-    assert_eq!(fs::read(fresh.join("g")).unwrap(), b"edited");
-    assert!(status(&a)["conflicts"].as_u64().unwrap() >= 2);
 }

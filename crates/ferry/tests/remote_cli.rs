@@ -23,6 +23,7 @@ fn maps_line(pid: &str, addr: u64) -> Option<String> {
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stdout)
         .lines()
+        .skip(1) // the header
         .map(str::to_owned)
         .find(|line| {
             let (start, end) = line

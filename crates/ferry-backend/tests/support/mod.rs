@@ -94,6 +94,22 @@ impl Volume {
         }
     }
 
+    /// The password in the URL (PostgreSQL), to check it is never shown.
+    pub fn password(&self) -> Option<String> {
+        match self.kind {
+            Kind::Dir(_) => None,
+            Kind::Pg { .. } => Some(PgServer::shared().password()),
+        }
+    }
+
+    /// SQL for the bytes of the text expression `expr`.
+    pub fn text_blob(&self, expr: &str) -> String {
+        match self.kind {
+            Kind::Dir(_) => format!("CAST({expr} AS BLOB)"),
+            Kind::Pg { .. } => format!("convert_to({expr}, 'UTF8')"),
+        }
+    }
+
     pub fn set_schema_version(&self, version: u32) {
         match self.kind {
             Kind::Dir(_) => self.exec(&format!("PRAGMA user_version = {version}")),
@@ -138,6 +154,7 @@ impl Volume {
 }
 
 /// Generates `dir::NAME` and `pg::NAME` tests for each property `NAME`.
+#[allow(unused_macros)]
 macro_rules! conformance {
     ($($prop:ident),* $(,)?) => {
         mod dir {
@@ -171,7 +188,7 @@ pub fn conflict(current: Option<u64>) -> Outcome {
 }
 
 pub fn last_seq(b: &dyn Backend) -> u64 {
-    b.snapshot().unwrap().0
+    b.snapshot_each(&mut |_| Ok(())).unwrap()
 }
 
 /// A directory inode (mode 0o40755).

@@ -27,7 +27,7 @@ pub enum Backends {
 pub enum Hosts {
     /// One host: workload, stop-and-sync, kill -9, remount, model check.
     One,
-    /// Two hosts on one backend: I3 only.
+    /// Two hosts on one backend: I3 (and convergence, with `--converge`).
     Two,
     /// Every fifth trial is a two-host one.
     Mixed,
@@ -44,6 +44,8 @@ pub struct Options {
     pub budget: Duration,
     /// Print every difference, not the first ten.
     pub verbose: bool,
+    /// Two-host trials also check convergence (see `trial::Trial`).
+    pub converge: bool,
 }
 
 /// What this process is to do.
@@ -105,6 +107,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, String> {
             env("FERRY_CHECK_BUDGET").map_or(Ok(170), |v| parse_u64("FERRY_CHECK_BUDGET", &v))?,
         ),
         verbose: env("FERRY_CHECK_VERBOSE").is_some(),
+        converge: env("FERRY_CHECK_CONVERGE").is_some(),
     };
     let mut worker: Option<WorkerArgs> = None;
     let mut filters = Vec::new();
@@ -134,6 +137,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, String> {
             "--hosts" => opts.hosts = parse_hosts(&value()?)?,
             "--budget" => opts.budget = Duration::from_secs(parse_u64(flag, &value()?)?),
             "--verbose" | "-v" => opts.verbose = true,
+            "--converge" => opts.converge = true,
             "--worker" => {
                 worker = Some(WorkerArgs {
                     kind: value()?,

@@ -17,8 +17,11 @@
 //!
 //! A two-host trial writes a small tree on one host and syncs it, mounts a
 //! second host on the same backend (which restores that tree), runs chaos
-//! workers on both (one host killed and remounted half the time), syncs
-//! both, and checks that a restore loads, reads and hangs together (I3).
+//! workers on both (one host killed and remounted half the time, and each
+//! pulling the other's changes all along), syncs both twice, and checks
+//! that a restore loads, reads and hangs together (I3); with `--converge`,
+//! also that every sync succeeded (conflicts are resolved, not held) and
+//! that every host converges to exactly what the restore shows.
 //!
 //! Every check runs even when an earlier one failed; a panic (a mount that
 //! does not come up, say) ends the trial as a failure, with every mount,
@@ -54,6 +57,8 @@ const WORKER_LIMIT: Duration = Duration::from_secs(90);
 const SYNC_SECS: u64 = 60;
 /// How many differences a failure shows unless `--verbose`.
 const SHOWN: usize = 10;
+/// How long hosts may take to show what a restore shows, once all synced.
+const CONVERGE: Duration = Duration::from_secs(30);
 /// How long reading a whole tree (or checking the databases) on a mount
 /// may take. A daemon that hangs fails the check, not the run: the reading
 /// thread is left behind, and freed when the mount's drop kills the daemon.
@@ -82,6 +87,9 @@ pub struct Trial {
     pub seed: u64,
     pub backend: BackendKind,
     pub hosts: u32,
+    /// Two-host trials also check that every sync succeeds and every host
+    /// converges to a restore (`--converge`).
+    pub converge: bool,
 }
 
 impl Trial {
@@ -109,16 +117,18 @@ impl Trial {
             seed,
             backend,
             hosts,
+            converge: opts.converge,
         }
     }
 
     /// The command that runs this trial alone.
     pub fn replay(&self) -> String {
         format!(
-            "cargo test --release -p ferry --test fs_check -- --trials 1 --seed {} --backend {} --hosts {}",
+            "cargo test --release -p ferry --test fs_check -- --trials 1 --seed {} --backend {} --hosts {}{}",
             self.seed,
             self.backend.name(),
-            self.hosts
+            self.hosts,
+            if self.converge { " --converge" } else { "" }
         )
     }
 }
@@ -646,9 +656,18 @@ fn two_hosts(t: &Trial, rng: &mut Rng, report: &mut Report) {
     for problem in workers.kill() {
         report.fail("worker", vec![problem]);
     }
-    for (i, h) in hosts.iter().enumerate() {
-        if let Err(e) = sync(h) {
-            report.notes.push(format!("host {i}: {}", e.join(" ")));
+    // Twice: the second round ships what resolving the first one's
+    // conflicts made. With `--converge`, every sync must succeed:
+    // conflicts are resolved, never left holding changes back.
+    for round in 0..2 {
+        for (i, h) in hosts.iter().enumerate() {
+            match sync(h) {
+                Err(e) if t.converge => {
+                    report.fail(&format!("sync of host {i} (round {round})"), e)
+                }
+                Err(e) => report.notes.push(format!("host {i}: {}", e.join(" "))),
+                Ok(()) => {}
+            }
         }
     }
     fsck_backend(&backend.url, report);
@@ -656,14 +675,63 @@ fn two_hosts(t: &Trial, rng: &mut Rng, report: &mut Report) {
         Ok(fresh) => fresh,
         Err(msg) => return report.fail("I3 (a restore loads)", vec![msg]),
     };
-    match capture(fresh.path()) {
-        Ok(img) => {
-            let problems = model::structure(&img);
-            if !problems.is_empty() {
-                report.fail("I3 (the restored tree hangs together)", problems);
+    let restored = match capture(fresh.path()) {
+        Ok(img) => img,
+        Err(e) => return report.fail("I3 (every file of a restore reads)", vec![e]),
+    };
+    let problems = model::structure(&restored);
+    if !problems.is_empty() {
+        report.fail("I3 (the restored tree hangs together)", problems);
+    }
+    if t.converge {
+        converged(&hosts, &restored, report);
+    }
+    keep_logs(&hosts, report);
+}
+
+/// After a failed trial, the daemons' logs outlive its temp dirs, for the
+/// post-mortem.
+fn keep_logs(hosts: &[Mount], report: &mut Report) {
+    if report.failures.is_empty() {
+        return;
+    }
+    for (i, h) in hosts.iter().enumerate() {
+        let kept =
+            std::env::temp_dir().join(format!("ferry-check-{}-host{i}.log", std::process::id()));
+        report.notes.push(match fs::write(&kept, h.daemon_log()) {
+            Ok(()) => format!("host {i}'s daemon log is kept at {}", kept.display()),
+            Err(e) => format!("host {i}'s daemon log could not be kept: {e}"),
+        });
+    }
+}
+
+/// Convergence: once every host synced, each host shows the tree a fresh
+/// restore shows, byte for byte, within [`CONVERGE`] (down-sync applies
+/// the last changes of the others meanwhile).
+fn converged(hosts: &[Mount], restored: &Image, report: &mut Report) {
+    let cmp = Compare {
+        mtimes: false,
+        holes: false,
+        ignore: &|_: &str| false,
+    };
+    for (i, h) in hosts.iter().enumerate() {
+        let deadline = Instant::now() + CONVERGE;
+        // Bounded by the deadline; each pass reads the tree once.
+        let last = loop {
+            let diffs = match capture(h.path()) {
+                Ok(img) => diff(restored, &img, &cmp, ("the restore", "the host")),
+                Err(e) => return report.fail(&format!("convergence (host {i} reads)"), vec![e]),
+            };
+            if diffs.is_empty() || Instant::now() >= deadline {
+                break diffs;
             }
-        }
-        Err(e) => report.fail("I3 (every file of a restore reads)", vec![e]),
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        report.diffs(
+            &format!("convergence (host {i} equals a restore)"),
+            &last,
+            || vec![format!("host {i} did not converge within {CONVERGE:?}")],
+        );
     }
 }
 

@@ -24,6 +24,7 @@
 pub mod cli;
 pub mod crates;
 pub mod fsimage;
+pub mod peers;
 pub mod sys;
 pub mod tree;
 pub mod wan;

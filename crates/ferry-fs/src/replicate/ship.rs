@@ -1,73 +1,26 @@
-//! Replication: background threads ship the change log to a backend, and a
-//! new host restores a volume from one.
-//!
-//! The shipper reads the log after the last shipped record, coalesces the
-//! batch into *state*: every inode and every directory entry the batch
-//! touched is sent as it is now (or deleted, if it is gone). So a file
-//! written many times uploads once, create-then-delete sends nothing, and a
-//! crash that repeats a batch only repeats the same state. Chunks are
-//! content-addressed (BLAKE3, ≤ 4 MiB) and only the ones the backend lacks
-//! are uploaded. They are collected across the files of a batch and sent a
-//! group at a time (one `missing_chunks` and one `put_chunks` per group),
-//! so a far backend costs a few round trips per batch, not per file.
-//!
-//! Every put carries the backend version the object was last seen at; the
-//! backend applies it only if that still matches. A mismatch that is our own
-//! earlier write (its acknowledgement was lost in a crash) is adopted; any
-//! other is kept as a conflict and the object is held back — never
-//! overwritten.
-//!
-//! Writers never wait on any of this: the shipper runs on its own thread,
-//! retries with capped exponential backoff, and only a full backlog
-//! (`max_backlog`) slows writers down, a little per operation.
-//!
-//! # The promises (DESIGN.md's I1–I4), and what keeps each
-//!
-//! - **I1, sync is honest.** After `ferry sync` returns 0, a store restored
-//!   from the backend equals the mount as it stood when sync was called.
-//!   Sync first logs every file open for writing whose latest writes no
-//!   record covers ([`Vfs::log_open_writers`]: passthrough and mmap writes
-//!   never reach the daemon), then waits until the shipper has committed
-//!   everything up to the log's head *and* has checked this run that the
-//!   backend is the store's own volume. Directories ship with the records
-//!   that change their entries, so their mtimes travel too; holes ship as
-//!   [`HOLE`] runs and are restored as holes.
-//! - **I2, crashes lose nothing.** Every change is in the local log before
-//!   it is acknowledged; the shipper reads current state, so repeating a
-//!   batch after a crash repeats the same state. A file shipped while still
-//!   open for writing is remembered durably ([`Tx::mark_writing`], in the
-//!   commit that records the shipment) until its last writer closes and it
-//!   is logged again; a daemon killed in between logs it again at start.
-//! - **I3, the backend stays whole.** The backend refuses any op that
-//!   would leave a state no restore can load (ferry-backend's commit
-//!   rules); such refusals are conflicts here, kept and never overwritten.
-//!   A local inode without names (unlinked but open) is deleted at the
-//!   backend, never shipped as a nameless inode.
-//! - **I4, no mix-ups.** Before its first shipment of each run the shipper
-//!   checks that the backend is the volume this store belongs to and holds
-//!   nothing newer from this host than the store does.
-//!
-//! A metadata-only change (chmod, rename, xattr) ships the chunk list the
-//! backend already has instead of re-reading the data file, so bit rot in
-//! a clean local file is never uploaded as a new version of it.
+//! Shipping: the change log goes up, as the current state of what it
+//! touched (see the module docs of [`super`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use ferry_backend::{
     Backend, BackendError, ChunkHash, InodeState, ObjectId, Op, Outcome, MAX_CHUNK,
 };
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::log::{Change, LogRecord};
-use crate::store::{nanos_of, Inode, Kind, Queries, Store, Tx, ROOT_INO};
+use super::fetch::Fetcher;
+use super::{apply, resolve};
+use super::{
+    decode_key, entry_key, inode_key, object_id, unix_secs, Backoff, ChunkList, Key, Link, Shared,
+    HOLE, HOLE_PIECE,
+};
+use crate::log::{Change, LogRecord, Outbox, Touched};
+use crate::store::{nanos_of, Inode, Kind, Queries, Reader, Store, Tx, ROOT_INO};
 use crate::vfs::Vfs;
 
 /// Records shipped per backend transaction, at most. A batch ships the
@@ -85,319 +38,6 @@ const SETTLE: Duration = Duration::from_millis(50);
 /// file written and closed soon ships once, whole; one held open longer
 /// ships as it is and again after it closes.
 const WRITER_GRACE: Duration = Duration::from_secs(2);
-/// How long a backend call may take to connect.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The chunk-list entry of a hole ([`ChunkHash::HOLE`]): with a length it
-/// stands for that many zero bytes stored nowhere. It is never uploaded,
-/// and a fetch leaves a hole for it.
-pub const HOLE: [u8; 32] = ChunkHash::HOLE.0;
-/// Longest single hole entry (a chunk length is a u32).
-const HOLE_PIECE: u64 = 1 << 30;
-
-/// The backend key of an inode: `i` + host + counter.
-fn inode_key(id: ObjectId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(13);
-    k.push(b'i');
-    k.extend_from_slice(&id.host.to_be_bytes());
-    k.extend_from_slice(&id.counter.to_be_bytes());
-    k
-}
-
-/// What a backend key names; the inverse of [`inode_key`] and [`entry_key`].
-enum Key {
-    Inode(ObjectId),
-    Entry(ObjectId, Vec<u8>),
-}
-
-fn decode_key(key: &[u8]) -> Option<Key> {
-    let (&kind, rest) = key.split_first()?;
-    let host = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
-    let counter = u64::from_be_bytes(rest.get(4..12)?.try_into().ok()?);
-    let id = ObjectId { host, counter };
-    match kind {
-        b'i' if rest.len() == 12 => Some(Key::Inode(id)),
-        b'e' => Some(Key::Entry(id, rest[12..].to_vec())),
-        _ => None,
-    }
-}
-
-/// The backend key of a directory entry: `e` + parent id + name.
-fn entry_key(parent: ObjectId, name: &[u8]) -> Vec<u8> {
-    let mut k = inode_key(parent);
-    k[0] = b'e';
-    k.extend_from_slice(name);
-    k
-}
-
-fn object_id(inode: &Inode) -> ObjectId {
-    ObjectId {
-        host: inode.host,
-        counter: inode.counter,
-    }
-}
-
-fn unix_secs(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// What `ferry status` shows.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Status {
-    /// The backend, with any password removed.
-    pub backend: String,
-    /// Log records not yet committed at the backend.
-    pub pending_ops: u64,
-    /// Bytes of file contents those records may need to upload.
-    pub pending_bytes: u64,
-    /// Age in seconds of the oldest pending record.
-    pub oldest_pending_age_s: Option<f64>,
-    /// Unix time of the last successful backend call.
-    pub last_contact: Option<f64>,
-    /// The last error, if the last attempt failed.
-    pub last_error: Option<String>,
-    /// Errors since the daemon started.
-    pub errors: u64,
-    /// Conflicts kept, waiting to be resolved.
-    pub conflicts: u64,
-    /// Last log record committed at the backend.
-    pub shipped_seq: u64,
-    /// Newest log record.
-    pub head_seq: u64,
-    /// Chunks uploaded and bytes sent since the daemon started.
-    pub chunks_uploaded: u64,
-    /// Bytes uploaded since the daemon started.
-    pub bytes_uploaded: u64,
-    /// Whether this run of the daemon has checked that the backend is this
-    /// store's volume (nothing ships before, and no sync is done before).
-    #[serde(default)]
-    pub verified: bool,
-    /// The backend feed position this host has applied (down-sync).
-    #[serde(default)]
-    pub feed_seq: u64,
-    /// Remote changes applied to this store since the daemon started.
-    #[serde(default)]
-    pub applied: u64,
-    /// Conflicts resolved on this host, newest last (the most recent ones;
-    /// every one is also in the daemon's log).
-    #[serde(default)]
-    pub resolved: Vec<Resolution>,
-    /// Background prefetch of file contents, while one runs or after.
-    #[serde(default)]
-    pub prefetch: Option<PrefetchProgress>,
-}
-
-/// One conflict and how it was resolved, for `ferry status`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Resolution {
-    /// Unix time of the resolution.
-    pub at: f64,
-    /// The path the conflict was on (as it was on this host).
-    pub path: String,
-    /// What was done, in words ("kept this host's version as …").
-    pub how: String,
-}
-
-/// Progress of a background prefetch.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct PrefetchProgress {
-    /// Files fetched so far, of `files_total` chosen by the policy.
-    pub files_done: u64,
-    /// Files the policy chose.
-    pub files_total: u64,
-    /// Bytes fetched so far.
-    pub bytes_done: u64,
-    /// Bytes the policy chose.
-    pub bytes_total: u64,
-}
-
-/// Which file contents a mount fetches in the background, before anyone
-/// opens them (Coda's hoarding): after a restore and after each down-sync.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Prefetch {
-    /// Only what is opened (and read ahead within its directory).
-    None,
-    /// Files up to the size limit.
-    #[default]
-    Small,
-    /// Everything (still bounded by the cache size, if one is set).
-    All,
-}
-
-impl std::str::FromStr for Prefetch {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Prefetch, String> {
-        match s {
-            "none" => Ok(Prefetch::None),
-            "small" => Ok(Prefetch::Small),
-            "all" => Ok(Prefetch::All),
-            other => Err(format!(
-                "prefetch must be none, small or all, not {other:?}"
-            )),
-        }
-    }
-}
-
-/// How the replicator runs.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// `dir:PATH` or `postgres://…`.
-    pub url: String,
-    /// Backlog (bytes of pending contents) above which writers slow down.
-    pub max_backlog: u64,
-    /// What to fetch in the background.
-    pub prefetch: Prefetch,
-    /// Largest file `Prefetch::Small` fetches, in bytes.
-    pub prefetch_max_file: u64,
-}
-
-/// State shared between the shipper thread, the vfs and the control socket.
-pub struct Shared {
-    status: Mutex<Status>,
-    stop: AtomicBool,
-    /// Pending content bytes, read by writers on every first write.
-    backlog: AtomicU64,
-    max_backlog: u64,
-    /// How many `ferry sync`s are waiting: while any is, files still open
-    /// for writing ship at once instead of after [`WRITER_GRACE`].
-    urgent: std::sync::atomic::AtomicUsize,
-}
-
-impl Shared {
-    /// The current status: counts read from `store` now, the rest as the
-    /// shipper last left it.
-    pub fn status(&self, store: &Store) -> Status {
-        let mut s = self
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Err(e) = count_pending(store, &mut s) {
-            warn!("replication status: {e}");
-        }
-        s
-    }
-
-    /// Whether writers should slow down.
-    pub fn over_backlog(&self) -> bool {
-        self.backlog.load(Ordering::Relaxed) > self.max_backlog
-    }
-
-    /// Asks the shipper to ship open files without waiting for their
-    /// writers, for as long as the returned guard lives (a sync waits).
-    pub fn urgent(&self) -> Urgent<'_> {
-        self.urgent.fetch_add(1, Ordering::SeqCst);
-        Urgent(self)
-    }
-
-    fn update(&self, f: impl FnOnce(&mut Status)) {
-        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-}
-
-/// A waiting sync's claim on the shipper's haste; see [`Shared::urgent`].
-pub struct Urgent<'a>(&'a Shared);
-
-impl Drop for Urgent<'_> {
-    fn drop(&mut self) {
-        self.0.urgent.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// The running replication of a mount: a handle on its threads.
-///
-/// Dropping it stops the threads and joins them. That is safe at any moment:
-/// nothing is acknowledged locally before the backend committed it, so a
-/// stop mid-batch only means the batch is shipped again next time.
-pub struct Replication {
-    shared: Arc<Shared>,
-    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
-    store_waker: Arc<Vfs>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Replication {
-    /// Starts replicating `vfs` with the backend at `cfg.url`, and makes
-    /// the vfs fetch contents from it. The backend need not be reachable:
-    /// the threads keep trying.
-    pub fn start(vfs: Arc<Vfs>, cfg: Config) -> std::io::Result<Replication> {
-        let shared = Arc::new(Shared {
-            status: Mutex::new(Status {
-                backend: ferry_backend::redact(&cfg.url),
-                ..Status::default()
-            }),
-            stop: AtomicBool::new(false),
-            backlog: AtomicU64::new(0),
-            max_backlog: cfg.max_backlog,
-            urgent: std::sync::atomic::AtomicUsize::new(0),
-        });
-        let cfg_url = cfg.url.clone();
-        let thread = {
-            let (vfs, shared) = (vfs.clone(), shared.clone());
-            std::thread::Builder::new()
-                .name("ferry-replicate".into())
-                .spawn(move || Shipper::new(vfs, cfg.url, shared).run())?
-        };
-        vfs.attach_backend(Arc::new(Fetcher::new(cfg_url)), shared.clone());
-        Ok(Replication {
-            shared,
-            notifier: Arc::default(),
-            store_waker: vfs,
-            thread: Some(thread),
-        })
-    }
-
-    /// The state shared with the threads.
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
-    /// Gives down-sync the kernel's ear: each remote change it applies
-    /// then invalidates what the kernel cached of it. Called once the FUSE
-    /// session exists.
-    pub fn set_notifier(&self, notifier: fuser::Notifier) {
-        let _ = self.notifier.set(notifier);
-    }
-}
-
-impl Drop for Replication {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        self.store_waker.store().wake_log_waiters();
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                warn!("the replication thread panicked");
-            }
-        }
-    }
-}
-
-/// Capped exponential backoff: 100 ms doubling to 10 s, reset on success.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const CAP: Duration = Duration::from_secs(10);
-
-    fn new() -> Backoff {
-        Backoff { next: Self::FIRST }
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-
-    fn step(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(Self::CAP);
-        d
-    }
-}
-
 /// Why a batch did not ship.
 #[derive(Debug)]
 enum ShipError {
@@ -437,24 +77,6 @@ impl From<std::io::Error> for ShipError {
     fn from(e: std::io::Error) -> Self {
         ShipError::Io(e)
     }
-}
-
-/// A file's chunk list: BLAKE3 hashes and lengths, in order.
-type ChunkList = Vec<([u8; 32], u32)>;
-
-/// Fills the log positions and counts of `s` from the store.
-fn count_pending(store: &Store, s: &mut Status) -> rusqlite::Result<()> {
-    store.read(|r| {
-        let shipped = r.meta_int("shipped_seq")?.unwrap_or(0) as u64;
-        let (pending, oldest) = r.pending(shipped)?;
-        let now = crate::store::now();
-        s.shipped_seq = shipped;
-        s.pending_ops = pending;
-        s.oldest_pending_age_s = oldest.map(|t| (now - t).max(0) as f64 / 1e9);
-        s.head_seq = r.log_head()?;
-        s.conflicts = r.conflicts()?.len() as u64;
-        Ok(())
-    })
 }
 
 /// Chunks read while planning a batch, uploaded a group at a time.
@@ -507,6 +129,8 @@ struct InodeSnap {
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// The chunk list the backend has (or a restore brought).
     known: ChunkList,
+    /// Whether it has a name here (the root always has).
+    named: bool,
 }
 
 /// A touched name, not held back by a conflict.
@@ -522,54 +146,29 @@ struct NameSnap {
 impl Snapshot {
     /// Reads the log after `shipped` (at most [`BATCH`] records) and the
     /// state of everything it touched.
-    fn take(r: &crate::store::Reader<'_>, shipped: u64) -> Result<Snapshot, ShipError> {
-        let batch = read_batch(r, shipped)?;
-        let mut inodes = BTreeSet::new();
-        // Inodes whose bytes may have changed: only their data files are read.
-        let mut rewritten = std::collections::HashSet::new();
-        let mut names: BTreeSet<(u64, Vec<u8>)> = BTreeSet::new();
-        let mut deleted: BTreeSet<ObjectId> = BTreeSet::new();
-        for rec in &batch {
-            let change = rec.change().ok_or_else(|| {
-                ShipError::Store(rusqlite::Error::InvalidColumnType(
-                    0,
-                    format!("log record {}: {}", rec.seq, rec.op),
-                    rusqlite::types::Type::Text,
-                ))
-            })?;
-            match change {
-                Change::Delete { .. } => {
-                    deleted.insert(ObjectId {
-                        host: rec.host,
-                        counter: rec.counter,
-                    });
-                }
-                Change::Content { ino } => {
-                    inodes.insert(ino);
-                    rewritten.insert(ino);
-                }
-                Change::SetAttr { ino } | Change::Xattr { ino } => {
-                    inodes.insert(ino);
-                }
-                // Restored from the backend: already there.
-                Change::Import { .. } => {}
-                other => {
-                    inodes.insert(other.ino());
-                    if matches!(other, Change::Create { .. }) {
-                        rewritten.insert(other.ino());
-                    }
-                    // The directories too: a changed entry changed their
-                    // mtime and ctime, which must travel with it.
-                    let (p, n, p2, n2) = other.places();
-                    for (p, n) in [(p, n), (p2, n2)] {
-                        if let (Some(p), Some(n)) = (p, n) {
-                            names.insert((p, n.to_vec()));
-                            inodes.insert(p);
-                        }
-                    }
-                }
+    fn take(r: &Reader<'_>, shipped: u64) -> Result<Snapshot, ShipError> {
+        let batch = Outbox::pending(r, BATCH)?;
+        let mut touched = Touched::of(&batch).map_err(|seq| {
+            ShipError::Store(rusqlite::Error::InvalidColumnType(
+                0,
+                format!("log record {seq}: undecodable"),
+                rusqlite::types::Type::Text,
+            ))
+        })?;
+        // A revived inode ships with every name it has now.
+        for &ino in &touched.revived {
+            for (p, n) in r.names_of(ino)? {
+                touched.inodes.insert(p);
+                touched.names.insert((p, n));
             }
         }
+        let Touched {
+            inodes,
+            rewritten,
+            names,
+            deleted,
+            ..
+        } = touched;
         let mut snap = Snapshot {
             last: batch.last().map_or(shipped, |rec| rec.seq),
             inodes: Vec::new(),
@@ -592,6 +191,7 @@ impl Snapshot {
                 }
             }
             snap.inodes.push(InodeSnap {
+                named: ino == ROOT_INO || !r.names_of(ino)?.is_empty(),
                 base: r.remote_version(&key)?,
                 key,
                 rewritten: rewritten.contains(&ino),
@@ -627,7 +227,13 @@ impl Snapshot {
                 name,
             });
         }
-        for id in deleted {
+        for (host, counter) in deleted {
+            if r.ino_of(host, counter)?.is_some() {
+                // Deleted here once, back since (down-sync brought it
+                // again): the deletion is history.
+                continue;
+            }
+            let id = ObjectId { host, counter };
             let key = inode_key(id);
             if let Some(base) = r.remote_version(&key)? {
                 snap.deleted.push((id, key, base));
@@ -646,11 +252,12 @@ struct Described {
     read: Option<u64>,
 }
 
-struct Shipper {
+pub(super) struct Shipper {
     vfs: Arc<Vfs>,
-    url: String,
+    link: Arc<Link>,
     shared: Arc<Shared>,
-    backend: Option<Box<dyn Backend>>,
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+    fetcher: Arc<Fetcher>,
     /// The last attempt failed: check that the backend answers before
     /// reading a whole batch of files again (an outage must not turn into
     /// a loop of re-reading the backlog, competing with writers for disk
@@ -659,12 +266,19 @@ struct Shipper {
 }
 
 impl Shipper {
-    fn new(vfs: Arc<Vfs>, url: String, shared: Arc<Shared>) -> Shipper {
+    pub(super) fn new(
+        vfs: Arc<Vfs>,
+        link: Arc<Link>,
+        shared: Arc<Shared>,
+        notifier: Arc<OnceLock<fuser::Notifier>>,
+        fetcher: Arc<Fetcher>,
+    ) -> Shipper {
         Shipper {
             vfs,
-            url,
+            link,
             shared,
-            backend: None,
+            notifier,
+            fetcher,
             probe: false,
         }
     }
@@ -673,14 +287,14 @@ impl Shipper {
         self.vfs.store()
     }
 
-    fn run(mut self) {
+    pub(super) fn run(mut self) {
         let mut backoff = Backoff::new();
         let mut generation = 0;
         while !self.shared.stop.load(Ordering::SeqCst) {
             if let Err(e) = self.refresh_status() {
                 warn!("replication status: {e}");
             }
-            if !self.verified() {
+            if !self.shared.verified() {
                 match self.verify() {
                     Ok(()) => {
                         backoff.reset();
@@ -688,31 +302,36 @@ impl Shipper {
                     }
                     Err(e) => {
                         self.failed(&e);
-                        self.pause(backoff.step());
+                        self.shared.pause(backoff.step());
                         continue;
                     }
                 }
             }
-            let shipped = self.shipped_seq();
-            let batch = match self.store().read(|r| read_batch(r, shipped)) {
+            let batch = match self.store().read(|r| Outbox::pending(r, BATCH)) {
                 Ok(b) => b,
                 Err(e) => {
                     self.failed(&ShipError::Store(e));
-                    self.pause(backoff.step());
+                    self.shared.pause(backoff.step());
                     continue;
                 }
             };
+            // Conflicts that had to wait (a file open for writing) are
+            // tried again first: what they hold back may be what the batch
+            // needs (a new file's name, say).
+            if let Err(e) = self.resolve_held() {
+                self.failed(&e);
+            }
             if batch.is_empty() {
                 generation = self
                     .store()
                     .wait_for_log(generation, Duration::from_secs(1));
                 // Let a burst finish (a file being written, a tree being
                 // unpacked): it then ships as one batch, each file once.
-                self.pause(SETTLE);
+                self.shared.pause(SETTLE);
                 continue;
             }
             if self.writers_busy(&batch) {
-                self.pause(SETTLE);
+                self.shared.pause(SETTLE);
                 continue;
             }
             match self.ship() {
@@ -724,18 +343,10 @@ impl Shipper {
                 Err(e) => {
                     self.failed(&e);
                     self.probe = true;
-                    self.pause(backoff.step());
+                    self.shared.pause(backoff.step());
                 }
             }
         }
-    }
-
-    fn verified(&self) -> bool {
-        self.shared
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .verified
     }
 
     /// Checks, once per run and before anything ships, that the backend
@@ -743,8 +354,8 @@ impl Shipper {
     /// host than the store does (see [`crate::binding`]); then learns what
     /// a batch in flight when the last daemon died did at the backend.
     fn verify(&mut self) -> Result<(), ShipError> {
-        let (vfs, url) = (self.vfs.clone(), self.url.clone());
-        crate::binding::verify(vfs.store(), self.backend()?, &url)?;
+        let backend = self.backend()?;
+        crate::binding::verify(self.store(), &*backend, self.link.url())?;
         self.relearn()?;
         self.shared.update(|s| s.verified = true);
         Ok(())
@@ -782,7 +393,7 @@ impl Shipper {
                         _ => None,
                     }
                 }
-                None => None,
+                Some(Key::Listing(_)) | None => None,
             };
             if let Some(version) = version {
                 learned.push((key, version));
@@ -813,7 +424,7 @@ impl Shipper {
         warn!("replication: {e}; retrying");
         if matches!(e, ShipError::Backend(b) if !b.is_transient()) {
             // A fresh connection may see a repaired or re-initialised backend.
-            self.backend = None;
+            self.link.reset();
         }
         self.shared.update(|s| {
             s.last_error = Some(e.to_string());
@@ -821,20 +432,8 @@ impl Shipper {
         });
     }
 
-    /// Sleeps, waking early when the replicator stops.
-    fn pause(&self, d: Duration) {
-        let deadline = Instant::now() + d;
-        while !self.shared.stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20).min(d));
-        }
-    }
-
     fn shipped_seq(&self) -> u64 {
-        self.store()
-            .read(|r| r.meta_int("shipped_seq"))
-            .ok()
-            .flatten()
-            .unwrap_or(0) as u64
+        self.store().read(|r| Outbox::cursor(r)).unwrap_or(0)
     }
 
     /// Whether a file the batch would read is still open for writing and
@@ -870,15 +469,8 @@ impl Shipper {
         Ok(())
     }
 
-    fn backend(&mut self) -> Result<&dyn Backend, BackendError> {
-        if self.backend.is_none() {
-            self.backend = Some(ferry_backend::open(&self.url, CONNECT_TIMEOUT)?);
-            info!(
-                "replication: connected to {}",
-                ferry_backend::redact(&self.url)
-            );
-        }
-        Ok(self.backend.as_deref().expect("set above"))
+    fn backend(&self) -> Result<Arc<dyn Backend>, BackendError> {
+        self.link.get()
     }
 
     /// Ships one batch: plan, upload chunks, commit, record the outcome.
@@ -894,6 +486,10 @@ impl Shipper {
         // Every chunk the ops refer to is at the backend before they commit.
         self.upload(&mut uploads)?;
         let host = self.store().host();
+        // From the commit until the outcome is recorded and its conflicts
+        // resolved, down-sync waits (see `Shared::exchange`).
+        let shared = self.shared.clone();
+        let _turn = shared.exchange();
         // If the daemon dies between the backend's commit and ours, these
         // are the keys whose versions it must learn again (`relearn`).
         self.store().write(|tx| {
@@ -922,6 +518,11 @@ impl Shipper {
         // once every call of it succeeded; a failure ships it again, on top
         // of its own earlier self.
         self.backend()?.set_shipped(host, last)?;
+        let conflicted = settled
+            .iter()
+            .any(|(_, v)| matches!(v, Verdict::Conflict(_)));
+        // Cleared by `resolve`, whatever its outcome.
+        self.shared.update(|s| s.resolving = conflicted);
         let vfs = &self.vfs;
         self.store().write(|tx| -> rusqlite::Result<()> {
             for (p, verdict) in &settled {
@@ -935,9 +536,71 @@ impl Shipper {
                 }
             }
             tx.set_inflight(std::iter::empty())?;
-            tx.set_meta_int("shipped_seq", last as i64)
+            Outbox::advance(tx, last)
         })?;
+        let conflicts: Vec<Vec<u8>> = settled
+            .iter()
+            .filter(|(_, v)| matches!(v, Verdict::Conflict(_)))
+            .map(|(p, _)| p.key.clone())
+            .collect();
+        if !conflicts.is_empty() {
+            let ours: HashMap<Vec<u8>, Vec<(ChunkHash, u32)>> = settled
+                .iter()
+                .filter_map(|(p, _)| match &p.op {
+                    Op::PutInode { state, .. } if p.chunks.is_some() => {
+                        Some((p.key.clone(), state.chunks.clone()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            self.resolve(&conflicts, &ours)?;
+            // What resolving logged ships next; a moment first, so two
+            // hosts resolving against each other never spin.
+            self.shared.pause(SETTLE);
+        }
         Ok(())
+    }
+
+    /// Settles conflicts (see [`super::resolve`]) and tells the kernel
+    /// what that changed. What cannot be settled yet (a file still open
+    /// for writing) stays in the conflict table, tried again each round.
+    fn resolve(
+        &mut self,
+        keys: &[Vec<u8>],
+        ours: &HashMap<Vec<u8>, Vec<(ChunkHash, u32)>>,
+    ) -> Result<(), ShipError> {
+        let resolved = self.backend().map_err(ShipError::from).and_then(|backend| {
+            resolve::resolve(&self.vfs, &*backend, keys, ours).map_err(|e| match e {
+                resolve::ResolveError::Backend(b) => ShipError::Backend(b),
+                resolve::ResolveError::Store(s) => ShipError::Store(s),
+            })
+        });
+        self.shared.update(|s| s.resolving = false);
+        apply::settle(&self.vfs, self.notifier.get(), &self.fetcher, &resolved?);
+        Ok(())
+    }
+
+    /// Tries again the conflicts that had to wait, with the backend's
+    /// state now.
+    fn resolve_held(&mut self) -> Result<(), ShipError> {
+        let held = self.store().read(|r| r.conflict_keys())?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        // Only what can be settled now: a key that waits on a writer
+        // would only cost a backend round trip per batch.
+        let vfs = self.vfs.clone();
+        let held: Vec<Vec<u8>> = self.store().read(|r| {
+            held.into_iter()
+                .filter(|k| !resolve::waits_on_writer(r, &vfs, k))
+                .collect()
+        });
+        if held.is_empty() {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        let _turn = shared.exchange();
+        self.resolve(&held, &HashMap::new())
     }
 
     /// Commits `ops` (none: nothing to ask) and checks the answer's shape.
@@ -1018,7 +681,7 @@ impl Shipper {
         for obj in snap.inodes {
             let id = object_id(&obj.inode);
             let what = format!("inode {id}");
-            if obj.inode.nlink == 0 && obj.inode.ino != ROOT_INO {
+            if !obj.named {
                 // Unlinked but still open here: no other host can reach it,
                 // and a nameless inode at the backend is data no restore
                 // can reach. It goes now; its later writes stay local.
@@ -1348,20 +1011,6 @@ fn extent(file: &File, at: u64, len: u64) -> std::io::Result<(u64, u64)> {
     Ok((data, hole.max(data)))
 }
 
-/// The next batch of the log after `shipped`: [`BATCH`] records, extended
-/// to the end of the transaction the last one belongs to (its records share
-/// their time). A batch that ended inside one — between the unlink of a
-/// rename's target and the rename — would ship a state that never existed.
-fn read_batch(r: &crate::store::Reader<'_>, shipped: u64) -> rusqlite::Result<Vec<LogRecord>> {
-    let mut batch = r.log_after(shipped, BATCH)?;
-    if let Some(last) = batch.last().filter(|_| batch.len() == BATCH) {
-        let (seq, at) = (last.seq, last.at);
-        let rest = r.log_after(seq, BATCH)?;
-        batch.extend(rest.into_iter().take_while(|rec| rec.at == at));
-    }
-    Ok(batch)
-}
-
 /// Reads at `offset` until `buf` is full or the file ends.
 fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut n = 0;
@@ -1374,165 +1023,4 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usi
         }
     }
     Ok(n)
-}
-
-/// Fills an empty store from the backend: the whole namespace at once,
-/// file contents left at the backend until first read. Returns the number
-/// of inodes restored.
-pub fn restore(store: &Store, backend: &dyn Backend) -> Result<u64, RestoreError> {
-    let (_seq, inodes, entries) = backend.snapshot()?;
-    store.write(|tx| -> Result<u64, RestoreError> {
-        let mut count = 0;
-        for state in &inodes {
-            let kind = Kind::from_mode(state.mode).ok_or_else(|| {
-                RestoreError::Backend(BackendError::Corrupt {
-                    what: format!("inode {} has mode {:o}", state.id, state.mode),
-                })
-            })?;
-            let inode = Inode {
-                ino: 0,
-                host: state.id.host,
-                counter: state.id.counter,
-                mode: state.mode,
-                uid: state.uid,
-                gid: state.gid,
-                nlink: 0,
-                size: state.size,
-                atime: state.atime_ns,
-                mtime: state.mtime_ns,
-                ctime: state.ctime_ns,
-                crtime: state.ctime_ns,
-                rdev: state.rdev,
-                version: 1,
-                cached: kind != Kind::File,
-            };
-            // The root is {host 0, counter 1} on every host, so it maps onto
-            // the local root like any other identity.
-            let ino = tx.import_inode(&inode, state.target.as_deref())?;
-            tx.import_xattrs(ino, &state.xattrs)?;
-            if kind == Kind::File {
-                let list: ChunkList = state.chunks.iter().map(|(h, len)| (h.0, *len)).collect();
-                tx.set_chunks(ino, &list)?;
-            }
-            tx.set_remote_version(&inode_key(state.id), Some(state.version))?;
-            count += 1;
-        }
-        for e in &entries {
-            let (Some(parent), Some(child)) = (local_ino(tx, e.parent)?, local_ino(tx, e.child)?)
-            else {
-                return Err(RestoreError::Backend(BackendError::Corrupt {
-                    what: format!("entry {}/{:?} names a missing inode", e.parent, e.name),
-                }));
-            };
-            tx.import_entry(parent, &e.name, child)?;
-            tx.set_remote_version(&entry_key(e.parent, &e.name), Some(e.version))?;
-        }
-        tx.recount_links()?;
-        // Everything logged by the restore is the backend's own state.
-        let head = tx.log_head()?;
-        tx.set_meta_int("shipped_seq", head as i64)?;
-        Ok(count)
-    })
-}
-
-fn local_ino(tx: &Tx<'_>, id: ObjectId) -> rusqlite::Result<Option<u64>> {
-    tx.ino_of(id.host, id.counter)
-}
-
-/// Why a restore failed.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum RestoreError {
-    /// The backend failed or sent garbage.
-    Backend(BackendError),
-    /// The local store failed.
-    Store(rusqlite::Error),
-}
-
-impl std::fmt::Display for RestoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RestoreError::Backend(e) => write!(f, "restoring from the backend: {e}"),
-            RestoreError::Store(e) => write!(f, "restoring into the local store: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for RestoreError {}
-
-impl From<BackendError> for RestoreError {
-    fn from(e: BackendError) -> Self {
-        RestoreError::Backend(e)
-    }
-}
-impl From<rusqlite::Error> for RestoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        RestoreError::Store(e)
-    }
-}
-
-/// Fetches the contents of uncached files from the backend, on first open.
-pub struct Fetcher {
-    url: String,
-    backend: Mutex<Option<Box<dyn Backend>>>,
-}
-
-impl Fetcher {
-    /// A fetcher for the backend at `url` (connected on first use).
-    pub fn new(url: String) -> Fetcher {
-        Fetcher {
-            url,
-            backend: Mutex::new(None),
-        }
-    }
-}
-
-impl crate::vfs::ContentSource for Fetcher {
-    /// Writes the chunks, verified by the backend against their hashes, to
-    /// a temporary file that is fsync'd and renamed over `dest`: a failed
-    /// or interrupted fetch never leaves a partial file behind. [`HOLE`]
-    /// entries are skipped, so holes arrive as holes.
-    fn fetch(&self, chunks: &[([u8; 32], u32)], dest: &Path) -> Result<(), String> {
-        let mut guard = self.backend.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            *guard =
-                Some(ferry_backend::open(&self.url, CONNECT_TIMEOUT).map_err(|e| e.to_string())?);
-        }
-        let backend = guard.as_deref().expect("set above");
-        let tmp = dest.with_extension("fetch");
-        let result = (|| -> Result<(), String> {
-            let out = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| e.to_string())?;
-            let mut at = 0;
-            for (hash, len) in chunks {
-                if *hash != HOLE {
-                    let hash = ChunkHash(*hash);
-                    let data = backend.get_chunk(&hash).map_err(|e| e.to_string())?;
-                    if data.len() != *len as usize {
-                        return Err(format!(
-                            "chunk {} has {} bytes, expected {len}",
-                            hash.to_hex(),
-                            data.len()
-                        ));
-                    }
-                    out.write_all_at(&data, at).map_err(|e| e.to_string())?;
-                }
-                at += u64::from(*len);
-            }
-            out.set_len(at).map_err(|e| e.to_string())?;
-            out.sync_all().map_err(|e| e.to_string())?;
-            std::fs::rename(&tmp, dest).map_err(|e| e.to_string())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-            // The connection may be what failed; reconnect next time.
-            *guard = None;
-        }
-        result
-    }
 }

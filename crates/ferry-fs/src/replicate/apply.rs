@@ -1,0 +1,847 @@
+//! Down-sync: other hosts' changes come down (feed → store → kernel).
+//!
+//! A thread follows the backend's change feed. It wakes on the backend's
+//! signal (LISTEN/NOTIFY on PostgreSQL, a file watch on `dir:`) and polls
+//! every [`POLL`] besides. Each round asks for everything after its cursor
+//! in one call ([`Backend::changes`]), which answers with the *current*
+//! state of every object named, so a round costs one round trip however
+//! many changes it brings. The round is applied in one store transaction
+//! whose records are `pulled` (the log stays a faithful replay of the
+//! store, and the shipper never sends them back), together with the new
+//! cursor. Only then are the kernel's caches of what changed invalidated
+//! through the FUSE notifier, so readers see the new state while the
+//! caches stay on. Metadata lands at once; file contents stay at the
+//! backend until opened (or prefetched), exactly as after a restore. A file
+//! that is open here when its contents change is fetched at once, in
+//! place, so a reader that reads it again sees the new bytes.
+//!
+//! # What waits
+//!
+//! An object with a change of this host's still to ship (in the pending
+//! log, open for writing, or held as a conflict) is left alone, and its
+//! key goes to the store's `recheck` table: it is fetched and tried again
+//! each round until it applies. Meanwhile the shipper's commit of the same
+//! object meets the other host's version as a conflict, which
+//! [`super::resolve`] settles, preserving this host's version.
+//!
+//! # Never an orphan, never a loss
+//!
+//! - A new inode is imported only together with a name for it.
+//! - A name is removed only if what it named has no change of this host's
+//!   pending; an inode left with no name here is forgotten locally (a
+//!   pulled delete, its backend version cleared): the backend has all of
+//!   it, and if it is still alive there, its new name brings it back.
+//! - A directory never gets a second name: such a change waits.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ferry_backend::{Backend, BackendError, Entry, InodeState, ObjectId};
+use tracing::{debug, info, warn};
+
+use super::fetch::Fetcher;
+use super::{decode_key, entry_key, inode_key, listing_key, Backoff, Key, Link, Shared};
+use crate::log::{Outbox, Touched};
+use crate::store::{Inode, Kind, Queries, Tx, ROOT_INO};
+use crate::vfs::Vfs;
+
+/// Longest wait for the backend's signal before looking anyway.
+const POLL: Duration = Duration::from_secs(1);
+/// Feed items asked for per round (the backend adds the rest of the last
+/// commit).
+const ROUND: usize = 10_000;
+/// Keys from `recheck` tried per round.
+const RECHECKS: usize = 1_000;
+
+/// Remote state to apply: what the backend has now for some keys.
+#[derive(Default)]
+pub(super) struct RemoteState {
+    /// Inodes by identity (`None`: gone from the backend).
+    pub inodes: HashMap<ObjectId, Option<InodeState>>,
+    /// Entries by (parent, name) (`None`: no such name at the backend).
+    pub entries: BTreeMap<(ObjectId, Vec<u8>), Option<Entry>>,
+}
+
+impl RemoteState {
+    /// Adds the backend's answer for `keys` (the store's key encoding), a
+    /// call per inode and per directory.
+    pub fn fetch_keys(
+        &mut self,
+        backend: &dyn Backend,
+        keys: &[Vec<u8>],
+    ) -> Result<(), BackendError> {
+        let mut dirs: BTreeMap<ObjectId, Vec<Vec<u8>>> = BTreeMap::new();
+        for key in keys {
+            match decode_key(key) {
+                Some(Key::Inode(id)) => {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = self.inodes.entry(id) {
+                        slot.insert(backend.inode(&id)?);
+                    }
+                }
+                Some(Key::Entry(parent, name)) => dirs.entry(parent).or_default().push(name),
+                Some(Key::Listing(dir)) => {
+                    for e in backend.entries(&dir)? {
+                        self.entries.insert((dir, e.name.clone()), Some(e));
+                    }
+                }
+                None => {}
+            }
+        }
+        for (parent, names) in dirs {
+            let listing: HashMap<Vec<u8>, Entry> = backend
+                .entries(&parent)?
+                .into_iter()
+                .map(|e| (e.name.clone(), e))
+                .collect();
+            for name in names {
+                let e = listing.get(&name).cloned();
+                self.entries.insert((parent, name), e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches the inodes that entries name and that are neither here nor
+    /// known locally as the backend's (`local` tells), so a name never
+    /// arrives without its inode.
+    pub fn fetch_children(
+        &mut self,
+        backend: &dyn Backend,
+        local: impl Fn(ObjectId) -> bool,
+    ) -> Result<(), BackendError> {
+        let wanted: BTreeSet<ObjectId> = self
+            .entries
+            .values()
+            .flatten()
+            .map(|e| e.child)
+            .filter(|c| !self.inodes.contains_key(c) && !local(*c))
+            .collect();
+        for id in wanted {
+            let state = backend.inode(&id)?;
+            self.inodes.insert(id, state);
+        }
+        Ok(())
+    }
+}
+
+/// A key, for the debug log.
+fn show(key: &[u8]) -> String {
+    match decode_key(key) {
+        Some(Key::Inode(id)) => format!("inode {id}"),
+        Some(Key::Entry(p, n)) => format!("{p}/{}", String::from_utf8_lossy(&n)),
+        Some(Key::Listing(id)) => format!("listing of {id}"),
+        None => "?".into(),
+    }
+}
+
+/// Whether this store has `id` as the backend's (not forgotten).
+pub(super) fn known_here(store: &crate::store::Store, id: ObjectId) -> bool {
+    store
+        .read(|r| -> rusqlite::Result<bool> {
+            Ok(r.ino_of(id.host, id.counter)?.is_some()
+                && r.remote_version(&inode_key(id))?.is_some())
+        })
+        .unwrap_or(false)
+}
+
+/// Directories listed whole in one round, at most: a subtree that comes
+/// back (or moves in) arrives in one round down to this many directories.
+const LISTINGS: usize = 10_000;
+
+impl RemoteState {
+    /// Lists, whole, every directory an entry here names that this host
+    /// does not have as the backend's, and so on down (within
+    /// [`LISTINGS`]): such a directory's entries are not in the feed
+    /// ahead, and fetching them a level per round would make a deep tree
+    /// take as many rounds.
+    pub fn expand(
+        &mut self,
+        backend: &dyn Backend,
+        local: impl Fn(ObjectId) -> bool,
+    ) -> Result<(), BackendError> {
+        let mut listed: BTreeSet<ObjectId> = BTreeSet::new();
+        // Bounded: every pass lists at least one new directory, at most
+        // LISTINGS in all.
+        while listed.len() < LISTINGS {
+            let dirs: Vec<ObjectId> = self
+                .entries
+                .values()
+                .flatten()
+                .map(|e| e.child)
+                .filter(|c| !listed.contains(c))
+                .filter(|c| {
+                    matches!(self.inodes.get(c), Some(Some(st))
+                        if Kind::from_mode(st.mode) == Some(Kind::Dir))
+                })
+                .filter(|c| !local(*c))
+                .take(LISTINGS - listed.len())
+                .collect();
+            if dirs.is_empty() {
+                break;
+            }
+            for dir in dirs {
+                for e in backend.entries(&dir)? {
+                    self.entries.entry((dir, e.name.clone())).or_insert(Some(e));
+                }
+                listed.insert(dir);
+            }
+            self.fetch_children(backend, &local)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a pull changed, for the kernel and the data files, done after the
+/// transaction commits.
+#[derive(Debug, Default)]
+pub(super) struct Effects {
+    /// Inodes whose attributes or contents changed.
+    pub inodes: BTreeSet<u64>,
+    /// Names that appeared or changed: (directory, name).
+    pub added: Vec<(u64, Vec<u8>)>,
+    /// Names that went: (directory, name, the inode it named).
+    pub removed: Vec<(u64, Vec<u8>, u64)>,
+    /// Inodes that lost their last name here: deleted once the kernel
+    /// lets go of them.
+    pub orphans: BTreeSet<u64>,
+    /// Open files whose contents changed: fetched at once, in place.
+    pub refresh: BTreeSet<u64>,
+    /// Regular files that arrived or changed (for prefetch).
+    pub fetchable: BTreeSet<u64>,
+    /// Remote changes applied.
+    pub applied: u64,
+    /// Paths of what was moved to `/lost+found` because its directory went.
+    pub rescued: Vec<String>,
+}
+
+/// The local side of a pull: which objects have changes of this host's
+/// pending, so the remote state must not overwrite them.
+pub(super) struct Dirty {
+    touched: Touched,
+    writing: HashSet<u64>,
+    /// Directories with a change of this host's pending somewhere below
+    /// them: taking one away (a pull of its removal or move) would take
+    /// that change with it, so such a pull waits until it shipped (and,
+    /// if the backend refuses it, conflict resolution decides).
+    holding: HashSet<u64>,
+}
+
+impl Dirty {
+    /// Reads the store's outbox.
+    pub fn read(tx: &Tx<'_>) -> rusqlite::Result<Dirty> {
+        let pending = Outbox::pending(tx, usize::MAX >> 1)?;
+        // An undecodable record makes its objects unknown: the shipper
+        // reports it; here, everything it could name is held back by
+        // treating the log as touching nothing new.
+        let touched = Touched::of(&pending).unwrap_or_default();
+        let writing: HashSet<u64> = tx.writing()?.into_iter().collect();
+        let mut holding = HashSet::new();
+        for &ino in touched.inodes.iter().chain(&writing) {
+            let mut at = ino;
+            // Bounded: a store has no cycles, and no path is this deep.
+            for _ in 0..4096 {
+                match tx.parent_of(at)? {
+                    Some(p) if holding.insert(p) => at = p,
+                    _ => break,
+                }
+            }
+        }
+        Ok(Dirty {
+            touched,
+            writing,
+            holding,
+        })
+    }
+
+    /// Whether `ino` has a change of this host's to ship.
+    pub fn inode_pending(&self, ino: u64) -> bool {
+        self.touched.inodes.contains(&ino) || self.writing.contains(&ino)
+    }
+
+    fn inode(&self, tx: &Tx<'_>, vfs: &Vfs, ino: u64, id: ObjectId) -> rusqlite::Result<bool> {
+        Ok(self.touched.inodes.contains(&ino)
+            || self.writing.contains(&ino)
+            || vfs.has_writers(ino)
+            || tx.in_conflict(&inode_key(id))?)
+    }
+
+    fn name(&self, tx: &Tx<'_>, parent: u64, name: &[u8], key: &[u8]) -> rusqlite::Result<bool> {
+        Ok(self.touched.names.contains(&(parent, name.to_vec())) || tx.in_conflict(key)?)
+    }
+}
+
+/// Applies `remote` to the store in `tx`, skipping (and queueing for a
+/// recheck) whatever has local changes pending, except the keys in
+/// `force`, whose local changes conflict resolution has already preserved.
+pub(super) fn pull(
+    tx: &Tx<'_>,
+    vfs: &Vfs,
+    remote: &RemoteState,
+    force: &HashSet<Vec<u8>>,
+) -> rusqlite::Result<Effects> {
+    let was = tx.pulling(true);
+    let mut p = Pull {
+        tx,
+        vfs,
+        remote,
+        force,
+        dirty: Dirty::read(tx)?,
+        fx: Effects::default(),
+        relink: BTreeSet::new(),
+        gone: BTreeSet::new(),
+    };
+    p.inodes()?;
+    p.names()?;
+    p.orphans()?;
+    tx.pulling(was);
+    Ok(p.fx)
+}
+
+/// One pull in progress (see [`pull`]).
+struct Pull<'a, 't> {
+    tx: &'a Tx<'t>,
+    vfs: &'a Vfs,
+    remote: &'a RemoteState,
+    force: &'a HashSet<Vec<u8>>,
+    dirty: Dirty,
+    fx: Effects,
+    /// Inodes whose names changed: link counts to recount, and maybe
+    /// orphans.
+    relink: BTreeSet<u64>,
+    /// Local inodes the backend deleted.
+    gone: BTreeSet<u64>,
+}
+
+/// A name to add: (its key, local directory, name, the backend's entry).
+type Add = (Vec<u8>, u64, Vec<u8>, Entry);
+
+impl Pull<'_, '_> {
+    /// The key is settled: no recheck, no conflict left.
+    fn settled(&mut self, key: &[u8]) -> rusqlite::Result<()> {
+        self.tx.remove_recheck(key)?;
+        if self.force.contains(key) {
+            self.tx.clear_conflict(key)?;
+        }
+        self.fx.applied += 1;
+        Ok(())
+    }
+
+    /// Inodes this host has: their new state, or their deletion.
+    fn inodes(&mut self) -> rusqlite::Result<()> {
+        let tx = self.tx;
+        for (&id, state) in &self.remote.inodes {
+            let key = inode_key(id);
+            let forced = self.force.contains(&key);
+            let Some(ino) = tx.ino_of(id.host, id.counter)? else {
+                // Not here (imported only with a name, below): no version
+                // of it is either.
+                tx.set_remote_version(&key, None)?;
+                tx.remove_recheck(&key)?;
+                if forced {
+                    tx.clear_conflict(&key)?;
+                }
+                continue;
+            };
+            if !forced && self.dirty.inode(tx, self.vfs, ino, id)? {
+                tx.add_recheck(&key)?;
+                continue;
+            }
+            let rv = tx.remote_version(&key)?;
+            match state {
+                Some(st) if rv.is_some_and(|v| v >= st.version) && !forced => {
+                    tx.remove_recheck(&key)?;
+                }
+                Some(st) => {
+                    import(tx, self.vfs, st, Some(ino), &mut self.fx)?;
+                    self.settled(&key)?;
+                }
+                None if rv.is_some() || forced => {
+                    self.gone.insert(ino);
+                    tx.set_remote_version(&key, None)?;
+                    self.settled(&key)?;
+                }
+                None => tx.remove_recheck(&key)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Names: removals first, so a rename's new name finds its directory
+    /// free of the old one; then the adds. Names in directories this host
+    /// does not have yet wait until an add has brought their directory, so
+    /// a new tree arrives whole in one round, however deep.
+    fn names(&mut self) -> rusqlite::Result<()> {
+        let tx = self.tx;
+        let mut adds: Vec<Add> = Vec::new();
+        let mut unplaced: Vec<(Vec<u8>, ObjectId, Vec<u8>, Entry)> = Vec::new();
+        for ((pid, name), entry) in &self.remote.entries {
+            let key = entry_key(*pid, name);
+            let forced = self.force.contains(&key);
+            let Some(parent) = tx.ino_of(pid.host, pid.counter)? else {
+                match entry {
+                    Some(e) => unplaced.push((key, *pid, name.clone(), e.clone())),
+                    None => tx.remove_recheck(&key)?,
+                }
+                continue;
+            };
+            if !forced && self.dirty.name(tx, parent, name, &key)? {
+                debug!(
+                    "pull: {pid}/{} waits: changed here",
+                    String::from_utf8_lossy(name)
+                );
+                tx.add_recheck(&key)?;
+                continue;
+            }
+            let rv = tx.remote_version(&key)?;
+            let known = match entry {
+                Some(e) => rv.is_some_and(|v| v >= e.version),
+                None => rv.is_none(),
+            };
+            if known && !forced {
+                tx.remove_recheck(&key)?;
+                continue;
+            }
+            let current = tx.lookup(parent, name)?;
+            let target = match entry {
+                Some(e) => tx.ino_of(e.child.host, e.child.counter)?,
+                None => None,
+            };
+            // Whether the name already names what the backend says.
+            let linked = matches!((&current, target), (Some(c), Some(t)) if c.ino == t);
+            if let Some(cur) = current.as_ref().filter(|_| !linked) {
+                let changed_here =
+                    self.dirty
+                        .inode(tx, self.vfs, cur.ino, super::object_id(cur))?
+                        || self.dirty.holding.contains(&cur.ino);
+                if !forced && changed_here {
+                    debug!(
+                        "pull: {pid}/{} waits: what it names here is changed here",
+                        String::from_utf8_lossy(name)
+                    );
+                    tx.add_recheck(&key)?;
+                    continue;
+                }
+                debug!(
+                    "pull: {pid}/{} no longer names inode {}",
+                    String::from_utf8_lossy(name),
+                    cur.ino
+                );
+                tx.drop_entry(parent, name, cur.ino)?;
+                self.relink.insert(cur.ino);
+                self.relink.insert(parent);
+                self.fx.removed.push((parent, name.clone(), cur.ino));
+                self.fx.inodes.insert(parent);
+            }
+            match entry {
+                Some(e) if !linked => adds.push((key, parent, name.clone(), e.clone())),
+                _ => {
+                    tx.set_remote_version(&key, entry.as_ref().map(|e| e.version))?;
+                    self.settled(&key)?;
+                }
+            }
+        }
+        // Bounded: each pass places at least one name or stops.
+        loop {
+            for add in std::mem::take(&mut adds) {
+                self.add(add)?;
+            }
+            let before = unplaced.len();
+            let mut waiting = Vec::new();
+            for (key, pid, name, e) in unplaced {
+                match tx.ino_of(pid.host, pid.counter)? {
+                    Some(parent) => adds.push((key, parent, name, e)),
+                    None => waiting.push((key, pid, name, e)),
+                }
+            }
+            unplaced = waiting;
+            if adds.is_empty() || unplaced.len() == before {
+                break;
+            }
+        }
+        // Directories this host still does not have: their own names bring
+        // them, and their entries are fetched again then.
+        for (key, ..) in &unplaced {
+            tx.add_recheck(key)?;
+        }
+        Ok(())
+    }
+
+    /// Adds one name the backend has, importing what it names if this host
+    /// does not have it.
+    fn add(&mut self, (key, parent, name, e): Add) -> rusqlite::Result<()> {
+        let tx = self.tx;
+        let known = tx.ino_of(e.child.host, e.child.counter)?;
+        let forgotten = match known {
+            Some(ino) => {
+                tx.remote_version(&inode_key(e.child))?.is_none() && tx.names_of(ino)?.is_empty()
+            }
+            None => false,
+        };
+        let child = match known.filter(|_| !forgotten) {
+            Some(ino) => {
+                let inode = tx.inode(ino)?;
+                if let Some(inode) = inode.filter(|i| i.kind() == Kind::Dir) {
+                    // One name per directory: if it still has another, the
+                    // change that frees it has not arrived (or waits here).
+                    if !tx.names_of(inode.ino)?.is_empty() {
+                        debug!(
+                            "pull: {} waits: directory {} still has a name",
+                            show(&key),
+                            inode.ino
+                        );
+                        return tx.add_recheck(&key);
+                    }
+                }
+                ino
+            }
+            // New here, or forgotten (kept only while the kernel held it,
+            // its entries dropped): imported as the backend has it.
+            None => match self.remote.inodes.get(&e.child) {
+                Some(Some(st)) => {
+                    let ino = import(tx, self.vfs, st, known, &mut self.fx)?;
+                    if Kind::from_mode(st.mode) == Some(Kind::Dir) {
+                        // A directory new here: whatever of its entries
+                        // this answer lacks (it came back, or moved in with
+                        // them) is fetched whole next round.
+                        tx.add_recheck(&listing_key(st.id))?;
+                    }
+                    ino
+                }
+                // Gone meanwhile, or not fetched: try again next round.
+                _ => {
+                    debug!("pull: {} waits: its inode is not here", show(&key));
+                    return tx.add_recheck(&key);
+                }
+            },
+        };
+        if tx.lookup(parent, &name)?.is_some() {
+            // Still taken: what holds it waits on a change of this host.
+            debug!("pull: {} waits: the name is taken here", show(&key));
+            return tx.add_recheck(&key);
+        }
+        debug!(
+            "pull: {} names inode {child}{}",
+            show(&key),
+            if forgotten { " (brought back)" } else { "" }
+        );
+        tx.import_entry(parent, &name, child)?;
+        self.gone.remove(&child);
+        self.relink.insert(child);
+        self.relink.insert(parent);
+        self.fx.added.push((parent, name));
+        self.fx.inodes.insert(parent);
+        tx.set_remote_version(&key, Some(e.version))?;
+        self.settled(&key)
+    }
+
+    /// Link counts, then the inodes left without a name here: the backend
+    /// has all of them.
+    fn orphans(&mut self) -> rusqlite::Result<()> {
+        let tx = self.tx;
+        for &ino in &self.relink {
+            tx.recount(ino)?;
+        }
+        let candidates: Vec<u64> = self.relink.iter().chain(&self.gone).copied().collect();
+        for ino in candidates {
+            let Some(inode) = tx.inode(ino)? else {
+                continue;
+            };
+            if ino == ROOT_INO || !tx.names_of(ino)?.is_empty() {
+                continue;
+            }
+            forget(tx, &self.dirty, &inode, &mut self.fx)?;
+        }
+        Ok(())
+    }
+}
+
+/// Drops the local copy of an inode the backend has all of (or deleted):
+/// its backend version is cleared, so nothing ships for it, and it is
+/// deleted once the kernel lets go (see [`Effects::orphans`]). A
+/// directory's entries go with it, except what only this host has (a name
+/// or an object never shipped, or one with changes pending): that moves to
+/// `/lost+found`.
+fn forget(tx: &Tx<'_>, dirty: &Dirty, inode: &Inode, fx: &mut Effects) -> rusqlite::Result<()> {
+    debug!(
+        "pull: forgetting inode {} ({})",
+        inode.ino,
+        inode.global_id()
+    );
+    if inode.kind() == Kind::Dir {
+        let did = super::object_id(inode);
+        // Bounded: each pass removes an entry.
+        while let Some(e) = tx.entries(inode.ino, 0, 1)?.into_iter().next() {
+            let child = &e.inode;
+            if super::resolve::must_rescue(tx, dirty, child, &entry_key(did, &e.name))? {
+                let to = super::resolve::rescue(tx, inode.ino, &e.name, child)?;
+                fx.rescued.push(to);
+                continue;
+            }
+            tx.drop_entry(inode.ino, &e.name, child.ino)?;
+            // Forgotten with its directory: if the backend still has the
+            // name, a listing brings it back.
+            tx.set_remote_version(&entry_key(did, &e.name), None)?;
+            fx.removed.push((inode.ino, e.name.clone(), child.ino));
+            tx.recount(child.ino)?;
+            if tx.names_of(child.ino)?.is_empty() {
+                forget(tx, dirty, child, fx)?;
+            }
+        }
+    }
+    tx.set_remote_version(&inode_key(super::object_id(inode)), None)?;
+    fx.orphans.insert(inode.ino);
+    Ok(())
+}
+
+/// Writes the backend's state of an inode into the store (a new local
+/// inode if `local` is `None`); returns its local number. A regular file
+/// whose chunks changed becomes uncached: its bytes are fetched on open.
+fn import(
+    tx: &Tx<'_>,
+    vfs: &Vfs,
+    st: &InodeState,
+    local: Option<u64>,
+    fx: &mut Effects,
+) -> rusqlite::Result<u64> {
+    let kind = Kind::from_mode(st.mode);
+    let chunks: super::ChunkList = st.chunks.iter().map(|(h, len)| (h.0, *len)).collect();
+    let old = match local {
+        Some(ino) => tx.inode(ino)?,
+        None => None,
+    };
+    let same_bytes = match &old {
+        Some(o) if kind == Some(Kind::File) => o.cached && tx.chunks(o.ino)? == chunks,
+        _ => false,
+    };
+    let inode = Inode {
+        ino: 0,
+        host: st.id.host,
+        counter: st.id.counter,
+        mode: st.mode,
+        uid: st.uid,
+        gid: st.gid,
+        nlink: 0,
+        size: st.size,
+        atime: st.atime_ns,
+        mtime: st.mtime_ns,
+        ctime: st.ctime_ns,
+        crtime: st.ctime_ns,
+        rdev: st.rdev,
+        version: 1,
+        cached: kind != Some(Kind::File) || same_bytes,
+    };
+    let ino = tx.import_inode(&inode, st.target.as_deref())?;
+    tx.import_xattrs(ino, &st.xattrs)?;
+    if kind == Some(Kind::File) {
+        tx.set_chunks(ino, &chunks)?;
+        if same_bytes {
+            // The data file holds the bytes and stands for the mtime.
+            set_data_mtime(vfs, ino, st.mtime_ns);
+        } else {
+            fx.fetchable.insert(ino);
+            if vfs.is_open(ino) {
+                fx.refresh.insert(ino);
+            }
+        }
+    }
+    tx.set_remote_version(&inode_key(st.id), Some(st.version))?;
+    fx.inodes.insert(ino);
+    Ok(ino)
+}
+
+fn set_data_mtime(vfs: &Vfs, ino: u64, mtime: i64) {
+    let path = vfs.store().data_path(ino);
+    if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+        let t = if mtime >= 0 {
+            std::time::UNIX_EPOCH + Duration::from_nanos(mtime as u64)
+        } else {
+            std::time::UNIX_EPOCH - Duration::from_nanos(mtime.unsigned_abs())
+        };
+        if let Err(e) = f.set_modified(t) {
+            debug!("mtime of {}: {e}", path.display());
+        }
+    }
+}
+
+/// Tells the kernel, and the data files, what a committed pull changed.
+pub(super) fn settle(
+    vfs: &Vfs,
+    notifier: Option<&fuser::Notifier>,
+    fetcher: &Fetcher,
+    fx: &Effects,
+) {
+    if let Some(n) = notifier {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        for (parent, name, child) in &fx.removed {
+            let name = OsStr::from_bytes(name);
+            // `delete` also tells inotify watchers; it fails if the kernel
+            // holds another inode under the name, then a plain
+            // invalidation does.
+            if n.delete(fuser::INodeNo(*parent), fuser::INodeNo(*child), name)
+                .is_err()
+            {
+                let _ = n.inval_entry(fuser::INodeNo(*parent), name);
+            }
+        }
+        for (parent, name) in &fx.added {
+            let _ = n.inval_entry(fuser::INodeNo(*parent), OsStr::from_bytes(name));
+        }
+    }
+    for &ino in &fx.refresh {
+        if let Err(e) = fetcher.refresh(vfs, ino) {
+            warn!("down-sync: fetching the new contents of open inode {ino}: {e}");
+        }
+    }
+    if let Some(n) = notifier {
+        for &ino in &fx.inodes {
+            // Attributes, and every cached page: offset 0, length 0 (to
+            // the end).
+            let _ = n.inval_inode(fuser::INodeNo(ino), 0, 0);
+        }
+    }
+    for &ino in &fx.orphans {
+        vfs.delete_if_forgotten(ino);
+    }
+}
+
+/// The down-sync thread.
+pub(super) struct Applier {
+    pub vfs: Arc<Vfs>,
+    pub link: Arc<Link>,
+    pub shared: Arc<Shared>,
+    pub notifier: Arc<OnceLock<fuser::Notifier>>,
+    pub fetcher: Arc<Fetcher>,
+}
+
+impl Applier {
+    pub fn run(self) {
+        let mut backoff = Backoff::new();
+        let mut cursor = match self.vfs.store().read(|r| r.meta_int("feed_seq")) {
+            Ok(seq) => seq.unwrap_or(0) as u64,
+            Err(e) => {
+                warn!("down-sync: reading the feed position: {e}; down-sync is off");
+                return;
+            }
+        };
+        let mut more = true;
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            // Down-sync starts once the shipper has checked that the
+            // backend is this store's volume (and relearned a batch in
+            // flight): before that, nothing may be taken from it.
+            if !self.shared.verified() {
+                self.shared.pause(Duration::from_millis(50));
+                continue;
+            }
+            let round = self.link.get().map_err(RoundError::from).and_then(|b| {
+                if !more {
+                    // Woken by the backend's signal, or after POLL anyway:
+                    // the rechecks get their turn either way.
+                    b.wait_feed(cursor, POLL)?;
+                }
+                self.round(&*b, &mut cursor)
+            });
+            match round {
+                Ok(m) => {
+                    more = m;
+                    backoff.reset();
+                }
+                Err(e) => {
+                    warn!("down-sync: {e}; retrying");
+                    if let RoundError::Backend(b) = &e {
+                        if !b.is_transient() {
+                            self.link.reset();
+                        }
+                    }
+                    more = true;
+                    self.shared.pause(backoff.step());
+                }
+            }
+        }
+    }
+
+    /// One round: fetch, apply, settle. Returns whether to go again at
+    /// once.
+    fn round(&self, backend: &dyn Backend, cursor: &mut u64) -> Result<bool, RoundError> {
+        let store = self.vfs.store();
+        // Shipping and pulling take turns: a key's backend version is
+        // recorded by one of them at a time (see `Shared::exchange`).
+        let _turn = self.shared.exchange();
+        let changes = backend.changes(*cursor, ROUND)?;
+        let rechecks = store.read(|r| r.rechecks(RECHECKS))?;
+        if changes.seq == *cursor
+            && changes.inodes.is_empty()
+            && changes.entries.is_empty()
+            && rechecks.is_empty()
+        {
+            return Ok(false);
+        }
+        let mut remote = RemoteState::default();
+        for (id, st) in changes.inodes {
+            remote.inodes.insert(id, st);
+        }
+        for (parent, name, e) in changes.entries {
+            remote.entries.insert((parent, name), e);
+        }
+        remote.fetch_keys(backend, &rechecks)?;
+        remote.fetch_children(backend, |id| known_here(store, id))?;
+        remote.expand(backend, |id| known_here(store, id))?;
+        let seq = changes.seq.max(*cursor);
+        let fx = store.write(|tx| -> rusqlite::Result<Effects> {
+            // A listing is done once fetched: its entries are keys of
+            // their own from here on.
+            for key in &rechecks {
+                if matches!(decode_key(key), Some(Key::Listing(_))) {
+                    tx.remove_recheck(key)?;
+                }
+            }
+            let fx = pull(tx, &self.vfs, &remote, &HashSet::new())?;
+            tx.set_meta_int("feed_seq", seq as i64)?;
+            Ok(fx)
+        })?;
+        drop(_turn);
+        *cursor = seq;
+        if fx.applied > 0 {
+            info!(
+                "down-sync: applied {} remote change(s), feed at {seq}",
+                fx.applied
+            );
+        }
+        self.shared.update(|s| s.applied += fx.applied);
+        settle(&self.vfs, self.notifier.get(), &self.fetcher, &fx);
+        self.fetcher.prefetch(&self.vfs, &fx.fetchable);
+        // Again at once while the feed has more, or while rechecks are
+        // making progress (one may unblock another).
+        Ok(changes.more || (fx.applied > 0 && !rechecks.is_empty()))
+    }
+}
+
+/// Why a down-sync round failed (it is tried again).
+#[derive(Debug)]
+enum RoundError {
+    Backend(BackendError),
+    Store(rusqlite::Error),
+}
+
+impl std::fmt::Display for RoundError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoundError::Backend(e) => e.fmt(f),
+            RoundError::Store(e) => write!(f, "local store: {e}"),
+        }
+    }
+}
+
+impl From<BackendError> for RoundError {
+    fn from(e: BackendError) -> Self {
+        RoundError::Backend(e)
+    }
+}
+
+impl From<rusqlite::Error> for RoundError {
+    fn from(e: rusqlite::Error) -> Self {
+        RoundError::Store(e)
+    }
+}
