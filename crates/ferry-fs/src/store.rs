@@ -1350,6 +1350,11 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// This store's host id.
+    pub fn host(&self) -> u32 {
+        self.host
+    }
+
     /// From now on, the records this transaction logs are (`true`) or are
     /// not changes pulled from the backend (see [`VERSION_3`]); returns
     /// what they were, for the caller to restore.

@@ -585,7 +585,11 @@ fn convergence(
     if let Some(l) = lister {
         names = l.join().expect("lister");
     }
-    eprintln!("  B's down-sync: {}", downsync_summary(&b.daemon_log()));
+    let log = b.daemon_log();
+    eprintln!("  B's down-sync: {}", downsync_summary(&log));
+    for warning in log.lines().filter(|l| l.contains("WARN")).take(10) {
+        eprintln!("  B: {warning}");
+    }
     let synced = sync.finish(budget.as_secs()).map(|t| t - start);
     Convergence {
         write,
@@ -992,7 +996,7 @@ fn fill(url: &str, from: u64, to: u64) -> Duration {
             .count();
         assert_eq!(refused, 0, "the fill's commit refused {refused} ops");
         f = end;
-        if f % 100_000 == 0 {
+        if f.is_multiple_of(100_000) {
             eprintln!(
                 "  filled {f} files in {:.0} s",
                 start.elapsed().as_secs_f64()

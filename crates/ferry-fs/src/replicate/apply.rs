@@ -335,9 +335,9 @@ impl Pull<'_, '_> {
             let key = inode_key(id);
             let forced = self.force.contains(&key);
             let Some(ino) = tx.ino_of(id.host, id.counter)? else {
-                // Not here (imported only with a name, below): no version
-                // of it is either.
-                tx.set_remote_version(&key, None)?;
+                // Not here: imported only with a name (below). Its backend
+                // version stays: if this host deleted it, the shipper
+                // needs it as the base of that deletion.
                 tx.remove_recheck(&key)?;
                 if forced {
                     tx.clear_conflict(&key)?;
@@ -350,7 +350,12 @@ impl Pull<'_, '_> {
             }
             let rv = tx.remote_version(&key)?;
             match state {
-                Some(st) if rv.is_some_and(|v| v >= st.version) && !forced => {
+                // Already here, or this host's own write: the store has it
+                // (or something newer) already.
+                Some(st)
+                    if !forced
+                        && (rv.is_some_and(|v| v >= st.version) || st.origin == tx.host()) =>
+                {
                     tx.remove_recheck(&key)?;
                 }
                 Some(st) => {
@@ -396,7 +401,7 @@ impl Pull<'_, '_> {
             }
             let rv = tx.remote_version(&key)?;
             let known = match entry {
-                Some(e) => rv.is_some_and(|v| v >= e.version),
+                Some(e) => rv.is_some_and(|v| v >= e.version) || e.origin == tx.host(),
                 None => rv.is_none(),
             };
             if known && !forced {
@@ -522,9 +527,12 @@ impl Pull<'_, '_> {
             return tx.add_recheck(&key);
         }
         debug!(
-            "pull: {} names inode {child}{}",
+            "pull: {} names inode {child} ({}, version {}, origin {}){}",
             show(&key),
-            if forgotten { " (brought back)" } else { "" }
+            e.child,
+            e.version,
+            e.origin,
+            if forgotten { ", brought back" } else { "" }
         );
         tx.import_entry(parent, &name, child)?;
         self.gone.remove(&child);

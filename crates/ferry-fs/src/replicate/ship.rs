@@ -512,6 +512,14 @@ impl Shipper {
             settled.push((p, verdict));
         }
         self.retry(&mut settled)?;
+        if settled
+            .iter()
+            .any(|(_, v)| matches!(v, Verdict::Conflict(_)))
+        {
+            for (p, v) in &settled {
+                tracing::debug!("batch to {last}: {:?} -> {}", p.op, v.name());
+            }
+        }
         // What the backend has from this host, for the check that a store
         // never goes back in time (the store's log already reaches `last`).
         // Before the local record, so a batch is recorded as shipped only
@@ -968,6 +976,19 @@ enum Verdict {
     Gone,
     /// A real conflict, kept with this detail.
     Conflict(String),
+}
+
+impl Verdict {
+    /// For the debug log.
+    fn name(&self) -> &'static str {
+        match self {
+            Verdict::Applied(_) => "applied",
+            Verdict::Rebase(_) | Verdict::RebaseEntry(_) => "rebase",
+            Verdict::Refused => "refused",
+            Verdict::Gone => "gone",
+            Verdict::Conflict(_) => "conflict",
+        }
+    }
 }
 
 fn record(tx: &Tx<'_>, p: &Planned, verdict: &Verdict) -> rusqlite::Result<()> {

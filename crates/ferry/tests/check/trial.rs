@@ -532,6 +532,7 @@ fn one_host(t: &Trial, rng: &mut Rng, report: &mut Report) {
         }
     }
 
+    keep_logs(std::slice::from_ref(&m), report);
     // The store and the backend.
     m.unmount();
     let store = m.store().to_str().expect("utf-8 temp path");
