@@ -131,7 +131,7 @@ fn pass(vfs: &Vfs, limit: u64, metrics: Option<&CacheMetrics>) -> Result<(), Str
     let candidates = vfs
         .store()
         .read(|r| {
-            let shipped = r.meta_int("shipped_seq")?.unwrap_or(0) as u64;
+            let shipped = crate::log::Outbox::cursor(r)?;
             r.clean_cached_files(shipped)
         })
         .map_err(|e| e.to_string())?;

@@ -241,6 +241,7 @@ fn offline_mount_writes_locally_and_converges_when_the_backend_returns() {
     a.remount();
     fs::write(a.join("offline"), Rng::new(9).bytes(50_000)).unwrap();
     fs::create_dir(a.join("made-offline")).unwrap();
+    fs::write(a.join("made-offline/deep"), Rng::new(10).bytes(50_000)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while status(&a)["last_error"].is_null() {
         assert!(Instant::now() < deadline, "no error reported while offline");
@@ -252,13 +253,14 @@ fn offline_mount_writes_locally_and_converges_when_the_backend_returns() {
     sync(&a);
     assert_restores_identically(&url, &a);
 
-    // A host that never fetched a file cannot read it while offline: a
-    // prompt EIO, not a hang; what it has cached still reads.
-    let b = Mount::with_backend(&url);
+    // A host that never fetched a file (no prefetch, and nothing read in
+    // its directory, which read-ahead would fetch) cannot read it while
+    // offline: a prompt EIO, not a hang; what it has cached still reads.
+    let b = Mount::with_args(&["--backend", &url, "--prefetch", "none"]);
     assert_eq!(fs::read(b.join("before")).unwrap(), b"1");
     fs::rename(&vol, &hidden).unwrap();
     let start = Instant::now();
-    let err = fs::read(b.join("offline")).unwrap_err();
+    let err = fs::read(b.join("made-offline/deep")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert!(
         start.elapsed() < Duration::from_secs(15),
