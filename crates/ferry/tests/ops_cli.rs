@@ -1192,10 +1192,10 @@ fn spawn_server_socket_is_cleaned_up() {
         )
     };
     let mut first = server();
-    assert!(
-        poll_until(Duration::from_secs(10), || sock.exists()),
-        "no socket"
-    );
+    // Listening, not just bound: a second server tells a live one from a
+    // stale socket by connecting.
+    let listening = || ferry_spawn::server::Server::connect(&sock).is_ok();
+    assert!(poll_until(Duration::from_secs(10), listening), "no socket");
     let second = run(&["spawn-server", "--socket", s(&sock)]).code(1, "second server");
     assert!(
         second.stderr.contains("already listens"),
@@ -1207,7 +1207,7 @@ fn spawn_server_socket_is_cleaned_up() {
     assert!(!sock.exists(), "SIGTERM left the socket behind");
 
     let mut crashed = server();
-    assert!(poll_until(Duration::from_secs(10), || sock.exists()));
+    assert!(poll_until(Duration::from_secs(10), listening));
     crashed.0.kill().unwrap();
     assert!(wait_bounded(&mut crashed.0, Duration::from_secs(10)).is_some());
     assert!(sock.exists(), "SIGKILL cannot clean up");
