@@ -23,18 +23,17 @@
 mod support;
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_backend::testing::PgServer;
 use support::cli::{ferry_within, init};
 use support::crates::{count_files, unpack};
+use support::peers::{free_port, PeerMount, Sshd};
 use support::wan::{url_addr, url_via, Wan};
 use support::{
-    describe, ferry_bin, is_mounted, poll_until, run_bounded, wait_bounded, Mount, Target, TempDir,
-    DEFAULT_OPTIONS,
+    describe, ferry_bin, poll_until, run_bounded, Mount, Target, TempDir, DEFAULT_OPTIONS,
 };
 
 /// The reference row: the same copy with no network involved.
@@ -53,24 +52,6 @@ struct Row {
     files_done: usize,
 }
 
-/// A process killed (and reaped) on drop.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A free loopback port (bound, then released for the server to take).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 /// Runs `cmd` bounded by `budget`; whether it succeeded in time.
 fn run_within(cmd: &mut Command, budget: Duration) -> bool {
     match run_bounded(cmd, budget) {
@@ -87,105 +68,6 @@ fn run_within(cmd: &mut Command, budget: Duration) -> bool {
 fn copy(src: &Path, dest: &Path, budget: Duration) -> Option<Duration> {
     let start = Instant::now();
     run_within(Command::new("cp").arg("-a").arg(src).arg(dest), budget).then(|| start.elapsed())
-}
-
-/// A FUSE mount by a peer (sshfs, rclone), unmounted and killed on drop.
-struct PeerMount {
-    mnt: PathBuf,
-    daemon: Daemon,
-}
-
-impl PeerMount {
-    fn start(mut cmd: Command, mnt: &Path, log: &Path) -> PeerMount {
-        let log = fs::File::create(log).expect("peer log");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        let m = PeerMount {
-            mnt: mnt.to_path_buf(),
-            daemon: Daemon(child),
-        };
-        assert!(
-            poll_until(Duration::from_secs(30), || is_mounted(mnt)),
-            "{cmd:?} did not mount {}",
-            mnt.display()
-        );
-        m
-    }
-}
-
-impl Drop for PeerMount {
-    fn drop(&mut self) {
-        let _ = run_bounded(
-            Command::new("umount").arg("-l").arg(&self.mnt),
-            Duration::from_secs(10),
-        );
-        let _ = wait_bounded(&mut self.daemon.0, Duration::from_secs(10));
-    }
-}
-
-/// An sshd on the host's loopback with a throwaway host key and a client
-/// key allowed to log in as root into the file system.
-struct Sshd {
-    dir: TempDir,
-    port: u16,
-    _daemon: Daemon,
-}
-
-impl Sshd {
-    fn start() -> Sshd {
-        let dir = TempDir::new("ferry-wan-sshd");
-        let d = dir.path();
-        for key in ["host", "client"] {
-            assert!(run_within(
-                Command::new("ssh-keygen")
-                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                    .arg(d.join(key)),
-                Duration::from_secs(30)
-            ));
-        }
-        fs::copy(d.join("client.pub"), d.join("authorized_keys")).unwrap();
-        let port = free_port();
-        fs::write(
-            d.join("sshd_config"),
-            format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {dir}/host\n\
-                 AuthorizedKeysFile {dir}/authorized_keys\nPermitRootLogin prohibit-password\n\
-                 PasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile none\n\
-                 Subsystem sftp internal-sftp\n",
-                dir = d.display()
-            ),
-        )
-        .unwrap();
-        // Privilege separation needs it; Debian makes it only for the service.
-        fs::create_dir_all("/run/sshd").unwrap();
-        let child = Command::new("/usr/sbin/sshd")
-            .arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(d.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(d.join("sshd.log")).unwrap())
-            .spawn()
-            .expect("sshd");
-        let up = poll_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        assert!(up, "sshd did not start: see {}/sshd.log", d.display());
-        Sshd {
-            dir,
-            port,
-            _daemon: Daemon(child),
-        }
-    }
-
-    fn client_key(&self) -> PathBuf {
-        self.dir.path().join("client")
-    }
 }
 
 /// ferry with its backend through `wan`: (a) cp, (b) `ferry sync`.
@@ -216,7 +98,7 @@ fn ferry_wan(pg: &PgServer, wan: &mut Wan, tree: &Path, budget: Duration) -> Row
 
 /// sshfs to `sshd` through `wan`; sshfs writes through, so (b) = (a).
 fn sshfs(sshd: &Sshd, wan: &mut Wan, tree: &Path, budget: Duration) -> Row {
-    let via = wan.expose(SocketAddr::from(([127, 0, 0, 1], sshd.port)));
+    let via = wan.expose(sshd.addr());
     let scratch = TempDir::new("ferry-wan-sshfs");
     let (remote, mnt) = (scratch.path().join("remote"), scratch.path().join("mnt"));
     fs::create_dir(&remote).unwrap();
@@ -245,7 +127,7 @@ fn sshfs(sshd: &Sshd, wan: &mut Wan, tree: &Path, budget: Duration) -> Row {
 /// `rclone mount --vfs-cache-mode writes` on an sftp remote to `sshd`
 /// through `wan`: (a) cp, (b) its upload queue is empty.
 fn rclone(sshd: &Sshd, wan: &mut Wan, tree: &Path, budget: Duration) -> Row {
-    let via = wan.expose(SocketAddr::from(([127, 0, 0, 1], sshd.port)));
+    let via = wan.expose(sshd.addr());
     let scratch = TempDir::new("ferry-wan-rclone");
     let (remote, mnt, cache) = (
         scratch.path().join("remote"),

@@ -42,7 +42,7 @@ use ferry_backend::{Backend, BackendError, Entry, InodeState, ObjectId};
 use tracing::{debug, info, warn};
 
 use super::fetch::Fetcher;
-use super::{decode_key, entry_key, inode_key, listing_key, Backoff, Key, Link, Shared};
+use super::{decode_key, entry_key, inode_key, listing_key, Backoff, Key, Link, ReplError, Shared};
 use crate::log::{Outbox, Touched};
 use crate::store::{Inode, Kind, Queries, Tx, ROOT_INO};
 use crate::vfs::Vfs;
@@ -662,12 +662,7 @@ fn import(
 fn set_data_mtime(vfs: &Vfs, ino: u64, mtime: i64) {
     let path = vfs.store().data_path(ino);
     if let Ok(f) = std::fs::File::options().write(true).open(&path) {
-        let t = if mtime >= 0 {
-            std::time::UNIX_EPOCH + Duration::from_nanos(mtime as u64)
-        } else {
-            std::time::UNIX_EPOCH - Duration::from_nanos(mtime.unsigned_abs())
-        };
-        if let Err(e) = f.set_modified(t) {
+        if let Err(e) = f.set_modified(crate::vfs::to_system_time(mtime)) {
             debug!("mtime of {}: {e}", path.display());
         }
     }
@@ -743,7 +738,7 @@ impl Applier {
                 self.shared.pause(Duration::from_millis(50));
                 continue;
             }
-            let round = self.link.get().map_err(RoundError::from).and_then(|b| {
+            let round = self.link.get().map_err(ReplError::from).and_then(|b| {
                 if !more {
                     // Woken by the backend's signal, or after POLL anyway:
                     // the rechecks get their turn either way.
@@ -758,7 +753,7 @@ impl Applier {
                 }
                 Err(e) => {
                     warn!("down-sync: {e}; retrying");
-                    if let RoundError::Backend(b) = &e {
+                    if let ReplError::Backend(b) = &e {
                         if !b.is_transient() {
                             self.link.reset();
                         }
@@ -772,7 +767,7 @@ impl Applier {
 
     /// One round: fetch, apply, settle. Returns whether to go again at
     /// once.
-    fn round(&self, backend: &dyn Backend, cursor: &mut u64) -> Result<bool, RoundError> {
+    fn round(&self, backend: &dyn Backend, cursor: &mut u64) -> Result<bool, ReplError> {
         let store = self.vfs.store();
         // Shipping and pulling take turns: a key's backend version is
         // recorded by one of them at a time (see `Shared::exchange`).
@@ -823,33 +818,5 @@ impl Applier {
         // Again at once while the feed has more, or while rechecks are
         // making progress (one may unblock another).
         Ok(changes.more || (fx.applied > 0 && !rechecks.is_empty()))
-    }
-}
-
-/// Why a down-sync round failed (it is tried again).
-#[derive(Debug)]
-enum RoundError {
-    Backend(BackendError),
-    Store(rusqlite::Error),
-}
-
-impl std::fmt::Display for RoundError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RoundError::Backend(e) => e.fmt(f),
-            RoundError::Store(e) => write!(f, "local store: {e}"),
-        }
-    }
-}
-
-impl From<BackendError> for RoundError {
-    fn from(e: BackendError) -> Self {
-        RoundError::Backend(e)
-    }
-}
-
-impl From<rusqlite::Error> for RoundError {
-    fn from(e: rusqlite::Error) -> Self {
-        RoundError::Store(e)
     }
 }

@@ -423,6 +423,48 @@ impl Link {
     }
 }
 
+/// Why a replication step (a batch, a down-sync round, a resolution) did
+/// not complete; it is tried again.
+#[derive(Debug)]
+pub(super) enum ReplError {
+    Backend(BackendError),
+    Binding(crate::binding::BindingError),
+    Store(rusqlite::Error),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for ReplError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplError::Backend(e) => e.fmt(f),
+            ReplError::Binding(e) => e.fmt(f),
+            ReplError::Store(e) => write!(f, "local store: {e}"),
+            ReplError::Io(e) => write!(f, "reading a data file: {e}"),
+        }
+    }
+}
+
+impl From<BackendError> for ReplError {
+    fn from(e: BackendError) -> Self {
+        ReplError::Backend(e)
+    }
+}
+impl From<crate::binding::BindingError> for ReplError {
+    fn from(e: crate::binding::BindingError) -> Self {
+        ReplError::Binding(e)
+    }
+}
+impl From<rusqlite::Error> for ReplError {
+    fn from(e: rusqlite::Error) -> Self {
+        ReplError::Store(e)
+    }
+}
+impl From<std::io::Error> for ReplError {
+    fn from(e: std::io::Error) -> Self {
+        ReplError::Io(e)
+    }
+}
+
 /// Capped exponential backoff: 100 ms doubling to 10 s, reset on success.
 struct Backoff {
     next: Duration,

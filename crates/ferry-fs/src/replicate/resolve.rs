@@ -33,11 +33,11 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ferry_backend::{Backend, BackendError, ChunkHash, ObjectId};
+use ferry_backend::{Backend, ChunkHash, ObjectId};
 use tracing::warn;
 
 use super::apply::{pull, Dirty, Effects, RemoteState};
-use super::{decode_key, entry_key, inode_key, object_id, Key};
+use super::{decode_key, entry_key, inode_key, object_id, Key, ReplError};
 use crate::store::{Inode, Kind, NewInode, Queries, Tx, ROOT_INO};
 use crate::vfs::Vfs;
 
@@ -57,7 +57,7 @@ pub(super) fn resolve(
     backend: &dyn Backend,
     keys: &[Vec<u8>],
     ours: &HashMap<Vec<u8>, Vec<(ChunkHash, u32)>>,
-) -> Result<Effects, ResolveError> {
+) -> Result<Effects, ReplError> {
     let store = vfs.store();
     // The backend's side: the keys, the names of conflicting inodes here
     // (so the winner can take them), and the directories of conflicting
@@ -527,34 +527,6 @@ fn timestamp(t: SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// Why conflicts could not be resolved this time (they are tried again).
-#[derive(Debug)]
-pub(super) enum ResolveError {
-    Backend(BackendError),
-    Store(rusqlite::Error),
-}
-
-impl std::fmt::Display for ResolveError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ResolveError::Backend(e) => e.fmt(f),
-            ResolveError::Store(e) => write!(f, "local store: {e}"),
-        }
-    }
-}
-
-impl From<BackendError> for ResolveError {
-    fn from(e: BackendError) -> Self {
-        ResolveError::Backend(e)
-    }
-}
-
-impl From<rusqlite::Error> for ResolveError {
-    fn from(e: rusqlite::Error) -> Self {
-        ResolveError::Store(e)
-    }
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use tracing::{info, warn};
 use super::fetch::Fetcher;
 use super::{apply, resolve};
 use super::{
-    decode_key, entry_key, inode_key, object_id, unix_secs, Backoff, ChunkList, Key, Link, Shared,
-    HOLE, HOLE_PIECE,
+    decode_key, entry_key, inode_key, object_id, unix_secs, Backoff, ChunkList, Key, Link,
+    ReplError, Shared, HOLE, HOLE_PIECE,
 };
 use crate::log::{Change, LogRecord, Outbox, Touched};
 use crate::store::{nanos_of, Inode, Kind, Queries, Reader, Store, Tx, ROOT_INO};
@@ -38,46 +38,6 @@ const SETTLE: Duration = Duration::from_millis(50);
 /// file written and closed soon ships once, whole; one held open longer
 /// ships as it is and again after it closes.
 const WRITER_GRACE: Duration = Duration::from_secs(2);
-/// Why a batch did not ship.
-#[derive(Debug)]
-enum ShipError {
-    Backend(BackendError),
-    Binding(crate::binding::BindingError),
-    Store(rusqlite::Error),
-    Io(std::io::Error),
-}
-
-impl std::fmt::Display for ShipError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ShipError::Backend(e) => e.fmt(f),
-            ShipError::Binding(e) => e.fmt(f),
-            ShipError::Store(e) => write!(f, "local store: {e}"),
-            ShipError::Io(e) => write!(f, "reading a data file: {e}"),
-        }
-    }
-}
-
-impl From<BackendError> for ShipError {
-    fn from(e: BackendError) -> Self {
-        ShipError::Backend(e)
-    }
-}
-impl From<crate::binding::BindingError> for ShipError {
-    fn from(e: crate::binding::BindingError) -> Self {
-        ShipError::Binding(e)
-    }
-}
-impl From<rusqlite::Error> for ShipError {
-    fn from(e: rusqlite::Error) -> Self {
-        ShipError::Store(e)
-    }
-}
-impl From<std::io::Error> for ShipError {
-    fn from(e: std::io::Error) -> Self {
-        ShipError::Io(e)
-    }
-}
 
 /// Chunks read while planning a batch, uploaded a group at a time.
 #[derive(Default)]
@@ -146,10 +106,10 @@ struct NameSnap {
 impl Snapshot {
     /// Reads the log after `shipped` (at most [`BATCH`] records) and the
     /// state of everything it touched.
-    fn take(r: &Reader<'_>, shipped: u64) -> Result<Snapshot, ShipError> {
+    fn take(r: &Reader<'_>, shipped: u64) -> Result<Snapshot, ReplError> {
         let batch = Outbox::pending(r, BATCH)?;
         let mut touched = Touched::of(&batch).map_err(|seq| {
-            ShipError::Store(rusqlite::Error::InvalidColumnType(
+            ReplError::Store(rusqlite::Error::InvalidColumnType(
                 0,
                 format!("log record {seq}: undecodable"),
                 rusqlite::types::Type::Text,
@@ -310,7 +270,7 @@ impl Shipper {
             let batch = match self.store().read(|r| Outbox::pending(r, BATCH)) {
                 Ok(b) => b,
                 Err(e) => {
-                    self.failed(&ShipError::Store(e));
+                    self.failed(&ReplError::Store(e));
                     self.shared.pause(backoff.step());
                     continue;
                 }
@@ -353,7 +313,7 @@ impl Shipper {
     /// answers, is this store's volume, and holds nothing newer from this
     /// host than the store does (see [`crate::binding`]); then learns what
     /// a batch in flight when the last daemon died did at the backend.
-    fn verify(&mut self) -> Result<(), ShipError> {
+    fn verify(&mut self) -> Result<(), ReplError> {
         let backend = self.backend()?;
         crate::binding::verify(self.store(), &*backend, self.link.url())?;
         self.relearn()?;
@@ -369,7 +329,7 @@ impl Shipper {
     /// it (a name created then would otherwise never be deleted, and a
     /// directory moved since would get a second name). A key another host
     /// changed keeps its old base: that is a real conflict.
-    fn relearn(&mut self) -> Result<(), ShipError> {
+    fn relearn(&mut self) -> Result<(), ReplError> {
         let keys = self.store().read(|r| r.inflight())?;
         if keys.is_empty() {
             return Ok(());
@@ -420,9 +380,9 @@ impl Shipper {
         });
     }
 
-    fn failed(&mut self, e: &ShipError) {
+    fn failed(&mut self, e: &ReplError) {
         warn!("replication: {e}; retrying");
-        if matches!(e, ShipError::Backend(b) if !b.is_transient()) {
+        if matches!(e, ReplError::Backend(b) if !b.is_transient()) {
             // A fresh connection may see a repaired or re-initialised backend.
             self.link.reset();
         }
@@ -474,7 +434,7 @@ impl Shipper {
     }
 
     /// Ships one batch: plan, upload chunks, commit, record the outcome.
-    fn ship(&mut self) -> Result<(), ShipError> {
+    fn ship(&mut self) -> Result<(), ReplError> {
         if self.probe {
             self.backend()?.info()?;
         }
@@ -576,13 +536,11 @@ impl Shipper {
         &mut self,
         keys: &[Vec<u8>],
         ours: &HashMap<Vec<u8>, Vec<(ChunkHash, u32)>>,
-    ) -> Result<(), ShipError> {
-        let resolved = self.backend().map_err(ShipError::from).and_then(|backend| {
-            resolve::resolve(&self.vfs, &*backend, keys, ours).map_err(|e| match e {
-                resolve::ResolveError::Backend(b) => ShipError::Backend(b),
-                resolve::ResolveError::Store(s) => ShipError::Store(s),
-            })
-        });
+    ) -> Result<(), ReplError> {
+        let resolved = self
+            .backend()
+            .map_err(ReplError::from)
+            .and_then(|backend| resolve::resolve(&self.vfs, &*backend, keys, ours));
         self.shared.update(|s| s.resolving = false);
         apply::settle(&self.vfs, self.notifier.get(), &self.fetcher, &resolved?);
         Ok(())
@@ -590,7 +548,7 @@ impl Shipper {
 
     /// Tries again the conflicts that had to wait, with the backend's
     /// state now.
-    fn resolve_held(&mut self) -> Result<(), ShipError> {
+    fn resolve_held(&mut self) -> Result<(), ReplError> {
         let held = self.store().read(|r| r.conflict_keys())?;
         if held.is_empty() {
             return Ok(());
@@ -612,7 +570,7 @@ impl Shipper {
     }
 
     /// Commits `ops` (none: nothing to ask) and checks the answer's shape.
-    fn commit(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, ShipError> {
+    fn commit(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, ReplError> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
@@ -633,7 +591,7 @@ impl Shipper {
     /// put). The real conflicts go along unchanged, to be refused again, so
     /// the backend judges the dependents on them as it did the first time.
     /// Whatever is refused again is a conflict.
-    fn retry(&mut self, settled: &mut [(Planned, Verdict)]) -> Result<(), ShipError> {
+    fn retry(&mut self, settled: &mut [(Planned, Verdict)]) -> Result<(), ReplError> {
         let mut again = Vec::new();
         for (i, (p, verdict)) in settled.iter().enumerate() {
             match (&p.op, verdict) {
@@ -683,7 +641,7 @@ impl Shipper {
 
     /// Turns the pending log into backend ops on current state (module
     /// docs), from one [`Snapshot`] of the store.
-    fn plan(&mut self, snap: Snapshot, uploads: &mut Uploads) -> Result<Vec<Planned>, ShipError> {
+    fn plan(&mut self, snap: Snapshot, uploads: &mut Uploads) -> Result<Vec<Planned>, ReplError> {
         let mut puts = Vec::new();
         let mut inode_deletes = Vec::new();
         for obj in snap.inodes {
@@ -773,12 +731,12 @@ impl Shipper {
         &mut self,
         obj: InodeSnap,
         uploads: &mut Uploads,
-    ) -> Result<Described, ShipError> {
+    ) -> Result<Described, ReplError> {
         let inode = &obj.inode;
         let attr = self
             .vfs
             .attr(inode)
-            .map_err(|e| ShipError::Io(std::io::Error::from_raw_os_error(e.code())))?;
+            .map_err(|e| ReplError::Io(std::io::Error::from_raw_os_error(e.code())))?;
         let mut state = InodeState::new(object_id(inode), inode.mode);
         state.uid = inode.uid;
         state.gid = inode.gid;
@@ -825,7 +783,7 @@ impl Shipper {
     /// Holes are found with SEEK_DATA/SEEK_HOLE and become [`HOLE`] entries
     /// without being read: a 1 TiB sparse file costs a few entries, not a
     /// terabyte of hashing.
-    fn read_chunks(&mut self, ino: u64, uploads: &mut Uploads) -> Result<ChunkList, ShipError> {
+    fn read_chunks(&mut self, ino: u64, uploads: &mut Uploads) -> Result<ChunkList, ReplError> {
         self.vfs.begin_ship(ino);
         let file = File::open(self.store().data_path(ino))?;
         let len = file.metadata()?.len();
@@ -865,7 +823,7 @@ impl Shipper {
 
     /// Uploads the chunks of the current group that the backend lacks:
     /// two backend calls for the whole group.
-    fn upload(&mut self, uploads: &mut Uploads) -> Result<(), ShipError> {
+    fn upload(&mut self, uploads: &mut Uploads) -> Result<(), ReplError> {
         if uploads.group.is_empty() {
             return Ok(());
         }
@@ -898,7 +856,7 @@ impl Shipper {
 
     /// Decides what a conflict is: our own write whose acknowledgement a
     /// crash lost (adopt the backend's version), or a real conflict.
-    fn judge(&mut self, p: &Planned, current: Option<u64>) -> Result<Verdict, ShipError> {
+    fn judge(&mut self, p: &Planned, current: Option<u64>) -> Result<Verdict, ReplError> {
         let host = self.store().host();
         Ok(match (&p.op, current) {
             // Deleting what is already gone: done.
