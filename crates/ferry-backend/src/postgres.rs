@@ -34,7 +34,7 @@ use std::ops::Range;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::future::{try_join3, try_join_all};
+use futures_util::future::{try_join, try_join3, try_join_all};
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
@@ -453,9 +453,9 @@ impl Backend for PgBackend {
         let keys: Vec<&[u8]> = hashes.iter().map(|h| &h.0[..]).collect();
         let present = self.call("missing_chunks", async |c, loc| {
             let rows = c
-                .query(
+                .query_typed(
                     "SELECT hash FROM ferry_chunks WHERE hash = ANY($1)",
-                    &[&keys],
+                    &[(&keys, Type::BYTEA_ARRAY)],
                 )
                 .await
                 .map_err(pg_error(loc, "missing_chunks"))?;
@@ -484,25 +484,22 @@ impl Backend for PgBackend {
             verify_upload(hash, data)?;
         }
         self.call("put_chunk", async |c, loc| {
-            let err = pg_error(loc, "put_chunk");
             // Same hash = same content; only a damaged row (wrong length) is rewritten.
-            let insert = c
-                .prepare(
+            // Pipelined: every insert is sent before the first answer is back.
+            let c = &*c;
+            try_join_all(chunks.iter().map(|(hash, data)| async move {
+                let hash = &hash.0[..];
+                let params: [Param<'_>; 2] = [(&hash, Type::BYTEA), (data, Type::BYTEA)];
+                c.execute_typed(
                     "INSERT INTO ferry_chunks (hash, data) VALUES ($1, $2)
                      ON CONFLICT (hash) DO UPDATE SET data = EXCLUDED.data
                      WHERE length(ferry_chunks.data) <> length(EXCLUDED.data)",
+                    &params,
                 )
                 .await
-                .map_err(err)?;
-            // Pipelined: every insert is sent before the first answer is back.
-            let (c, insert) = (&*c, &insert);
-            try_join_all(
-                chunks.iter().map(|(hash, data)| async move {
-                    c.execute(insert, &[&&hash.0[..], data]).await
-                }),
-            )
+            }))
             .await
-            .map_err(err)?;
+            .map_err(pg_error(loc, "put_chunk"))?;
             Ok(())
         })
     }
@@ -789,11 +786,11 @@ impl Backend for PgBackend {
 
     fn set_shipped(&self, host: u32, seq: u64) -> Result<(), BackendError> {
         self.call("set_shipped", async |c, loc| {
-            c.execute(
+            c.execute_typed(
                 "INSERT INTO ferry_hosts (host, shipped_seq) VALUES ($1, $2)
                  ON CONFLICT (host) DO UPDATE
                     SET shipped_seq = GREATEST(ferry_hosts.shipped_seq, EXCLUDED.shipped_seq)",
-                &[&i64::from(host), &clamp(seq)],
+                &[(&i64::from(host), Type::INT8), (&clamp(seq), Type::INT8)],
             )
             .await
             .map_err(pg_error(loc, "set_shipped"))?;
@@ -961,15 +958,6 @@ async fn commit_once(
     )
     .await
     .map_err(CommitError::Fatal)?;
-    if outcomes
-        .iter()
-        .any(|o| matches!(o, Outcome::Applied { .. }))
-    {
-        // Delivered to listeners when (and only if) the transaction commits.
-        tx.execute("SELECT pg_notify('ferry_feed', '')", &[])
-            .await
-            .map_err(classify)?;
-    }
     tx.commit().await.map_err(classify)?;
     Ok(outcomes)
 }
@@ -1080,7 +1068,10 @@ impl PgCommit<'_, '_> {
         let hosts: Vec<i64> = ids.iter().map(|id| i64::from(id.host)).collect();
         let counters: Vec<i64> = ids.iter().map(|id| id.counter as i64).collect();
         self.tx
-            .query(sql, &[&hosts, &counters])
+            .query_typed(
+                sql,
+                &[(&hosts, Type::INT8_ARRAY), (&counters, Type::INT8_ARRAY)],
+            )
             .await
             .map_err(pg_error(self.loc, "commit: I3 check"))
     }
@@ -1140,19 +1131,31 @@ async fn apply_pipelined(
             .map(|&(op, version)| write(tx, loc, origin, op, version)),
     )
     .await?;
-    try_join_all(applied.iter().map(|&(op, _)| {
+    if applied.is_empty() {
+        return Ok(steps);
+    }
+    let feed_rows = try_join_all(applied.iter().map(|&(op, _)| {
         let change = op.target();
         async move {
             let (kind, id, name) = change.encode();
-            tx.execute(
+            tx.execute_typed(
                 "INSERT INTO ferry_feed (origin, kind, host, counter, name) VALUES ($1, $2, $3, $4, $5)",
-                &[&origin, &kind, &i64::from(id.host), &(id.counter as i64), &name],
+                &[
+                    (&origin, Type::INT8),
+                    (&kind, Type::INT2),
+                    (&i64::from(id.host), Type::INT8),
+                    (&(id.counter as i64), Type::INT8),
+                    (&name, Type::BYTEA),
+                ],
             )
             .await
         }
-    }))
-    .await
-    .map_err(err)?;
+    }));
+    // Delivered to listeners when (and only if) the transaction commits; a
+    // rollback to the I3 savepoint takes it back with the rows. Sent in the
+    // same pipeline as the feed rows, so it costs no round trip of its own.
+    let notify = tx.execute_typed("SELECT pg_notify('ferry_feed', '')", &[]);
+    try_join(feed_rows, notify).await.map_err(err)?;
     Ok(steps)
 }
 
@@ -1164,18 +1167,25 @@ async fn lock_row(
 ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
     match op.target() {
         FeedChange::Inode(id) => {
-            tx.query_opt(
+            tx.query_typed_opt(
                 "SELECT version, deleted, mode, NULL::bigint, NULL::bigint FROM ferry_inodes
                  WHERE host = $1 AND counter = $2 FOR UPDATE",
-                &[&i64::from(id.host), &(id.counter as i64)],
+                &[
+                    (&i64::from(id.host), Type::INT8),
+                    (&(id.counter as i64), Type::INT8),
+                ],
             )
             .await
         }
         FeedChange::Entry { parent, name } => {
-            tx.query_opt(
+            tx.query_typed_opt(
                 "SELECT version, deleted, NULL::bigint, child_host, child_counter FROM ferry_entries
                  WHERE parent_host = $1 AND parent_counter = $2 AND name = $3 FOR UPDATE",
-                &[&i64::from(parent.host), &(parent.counter as i64), &name],
+                &[
+                    (&i64::from(parent.host), Type::INT8),
+                    (&(parent.counter as i64), Type::INT8),
+                    (&name, Type::BYTEA),
+                ],
             )
             .await
         }
@@ -1202,7 +1212,13 @@ fn key_row(r: &tokio_postgres::Row, op: &Op) -> Result<KeyRow, BackendError> {
     })
 }
 
-/// Writes `op` at `version` (its base check passed).
+/// A statement parameter with its type, for the `*_typed` calls: with the
+/// types given, the server needs no prepare round trip before the statement.
+type Param<'a> = (&'a (dyn ToSql + Sync), Type);
+
+/// Writes `op` at `version` (its base check passed). The statements of one
+/// op are pipelined (sent in order without waiting), and carry their
+/// parameter types, so the server needs no separate prepare round trip.
 async fn write(
     tx: &Transaction<'_>,
     loc: &str,
@@ -1213,8 +1229,27 @@ async fn write(
     let err = pg_error(loc, "commit");
     match op {
         Op::PutInode { state: s, .. } => {
-            let id = (i64::from(s.id.host), s.id.counter as i64);
-            tx.execute(
+            let (host, counter) = (i64::from(s.id.host), s.id.counter as i64);
+            let ids = [s.mode, s.uid, s.gid, s.rdev].map(i64::from);
+            let size = s.size as i64;
+            let xattrs = encode_xattrs(&s.xattrs);
+            let params: [Param<'_>; 14] = [
+                (&host, Type::INT8),
+                (&counter, Type::INT8),
+                (&version, Type::INT8),
+                (&ids[0], Type::INT8),
+                (&ids[1], Type::INT8),
+                (&ids[2], Type::INT8),
+                (&ids[3], Type::INT8),
+                (&size, Type::INT8),
+                (&s.atime_ns, Type::INT8),
+                (&s.mtime_ns, Type::INT8),
+                (&s.ctime_ns, Type::INT8),
+                (&s.target, Type::BYTEA),
+                (&xattrs, Type::BYTEA),
+                (&origin, Type::INT8),
+            ];
+            let put = tx.execute_typed(
                 "INSERT INTO ferry_inodes (host, counter, version, deleted, mode, uid, gid, rdev, size,
                     atime_ns, mtime_ns, ctime_ns, target, xattrs, origin)
                  VALUES ($1, $2, $3, false, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
@@ -1223,36 +1258,28 @@ async fn write(
                     size = EXCLUDED.size, atime_ns = EXCLUDED.atime_ns, mtime_ns = EXCLUDED.mtime_ns,
                     ctime_ns = EXCLUDED.ctime_ns, target = EXCLUDED.target, xattrs = EXCLUDED.xattrs,
                     origin = EXCLUDED.origin",
-                &[
-                    &id.0,
-                    &id.1,
-                    &version,
-                    &i64::from(s.mode),
-                    &i64::from(s.uid),
-                    &i64::from(s.gid),
-                    &i64::from(s.rdev),
-                    &(s.size as i64),
-                    &s.atime_ns,
-                    &s.mtime_ns,
-                    &s.ctime_ns,
-                    &s.target,
-                    &encode_xattrs(&s.xattrs),
-                    &origin,
-                ],
-            )
-            .await
-            .map_err(err)?;
-            replace_chunk_list(tx, loc, &s.id, &s.chunks).await?;
+                &params,
+            );
+            let (_, ()) = try_join(put, replace_chunk_list(tx, &s.id, &s.chunks))
+                .await
+                .map_err(err)?;
         }
         Op::DeleteInode { id, .. } => {
-            tx.execute(
+            let (host, counter) = (i64::from(id.host), id.counter as i64);
+            let params: [Param<'_>; 4] = [
+                (&host, Type::INT8),
+                (&counter, Type::INT8),
+                (&version, Type::INT8),
+                (&origin, Type::INT8),
+            ];
+            let tombstone = tx.execute_typed(
                 "UPDATE ferry_inodes SET version = $3, deleted = true, origin = $4
                  WHERE host = $1 AND counter = $2",
-                &[&i64::from(id.host), &(id.counter as i64), &version, &origin],
-            )
-            .await
-            .map_err(err)?;
-            replace_chunk_list(tx, loc, id, &[]).await?;
+                &params,
+            );
+            let (_, ()) = try_join(tombstone, replace_chunk_list(tx, id, &[]))
+                .await
+                .map_err(err)?;
         }
         Op::PutEntry {
             parent,
@@ -1260,35 +1287,35 @@ async fn write(
             child,
             ..
         } => {
-            tx.execute(
+            tx.execute_typed(
                 "INSERT INTO ferry_entries (parent_host, parent_counter, name, child_host, child_counter,
                     version, deleted, origin) VALUES ($1, $2, $3, $4, $5, $6, false, $7)
                  ON CONFLICT (parent_host, parent_counter, name) DO UPDATE SET
                     child_host = EXCLUDED.child_host, child_counter = EXCLUDED.child_counter,
                     version = EXCLUDED.version, deleted = false, origin = EXCLUDED.origin",
                 &[
-                    &i64::from(parent.host),
-                    &(parent.counter as i64),
-                    name,
-                    &i64::from(child.host),
-                    &(child.counter as i64),
-                    &version,
-                    &origin,
+                    (&i64::from(parent.host), Type::INT8),
+                    (&(parent.counter as i64), Type::INT8),
+                    (name, Type::BYTEA),
+                    (&i64::from(child.host), Type::INT8),
+                    (&(child.counter as i64), Type::INT8),
+                    (&version, Type::INT8),
+                    (&origin, Type::INT8),
                 ],
             )
             .await
             .map_err(err)?;
         }
         Op::DeleteEntry { parent, name, .. } => {
-            tx.execute(
+            tx.execute_typed(
                 "UPDATE ferry_entries SET version = $4, deleted = true, origin = $5
                  WHERE parent_host = $1 AND parent_counter = $2 AND name = $3",
                 &[
-                    &i64::from(parent.host),
-                    &(parent.counter as i64),
-                    name,
-                    &version,
-                    &origin,
+                    (&i64::from(parent.host), Type::INT8),
+                    (&(parent.counter as i64), Type::INT8),
+                    (name, Type::BYTEA),
+                    (&version, Type::INT8),
+                    (&origin, Type::INT8),
                 ],
             )
             .await
@@ -1298,35 +1325,38 @@ async fn write(
     Ok(())
 }
 
+/// Replaces the chunk list of inode `id`: the old rows go, then the new
+/// ones come in one statement (arrays unnested WITH ORDINALITY give the
+/// index). Both are sent at once; the connection runs them in order.
 async fn replace_chunk_list(
     tx: &Transaction<'_>,
-    loc: &str,
     id: &ObjectId,
     chunks: &[(ChunkHash, u32)],
-) -> Result<(), BackendError> {
-    let err = pg_error(loc, "commit chunk list");
-    let key = (i64::from(id.host), id.counter as i64);
-    tx.execute(
+) -> Result<(), tokio_postgres::Error> {
+    let (host, counter) = (i64::from(id.host), id.counter as i64);
+    let key: [Param<'_>; 2] = [(&host, Type::INT8), (&counter, Type::INT8)];
+    let delete = tx.execute_typed(
         "DELETE FROM ferry_inode_chunks WHERE host = $1 AND counter = $2",
-        &[&key.0, &key.1],
-    )
-    .await
-    .map_err(err)?;
+        &key,
+    );
     if chunks.is_empty() {
-        return Ok(());
+        return delete.await.map(drop);
     }
-    // One statement for the whole list: arrays unnested WITH ORDINALITY give the index.
     let hashes: Vec<&[u8]> = chunks.iter().map(|(h, _)| &h.0[..]).collect();
     let lens: Vec<i64> = chunks.iter().map(|(_, l)| i64::from(*l)).collect();
-    tx.execute(
+    let rows: [Param<'_>; 4] = [
+        (&host, Type::INT8),
+        (&counter, Type::INT8),
+        (&hashes, Type::BYTEA_ARRAY),
+        (&lens, Type::INT8_ARRAY),
+    ];
+    let insert = tx.execute_typed(
         "INSERT INTO ferry_inode_chunks (host, counter, idx, hash, len)
          SELECT $1, $2, (c.i - 1)::int, c.hash, c.len FROM unnest($3::bytea[], $4::bigint[])
             WITH ORDINALITY AS c(hash, len, i)",
-        &[&key.0, &key.1, &hashes, &lens],
-    )
-    .await
-    .map_err(err)?;
-    Ok(())
+        &rows,
+    );
+    try_join(delete, insert).await.map(drop)
 }
 
 /// Schema version stored at the location; 0 if there is no volume table.
