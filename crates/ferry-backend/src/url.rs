@@ -54,6 +54,17 @@ impl Location {
             Location::Postgres(url) => postgres::init(url, volume_name, INIT_TIMEOUT),
         }
     }
+
+    /// The URL verbatim, password included: parsing it gives this location
+    /// again, so it is what to hand another process. Not for showing:
+    /// [`fmt::Display`] is, and [`redact`] of this is what a store
+    /// remembers.
+    pub fn url(&self) -> String {
+        match self {
+            Location::Dir(path) => format!("dir:{}", path.display()),
+            Location::Postgres(url) => url.clone(),
+        }
+    }
 }
 
 impl FromStr for Location {

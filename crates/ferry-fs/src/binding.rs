@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use ferry_backend::{Backend, BackendError, HostMark, ObjectId, VolumeInfo};
+use ferry_backend::{Backend, BackendError, HostMark, Location, ObjectId, VolumeInfo};
 use tracing::{info, warn};
 
 use crate::store::{Queries, Store, ROOT_INO};
@@ -189,10 +189,15 @@ impl std::error::Error for BindingError {
     }
 }
 
-/// Checks that `store` may replicate to `backend` (at `url`), binding an
-/// unbound store to the backend's volume. Two backend calls (three to five
-/// for a store replicated before bindings existed, once).
-pub fn verify(store: &Store, backend: &dyn Backend, url: &str) -> Result<(), BindingError> {
+/// Checks that `store` may replicate to `backend` (at `location`), binding
+/// an unbound store to the backend's volume. Two backend calls (three to
+/// five for a store replicated before bindings existed, once).
+pub fn verify(
+    store: &Store,
+    backend: &dyn Backend,
+    location: &Location,
+) -> Result<(), BindingError> {
+    let url = &location.url();
     let local = Local::read(store)?;
     let remote = Remote::read(backend, &local).map_err(|source| BindingError::Backend {
         url: ferry_backend::redact(url),
@@ -201,7 +206,7 @@ pub fn verify(store: &Store, backend: &dyn Backend, url: &str) -> Result<(), Bin
     settle(store, &local, &remote, url)
 }
 
-/// [`verify`] for a mount: connects to `url` itself and gives up after
+/// [`verify`] for a mount: connects to `location` itself and gives up after
 /// `within` if the backend does not answer, so an unreachable backend
 /// delays a mount by at most that and never fails it. Returns whether the
 /// check ran; a refusal is an error.
@@ -209,13 +214,19 @@ pub fn verify(store: &Store, backend: &dyn Backend, url: &str) -> Result<(), Bin
 /// When it gives up, the store's marks as they are now, before the mount
 /// writes anything, are kept for the [`verify`] that follows: a store that
 /// went back in time cannot then pass it by making new files offline.
-pub fn verify_within(store: &Store, url: &str, within: Duration) -> Result<bool, BindingError> {
+pub fn verify_within(
+    store: &Store,
+    location: &Location,
+    within: Duration,
+) -> Result<bool, BindingError> {
+    let url = &location.url();
     let local = Local::read(store)?;
     let (tx, rx) = mpsc::channel();
     let ask = {
-        let (url, local) = (url.to_string(), local.clone());
+        let (location, local) = (location.clone(), local.clone());
         move || {
-            let remote = ferry_backend::open(&url, within)
+            let remote = location
+                .open(within)
                 .and_then(|backend| Remote::read(&*backend, &local));
             let _ = tx.send(remote);
         }
@@ -357,15 +368,12 @@ fn foreign_objects(r: &impl Queries, host: u32) -> rusqlite::Result<Vec<ObjectId
         "SELECT host, counter FROM inode WHERE ino != ?1 AND host != ?2 AND host != 0
          ORDER BY ino DESC LIMIT ?3",
     )?;
-    let rows = stmt.query_map(
-        rusqlite::params![ROOT_INO as i64, host, PROBES as i64],
-        |row| {
-            Ok(ObjectId {
-                host: row.get(0)?,
-                counter: row.get::<_, i64>(1)? as u64,
-            })
-        },
-    )?;
+    let rows = stmt.query_map(rusqlite::params![ROOT_INO, host, PROBES as i64], |row| {
+        Ok(ObjectId {
+            host: row.get(0)?,
+            counter: row.get::<_, i64>(1)? as u64,
+        })
+    })?;
     rows.collect()
 }
 

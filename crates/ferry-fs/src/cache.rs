@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use prometheus::{IntCounter, IntGauge, Registry};
 use tracing::{info, warn};
 
+use crate::ids::Ino;
 use crate::store::Queries;
 use crate::vfs::Vfs;
 
@@ -135,8 +136,8 @@ fn pass(vfs: &Vfs, limit: u64, metrics: Option<&CacheMetrics>) -> Result<(), Str
             r.clean_cached_files(shipped)
         })
         .map_err(|e| e.to_string())?;
-    let resident = |ino: &&u64| vfs.store().data_path(**ino).exists();
-    let before: Vec<u64> = candidates.iter().filter(resident).copied().collect();
+    let resident = |ino: &&Ino| vfs.store().data_path(**ino).exists();
+    let before: Vec<Ino> = candidates.iter().filter(resident).copied().collect();
     let left = vfs
         .evict(&candidates, cached, limit / 10 * 9)
         .map_err(|e| format!("{e:?}"))?;

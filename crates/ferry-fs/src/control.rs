@@ -95,7 +95,7 @@ fn report(vfs: &Vfs, replication: Option<&Shared>) -> Report {
     let status = match replication {
         Some(r) => r.status(vfs.store()),
         None => {
-            let head = vfs.store().read(|r| r.log_head()).unwrap_or(0);
+            let head = vfs.store().read(|r| r.log_head()).map_or(0, |s| s.0);
             Status {
                 shipped_seq: head,
                 head_seq: head,
@@ -132,7 +132,8 @@ fn answer(conn: UnixStream, vfs: &Vfs, replication: Option<&Shared>) -> std::io:
             let target = vfs
                 .store()
                 .read(|r| r.log_head())
-                .map_err(std::io::Error::other)?;
+                .map_err(std::io::Error::other)?
+                .0;
             // Bounded by the client: when it gives up and closes, the
             // next write fails and this loop ends.
             loop {

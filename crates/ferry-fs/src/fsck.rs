@@ -23,6 +23,7 @@ use ferry_backend::ChunkHash;
 use rusqlite::OptionalExtension;
 
 use crate::error::StoreError;
+use crate::ids::{Ino, Seq};
 use crate::log::{Change, LogRecord};
 use crate::replicate::HOLE;
 use crate::store::{Kind, Queries, Store, ROOT_INO};
@@ -53,10 +54,10 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
         let conn = r.conn();
         // Replay.
         let mut names: Names = BTreeMap::new();
-        let mut live: HashSet<u64> = HashSet::from([ROOT_INO]);
-        let mut records: HashMap<u64, u64> = HashMap::new();
+        let mut live: HashSet<Ino> = HashSet::from([ROOT_INO]);
+        let mut records: HashMap<Ino, u64> = HashMap::new();
         let mut replayed = 0u64;
-        let mut after = 0;
+        let mut after = Seq(0);
         // Bounded by the log's length: each page moves `after` forward.
         loop {
             let page = r.log_after(after, 4096).map_err(db)?;
@@ -74,10 +75,7 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
             .map_err(db)?;
         let stored: Names = stmt
             .query_map([], |r| {
-                Ok((
-                    (r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?),
-                    r.get::<_, i64>(2)? as u64,
-                ))
+                Ok(((r.get(0)?, r.get::<_, Vec<u8>>(1)?), r.get(2)?))
             })
             .map_err(db)?
             .collect::<Result<_, _>>()
@@ -92,8 +90,8 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
 
         // Inodes: the live set, versions, link counts, data files.
         let mut stmt = conn.prepare("SELECT ino FROM inode").map_err(db)?;
-        let inos: HashSet<u64> = stmt
-            .query_map([], |r| r.get::<_, i64>(0).map(|v| v as u64))
+        let inos: HashSet<Ino> = stmt
+            .query_map([], |r| r.get(0))
             .map_err(db)?
             .collect::<Result<_, _>>()
             .map_err(db)?;
@@ -103,8 +101,8 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
                 "inode set differs from its log at {diff:?}"
             )));
         }
-        let mut links: HashMap<u64, u32> = HashMap::new();
-        let mut subdirs: HashMap<u64, u32> = HashMap::new();
+        let mut links: HashMap<Ino, u32> = HashMap::new();
+        let mut subdirs: HashMap<Ino, u32> = HashMap::new();
         for ((parent, _), ino) in &stored {
             *links.entry(*ino).or_default() += 1;
             let kind = r.inode(*ino).map_err(db)?.map(|i| i.kind());
@@ -147,7 +145,7 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
             let ino = entry
                 .file_name()
                 .to_str()
-                .and_then(|n| u64::from_str_radix(n, 16).ok());
+                .and_then(|n| u64::from_str_radix(n, 16).ok().map(Ino));
             if !ino.is_some_and(|i| inos.contains(&i)) {
                 stray += 1;
             }
@@ -162,14 +160,14 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
 }
 
 /// The namespace model the log replays into: `(directory, name) -> inode`.
-type Names = BTreeMap<(u64, Vec<u8>), u64>;
+type Names = BTreeMap<(Ino, Vec<u8>), Ino>;
 
 /// Applies one log record to the model; the error is the inconsistency.
 fn replay(
     rec: &LogRecord,
     names: &mut Names,
-    live: &mut HashSet<u64>,
-    records: &mut HashMap<u64, u64>,
+    live: &mut HashSet<Ino>,
+    records: &mut HashMap<Ino, u64>,
 ) -> Result<(), String> {
     let (seq, op, ino) = (rec.seq, rec.op.as_str(), rec.ino);
     let change = rec
@@ -271,7 +269,7 @@ pub struct Verification {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Damage {
     /// The inode.
-    pub ino: u64,
+    pub ino: Ino,
     /// A path to it from the root, if it has a name.
     pub path: Option<String>,
     /// What is wrong.
@@ -374,7 +372,7 @@ pub fn verify(dir: &Path) -> Result<Verification, StoreError> {
             )?;
             // Shipped while open for writing: later writes may not be
             // logged yet (the next mount logs them), so not comparable.
-            let writing: HashSet<u64> = r.writing()?.into_iter().collect();
+            let writing: HashSet<Ino> = r.writing()?.into_iter().collect();
             let mut clean = r.clean_cached_files(shipped)?;
             clean.retain(|ino| !writing.contains(ino));
             Ok((clean, cached as u64))
@@ -409,7 +407,7 @@ pub fn verify(dir: &Path) -> Result<Verification, StoreError> {
 /// the data bytes it hashed to `bytes`.
 fn rehash(
     path: &Path,
-    chunks: &[([u8; 32], u32)],
+    chunks: &[(ChunkHash, u32)],
     buf: &mut Vec<u8>,
     bytes: &mut u64,
 ) -> Vec<Mismatch> {
@@ -441,7 +439,7 @@ fn rehash(
             buf.resize(*len as usize, 0);
             *bytes += u64::from(*len);
             file.read_exact_at(buf, start)
-                .map(|()| ChunkHash::of(buf).0 == *hash)
+                .map(|()| ChunkHash::of(buf) == *hash)
         };
         match intact {
             Ok(true) => {}
@@ -491,7 +489,7 @@ fn all_zero(file: &File, start: u64, end: u64, buf: &mut Vec<u8>) -> std::io::Re
 }
 
 /// A path from the root to `ino` through one of its names, if it has one.
-fn path_of(r: &impl Queries, ino: u64) -> rusqlite::Result<Option<String>> {
+fn path_of(r: &impl Queries, ino: Ino) -> rusqlite::Result<Option<String>> {
     /// Deeper than any real tree; bounds the walk should the entries loop.
     const MAX_DEPTH: usize = 4096;
     let mut stmt = r
@@ -501,9 +499,7 @@ fn path_of(r: &impl Queries, ino: u64) -> rusqlite::Result<Option<String>> {
     let mut at = ino;
     while at != ROOT_INO && names.len() < MAX_DEPTH {
         let Some((parent, name)) = stmt
-            .query_row([at as i64], |row| {
-                Ok((row.get::<_, i64>(0)? as u64, row.get::<_, Vec<u8>>(1)?))
-            })
+            .query_row([at], |row| Ok((row.get(0)?, row.get::<_, Vec<u8>>(1)?)))
             .optional()?
         else {
             return Ok(None);

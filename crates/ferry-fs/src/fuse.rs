@@ -43,6 +43,7 @@ use fuser::{
 use prometheus::{HistogramTimer, HistogramVec, IntCounter, Registry};
 use tracing::{debug, warn};
 
+use crate::ids::{Fh, Ino};
 use crate::vfs::{Caller, SetAttr, Vfs};
 
 /// How long the kernel may trust an entry or attribute reply (module docs).
@@ -91,8 +92,8 @@ const LATENCY_BUCKETS: [f64; 10] = [
 /// counted; the last release closes the id.
 #[derive(Default)]
 struct Backings {
-    by_ino: HashMap<u64, (Arc<BackingId>, usize)>,
-    ino_of_fh: HashMap<u64, u64>,
+    by_ino: HashMap<Ino, (Arc<BackingId>, usize)>,
+    ino_of_fh: HashMap<Fh, Ino>,
 }
 
 impl FerryFs {
@@ -150,7 +151,7 @@ impl FerryFs {
 
     /// Counts an open of `ino` as a cache hit or miss: whether its data
     /// file is here before the open (which fetches a missing one).
-    fn count_cache_use(&self, ino: u64) {
+    fn count_cache_use(&self, ino: Ino) {
         if let Some((hits, misses)) = self.metrics.as_ref().and_then(|m| m.cache.as_ref()) {
             if self.vfs.store().data_path(ino).exists() {
                 hits.inc();
@@ -165,8 +166,8 @@ impl FerryFs {
     /// when the kernel refuses, and the file is then served by the daemon.
     fn backing(
         &self,
-        ino: u64,
-        fh: u64,
+        ino: Ino,
+        fh: Fh,
         register: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
         self.register_backing(ino, fh, register)
@@ -178,8 +179,8 @@ impl FerryFs {
 
     fn register_backing(
         &self,
-        ino: u64,
-        fh: u64,
+        ino: Ino,
+        fh: Fh,
         register: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
     ) -> std::io::Result<Arc<BackingId>> {
         let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
@@ -202,7 +203,7 @@ impl FerryFs {
         Ok(id)
     }
 
-    fn release_backing(&self, fh: u64) {
+    fn release_backing(&self, fh: Fh) {
         let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
         let Some(ino) = b.ino_of_fh.remove(&fh) else {
             return;
@@ -218,7 +219,7 @@ impl FerryFs {
     /// Work an open needs before its reply in passthrough mode: writes will
     /// bypass the daemon, so the change is logged now, and a writer other
     /// than root strips set-user/group-ID bits as a write would.
-    fn before_passthrough_open(&self, req: &Request, ino: u64, flags: i32) -> Result<(), Errno> {
+    fn before_passthrough_open(&self, req: &Request, ino: Ino, flags: i32) -> Result<(), Errno> {
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             self.vfs.will_modify(ino)?;
             if req.uid() != 0 {
@@ -327,18 +328,18 @@ impl Filesystem for FerryFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _timer = self.timer("lookup");
         debug!(parent = parent.0, ?name, "lookup");
-        entry(reply, self.vfs.lookup(parent.0, name.as_bytes()));
+        entry(reply, self.vfs.lookup(parent.into(), name.as_bytes()));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         let _timer = self.timer("forget");
-        self.vfs.forget(ino.0, nlookup);
+        self.vfs.forget(ino.into(), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _timer = self.timer("getattr");
         debug!(ino = ino.0, "getattr");
-        match self.vfs.getattr(ino.0) {
+        match self.vfs.getattr(ino.into()) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
         }
@@ -373,7 +374,7 @@ impl Filesystem for FerryFs {
             mtime: mtime.map(kernel_time_or_now),
             ctime: ctime.map(kernel_time),
         };
-        match self.vfs.setattr(ino.0, &set, fh.map(|f| f.0)) {
+        match self.vfs.setattr(ino.into(), &set, fh.map(Fh::from)) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
         }
@@ -382,7 +383,7 @@ impl Filesystem for FerryFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let _timer = self.timer("readlink");
         debug!(ino = ino.0, "readlink");
-        match self.vfs.readlink(ino.0) {
+        match self.vfs.readlink(ino.into()) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e),
         }
@@ -402,8 +403,14 @@ impl Filesystem for FerryFs {
         debug!(parent = parent.0, ?name, mode, "mknod");
         entry(
             reply,
-            self.vfs
-                .make(caller(req), parent.0, name.as_bytes(), mode, rdev, None),
+            self.vfs.make(
+                caller(req),
+                parent.into(),
+                name.as_bytes(),
+                mode,
+                rdev,
+                None,
+            ),
         );
     }
 
@@ -422,20 +429,23 @@ impl Filesystem for FerryFs {
         entry(
             reply,
             self.vfs
-                .make(caller(req), parent.0, name.as_bytes(), mode, 0, None),
+                .make(caller(req), parent.into(), name.as_bytes(), mode, 0, None),
         );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _timer = self.timer("unlink");
         debug!(parent = parent.0, ?name, "unlink");
-        empty(reply, self.vfs.remove(parent.0, name.as_bytes(), false));
+        empty(
+            reply,
+            self.vfs.remove(parent.into(), name.as_bytes(), false),
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _timer = self.timer("rmdir");
         debug!(parent = parent.0, ?name, "rmdir");
-        empty(reply, self.vfs.remove(parent.0, name.as_bytes(), true));
+        empty(reply, self.vfs.remove(parent.into(), name.as_bytes(), true));
     }
 
     fn symlink(
@@ -454,7 +464,7 @@ impl Filesystem for FerryFs {
             reply,
             self.vfs.make(
                 caller(req),
-                parent.0,
+                parent.into(),
                 link_name.as_bytes(),
                 mode,
                 0,
@@ -484,9 +494,9 @@ impl Filesystem for FerryFs {
         empty(
             reply,
             self.vfs.rename(
-                parent.0,
+                parent.into(),
                 name.as_bytes(),
-                newparent.0,
+                newparent.into(),
                 newname.as_bytes(),
                 flags.bits(),
             ),
@@ -503,27 +513,31 @@ impl Filesystem for FerryFs {
     ) {
         let _timer = self.timer("link");
         debug!(ino = ino.0, newparent = newparent.0, ?newname, "link");
-        entry(reply, self.vfs.link(ino.0, newparent.0, newname.as_bytes()));
+        entry(
+            reply,
+            self.vfs
+                .link(ino.into(), newparent.into(), newname.as_bytes()),
+        );
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _timer = self.timer("open");
         debug!(ino = ino.0, flags = flags.0, "open");
-        self.count_cache_use(ino.0);
-        let fh = match self.vfs.open(ino.0, flags.0, false) {
+        self.count_cache_use(ino.into());
+        let fh = match self.vfs.open(ino.into(), flags.0, false) {
             Ok(fh) => fh,
             Err(e) => return reply.error(e),
         };
         if self.passthrough {
-            if let Err(e) = self.before_passthrough_open(req, ino.0, flags.0) {
+            if let Err(e) = self.before_passthrough_open(req, ino.into(), flags.0) {
                 self.vfs.release(fh);
                 return reply.error(e);
             }
-            if let Some(id) = self.backing(ino.0, fh, |f| reply.open_backing(f)) {
-                return reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_FLAGS, &id);
+            if let Some(id) = self.backing(ino.into(), fh, |f| reply.open_backing(f)) {
+                return reply.opened_passthrough(fh.into(), PASSTHROUGH_FLAGS, &id);
             }
         }
-        reply.opened(FileHandle(fh), OPEN_FLAGS);
+        reply.opened(fh.into(), OPEN_FLAGS);
     }
 
     fn read(
@@ -539,7 +553,7 @@ impl Filesystem for FerryFs {
     ) {
         let _timer = self.timer("read");
         debug!(fh = fh.0, offset, size, "read");
-        match self.vfs.read(fh.0, offset, size) {
+        match self.vfs.read(fh.into(), offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
         }
@@ -559,7 +573,7 @@ impl Filesystem for FerryFs {
     ) {
         let _timer = self.timer("write");
         debug!(fh = fh.0, offset, len = data.len(), "write");
-        match self.vfs.write(fh.0, offset, data) {
+        match self.vfs.write(fh.into(), offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -591,8 +605,8 @@ impl Filesystem for FerryFs {
     ) {
         let _timer = self.timer("release");
         debug!(fh = fh.0, "release");
-        self.release_backing(fh.0);
-        self.vfs.release(fh.0);
+        self.release_backing(fh.into());
+        self.vfs.release(fh.into());
         reply.ok();
     }
 
@@ -606,7 +620,7 @@ impl Filesystem for FerryFs {
     ) {
         let _timer = self.timer("fsync");
         debug!(fh = fh.0, datasync, "fsync");
-        empty(reply, self.vfs.fsync(Some(fh.0), datasync));
+        empty(reply, self.vfs.fsync(Some(fh.into()), datasync));
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -626,9 +640,11 @@ impl Filesystem for FerryFs {
     ) {
         let _timer = self.timer("readdir");
         debug!(ino = ino.0, offset, "readdir");
-        let result = self.vfs.readdir(ino.0, offset, false, |next, name, attr| {
-            !reply.add(attr.ino, next, attr.kind, OsStr::from_bytes(name))
-        });
+        let result = self
+            .vfs
+            .readdir(ino.into(), offset, false, |next, name, attr| {
+                !reply.add(attr.ino, next, attr.kind, OsStr::from_bytes(name))
+            });
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -645,16 +661,18 @@ impl Filesystem for FerryFs {
     ) {
         let _timer = self.timer("readdirplus");
         debug!(ino = ino.0, offset, "readdirplus");
-        let result = self.vfs.readdir(ino.0, offset, true, |next, name, attr| {
-            !reply.add(
-                attr.ino,
-                next,
-                OsStr::from_bytes(name),
-                &TTL,
-                attr,
-                Generation(0),
-            )
-        });
+        let result = self
+            .vfs
+            .readdir(ino.into(), offset, true, |next, name, attr| {
+                !reply.add(
+                    attr.ino,
+                    next,
+                    OsStr::from_bytes(name),
+                    &TTL,
+                    attr,
+                    Generation(0),
+                )
+            });
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -705,26 +723,26 @@ impl Filesystem for FerryFs {
         debug!(ino = ino.0, ?name, len = value.len(), "setxattr");
         empty(
             reply,
-            self.vfs.setxattr(ino.0, name.as_bytes(), value, flags),
+            self.vfs.setxattr(ino.into(), name.as_bytes(), value, flags),
         );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _timer = self.timer("getxattr");
         debug!(ino = ino.0, ?name, size, "getxattr");
-        xattr(reply, size, self.vfs.getxattr(ino.0, name.as_bytes()));
+        xattr(reply, size, self.vfs.getxattr(ino.into(), name.as_bytes()));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _timer = self.timer("listxattr");
         debug!(ino = ino.0, size, "listxattr");
-        xattr(reply, size, self.vfs.listxattr(ino.0));
+        xattr(reply, size, self.vfs.listxattr(ino.into()));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _timer = self.timer("removexattr");
         debug!(ino = ino.0, ?name, "removexattr");
-        empty(reply, self.vfs.removexattr(ino.0, name.as_bytes()));
+        empty(reply, self.vfs.removexattr(ino.into(), name.as_bytes()));
     }
 
     fn create(
@@ -741,25 +759,25 @@ impl Filesystem for FerryFs {
         debug!(parent = parent.0, ?name, mode, flags, "create");
         let made = self
             .vfs
-            .make(caller(req), parent.0, name.as_bytes(), mode, 0, None)
-            .and_then(|attr| Ok((attr, self.vfs.open(attr.ino.0, flags, true)?)));
+            .make(caller(req), parent.into(), name.as_bytes(), mode, 0, None)
+            .and_then(|attr| Ok((attr, self.vfs.open(attr.ino.into(), flags, true)?)));
         let (attr, fh) = match made {
             Ok(made) => made,
             Err(e) => return reply.error(e),
         };
         if self.passthrough {
-            if let Some(id) = self.backing(attr.ino.0, fh, |f| reply.open_backing(f)) {
+            if let Some(id) = self.backing(attr.ino.into(), fh, |f| reply.open_backing(f)) {
                 return reply.created_passthrough(
                     &TTL,
                     &attr,
                     Generation(0),
-                    FileHandle(fh),
+                    fh.into(),
                     PASSTHROUGH_FLAGS,
                     &id,
                 );
             }
         }
-        reply.created(&TTL, &attr, Generation(0), FileHandle(fh), OPEN_FLAGS);
+        reply.created(&TTL, &attr, Generation(0), fh.into(), OPEN_FLAGS);
     }
 
     fn ioctl(
@@ -791,7 +809,7 @@ impl Filesystem for FerryFs {
     ) {
         let _timer = self.timer("fallocate");
         debug!(fh = fh.0, offset, length, mode, "fallocate");
-        empty(reply, self.vfs.fallocate(fh.0, offset, length, mode));
+        empty(reply, self.vfs.fallocate(fh.into(), offset, length, mode));
     }
 
     fn lseek(
@@ -805,7 +823,7 @@ impl Filesystem for FerryFs {
     ) {
         let _timer = self.timer("lseek");
         debug!(fh = fh.0, offset, whence, "lseek");
-        match self.vfs.lseek(fh.0, offset, whence) {
+        match self.vfs.lseek(fh.into(), offset, whence) {
             Ok(off) => reply.offset(off),
             Err(e) => reply.error(e),
         }
@@ -828,7 +846,7 @@ impl Filesystem for FerryFs {
         debug!(fh_in = fh_in.0, fh_out = fh_out.0, len, "copy_file_range");
         match self
             .vfs
-            .copy_file_range((fh_in.0, offset_in), (fh_out.0, offset_out), len)
+            .copy_file_range((fh_in.into(), offset_in), (fh_out.into(), offset_out), len)
         {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),

@@ -42,6 +42,7 @@ pub mod data;
 pub mod error;
 pub mod fsck;
 pub mod fuse;
+pub mod ids;
 pub mod log;
 pub mod mount;
 pub mod replicate;

@@ -16,11 +16,12 @@
 
 use std::collections::{BTreeSet, HashSet};
 
+use crate::ids::{Ino, Seq};
 use crate::store::{Queries, Tx};
 
 /// The (directory, name) places a change touches: `(parent, name,
 /// parent2, name2)`, as the log's columns store them.
-pub type Places<'a> = (Option<u64>, Option<&'a [u8]>, Option<u64>, Option<&'a [u8]>);
+pub type Places<'a> = (Option<Ino>, Option<&'a [u8]>, Option<Ino>, Option<&'a [u8]>);
 
 /// One logged change. Names are raw bytes, as the kernel gave them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,88 +29,88 @@ pub enum Change<'a> {
     /// `ino` was created as `parent/name`.
     Create {
         /// The new inode.
-        ino: u64,
+        ino: Ino,
         /// Its directory.
-        parent: u64,
+        parent: Ino,
         /// Its name.
         name: &'a [u8],
     },
     /// `ino` got the extra name `parent/name`.
     Link {
         /// The linked inode.
-        ino: u64,
+        ino: Ino,
         /// The new name's directory.
-        parent: u64,
+        parent: Ino,
         /// The new name.
         name: &'a [u8],
     },
     /// The name `parent/name` of `ino` was removed.
     Unlink {
         /// The inode that lost a name.
-        ino: u64,
+        ino: Ino,
         /// The directory.
-        parent: u64,
+        parent: Ino,
         /// The removed name.
         name: &'a [u8],
     },
     /// `parent/name` (inode `ino`) moved to `newparent/newname`.
     Rename {
         /// The moved inode.
-        ino: u64,
+        ino: Ino,
         /// Old directory.
-        parent: u64,
+        parent: Ino,
         /// Old name.
         name: &'a [u8],
         /// New directory.
-        newparent: u64,
+        newparent: Ino,
         /// New name.
         newname: &'a [u8],
     },
     /// `parent/name` (inode `ino`) and `newparent/newname` swapped inodes.
     Exchange {
         /// The inode that was at `parent/name`.
-        ino: u64,
+        ino: Ino,
         /// First directory.
-        parent: u64,
+        parent: Ino,
         /// First name.
         name: &'a [u8],
         /// Second directory.
-        newparent: u64,
+        newparent: Ino,
         /// Second name.
         newname: &'a [u8],
     },
     /// Attributes of `ino` changed (mode, owner, size, times).
     SetAttr {
         /// The inode.
-        ino: u64,
+        ino: Ino,
     },
     /// The contents of `ino` changed.
     Content {
         /// The inode.
-        ino: u64,
+        ino: Ino,
     },
     /// The xattrs of `ino` changed.
     Xattr {
         /// The inode.
-        ino: u64,
+        ino: Ino,
     },
     /// `ino` is gone: no names and no open handles left.
     Delete {
         /// The inode.
-        ino: u64,
+        ino: Ino,
     },
     /// `ino` came from the backend (a restore or down-sync); its names
     /// follow as `Link` records. Already at the backend, so never shipped.
     Import {
         /// The inode.
-        ino: u64,
+        ino: Ino,
     },
     /// `ino` ships again whole, with all its names (conflict resolution:
     /// it got a new global identity, or was refused for another object's
     /// sake).
     Revive {
         /// The inode.
-        ino: u64,
+        ino: Ino,
     },
 }
 
@@ -132,7 +133,7 @@ impl Change<'_> {
     }
 
     /// The inode whose version the change bumps.
-    pub fn ino(&self) -> u64 {
+    pub fn ino(&self) -> Ino {
         match *self {
             Change::Create { ino, .. }
             | Change::Link { ino, .. }
@@ -180,7 +181,7 @@ impl Change<'_> {
 
     /// Decodes a record from its columns; `None` for a record this build
     /// does not understand (a corrupt or newer log).
-    pub fn decode<'a>(op: &str, ino: u64, places: Places<'a>) -> Option<Change<'a>> {
+    pub fn decode<'a>(op: &str, ino: Ino, places: Places<'a>) -> Option<Change<'a>> {
         Some(match (op, places) {
             ("create", (Some(parent), Some(name), None, None)) => {
                 Change::Create { ino, parent, name }
@@ -222,17 +223,17 @@ impl Change<'_> {
 #[derive(Clone, Debug)]
 pub struct LogRecord {
     /// Position in the log.
-    pub seq: u64,
+    pub seq: Seq,
     /// The `op` column.
     pub op: String,
     /// The inode whose version the change bumped.
-    pub ino: u64,
+    pub ino: Ino,
     /// First directory.
-    pub parent: Option<u64>,
+    pub parent: Option<Ino>,
     /// First name.
     pub name: Option<Vec<u8>>,
     /// Second directory (rename, exchange).
-    pub parent2: Option<u64>,
+    pub parent2: Option<Ino>,
     /// Second name (rename, exchange).
     pub name2: Option<Vec<u8>>,
     /// When it was logged.
@@ -270,22 +271,22 @@ impl LogRecord {
 pub struct Touched {
     /// Inodes whose state ships: changed ones, and the directories whose
     /// entries changed (their mtime and ctime travel with the entries).
-    pub inodes: BTreeSet<u64>,
+    pub inodes: BTreeSet<Ino>,
     /// Inodes whose bytes may have changed (a `Create`, `Content` or
     /// `Revive`): only their data files are read.
-    pub rewritten: HashSet<u64>,
+    pub rewritten: HashSet<Ino>,
     /// Names (directory, name) whose target ships.
-    pub names: BTreeSet<(u64, Vec<u8>)>,
+    pub names: BTreeSet<(Ino, Vec<u8>)>,
     /// Global identities (host, counter) of inodes deleted here.
     pub deleted: BTreeSet<(u32, u64)>,
     /// Inodes with a new identity: all their names ship too.
-    pub revived: BTreeSet<u64>,
+    pub revived: BTreeSet<Ino>,
 }
 
 impl Touched {
     /// Collects `records`; the seq of the first one this build cannot
     /// decode is the error.
-    pub fn of<'a>(records: impl IntoIterator<Item = &'a LogRecord>) -> Result<Touched, u64> {
+    pub fn of<'a>(records: impl IntoIterator<Item = &'a LogRecord>) -> Result<Touched, Seq> {
         let mut t = Touched::default();
         for rec in records.into_iter().filter(|r| !r.pulled) {
             let change = rec.change().ok_or(rec.seq)?;
@@ -336,13 +337,13 @@ impl Outbox {
     const CURSOR: &'static str = "shipped_seq";
 
     /// The last record shipped (0: none).
-    pub fn cursor(r: &impl Queries) -> rusqlite::Result<u64> {
-        Ok(r.meta_int(Self::CURSOR)?.unwrap_or(0) as u64)
+    pub fn cursor(r: &impl Queries) -> rusqlite::Result<Seq> {
+        Ok(Seq(r.meta_int(Self::CURSOR)?.unwrap_or(0) as u64))
     }
 
     /// Records everything up to `seq` as shipped.
-    pub fn advance(tx: &Tx<'_>, seq: u64) -> rusqlite::Result<()> {
-        tx.set_meta_int(Self::CURSOR, seq as i64)
+    pub fn advance(tx: &Tx<'_>, seq: Seq) -> rusqlite::Result<()> {
+        tx.set_meta_int(Self::CURSOR, seq.0 as i64)
     }
 
     /// The pending records: up to `limit` after the cursor, extended to the

@@ -22,6 +22,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_backend::Location;
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 use tracing::{info, warn};
 
@@ -30,6 +31,7 @@ use crate::cache::Evictor;
 use crate::control;
 use crate::error::StoreError;
 use crate::fuse::FerryFs;
+use crate::ids::Seq;
 use crate::replicate::{self, Replication};
 use crate::store::{Queries, Store};
 use crate::vfs::Vfs;
@@ -61,7 +63,7 @@ pub struct MountConfig {
     pub noexec: bool,
     /// The shared backend to replicate to (`dir:PATH`, `postgres://…`);
     /// `None` keeps the volume local.
-    pub backend: Option<String>,
+    pub backend: Option<Location>,
     /// Mount a store that belongs to a backend volume without its backend,
     /// on purpose (`nobackend`): its changes wait in the log.
     pub no_backend: bool,
@@ -158,9 +160,7 @@ impl MountConfig {
         match key {
             "threads" => self.threads = parse_threads(&need()?).map_err(OptionProblem::Value)?,
             "backend" => {
-                let url = need()?;
-                check_backend_url(&url).map_err(OptionProblem::Value)?;
-                self.backend = Some(url);
+                self.backend = Some(parse_backend_url(&need()?).map_err(OptionProblem::Value)?);
             }
             "max_backlog" => self.max_backlog = size()?,
             "cache_size" => self.cache_size = size()?,
@@ -390,13 +390,11 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
-/// Checks a backend URL's form without contacting it (see
+/// Parses a backend URL without contacting it (see
 /// [`ferry_backend::Location`]: `dir:` with an absolute path, or
 /// `postgres://`). The message never shows a password.
-pub fn check_backend_url(url: &str) -> Result<(), String> {
-    url.parse::<ferry_backend::Location>()
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+pub fn parse_backend_url(url: &str) -> Result<Location, String> {
+    url.parse::<Location>().map_err(|e| e.to_string())
 }
 
 /// Why a mount failed, in words a person can act on.
@@ -954,19 +952,22 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
         })
     };
     match &cfg.backend {
-        Some(url) => {
+        Some(location) => {
             let fresh = store
-                .read(|r| Ok::<_, rusqlite::Error>(r.log_head()? == 0 && r.inode_count()? == 1))
+                .read(|r| {
+                    Ok::<_, rusqlite::Error>(r.log_head()? == Seq(0) && r.inode_count()? == 1)
+                })
                 .map_err(db)?;
-            let shown = ferry_backend::redact(url);
+            let shown = ferry_backend::redact(&location.url());
             if fresh {
                 // A new host: show the volume's whole namespace from the start.
                 // This one time the backend must answer; afterwards it never has
                 // to. The store is bound to the volume before it holds any of it.
                 let started = Instant::now();
-                let backend = ferry_backend::open(url, replicate::CONNECT_TIMEOUT)
+                let backend = location
+                    .open(replicate::CONNECT_TIMEOUT)
                     .map_err(|e| MountError::Backend(e.to_string()))?;
-                binding::verify(&store, &*backend, url).map_err(MountError::Binding)?;
+                binding::verify(&store, &*backend, location).map_err(MountError::Binding)?;
                 let restored = replicate::restore(&store, &*backend)
                     .map_err(|e| MountError::Backend(e.to_string()))?;
                 info!(
@@ -974,7 +975,7 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
                     cfg.store.display(),
                     started.elapsed().as_secs_f64()
                 );
-            } else if binding::verify_within(&store, url, BINDING_CHECK)
+            } else if binding::verify_within(&store, location, BINDING_CHECK)
                 .map_err(MountError::Binding)?
             {
                 info!(
@@ -1004,11 +1005,11 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
     }
     let vfs = Arc::new(Vfs::new(store, cfg.read_only)?);
     let replication = match &cfg.backend {
-        Some(url) if !cfg.read_only => Some(
+        Some(location) if !cfg.read_only => Some(
             Replication::start(
                 vfs.clone(),
                 replicate::Config {
-                    url: url.clone(),
+                    location: location.clone(),
                     max_backlog: cfg.max_backlog,
                     prefetch: cfg.prefetch,
                     prefetch_max_file: cfg.prefetch_max_file,
@@ -1064,7 +1065,7 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
         cfg.store.display(),
         cfg.mountpoint.display(),
         match &cfg.backend {
-            Some(url) => format!("replicating to {}", ferry_backend::redact(url)),
+            Some(location) => format!("replicating to {}", ferry_backend::redact(&location.url())),
             None => "local only".into(),
         },
         cfg.threads,

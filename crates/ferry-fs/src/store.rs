@@ -26,9 +26,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+use ferry_backend::ChunkHash;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::error::StoreError;
+use crate::ids::{Ino, Seq};
 use crate::log::{Change, LogRecord};
 
 /// `PRAGMA application_id` of a ferry store ("FRRY"): tells a ferry store
@@ -79,7 +81,7 @@ const RESERVE_BYTES: u64 = 8 << 20;
 pub type Resolved = (Nanos, String, String);
 
 /// Inode number of the root directory, fixed by FUSE.
-pub const ROOT_INO: u64 = 1;
+pub const ROOT_INO: Ino = Ino::ROOT;
 
 const SCHEMA: &str = "
 CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -203,7 +205,7 @@ pub fn nanos_of(t: std::time::SystemTime) -> Nanos {
 #[derive(Clone, Debug)]
 pub struct Inode {
     /// Local inode number.
-    pub ino: u64,
+    pub ino: Ino,
     /// Host that created it (half of the global identity).
     pub host: u32,
     /// Per-host counter (the other half).
@@ -360,8 +362,8 @@ impl Store {
     }
 
     /// Path of the data file of regular inode `ino`.
-    pub fn data_path(&self, ino: u64) -> PathBuf {
-        self.dir.join("data").join(format!("{ino:x}"))
+    pub fn data_path(&self, ino: Ino) -> PathBuf {
+        self.dir.join("data").join(format!("{:x}", ino.0))
     }
 
     /// Runs `f` in one immediate transaction and commits if it returns `Ok`.
@@ -599,7 +601,7 @@ const INODE_COLUMNS: &str =
 
 fn inode_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Inode> {
     Ok(Inode {
-        ino: r.get::<_, i64>(at)? as u64,
+        ino: r.get(at)?,
         host: r.get::<_, i64>(at + 1)? as u32,
         counter: r.get::<_, i64>(at + 2)? as u64,
         mode: r.get(at + 3)?,
@@ -623,32 +625,32 @@ pub trait Queries {
     fn conn(&self) -> &Connection;
 
     /// The inode `ino`, if it exists.
-    fn inode(&self, ino: u64) -> rusqlite::Result<Option<Inode>> {
+    fn inode(&self, ino: Ino) -> rusqlite::Result<Option<Inode>> {
         self.conn()
             .prepare_cached(&format!("SELECT {INODE_COLUMNS} FROM inode WHERE ino=?1"))?
-            .query_row([ino as i64], |r| inode_from_row(r, 0))
+            .query_row([ino], |r| inode_from_row(r, 0))
             .optional()
     }
 
     /// The inode named `name` in directory `parent`.
-    fn lookup(&self, parent: u64, name: &[u8]) -> rusqlite::Result<Option<Inode>> {
+    fn lookup(&self, parent: Ino, name: &[u8]) -> rusqlite::Result<Option<Inode>> {
         self.conn()
             .prepare_cached(&format!(
                 "SELECT {} FROM dentry d JOIN inode i ON i.ino=d.ino WHERE d.parent=?1 AND d.name=?2",
                 prefixed("i.")
             ))?
-            .query_row(params![parent as i64, name], |r| inode_from_row(r, 0))
+            .query_row(params![parent, name], |r| inode_from_row(r, 0))
             .optional()
     }
 
     /// Up to `limit` entries of `dir` with a cookie above `after`, in cookie order.
-    fn entries(&self, dir: u64, after: u64, limit: usize) -> rusqlite::Result<Vec<Entry>> {
+    fn entries(&self, dir: Ino, after: u64, limit: usize) -> rusqlite::Result<Vec<Entry>> {
         let mut stmt = self.conn().prepare_cached(&format!(
             "SELECT d.id, d.name, {} FROM dentry d JOIN inode i ON i.ino=d.ino
              WHERE d.parent=?1 AND d.id>?2 ORDER BY d.id LIMIT ?3",
             prefixed("i.")
         ))?;
-        let rows = stmt.query_map(params![dir as i64, after as i64, limit as i64], |r| {
+        let rows = stmt.query_map(params![dir, after as i64, limit as i64], |r| {
             Ok(Entry {
                 cookie: r.get::<_, i64>(0)? as u64,
                 name: r.get(1)?,
@@ -659,54 +661,52 @@ pub trait Queries {
     }
 
     /// Whether directory `dir` has any entry.
-    fn has_entries(&self, dir: u64) -> rusqlite::Result<bool> {
+    fn has_entries(&self, dir: Ino) -> rusqlite::Result<bool> {
         self.conn()
             .prepare_cached("SELECT 1 FROM dentry WHERE parent=?1 LIMIT 1")?
-            .exists([dir as i64])
+            .exists([dir])
     }
 
     /// The parent directory of directory `dir` (directories have one name).
-    fn parent_of(&self, dir: u64) -> rusqlite::Result<Option<u64>> {
+    fn parent_of(&self, dir: Ino) -> rusqlite::Result<Option<Ino>> {
         self.conn()
             .prepare_cached("SELECT parent FROM dentry WHERE ino=?1 LIMIT 1")?
-            .query_row([dir as i64], |r| r.get::<_, i64>(0).map(|p| p as u64))
+            .query_row([dir], |r| r.get(0))
             .optional()
     }
 
     /// Every name of `ino`: (directory, name) pairs.
-    fn names_of(&self, ino: u64) -> rusqlite::Result<Vec<(u64, Vec<u8>)>> {
+    fn names_of(&self, ino: Ino) -> rusqlite::Result<Vec<(Ino, Vec<u8>)>> {
         let mut stmt = self
             .conn()
             .prepare_cached("SELECT parent, name FROM dentry WHERE ino=?1")?;
-        let rows = stmt.query_map([ino as i64], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
-        })?;
+        let rows = stmt.query_map([ino], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect()
     }
 
     /// A symlink's target.
-    fn symlink_target(&self, ino: u64) -> rusqlite::Result<Option<Vec<u8>>> {
+    fn symlink_target(&self, ino: Ino) -> rusqlite::Result<Option<Vec<u8>>> {
         self.conn()
             .prepare_cached("SELECT target FROM inode WHERE ino=?1")?
-            .query_row([ino as i64], |r| r.get(0))
+            .query_row([ino], |r| r.get(0))
             .optional()
             .map(Option::flatten)
     }
 
     /// The value of xattr `name` of `ino`.
-    fn xattr(&self, ino: u64, name: &[u8]) -> rusqlite::Result<Option<Vec<u8>>> {
+    fn xattr(&self, ino: Ino, name: &[u8]) -> rusqlite::Result<Option<Vec<u8>>> {
         self.conn()
             .prepare_cached("SELECT value FROM xattr WHERE ino=?1 AND name=?2")?
-            .query_row(params![ino as i64, name], |r| r.get(0))
+            .query_row(params![ino, name], |r| r.get(0))
             .optional()
     }
 
     /// The xattr names of `ino`, in a stable order.
-    fn xattr_names(&self, ino: u64) -> rusqlite::Result<Vec<Vec<u8>>> {
+    fn xattr_names(&self, ino: Ino) -> rusqlite::Result<Vec<Vec<u8>>> {
         let mut stmt = self
             .conn()
             .prepare_cached("SELECT name FROM xattr WHERE ino=?1 ORDER BY name")?;
-        let names = stmt.query_map([ino as i64], |r| r.get(0))?;
+        let names = stmt.query_map([ino], |r| r.get(0))?;
         names.collect()
     }
 
@@ -718,39 +718,38 @@ pub trait Queries {
     }
 
     /// The local inode of global identity `host:counter`.
-    fn ino_of(&self, host: u32, counter: u64) -> rusqlite::Result<Option<u64>> {
+    fn ino_of(&self, host: u32, counter: u64) -> rusqlite::Result<Option<Ino>> {
         self.conn()
             .prepare_cached("SELECT ino FROM inode WHERE host=?1 AND counter=?2")?
-            .query_row(params![host, counter as i64], |r| r.get::<_, i64>(0))
+            .query_row(params![host, counter as i64], |r| r.get(0))
             .optional()
-            .map(|o| o.map(|i| i as u64))
     }
 
     /// The global identity of `ino` as its last log record names it: the
     /// way to name an inode whose row is already gone.
-    fn logged_identity(&self, ino: u64) -> rusqlite::Result<Option<(u32, u64)>> {
+    fn logged_identity(&self, ino: Ino) -> rusqlite::Result<Option<(u32, u64)>> {
         self.conn()
             .prepare_cached("SELECT host, counter FROM log WHERE ino=?1 ORDER BY seq DESC LIMIT 1")?
-            .query_row([ino as i64], |r| {
+            .query_row([ino], |r| {
                 Ok((r.get::<_, i64>(0)? as u32, r.get::<_, i64>(1)? as u64))
             })
             .optional()
     }
 
     /// Up to `limit` log records after `seq`, in order.
-    fn log_after(&self, seq: u64, limit: usize) -> rusqlite::Result<Vec<LogRecord>> {
+    fn log_after(&self, seq: Seq, limit: usize) -> rusqlite::Result<Vec<LogRecord>> {
         let mut stmt = self.conn().prepare_cached(
             "SELECT seq, op, ino, parent, name, parent2, name2, at, host, counter, pulled FROM log
              WHERE seq>?1 ORDER BY seq LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![seq as i64, limit as i64], |r| {
+        let rows = stmt.query_map(params![seq, limit as i64], |r| {
             Ok(LogRecord {
-                seq: r.get::<_, i64>(0)? as u64,
+                seq: r.get(0)?,
                 op: r.get(1)?,
-                ino: r.get::<_, i64>(2)? as u64,
-                parent: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                ino: r.get(2)?,
+                parent: r.get(3)?,
                 name: r.get(4)?,
-                parent2: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+                parent2: r.get(5)?,
                 name2: r.get(6)?,
                 at: r.get(7)?,
                 host: r.get::<_, i64>(8)? as u32,
@@ -762,12 +761,9 @@ pub trait Queries {
     }
 
     /// The newest log sequence number (0 for an empty log).
-    fn log_head(&self) -> rusqlite::Result<u64> {
+    fn log_head(&self) -> rusqlite::Result<Seq> {
         self.conn()
-            .query_row("SELECT coalesce(max(seq), 0) FROM log", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map(|v| v as u64)
+            .query_row("SELECT coalesce(max(seq), 0) FROM log", [], |r| r.get(0))
     }
 
     /// An integer from the `meta` table.
@@ -791,9 +787,9 @@ pub trait Queries {
 
     /// Files shipped while a writer had them open, not yet logged again
     /// (see [`VERSION_2`]).
-    fn writing(&self) -> rusqlite::Result<Vec<u64>> {
+    fn writing(&self) -> rusqlite::Result<Vec<Ino>> {
         let mut stmt = self.conn().prepare_cached("SELECT ino FROM writing")?;
-        let rows = stmt.query_map([], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
         rows.collect()
     }
 
@@ -875,27 +871,27 @@ pub trait Queries {
 
     /// The chunk list of a file: (BLAKE3 hash, length) in order.
     /// A stored hash that is not 32 bytes is an error, not a short hash.
-    fn chunks(&self, ino: u64) -> rusqlite::Result<Vec<([u8; 32], u32)>> {
+    fn chunks(&self, ino: Ino) -> rusqlite::Result<Vec<(ChunkHash, u32)>> {
         let mut stmt = self
             .conn()
             .prepare_cached("SELECT hash, len FROM chunk WHERE ino=?1 ORDER BY idx")?;
-        let rows = stmt.query_map([ino as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let rows = stmt.query_map([ino], |r| Ok((ChunkHash(r.get(0)?), r.get(1)?)))?;
         rows.collect()
     }
 
     /// The inodes named by records after `seq` whose bytes may need shipping.
-    fn pending_content(&self, seq: u64) -> rusqlite::Result<Vec<u64>> {
+    fn pending_content(&self, seq: Seq) -> rusqlite::Result<Vec<Ino>> {
         let mut stmt = self.conn().prepare_cached(
             "SELECT DISTINCT ino FROM log
              WHERE seq>?1 AND NOT pulled AND op IN ('create', 'content', 'setattr')",
         )?;
-        let rows = stmt.query_map([seq as i64], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
+        let rows = stmt.query_map([seq], |r| r.get(0))?;
         rows.collect()
     }
 
     /// Cached regular files that are clean: shipped (their chunk list is
     /// the backend's) and with no record after `seq`. Eviction candidates.
-    fn clean_cached_files(&self, seq: u64) -> rusqlite::Result<Vec<u64>> {
+    fn clean_cached_files(&self, seq: Seq) -> rusqlite::Result<Vec<Ino>> {
         let mut stmt = self.conn().prepare_cached(&format!(
             "SELECT i.ino FROM inode i WHERE i.cached=1 AND i.mode & {} = {}
                AND EXISTS (SELECT 1 FROM chunk c WHERE c.ino = i.ino)
@@ -904,7 +900,7 @@ pub trait Queries {
             libc::S_IFMT,
             libc::S_IFREG
         ))?;
-        let rows = stmt.query_map([seq as i64], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
+        let rows = stmt.query_map([seq], |r| r.get(0))?;
         rows.collect()
     }
 
@@ -912,10 +908,10 @@ pub trait Queries {
     /// bytes each: `limit` of them after inode `after`, as (ino, size).
     fn uncached_files(
         &self,
-        after: u64,
+        after: Ino,
         max_size: u64,
         limit: usize,
-    ) -> rusqlite::Result<Vec<(u64, u64)>> {
+    ) -> rusqlite::Result<Vec<(Ino, u64)>> {
         let mut stmt = self.conn().prepare_cached(&format!(
             "SELECT ino, size FROM inode WHERE ino > ?1 AND cached = 0 AND size <= ?2
                AND mode & {} = {} ORDER BY ino LIMIT ?3",
@@ -923,12 +919,8 @@ pub trait Queries {
             libc::S_IFREG
         ))?;
         let rows = stmt.query_map(
-            params![
-                after as i64,
-                max_size.min(i64::MAX as u64) as i64,
-                limit as i64
-            ],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            params![after, max_size.min(i64::MAX as u64) as i64, limit as i64],
+            |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)),
         )?;
         rows.collect()
     }
@@ -949,7 +941,7 @@ pub trait Queries {
 
     /// Up to `limit` uncached regular files of at most `max_size` bytes
     /// named in directory `dir`, in directory order.
-    fn uncached_in(&self, dir: u64, max_size: u64, limit: usize) -> rusqlite::Result<Vec<u64>> {
+    fn uncached_in(&self, dir: Ino, max_size: u64, limit: usize) -> rusqlite::Result<Vec<Ino>> {
         let mut stmt = self.conn().prepare_cached(&format!(
             "SELECT i.ino FROM dentry d JOIN inode i ON i.ino = d.ino
              WHERE d.parent = ?1 AND i.cached = 0 AND i.size <= ?2 AND i.mode & {} = {}
@@ -958,24 +950,18 @@ pub trait Queries {
             libc::S_IFREG
         ))?;
         let rows = stmt.query_map(
-            params![
-                dir as i64,
-                max_size.min(i64::MAX as u64) as i64,
-                limit as i64
-            ],
-            |r| r.get::<_, i64>(0).map(|v| v as u64),
+            params![dir, max_size.min(i64::MAX as u64) as i64, limit as i64],
+            |r| r.get(0),
         )?;
         rows.collect()
     }
 
     /// Count and oldest time of the records after `seq` that are this
     /// host's own changes (pulled ones have nothing to ship).
-    fn pending(&self, seq: u64) -> rusqlite::Result<(u64, Option<Nanos>)> {
+    fn pending(&self, seq: Seq) -> rusqlite::Result<(u64, Option<Nanos>)> {
         self.conn()
             .prepare_cached("SELECT count(*), min(at) FROM log WHERE seq>?1 AND NOT pulled")?
-            .query_row([seq as i64], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
-            })
+            .query_row([seq], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
     }
 }
 
@@ -1036,7 +1022,7 @@ pub struct NewInode<'a> {
 
 impl Tx<'_> {
     /// Creates an inode and links it as `parent/name`; logs `Create`.
-    pub fn create(&self, parent: u64, name: &[u8], new: &NewInode<'_>) -> rusqlite::Result<Inode> {
+    pub fn create(&self, parent: Ino, name: &[u8], new: &NewInode<'_>) -> rusqlite::Result<Inode> {
         let t = now();
         let is_dir = new.mode & libc::S_IFMT == libc::S_IFDIR;
         let size = new.target.map_or(0, |t| t.len() as i64);
@@ -1056,12 +1042,12 @@ impl Tx<'_> {
                 new.rdev,
                 new.target
             ])?;
-        let ino = self.txn.last_insert_rowid() as u64;
+        let ino = Ino(self.txn.last_insert_rowid() as u64);
         // A host's counter is its local inode number: unique on this host,
         // never reused (AUTOINCREMENT), and free to compute.
         self.txn
             .prepare_cached("UPDATE inode SET counter=ino WHERE ino=?1")?
-            .execute([ino as i64])?;
+            .execute([ino])?;
         self.insert_dentry(parent, name, ino)?;
         if is_dir {
             self.add_nlink(parent, 1)?;
@@ -1072,23 +1058,23 @@ impl Tx<'_> {
     }
 
     /// Adds the name `parent/name` for the existing `ino`; logs `Link`.
-    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> rusqlite::Result<()> {
+    pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> rusqlite::Result<()> {
         let t = now();
         self.insert_dentry(parent, name, ino)?;
         self.txn
             .prepare_cached("UPDATE inode SET nlink=nlink+1, ctime=?2 WHERE ino=?1")?
-            .execute(params![ino as i64, t])?;
+            .execute(params![ino, t])?;
         self.touch_dir(parent, t)?;
         self.log(&Change::Link { ino, parent, name })
     }
 
     /// Removes the name `parent/name` of `victim`; logs `Unlink`. Returns
     /// the victim's remaining link count (a directory's is 0).
-    pub fn unlink(&self, parent: u64, name: &[u8], victim: &Inode) -> rusqlite::Result<u32> {
+    pub fn unlink(&self, parent: Ino, name: &[u8], victim: &Inode) -> rusqlite::Result<u32> {
         let t = now();
         self.txn
             .prepare_cached("DELETE FROM dentry WHERE parent=?1 AND name=?2")?
-            .execute(params![parent as i64, name])?;
+            .execute(params![parent, name])?;
         let nlink = if victim.kind() == Kind::Dir {
             self.add_nlink(parent, -1)?;
             0
@@ -1097,7 +1083,7 @@ impl Tx<'_> {
         };
         self.txn
             .prepare_cached("UPDATE inode SET nlink=?2, ctime=?3 WHERE ino=?1")?
-            .execute(params![victim.ino as i64, nlink, t])?;
+            .execute(params![victim.ino, nlink, t])?;
         self.touch_dir(parent, t)?;
         self.log(&Change::Unlink {
             ino: victim.ino,
@@ -1109,15 +1095,15 @@ impl Tx<'_> {
 
     /// Deletes inode `ino` and its xattrs for good (its last name and last
     /// open handle are gone); logs `Delete`.
-    pub fn delete(&self, ino: u64) -> rusqlite::Result<()> {
+    pub fn delete(&self, ino: Ino) -> rusqlite::Result<()> {
         self.log(&Change::Delete { ino })?;
         self.clear_writing(ino)?;
         self.txn
             .prepare_cached("DELETE FROM xattr WHERE ino=?1")?
-            .execute([ino as i64])?;
+            .execute([ino])?;
         self.txn
             .prepare_cached("DELETE FROM inode WHERE ino=?1")?
-            .execute([ino as i64])?;
+            .execute([ino])?;
         Ok(())
     }
 
@@ -1125,16 +1111,16 @@ impl Tx<'_> {
     /// caller has already cleared; logs `Rename`.
     pub fn rename(
         &self,
-        parent: u64,
+        parent: Ino,
         name: &[u8],
-        newparent: u64,
+        newparent: Ino,
         newname: &[u8],
         moved: &Inode,
     ) -> rusqlite::Result<()> {
         let t = now();
         self.txn
             .prepare_cached("DELETE FROM dentry WHERE parent=?1 AND name=?2")?
-            .execute(params![parent as i64, name])?;
+            .execute(params![parent, name])?;
         self.insert_dentry(newparent, newname, moved.ino)?;
         if moved.kind() == Kind::Dir && parent != newparent {
             self.add_nlink(parent, -1)?;
@@ -1155,14 +1141,14 @@ impl Tx<'_> {
     /// Swaps the inodes behind two names (RENAME_EXCHANGE); logs `Exchange`.
     pub fn exchange(
         &self,
-        (parent, name, a): (u64, &[u8], &Inode),
-        (newparent, newname, b): (u64, &[u8], &Inode),
+        (parent, name, a): (Ino, &[u8], &Inode),
+        (newparent, newname, b): (Ino, &[u8], &Inode),
     ) -> rusqlite::Result<()> {
         let t = now();
-        let set = |p: u64, n: &[u8], ino: u64| -> rusqlite::Result<usize> {
+        let set = |p: Ino, n: &[u8], ino: Ino| -> rusqlite::Result<usize> {
             self.txn
                 .prepare_cached("UPDATE dentry SET ino=?3 WHERE parent=?1 AND name=?2")?
-                .execute(params![p as i64, n, ino as i64])
+                .execute(params![p, n, ino])
         };
         set(parent, name, b.ino)?;
         set(newparent, newname, a.ino)?;
@@ -1194,7 +1180,7 @@ impl Tx<'_> {
                 "UPDATE inode SET mode=?2, uid=?3, gid=?4, size=?5, atime=?6, mtime=?7, ctime=?8 WHERE ino=?1",
             )?
             .execute(params![
-                inode.ino as i64,
+                inode.ino,
                 inode.mode,
                 inode.uid,
                 inode.gid,
@@ -1212,32 +1198,32 @@ impl Tx<'_> {
     /// the two, the log claims a change that did not happen, which is
     /// harmless (replication re-reads the file), whereas the other order
     /// could lose a change.
-    pub fn content(&self, ino: u64) -> rusqlite::Result<()> {
+    pub fn content(&self, ino: Ino) -> rusqlite::Result<()> {
         self.touch_ctime(ino, now())?;
         self.log(&Change::Content { ino })
     }
 
     /// Sets xattr `name` of `ino`; logs `Xattr`.
-    pub fn set_xattr(&self, ino: u64, name: &[u8], value: &[u8]) -> rusqlite::Result<()> {
+    pub fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8]) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached("INSERT OR REPLACE INTO xattr(ino, name, value) VALUES (?1, ?2, ?3)")?
-            .execute(params![ino as i64, name, value])?;
+            .execute(params![ino, name, value])?;
         self.xattr_changed(ino)
     }
 
     /// Removes xattr `name` of `ino`; returns whether it existed. Logs `Xattr`.
-    pub fn remove_xattr(&self, ino: u64, name: &[u8]) -> rusqlite::Result<bool> {
+    pub fn remove_xattr(&self, ino: Ino, name: &[u8]) -> rusqlite::Result<bool> {
         let n = self
             .txn
             .prepare_cached("DELETE FROM xattr WHERE ino=?1 AND name=?2")?
-            .execute(params![ino as i64, name])?;
+            .execute(params![ino, name])?;
         if n > 0 {
             self.xattr_changed(ino)?;
         }
         Ok(n > 0)
     }
 
-    fn xattr_changed(&self, ino: u64) -> rusqlite::Result<()> {
+    fn xattr_changed(&self, ino: Ino) -> rusqlite::Result<()> {
         self.touch_ctime(ino, now())?;
         self.log(&Change::Xattr { ino })
     }
@@ -1277,18 +1263,18 @@ impl Tx<'_> {
     }
 
     /// Remembers that `ino` was shipped while open for writing.
-    pub fn mark_writing(&self, ino: u64) -> rusqlite::Result<()> {
+    pub fn mark_writing(&self, ino: Ino) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached("INSERT OR IGNORE INTO writing(ino) VALUES (?1)")?
-            .execute([ino as i64])?;
+            .execute([ino])?;
         Ok(())
     }
 
     /// `ino` is logged again (or gone): forget [`Tx::mark_writing`].
-    pub fn clear_writing(&self, ino: u64) -> rusqlite::Result<()> {
+    pub fn clear_writing(&self, ino: Ino) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached("DELETE FROM writing WHERE ino=?1")?
-            .execute([ino as i64])?;
+            .execute([ino])?;
         Ok(())
     }
 
@@ -1365,17 +1351,17 @@ impl Tx<'_> {
     /// Removes the name `parent/name` of `ino` as the backend did; logs
     /// `Unlink`. Times are the backend's and links are recounted by the
     /// caller ([`Tx::recount`]).
-    pub fn drop_entry(&self, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
+    pub fn drop_entry(&self, parent: Ino, name: &[u8], ino: Ino) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached("DELETE FROM dentry WHERE parent=?1 AND name=?2")?
-            .execute(params![parent as i64, name])?;
+            .execute(params![parent, name])?;
         self.log(&Change::Unlink { ino, parent, name })
     }
 
     /// Sets the link count of `ino` from its entries: names for a
     /// non-directory, 2 plus subdirectories for a directory (whose single
     /// name is not counted, as everywhere in this store).
-    pub fn recount(&self, ino: u64) -> rusqlite::Result<()> {
+    pub fn recount(&self, ino: Ino) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached(&format!(
                 "UPDATE inode SET nlink = CASE WHEN mode & {ifmt} = {ifdir}
@@ -1386,7 +1372,7 @@ impl Tx<'_> {
                 ifmt = libc::S_IFMT,
                 ifdir = libc::S_IFDIR
             ))?
-            .execute([ino as i64])?;
+            .execute([ino])?;
         Ok(())
     }
 
@@ -1396,7 +1382,7 @@ impl Tx<'_> {
     /// does to this host's version of an object the backend resolved the
     /// other way (replaced, or deleted while it was changed here): that
     /// version lives on as a new object instead of being lost.
-    pub fn reidentify(&self, ino: u64) -> rusqlite::Result<(u32, u64)> {
+    pub fn reidentify(&self, ino: Ino) -> rusqlite::Result<(u32, u64)> {
         // A counter from the inode sequence: larger than every local inode
         // number so far, so no inode of this host ever had it, and it keeps
         // the store's high-water mark honest (see `crate::binding`).
@@ -1412,7 +1398,7 @@ impl Tx<'_> {
             .execute([counter])?;
         self.txn
             .prepare_cached("UPDATE inode SET host=?2, counter=?3 WHERE ino=?1")?
-            .execute(params![ino as i64, self.host, counter])?;
+            .execute(params![ino, self.host, counter])?;
         self.relog(ino)?;
         Ok((self.host, counter as u64))
     }
@@ -1420,20 +1406,20 @@ impl Tx<'_> {
     /// Logs `Revive` for `ino`: it and all its names ship again, whole (an
     /// object refused by the backend for its directory's sake, say, after
     /// that directory was settled).
-    pub fn relog(&self, ino: u64) -> rusqlite::Result<()> {
+    pub fn relog(&self, ino: Ino) -> rusqlite::Result<()> {
         self.log(&Change::Revive { ino })
     }
 
     /// Replaces the chunk list of a file.
-    pub fn set_chunks(&self, ino: u64, chunks: &[([u8; 32], u32)]) -> rusqlite::Result<()> {
+    pub fn set_chunks(&self, ino: Ino, chunks: &[(ChunkHash, u32)]) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached("DELETE FROM chunk WHERE ino=?1")?
-            .execute([ino as i64])?;
+            .execute([ino])?;
         let mut stmt = self
             .txn
             .prepare_cached("INSERT INTO chunk(ino, idx, hash, len) VALUES (?1, ?2, ?3, ?4)")?;
         for (idx, (hash, len)) in chunks.iter().enumerate() {
-            stmt.execute(params![ino as i64, idx as i64, &hash[..], len])?;
+            stmt.execute(params![ino, idx as i64, &hash.0[..], len])?;
         }
         Ok(())
     }
@@ -1441,25 +1427,25 @@ impl Tx<'_> {
     /// Records that a file's bytes now live only at the backend: the row
     /// takes over the size and mtime its data file held. Not logged: the
     /// file did not change.
-    pub fn set_evicted(&self, ino: u64, size: u64, mtime: Nanos) -> rusqlite::Result<()> {
+    pub fn set_evicted(&self, ino: Ino, size: u64, mtime: Nanos) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached("UPDATE inode SET cached=0, size=?2, mtime=?3 WHERE ino=?1")?
-            .execute(params![ino as i64, size as i64, mtime])?;
+            .execute(params![ino, size as i64, mtime])?;
         Ok(())
     }
 
     /// Marks whether a file's data file holds its bytes.
-    pub fn set_cached(&self, ino: u64, cached: bool) -> rusqlite::Result<()> {
+    pub fn set_cached(&self, ino: Ino, cached: bool) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached("UPDATE inode SET cached=?2 WHERE ino=?1")?
-            .execute(params![ino as i64, cached])?;
+            .execute(params![ino, cached])?;
         Ok(())
     }
 
     /// Inserts or overwrites an inode that came from the backend, keyed by
     /// its global identity; returns its local number. Regular files arrive
     /// uncached. Logged as `Import`, so the log still replays to the store.
-    pub fn import_inode(&self, inode: &Inode, target: Option<&[u8]>) -> rusqlite::Result<u64> {
+    pub fn import_inode(&self, inode: &Inode, target: Option<&[u8]>) -> rusqlite::Result<Ino> {
         let existing = self.ino_of(inode.host, inode.counter)?;
         let ino = match existing {
             Some(ino) => ino,
@@ -1470,7 +1456,7 @@ impl Tx<'_> {
                          VALUES (?1, ?2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)",
                     )?
                     .execute(params![inode.host, inode.counter as i64])?;
-                self.txn.last_insert_rowid() as u64
+                Ino(self.txn.last_insert_rowid() as u64)
             }
         };
         self.txn
@@ -1479,7 +1465,7 @@ impl Tx<'_> {
                  crtime=?8, rdev=?9, target=?10, cached=?11 WHERE ino=?1",
             )?
             .execute(params![
-                ino as i64,
+                ino,
                 inode.mode,
                 inode.uid,
                 inode.gid,
@@ -1496,20 +1482,20 @@ impl Tx<'_> {
     }
 
     /// Replaces the xattrs of an imported inode.
-    pub fn import_xattrs(&self, ino: u64, xattrs: &[(Vec<u8>, Vec<u8>)]) -> rusqlite::Result<()> {
+    pub fn import_xattrs(&self, ino: Ino, xattrs: &[(Vec<u8>, Vec<u8>)]) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached("DELETE FROM xattr WHERE ino=?1")?
-            .execute([ino as i64])?;
+            .execute([ino])?;
         for (name, value) in xattrs {
             self.txn
                 .prepare_cached("INSERT INTO xattr(ino, name, value) VALUES (?1, ?2, ?3)")?
-                .execute(params![ino as i64, name, value])?;
+                .execute(params![ino, name, value])?;
         }
         Ok(())
     }
 
     /// Inserts an entry that came from the backend, logged as `Link`.
-    pub fn import_entry(&self, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
+    pub fn import_entry(&self, parent: Ino, name: &[u8], ino: Ino) -> rusqlite::Result<()> {
         self.insert_dentry(parent, name, ino)?;
         self.log(&Change::Link { ino, parent, name })
     }
@@ -1527,36 +1513,36 @@ impl Tx<'_> {
         ))
     }
 
-    fn insert_dentry(&self, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
+    fn insert_dentry(&self, parent: Ino, name: &[u8], ino: Ino) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached("INSERT INTO dentry(parent, name, ino) VALUES (?1, ?2, ?3)")?
-            .execute(params![parent as i64, name, ino as i64])?;
+            .execute(params![parent, name, ino])?;
         Ok(())
     }
 
-    fn add_nlink(&self, dir: u64, delta: i64) -> rusqlite::Result<()> {
+    fn add_nlink(&self, dir: Ino, delta: i64) -> rusqlite::Result<()> {
         if delta != 0 {
             self.txn
                 .prepare_cached("UPDATE inode SET nlink=nlink+?2 WHERE ino=?1")?
-                .execute(params![dir as i64, delta])?;
+                .execute(params![dir, delta])?;
         }
         Ok(())
     }
 
     /// Sets the ctime of `ino`: its status changed at `t`.
-    fn touch_ctime(&self, ino: u64, t: Nanos) -> rusqlite::Result<()> {
+    fn touch_ctime(&self, ino: Ino, t: Nanos) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
-            .execute(params![ino as i64, t])?;
+            .execute(params![ino, t])?;
         Ok(())
     }
 
     /// A directory's mtime and ctime change with its entries. The directory
     /// itself is not versioned for this: its entries are logged on their own.
-    fn touch_dir(&self, dir: u64, t: Nanos) -> rusqlite::Result<()> {
+    fn touch_dir(&self, dir: Ino, t: Nanos) -> rusqlite::Result<()> {
         self.txn
             .prepare_cached("UPDATE inode SET mtime=?2, ctime=?2 WHERE ino=?1")?
-            .execute(params![dir as i64, t])?;
+            .execute(params![dir, t])?;
         Ok(())
     }
 
@@ -1565,11 +1551,11 @@ impl Tx<'_> {
         let ino = change.ino();
         self.txn
             .prepare_cached("UPDATE inode SET version=version+1 WHERE ino=?1")?
-            .execute([ino as i64])?;
+            .execute([ino])?;
         let (version, host, counter): (i64, i64, i64) = self
             .txn
             .prepare_cached("SELECT version, host, counter FROM inode WHERE ino=?1")?
-            .query_row([ino as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            .query_row([ino], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         let (parent, name, parent2, name2) = change.places();
         self.txn
             .prepare_cached(
@@ -1578,11 +1564,11 @@ impl Tx<'_> {
             )?
             .execute(params![
                 change.op(),
-                ino as i64,
+                ino,
                 version,
-                parent.map(|p| p as i64),
+                parent,
                 name,
-                parent2.map(|p| p as i64),
+                parent2,
                 name2,
                 self.at,
                 host,

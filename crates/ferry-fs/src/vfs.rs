@@ -25,6 +25,7 @@ use tracing::{error, warn};
 
 use crate::data::DataFiles;
 use crate::error::StoreError;
+use crate::ids::{Fh, Ino};
 use crate::store::{self, Inode, Kind, Nanos, NewInode, Queries, Store, Tx, ROOT_INO};
 
 /// Longest name accepted, as on every Linux file system.
@@ -39,7 +40,7 @@ pub const XATTR_SIZE_MAX: usize = 65536;
 pub trait ContentSource: Send + Sync {
     /// Makes the data file of `ino` hold the bytes of its chunk list and
     /// marks it cached in `store`; the error is a one-line reason.
-    fn fetch(&self, store: &Store, ino: u64) -> Result<(), String>;
+    fn fetch(&self, store: &Store, ino: Ino) -> Result<(), String>;
 }
 
 /// Who is asking: the kernel's view of the calling process.
@@ -73,7 +74,7 @@ pub struct SetAttr {
 /// An open regular file.
 pub struct Handle {
     /// The inode it belongs to.
-    pub ino: u64,
+    pub ino: Ino,
     /// The data file, always opened read-write so the kernel's writeback
     /// cache may write through any handle.
     pub file: File,
@@ -100,9 +101,9 @@ pub struct Vfs {
     read_only: bool,
     /// FUSE lookup counts: an inode with no names lives until the kernel
     /// forgets it, because open files and cwds still reach it.
-    lookups: Mutex<HashMap<u64, u64>>,
-    handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    open: Mutex<HashMap<u64, OpenState>>,
+    lookups: Mutex<HashMap<Ino, u64>>,
+    handles: Mutex<HashMap<Fh, Arc<Handle>>>,
+    open: Mutex<HashMap<Ino, OpenState>>,
     next_fh: AtomicU64,
     /// Fetches uncached files; set when the volume has a backend.
     source: std::sync::OnceLock<Arc<dyn ContentSource>>,
@@ -113,7 +114,7 @@ pub struct Vfs {
     residency: std::sync::RwLock<()>,
     /// When each file was last opened, for least-recently-used eviction
     /// (kept only with a backend; entries leave with their inode).
-    last_open: Mutex<HashMap<u64, std::time::Instant>>,
+    last_open: Mutex<HashMap<Ino, std::time::Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -261,7 +262,7 @@ impl Vfs {
 
     /// Makes sure the data file of `ino` holds its bytes, fetching them from
     /// the backend if this host never had them (or evicted them).
-    fn ensure_cached(&self, ino: u64) -> Result<(), Errno> {
+    fn ensure_cached(&self, ino: Ino) -> Result<(), Errno> {
         let inode = self.inode(ino)?;
         if inode.cached {
             return Ok(());
@@ -302,13 +303,12 @@ impl Vfs {
     }
 
     fn reap_orphans(&self) -> rusqlite::Result<()> {
-        let orphans: Vec<u64> = self.store.read(|r| {
+        let orphans: Vec<Ino> = self.store.read(|r| {
             let mut stmt = r
                 .conn()
                 .prepare("SELECT ino FROM inode WHERE nlink=0 AND ino!=?1")?;
-            let rows = stmt.query_map([ROOT_INO as i64], |row| row.get::<_, i64>(0))?;
-            rows.map(|r| r.map(|i| i as u64))
-                .collect::<rusqlite::Result<Vec<u64>>>()
+            let rows = stmt.query_map([ROOT_INO], |row| row.get(0))?;
+            rows.collect::<rusqlite::Result<Vec<Ino>>>()
         })?;
         for ino in orphans {
             self.store.write(|tx| tx.delete(ino))?;
@@ -386,7 +386,7 @@ impl Vfs {
             )
         };
         Ok(FileAttr {
-            ino: fuser::INodeNo(inode.ino),
+            ino: inode.ino.into(),
             size,
             blocks,
             atime: to_system_time(inode.atime),
@@ -404,7 +404,7 @@ impl Vfs {
         })
     }
 
-    fn inode(&self, ino: u64) -> Result<Inode, Errno> {
+    fn inode(&self, ino: Ino) -> Result<Inode, Errno> {
         self.store
             .read(|r| r.inode(ino))
             .map_err(db_err)?
@@ -412,12 +412,12 @@ impl Vfs {
     }
 
     /// `getattr`.
-    pub fn getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
+    pub fn getattr(&self, ino: Ino) -> Result<FileAttr, Errno> {
         self.attr(&self.inode(ino)?)
     }
 
     /// `setattr`: chmod, chown, truncate and utimensat in one request.
-    pub fn setattr(&self, ino: u64, set: &SetAttr, fh: Option<u64>) -> Result<FileAttr, Errno> {
+    pub fn setattr(&self, ino: Ino, set: &SetAttr, fh: Option<Fh>) -> Result<FileAttr, Errno> {
         self.writable()?;
         let now = store::now();
         let nanos = |t: &TimeOrNow| match t {
@@ -489,7 +489,7 @@ impl Vfs {
     }
 
     /// The data file of `ino`: the open handle's when there is one.
-    fn data_file(&self, ino: u64, fh: Option<u64>) -> Result<FileRef, Errno> {
+    fn data_file(&self, ino: Ino, fh: Option<Fh>) -> Result<FileRef, Errno> {
         if let Some(h) = fh.and_then(|fh| lock(&self.handles).get(&fh).cloned()) {
             if h.ino == ino {
                 return Ok(FileRef::Handle(h));
@@ -506,7 +506,7 @@ impl Vfs {
     // ----- names ----------------------------------------------------------
 
     /// `lookup`: counts a kernel reference on success.
-    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<FileAttr, Errno> {
         check_name(name)?;
         let inode = self
             .store
@@ -518,13 +518,13 @@ impl Vfs {
         Ok(attr)
     }
 
-    fn remember(&self, ino: u64) {
+    fn remember(&self, ino: Ino) {
         *lock(&self.lookups).entry(ino).or_default() += 1;
     }
 
     /// `forget`: drops `n` kernel references; the last one of an inode
     /// with no names deletes it.
-    pub fn forget(&self, ino: u64, n: u64) {
+    pub fn forget(&self, ino: Ino, n: u64) {
         let gone = {
             let mut lookups = lock(&self.lookups);
             match lookups.get_mut(&ino) {
@@ -546,7 +546,7 @@ impl Vfs {
         }
     }
 
-    fn delete_if_unlinked(&self, ino: u64) -> Result<(), Errno> {
+    fn delete_if_unlinked(&self, ino: Ino) -> Result<(), Errno> {
         self.store.make_room();
         let deleted = self
             .store
@@ -564,7 +564,7 @@ impl Vfs {
         Ok(())
     }
 
-    fn remove_data(&self, ino: u64) {
+    fn remove_data(&self, ino: Ino) {
         let path = self.store.data_path(ino);
         if let Err(e) = self.data.free(&path) {
             warn!("freeing {}: {e}", path.display());
@@ -579,7 +579,7 @@ impl Vfs {
     pub fn make(
         &self,
         caller: Caller,
-        parent: u64,
+        parent: Ino,
         name: &[u8],
         mode: u32,
         rdev: u32,
@@ -637,7 +637,7 @@ impl Vfs {
     }
 
     /// `readlink`.
-    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>, Errno> {
         self.store
             .read(|r| r.symlink_target(ino))
             .map_err(db_err)?
@@ -645,7 +645,7 @@ impl Vfs {
     }
 
     /// `link`: a new name for an existing non-directory.
-    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
+    pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<FileAttr, Errno> {
         self.writable()?;
         check_name(name)?;
         let inode = self.store.write(|tx| -> Result<Inode, TxError> {
@@ -672,7 +672,7 @@ impl Vfs {
     }
 
     /// `unlink` (`dir == false`) and `rmdir` (`dir == true`).
-    pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> Result<(), Errno> {
+    pub fn remove(&self, parent: Ino, name: &[u8], dir: bool) -> Result<(), Errno> {
         self.writable()?;
         check_name(name)?;
         self.store.make_room();
@@ -688,7 +688,7 @@ impl Vfs {
 
     /// Deletes an inode that just lost its last name, unless the kernel
     /// still holds it (it is open, or a cwd): then `forget` deletes it.
-    pub(crate) fn delete_if_forgotten(&self, ino: u64) {
+    pub(crate) fn delete_if_forgotten(&self, ino: Ino) {
         if !lock(&self.lookups).contains_key(&ino) {
             if let Err(e) = self.delete_if_unlinked(ino) {
                 warn!("delete {ino}: {e:?}");
@@ -699,9 +699,9 @@ impl Vfs {
     /// `rename`, with RENAME_NOREPLACE and RENAME_EXCHANGE.
     pub fn rename(
         &self,
-        parent: u64,
+        parent: Ino,
         name: &[u8],
-        newparent: u64,
+        newparent: Ino,
         newname: &[u8],
         flags: u32,
     ) -> Result<(), Errno> {
@@ -770,7 +770,7 @@ impl Vfs {
     /// reference, as readdirplus replies do.
     pub fn readdir(
         &self,
-        dir: u64,
+        dir: Ino,
         offset: u64,
         plus: bool,
         mut emit: impl FnMut(u64, &[u8], &FileAttr) -> bool,
@@ -828,7 +828,7 @@ impl Vfs {
     /// `created`: the inode was just created by this open, so its `Create`
     /// record already stands for its first contents and the writes that
     /// follow need no `Content` record of their own.
-    pub fn open(&self, ino: u64, flags: i32, created: bool) -> Result<u64, Errno> {
+    pub fn open(&self, ino: Ino, flags: i32, created: bool) -> Result<Fh, Errno> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         if writable {
             self.writable()?;
@@ -859,7 +859,7 @@ impl Vfs {
             state.writers += 1;
             state.logged |= created;
         }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let fh = Fh(self.next_fh.fetch_add(1, Ordering::Relaxed));
         lock(&self.handles).insert(
             fh,
             Arc::new(Handle {
@@ -872,12 +872,12 @@ impl Vfs {
     }
 
     /// The handle `fh`.
-    pub fn handle(&self, fh: u64) -> Result<Arc<Handle>, Errno> {
+    pub fn handle(&self, fh: Fh) -> Result<Arc<Handle>, Errno> {
         lock(&self.handles).get(&fh).cloned().ok_or(Errno::EBADF)
     }
 
     /// `read`.
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    pub fn read(&self, fh: Fh, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let h = self.handle(fh)?;
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
@@ -893,12 +893,12 @@ impl Vfs {
         Ok(buf)
     }
 
-    fn in_logged_run(&self, ino: u64) -> bool {
+    fn in_logged_run(&self, ino: Ino) -> bool {
         lock(&self.open).get(&ino).is_some_and(|s| s.logged)
     }
 
     /// Logs the first change of a run of writes to `ino` (see module docs).
-    pub fn will_modify(&self, ino: u64) -> Result<(), Errno> {
+    pub fn will_modify(&self, ino: Ino) -> Result<(), Errno> {
         self.writable()?;
         if self.in_logged_run(ino) {
             return Ok(());
@@ -916,7 +916,7 @@ impl Vfs {
     /// Clears the set-user-ID bit, and the set-group-ID bit of a
     /// group-executable file, as Linux does when someone other than root
     /// writes to the file.
-    pub fn clear_setid(&self, ino: u64) -> Result<(), Errno> {
+    pub fn clear_setid(&self, ino: Ino) -> Result<(), Errno> {
         let inode = self.inode(ino)?;
         let mut strip = inode.mode & libc::S_ISUID;
         if inode.mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
@@ -933,7 +933,7 @@ impl Vfs {
     }
 
     /// `write`.
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+    pub fn write(&self, fh: Fh, offset: u64, data: &[u8]) -> Result<u32, Errno> {
         let h = self.handle(fh)?;
         self.will_modify(h.ino)?;
         h.file.write_all_at(data, offset).map_err(io_err)?;
@@ -941,7 +941,7 @@ impl Vfs {
     }
 
     /// `release`: closes the handle; the last writer ends the run of writes.
-    pub fn release(&self, fh: u64) {
+    pub fn release(&self, fh: Fh) {
         let Some(h) = lock(&self.handles).remove(&fh) else {
             return;
         };
@@ -974,8 +974,8 @@ impl Vfs {
     /// Evicts the clean files among `candidates` (least recently opened
     /// first) until the cached bytes are at most `target`; returns the
     /// bytes still cached. Files with open handles stay.
-    pub fn evict(&self, candidates: &[u64], cached: u64, target: u64) -> Result<u64, Errno> {
-        let mut order: Vec<(Option<std::time::Instant>, u64)> = {
+    pub fn evict(&self, candidates: &[Ino], cached: u64, target: u64) -> Result<u64, Errno> {
+        let mut order: Vec<(Option<std::time::Instant>, Ino)> = {
             let last = lock(&self.last_open);
             candidates
                 .iter()
@@ -1012,12 +1012,12 @@ impl Vfs {
     }
 
     /// Whether any handle has `ino` open.
-    pub fn is_open(&self, ino: u64) -> bool {
+    pub fn is_open(&self, ino: Ino) -> bool {
         lock(&self.handles).values().any(|h| h.ino == ino)
     }
 
     /// Whether `ino` is open for writing.
-    pub fn has_writers(&self, ino: u64) -> bool {
+    pub fn has_writers(&self, ino: Ino) -> bool {
         lock(&self.open).get(&ino).is_some_and(|s| s.writers > 0)
     }
 
@@ -1026,7 +1026,7 @@ impl Vfs {
     /// again and shipped later, never lost between two reads. The shipper
     /// makes that promise durable with [`Tx::mark_writing`] in the commit
     /// that records the shipped state, if the file still has writers then.
-    pub fn begin_ship(&self, ino: u64) {
+    pub fn begin_ship(&self, ino: Ino) {
         if let Some(state) = lock(&self.open).get_mut(&ino) {
             state.logged = false;
             state.shipped_mid_run = true;
@@ -1038,7 +1038,7 @@ impl Vfs {
     /// its run began, and passthrough or mmap writes may have followed) is
     /// logged now, so the sync waits for its current contents too.
     pub fn log_open_writers(&self) -> Result<(), Errno> {
-        let unlogged: Vec<u64> = lock(&self.open)
+        let unlogged: Vec<Ino> = lock(&self.open)
             .iter()
             .filter(|(_, s)| s.writers > 0 && !s.logged)
             .map(|(ino, _)| *ino)
@@ -1058,7 +1058,7 @@ impl Vfs {
     /// The data directory is synced too: a new file's data file got its name
     /// there (a create or a recycled spare's rename), and after a power cut
     /// the inode committed in the WAL must find it.
-    pub fn fsync(&self, fh: Option<u64>, datasync: bool) -> Result<(), Errno> {
+    pub fn fsync(&self, fh: Option<Fh>, datasync: bool) -> Result<(), Errno> {
         if let Some(fh) = fh {
             let h = self.handle(fh)?;
             if datasync {
@@ -1074,7 +1074,7 @@ impl Vfs {
     }
 
     /// `fallocate`, any mode the data file's file system supports.
-    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
+    pub fn fallocate(&self, fh: Fh, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
         let h = self.handle(fh)?;
         let (offset, length) = (
             i64::try_from(offset).map_err(|_| Errno::EFBIG)?,
@@ -1086,7 +1086,7 @@ impl Vfs {
     }
 
     /// `lseek` for SEEK_DATA and SEEK_HOLE (others never reach the daemon).
-    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
+    pub fn lseek(&self, fh: Fh, offset: i64, whence: i32) -> Result<i64, Errno> {
         let h = self.handle(fh)?;
         let whence = match whence {
             libc::SEEK_DATA => nix::unistd::Whence::SeekData,
@@ -1102,8 +1102,8 @@ impl Vfs {
     /// data files (a reflink where the store's file system can).
     pub fn copy_file_range(
         &self,
-        (fh_in, off_in): (u64, u64),
-        (fh_out, off_out): (u64, u64),
+        (fh_in, off_in): (Fh, u64),
+        (fh_out, off_out): (Fh, u64),
         len: u64,
     ) -> Result<u32, Errno> {
         let (src, dst) = (self.handle(fh_in)?, self.handle(fh_out)?);
@@ -1126,7 +1126,7 @@ impl Vfs {
     // ----- xattrs ---------------------------------------------------------
 
     /// `setxattr` with XATTR_CREATE / XATTR_REPLACE.
-    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<(), Errno> {
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<(), Errno> {
         self.writable()?;
         check_xattr_name(name)?;
         if value.len() > XATTR_SIZE_MAX {
@@ -1148,7 +1148,7 @@ impl Vfs {
     }
 
     /// `getxattr`.
-    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>, Errno> {
         check_xattr_name(name)?;
         self.store
             .read(|r| r.xattr(ino, name))
@@ -1157,7 +1157,7 @@ impl Vfs {
     }
 
     /// `listxattr`: the names, each NUL-terminated.
-    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<u8>, Errno> {
         let names = self.store.read(|r| r.xattr_names(ino)).map_err(db_err)?;
         let mut out = Vec::new();
         for n in names {
@@ -1168,7 +1168,7 @@ impl Vfs {
     }
 
     /// `removexattr`.
-    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<(), Errno> {
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<(), Errno> {
         self.writable()?;
         check_xattr_name(name)?;
         let existed = self
@@ -1240,7 +1240,7 @@ fn check_removable(tx: &Tx<'_>, victim: &Inode, dir: bool) -> Result<(), TxError
 
 /// Refuses to move directory `dir` under itself: walks up from `dest` to
 /// the root (bounded by the tree's depth, which has no cycles).
-fn check_not_ancestor(tx: &Tx<'_>, dir: u64, dest: u64) -> Result<(), TxError> {
+fn check_not_ancestor(tx: &Tx<'_>, dir: Ino, dest: Ino) -> Result<(), TxError> {
     let mut at = dest;
     while at != ROOT_INO {
         if at == dir {

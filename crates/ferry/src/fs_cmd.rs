@@ -17,6 +17,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ferry_backend::Location;
 use ferry_fs::mount::{self, MountConfig};
 use ferry_fs::replicate::Prefetch;
 
@@ -55,7 +56,7 @@ pub enum Command {
         /// Where: `dir:/PATH` (embedded, no server; an absolute path whose
         /// parent exists) or `postgres://user@host/db`.
         #[arg(value_parser = backend_url)]
-        backend: String,
+        backend: Location,
         /// The volume's name.
         #[arg(long, default_value = "ferry")]
         name: String,
@@ -101,7 +102,7 @@ pub enum Command {
         verify: bool,
         /// Check the invariants of the volume at this backend.
         #[arg(long, group = "what", value_parser = backend_url)]
-        backend: Option<String>,
+        backend: Option<Location>,
     },
 }
 
@@ -139,7 +140,7 @@ pub struct MountArgs {
     /// Replicate to this backend (`dir:/PATH` or `postgres://…`, made by
     /// `ferry init`); without it the volume stays local [-o backend=URL].
     #[arg(long, value_parser = backend_url)]
-    backend: Option<String>,
+    backend: Option<Location>,
     /// Mount a store that belongs to a backend volume without replicating;
     /// its changes wait in its log [-o nobackend].
     #[arg(long)]
@@ -170,9 +171,10 @@ pub struct MountArgs {
     mountpoint: PathBuf,
 }
 
-/// A backend URL, checked for its form (clap's value parser).
-fn backend_url(url: &str) -> Result<String, String> {
-    mount::check_backend_url(url).map(|()| url.to_string())
+/// A backend URL, parsed once, here (clap's value parser): a bad one fails
+/// with the arguments.
+fn backend_url(url: &str) -> Result<Location, String> {
+    mount::parse_backend_url(url)
 }
 
 /// Runs one subcommand.
@@ -199,19 +201,19 @@ pub fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
             if let Some(store) = &store {
                 fsck_store(store, verify)?;
             }
-            if let Some(url) = &backend {
-                fsck_backend(url)?;
+            if let Some(location) = &backend {
+                fsck_backend(location)?;
             }
             Ok(())
         }
     }
 }
 
-fn init_cmd(url: &str, name: &str) -> anyhow::Result<()> {
+fn init_cmd(location: &Location, name: &str) -> anyhow::Result<()> {
     // A dir: volume gets its own new directory, never missing parents: a
     // typo must not leave a tree of directories somewhere unexpected.
-    let new_dir = match url.strip_prefix("dir:").map(Path::new) {
-        Some(dir) if !dir.try_exists().unwrap_or(true) => {
+    let new_dir = match location {
+        Location::Dir(dir) if !dir.try_exists().unwrap_or(true) => {
             let parent = dir.parent().unwrap_or(Path::new("/"));
             if !parent.is_dir() {
                 bail!(
@@ -225,12 +227,12 @@ fn init_cmd(url: &str, name: &str) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let info = ferry_backend::init(url, name)?;
+    let info = location.init(name)?;
     println!(
         "created volume {:?} ({}) at {}{}",
         info.name,
         info.volume_id,
-        ferry_backend::redact(url),
+        location,
         new_dir.map_or(String::new(), |d| format!(
             " (in the new directory {})",
             d.display()
@@ -273,9 +275,9 @@ fn fsck_store(store: &Path, verify: bool) -> anyhow::Result<()> {
     }
 }
 
-fn fsck_backend(url: &str) -> anyhow::Result<()> {
-    let shown = ferry_backend::redact(url);
-    let backend = ferry_backend::open(url, ferry_fs::replicate::CONNECT_TIMEOUT)?;
+fn fsck_backend(location: &Location) -> anyhow::Result<()> {
+    let shown = ferry_backend::redact(&location.url());
+    let backend = location.open(ferry_fs::replicate::CONNECT_TIMEOUT)?;
     let violations = ferry_backend::check(&*backend)?;
     for v in &violations {
         println!("{shown}: violation: {v}");
@@ -348,7 +350,8 @@ fn config(args: MountArgs, store: PathBuf) -> anyhow::Result<MountConfig> {
         if let Some(url) = std::env::var_os(DAEMON_BACKEND_ENV) {
             cfg.backend = Some(
                 url.into_string()
-                    .map_err(|_| anyhow::anyhow!("{DAEMON_BACKEND_ENV} is not valid UTF-8"))?,
+                    .map_err(|_| anyhow::anyhow!("{DAEMON_BACKEND_ENV} is not valid UTF-8"))?
+                    .parse()?,
             );
         }
     }
@@ -421,8 +424,8 @@ fn start_daemon(cfg: &MountConfig, log_format: LogFormat) -> anyhow::Result<()> 
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
-    if let Some(url) = &cfg.backend {
-        cmd.env(DAEMON_BACKEND_ENV, url);
+    if let Some(location) = &cfg.backend {
+        cmd.env(DAEMON_BACKEND_ENV, location.url());
     }
     let mut child = cmd.spawn().context("starting the ferry daemon")?;
     let stdout = child.stdout.take().context("the daemon's stdout")?;

@@ -43,6 +43,7 @@ use tracing::{debug, info, warn};
 
 use super::fetch::Fetcher;
 use super::{decode_key, entry_key, inode_key, listing_key, Backoff, Key, Link, ReplError, Shared};
+use crate::ids::Ino;
 use crate::log::{Outbox, Touched};
 use crate::store::{Inode, Kind, Queries, Tx, ROOT_INO};
 use crate::vfs::Vfs;
@@ -198,18 +199,18 @@ impl RemoteState {
 #[derive(Debug, Default)]
 pub(super) struct Effects {
     /// Inodes whose attributes or contents changed.
-    pub inodes: BTreeSet<u64>,
+    pub inodes: BTreeSet<Ino>,
     /// Names that appeared or changed: (directory, name).
-    pub added: Vec<(u64, Vec<u8>)>,
+    pub added: Vec<(Ino, Vec<u8>)>,
     /// Names that went: (directory, name, the inode it named).
-    pub removed: Vec<(u64, Vec<u8>, u64)>,
+    pub removed: Vec<(Ino, Vec<u8>, Ino)>,
     /// Inodes that lost their last name here: deleted once the kernel
     /// lets go of them.
-    pub orphans: BTreeSet<u64>,
+    pub orphans: BTreeSet<Ino>,
     /// Open files whose contents changed: fetched at once, in place.
-    pub refresh: BTreeSet<u64>,
+    pub refresh: BTreeSet<Ino>,
     /// Regular files that arrived or changed (for prefetch).
-    pub fetchable: BTreeSet<u64>,
+    pub fetchable: BTreeSet<Ino>,
     /// Remote changes applied.
     pub applied: u64,
     /// Paths of what was moved to `/lost+found` because its directory went.
@@ -220,12 +221,12 @@ pub(super) struct Effects {
 /// pending, so the remote state must not overwrite them.
 pub(super) struct Dirty {
     touched: Touched,
-    writing: HashSet<u64>,
+    writing: HashSet<Ino>,
     /// Directories with a change of this host's pending somewhere below
     /// them: taking one away (a pull of its removal or move) would take
     /// that change with it, so such a pull waits until it shipped (and,
     /// if the backend refuses it, conflict resolution decides).
-    holding: HashSet<u64>,
+    holding: HashSet<Ino>,
 }
 
 impl Dirty {
@@ -236,7 +237,7 @@ impl Dirty {
         // reports it; here, everything it could name is held back by
         // treating the log as touching nothing new.
         let touched = Touched::of(&pending).unwrap_or_default();
-        let writing: HashSet<u64> = tx.writing()?.into_iter().collect();
+        let writing: HashSet<Ino> = tx.writing()?.into_iter().collect();
         let mut holding = HashSet::new();
         for &ino in touched.inodes.iter().chain(&writing) {
             let mut at = ino;
@@ -256,18 +257,18 @@ impl Dirty {
     }
 
     /// Whether `ino` has a change of this host's to ship.
-    pub fn inode_pending(&self, ino: u64) -> bool {
+    pub fn inode_pending(&self, ino: Ino) -> bool {
         self.touched.inodes.contains(&ino) || self.writing.contains(&ino)
     }
 
-    fn inode(&self, tx: &Tx<'_>, vfs: &Vfs, ino: u64, id: ObjectId) -> rusqlite::Result<bool> {
+    fn inode(&self, tx: &Tx<'_>, vfs: &Vfs, ino: Ino, id: ObjectId) -> rusqlite::Result<bool> {
         Ok(self.touched.inodes.contains(&ino)
             || self.writing.contains(&ino)
             || vfs.has_writers(ino)
             || tx.in_conflict(&inode_key(id))?)
     }
 
-    fn name(&self, tx: &Tx<'_>, parent: u64, name: &[u8], key: &[u8]) -> rusqlite::Result<bool> {
+    fn name(&self, tx: &Tx<'_>, parent: Ino, name: &[u8], key: &[u8]) -> rusqlite::Result<bool> {
         Ok(self.touched.names.contains(&(parent, name.to_vec())) || tx.in_conflict(key)?)
     }
 }
@@ -309,13 +310,13 @@ struct Pull<'a, 't> {
     fx: Effects,
     /// Inodes whose names changed: link counts to recount, and maybe
     /// orphans.
-    relink: BTreeSet<u64>,
+    relink: BTreeSet<Ino>,
     /// Local inodes the backend deleted.
-    gone: BTreeSet<u64>,
+    gone: BTreeSet<Ino>,
 }
 
 /// A name to add: (its key, local directory, name, the backend's entry).
-type Add = (Vec<u8>, u64, Vec<u8>, Entry);
+type Add = (Vec<u8>, Ino, Vec<u8>, Entry);
 
 impl Pull<'_, '_> {
     /// The key is settled: no recheck, no conflict left.
@@ -551,7 +552,7 @@ impl Pull<'_, '_> {
         for &ino in &self.relink {
             tx.recount(ino)?;
         }
-        let candidates: Vec<u64> = self.relink.iter().chain(&self.gone).copied().collect();
+        let candidates: Vec<Ino> = self.relink.iter().chain(&self.gone).copied().collect();
         for ino in candidates {
             let Some(inode) = tx.inode(ino)? else {
                 continue;
@@ -610,11 +611,11 @@ fn import(
     tx: &Tx<'_>,
     vfs: &Vfs,
     st: &InodeState,
-    local: Option<u64>,
+    local: Option<Ino>,
     fx: &mut Effects,
-) -> rusqlite::Result<u64> {
+) -> rusqlite::Result<Ino> {
     let kind = Kind::from_mode(st.mode);
-    let chunks: super::ChunkList = st.chunks.iter().map(|(h, len)| (h.0, *len)).collect();
+    let chunks: super::ChunkList = st.chunks.clone();
     let old = match local {
         Some(ino) => tx.inode(ino)?,
         None => None,
@@ -624,7 +625,7 @@ fn import(
         _ => false,
     };
     let inode = Inode {
-        ino: 0,
+        ino: Ino(0),
         host: st.id.host,
         counter: st.id.counter,
         mode: st.mode,
@@ -659,7 +660,7 @@ fn import(
     Ok(ino)
 }
 
-fn set_data_mtime(vfs: &Vfs, ino: u64, mtime: i64) {
+fn set_data_mtime(vfs: &Vfs, ino: Ino, mtime: i64) {
     let path = vfs.store().data_path(ino);
     if let Ok(f) = std::fs::File::options().write(true).open(&path) {
         if let Err(e) = f.set_modified(crate::vfs::to_system_time(mtime)) {
@@ -683,14 +684,12 @@ pub(super) fn settle(
             // `delete` also tells inotify watchers; it fails if the kernel
             // holds another inode under the name, then a plain
             // invalidation does.
-            if n.delete(fuser::INodeNo(*parent), fuser::INodeNo(*child), name)
-                .is_err()
-            {
-                let _ = n.inval_entry(fuser::INodeNo(*parent), name);
+            if n.delete((*parent).into(), (*child).into(), name).is_err() {
+                let _ = n.inval_entry((*parent).into(), name);
             }
         }
         for (parent, name) in &fx.added {
-            let _ = n.inval_entry(fuser::INodeNo(*parent), OsStr::from_bytes(name));
+            let _ = n.inval_entry((*parent).into(), OsStr::from_bytes(name));
         }
     }
     for &ino in &fx.refresh {
@@ -702,7 +701,7 @@ pub(super) fn settle(
         for &ino in &fx.inodes {
             // Attributes, and every cached page: offset 0, length 0 (to
             // the end).
-            let _ = n.inval_inode(fuser::INodeNo(ino), 0, 0);
+            let _ = n.inval_inode(ino.into(), 0, 0);
         }
     }
     for &ino in &fx.orphans {

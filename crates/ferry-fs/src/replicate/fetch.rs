@@ -37,6 +37,7 @@ use ferry_backend::{Backend, ChunkHash};
 use tracing::{debug, info, warn};
 
 use super::{ChunkList, Link, Prefetch, PrefetchProgress, Shared, HOLE};
+use crate::ids::Ino;
 use crate::store::{Kind, Queries, Store};
 use crate::vfs::{ContentSource, Vfs};
 
@@ -61,7 +62,7 @@ pub(crate) struct Fetcher {
     policy: Prefetch,
     max_file: u64,
     /// Files being fetched now; an open of one waits on `landed`.
-    inflight: Mutex<HashSet<u64>>,
+    inflight: Mutex<HashSet<Ino>>,
     landed: Condvar,
     /// Files queued for the workers (read-ahead, down-sync), and whether
     /// the policy's scan of the whole store is due.
@@ -71,10 +72,10 @@ pub(crate) struct Fetcher {
 
 #[derive(Default)]
 struct Queue {
-    files: VecDeque<u64>,
-    queued: HashSet<u64>,
+    files: VecDeque<Ino>,
+    queued: HashSet<Ino>,
     /// The prefetch scan: next inode number to look at, if one is due.
-    scan: Option<u64>,
+    scan: Option<Ino>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -99,7 +100,7 @@ impl Fetcher {
             queue: Mutex::new(Queue {
                 // A mount starts with a scan: a restore, or files another
                 // run left uncached.
-                scan: (policy != Prefetch::None).then_some(0),
+                scan: (policy != Prefetch::None).then_some(Ino(0)),
                 ..Queue::default()
             }),
             work: Condvar::new(),
@@ -125,12 +126,12 @@ impl Fetcher {
     }
 
     /// Queues files that down-sync brought or changed, as the policy says.
-    pub(crate) fn prefetch(&self, vfs: &Vfs, inos: &std::collections::BTreeSet<u64>) {
+    pub(crate) fn prefetch(&self, vfs: &Vfs, inos: &std::collections::BTreeSet<Ino>) {
         if self.policy == Prefetch::None || inos.is_empty() {
             return;
         }
         let limit = self.size_limit();
-        let chosen: Vec<u64> = vfs.store().read(|r| {
+        let chosen: Vec<Ino> = vfs.store().read(|r| {
             inos.iter()
                 .copied()
                 .filter(|&ino| {
@@ -151,7 +152,7 @@ impl Fetcher {
         }
     }
 
-    fn enqueue(&self, inos: impl IntoIterator<Item = u64>) {
+    fn enqueue(&self, inos: impl IntoIterator<Item = Ino>) {
         let mut q = lock(&self.queue);
         let mut added = 0u64;
         for ino in inos {
@@ -208,7 +209,7 @@ impl Fetcher {
     }
 
     /// The next group: queued files first, then the policy's scan.
-    fn next_group(&self, store: &Store) -> Vec<u64> {
+    fn next_group(&self, store: &Store) -> Vec<Ino> {
         let mut q = lock(&self.queue);
         let mut group = Vec::new();
         while group.len() < GROUP_FILES {
@@ -228,7 +229,7 @@ impl Fetcher {
         let page = store.read(|r| r.uncached_files(after, limit, GROUP_FILES));
         match page {
             Ok(page) if !page.is_empty() => {
-                if after == 0 {
+                if after == Ino(0) {
                     let total = store.read(|r| r.uncached_total(limit)).unwrap_or((0, 0));
                     info!(
                         "prefetch: {} file(s), {} bytes to fetch in the background",
@@ -259,7 +260,7 @@ impl Fetcher {
 
     /// Marks the files of `group` that no one else is fetching as in
     /// flight; returns them.
-    fn claim(&self, group: &[u64]) -> Vec<u64> {
+    fn claim(&self, group: &[Ino]) -> Vec<Ino> {
         let mut inflight = lock(&self.inflight);
         group
             .iter()
@@ -268,7 +269,7 @@ impl Fetcher {
             .collect()
     }
 
-    fn release(&self, group: &[u64]) {
+    fn release(&self, group: &[Ino]) {
         let mut inflight = lock(&self.inflight);
         for ino in group {
             inflight.remove(ino);
@@ -278,9 +279,9 @@ impl Fetcher {
 
     /// Fetches the uncached files among `inos` in as few backend calls as
     /// their sizes allow; returns the files and bytes that landed.
-    fn fetch_group(&self, store: &Store, inos: &[u64]) -> Result<(u64, u64), String> {
+    fn fetch_group(&self, store: &Store, inos: &[Ino]) -> Result<(u64, u64), String> {
         // What each file needs, read once.
-        let mut wanted: Vec<(u64, ChunkList, i64)> = Vec::new();
+        let mut wanted: Vec<(Ino, ChunkList, i64)> = Vec::new();
         store
             .read(|r| -> rusqlite::Result<()> {
                 for &ino in inos {
@@ -344,10 +345,10 @@ impl Fetcher {
         &self,
         store: &Store,
         backend: &dyn Backend,
-        wanted: &[(u64, ChunkList, i64)],
+        wanted: &[(Ino, ChunkList, i64)],
     ) -> Result<u64, String> {
         // Every distinct chunk and where it goes.
-        let mut places: BTreeMap<[u8; 32], Places> = BTreeMap::new();
+        let mut places: BTreeMap<ChunkHash, Places> = BTreeMap::new();
         let mut files = Vec::with_capacity(wanted.len());
         for (i, (ino, chunks, _)) in wanted.iter().enumerate() {
             let path = store.data_path(*ino);
@@ -379,9 +380,9 @@ impl Fetcher {
         let mut written = 0u64;
         let mut call: Vec<ChunkHash> = Vec::new();
         let mut call_bytes = 0u64;
-        let hashes: Vec<([u8; 32], u32)> = places.iter().map(|(h, (len, _))| (*h, *len)).collect();
+        let hashes: Vec<(ChunkHash, u32)> = places.iter().map(|(h, (len, _))| (*h, *len)).collect();
         for (idx, (hash, len)) in hashes.iter().enumerate() {
-            call.push(ChunkHash(*hash));
+            call.push(*hash);
             call_bytes += u64::from(*len);
             let last = idx + 1 == hashes.len();
             if call_bytes < CALL_BYTES && !last {
@@ -396,7 +397,7 @@ impl Fetcher {
                 ));
             }
             for (h, data) in call.iter().zip(got) {
-                let (len, at) = &places[&h.0];
+                let (len, at) = &places[h];
                 if data.len() != *len as usize {
                     return Err(format!(
                         "chunk {} has {} bytes, expected {len}",
@@ -422,13 +423,13 @@ impl Fetcher {
     }
 
     /// Fetches the new contents of `ino`, which a reader holds open, now.
-    pub(crate) fn refresh(&self, vfs: &Vfs, ino: u64) -> Result<(), String> {
+    pub(crate) fn refresh(&self, vfs: &Vfs, ino: Ino) -> Result<(), String> {
         self.fetch_one(vfs.store(), ino)
     }
 
     /// Fetches `ino` for an open, waiting for a worker that already has
     /// it in flight instead of fetching it twice.
-    fn fetch_one(&self, store: &Store, ino: u64) -> Result<(), String> {
+    fn fetch_one(&self, store: &Store, ino: Ino) -> Result<(), String> {
         {
             let mut inflight = lock(&self.inflight);
             // Bounded: each wake is a group landing; the file is either
@@ -457,9 +458,9 @@ impl Fetcher {
 
     /// Queues the other uncached files of `ino`'s directory: what is read
     /// next, most likely.
-    fn read_ahead(&self, store: &Store, ino: u64) {
+    fn read_ahead(&self, store: &Store, ino: Ino) {
         let limit = self.size_limit().max(self.max_file);
-        let siblings = store.read(|r| -> rusqlite::Result<Vec<u64>> {
+        let siblings = store.read(|r| -> rusqlite::Result<Vec<Ino>> {
             let Some((dir, _)) = r.names_of(ino)?.into_iter().next() else {
                 return Ok(Vec::new());
             };
@@ -473,7 +474,7 @@ impl Fetcher {
 }
 
 impl ContentSource for Fetcher {
-    fn fetch(&self, store: &Store, ino: u64) -> Result<(), String> {
+    fn fetch(&self, store: &Store, ino: Ino) -> Result<(), String> {
         self.read_ahead(store, ino);
         self.fetch_one(store, ino)
     }

@@ -76,7 +76,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_backend::{Backend, BackendError, ChunkHash, ObjectId};
+use ferry_backend::{Backend, BackendError, ChunkHash, Location, ObjectId};
 use tracing::{info, warn};
 
 use crate::store::{Inode, Store};
@@ -95,7 +95,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The chunk-list entry of a hole ([`ChunkHash::HOLE`]): with a length it
 /// stands for that many zero bytes stored nowhere. It is never uploaded,
 /// and a fetch leaves a hole for it.
-pub const HOLE: [u8; 32] = ChunkHash::HOLE.0;
+pub const HOLE: ChunkHash = ChunkHash::HOLE;
 /// Longest single hole entry (a chunk length is a u32).
 const HOLE_PIECE: u64 = 1 << 30;
 
@@ -188,8 +188,8 @@ impl std::str::FromStr for Prefetch {
 /// How the replicator runs.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// `dir:PATH` or `postgres://…`.
-    pub url: String,
+    /// Where the volume lives (`dir:PATH` or `postgres://…`).
+    pub location: Location,
     /// Backlog (bytes of pending contents) above which writers slow down.
     pub max_backlog: u64,
     /// What to fetch in the background.
@@ -294,13 +294,13 @@ pub struct Replication {
 }
 
 impl Replication {
-    /// Starts replicating `vfs` with the backend at `cfg.url`, and makes
+    /// Starts replicating `vfs` with the backend at `cfg.location`, and makes
     /// the vfs fetch contents from it. The backend need not be reachable:
     /// the threads keep trying.
     pub fn start(vfs: Arc<Vfs>, cfg: Config) -> std::io::Result<Replication> {
         let shared = Arc::new(Shared {
             status: Mutex::new(Status {
-                backend: ferry_backend::redact(&cfg.url),
+                backend: ferry_backend::redact(&cfg.location.url()),
                 ..Status::default()
             }),
             stop: AtomicBool::new(false),
@@ -309,7 +309,7 @@ impl Replication {
             max_backlog: cfg.max_backlog,
             urgent: AtomicUsize::new(0),
         });
-        let link = Arc::new(Link::new(cfg.url));
+        let link = Arc::new(Link::new(cfg.location));
         let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::default();
         let fetcher = Arc::new(Fetcher::new(
             link.clone(),
@@ -384,22 +384,22 @@ impl Drop for Replication {
 /// next caller opens another). Backends are safe to call from many threads
 /// at once, so the threads never wait on each other here.
 pub(crate) struct Link {
-    url: String,
+    location: Location,
     backend: Mutex<Option<Arc<dyn Backend>>>,
 }
 
 impl Link {
-    pub(crate) fn new(url: String) -> Link {
+    pub(crate) fn new(location: Location) -> Link {
         Link {
-            url,
+            location,
             backend: Mutex::new(None),
         }
     }
 
-    /// The backend location as given (it may hold a password: show it
+    /// The backend location as given (its URL may hold a password: show it
     /// through [`ferry_backend::redact`]).
-    pub(crate) fn url(&self) -> &str {
-        &self.url
+    pub(crate) fn location(&self) -> &Location {
+        &self.location
     }
 
     /// The shared connection, opened now if there is none.
@@ -408,10 +408,10 @@ impl Link {
         if let Some(b) = &*slot {
             return Ok(b.clone());
         }
-        let b: Arc<dyn Backend> = Arc::from(ferry_backend::open(&self.url, CONNECT_TIMEOUT)?);
+        let b: Arc<dyn Backend> = Arc::from(self.location.open(CONNECT_TIMEOUT)?);
         info!(
             "replication: connected to {}",
-            ferry_backend::redact(&self.url)
+            ferry_backend::redact(&self.location.url())
         );
         *slot = Some(b.clone());
         Ok(b)
@@ -490,4 +490,4 @@ impl Backoff {
 }
 
 /// A file's chunk list: BLAKE3 hashes and lengths, in order.
-type ChunkList = Vec<([u8; 32], u32)>;
+type ChunkList = Vec<(ChunkHash, u32)>;

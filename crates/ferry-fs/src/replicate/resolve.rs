@@ -38,6 +38,7 @@ use tracing::warn;
 
 use super::apply::{pull, Dirty, Effects, RemoteState};
 use super::{decode_key, entry_key, inode_key, object_id, Key, ReplError};
+use crate::ids::Ino;
 use crate::store::{Inode, Kind, NewInode, Queries, Tx, ROOT_INO};
 use crate::vfs::Vfs;
 
@@ -310,7 +311,7 @@ impl Cx<'_, '_> {
 /// its names `NAME.conflict-HOST-TIMESTAMP`; the old identity and names
 /// are left for the other host's version (pulled next). Returns the new
 /// names.
-fn keep_beside(tx: &Tx<'_>, ino: u64, label: &str) -> rusqlite::Result<Vec<String>> {
+fn keep_beside(tx: &Tx<'_>, ino: Ino, label: &str) -> rusqlite::Result<Vec<String>> {
     let names = tx.names_of(ino)?;
     let Some(inode) = tx.inode(ino)? else {
         return Ok(Vec::new());
@@ -328,7 +329,7 @@ fn keep_beside(tx: &Tx<'_>, ino: u64, label: &str) -> rusqlite::Result<Vec<Strin
 /// the new name ships. Returns the new path.
 fn rename_beside(
     tx: &Tx<'_>,
-    parent: u64,
+    parent: Ino,
     name: &[u8],
     ours: &Inode,
     label: &str,
@@ -366,7 +367,7 @@ pub(super) fn must_rescue(
 /// Moves `ours` from `parent/name` to `/lost+found`; returns the new path.
 pub(super) fn rescue(
     tx: &Tx<'_>,
-    parent: u64,
+    parent: Ino,
     name: &[u8],
     ours: &Inode,
 ) -> rusqlite::Result<String> {
@@ -385,10 +386,10 @@ pub(super) fn rescue(
 /// new name is this host's change and ships.
 fn relink(
     tx: &Tx<'_>,
-    parent: u64,
+    parent: Ino,
     name: &[u8],
     ours: &Inode,
-    newparent: u64,
+    newparent: Ino,
     newname: &[u8],
 ) -> rusqlite::Result<()> {
     let was = tx.pulling(true);
@@ -404,7 +405,7 @@ fn relink(
 }
 
 /// `/lost+found`, made if there is none.
-fn lost_found(tx: &Tx<'_>) -> rusqlite::Result<u64> {
+fn lost_found(tx: &Tx<'_>) -> rusqlite::Result<Ino> {
     if let Some(dir) = tx
         .lookup(ROOT_INO, LOST_FOUND)?
         .filter(|i| i.kind() == Kind::Dir)
@@ -428,7 +429,7 @@ fn lost_found(tx: &Tx<'_>) -> rusqlite::Result<u64> {
 
 /// `base`, or `base-2`, `base-3`, … whichever is free in `dir` (cut to
 /// the longest name a file system takes).
-fn free_name(tx: &Tx<'_>, dir: u64, base: &[u8]) -> rusqlite::Result<Vec<u8>> {
+fn free_name(tx: &Tx<'_>, dir: Ino, base: &[u8]) -> rusqlite::Result<Vec<u8>> {
     const NAME_MAX: usize = 255;
     let cut = |b: &[u8], room: usize| -> Vec<u8> { b[b.len().saturating_sub(room)..].to_vec() };
     // Bounded: a thousand tries, then a name with the time in nanoseconds.
@@ -457,7 +458,7 @@ fn record(tx: &Tx<'_>, path: &str, how: &str) -> rusqlite::Result<()> {
 
 /// A path from the root to `ino`, through first names (`?` if it has
 /// none).
-fn path_of(tx: &Tx<'_>, ino: u64) -> rusqlite::Result<String> {
+fn path_of(tx: &Tx<'_>, ino: Ino) -> rusqlite::Result<String> {
     let mut parts: Vec<Vec<u8>> = Vec::new();
     let mut at = ino;
     // Bounded: a store has no cycles, and no path is deeper than this.

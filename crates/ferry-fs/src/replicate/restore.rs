@@ -2,7 +2,8 @@
 
 use ferry_backend::{Backend, BackendError, InodeState, ObjectId, SnapshotItem};
 
-use super::{entry_key, inode_key, ChunkList};
+use super::{entry_key, inode_key};
+use crate::ids::Ino;
 use crate::log::Outbox;
 use crate::store::{Inode, Kind, Queries, Store, Tx};
 
@@ -63,7 +64,7 @@ fn import_inode(tx: &Tx<'_>, state: &InodeState) -> Result<(), RestoreError> {
         })
     })?;
     let inode = Inode {
-        ino: 0,
+        ino: Ino(0),
         host: state.id.host,
         counter: state.id.counter,
         mode: state.mode,
@@ -84,14 +85,13 @@ fn import_inode(tx: &Tx<'_>, state: &InodeState) -> Result<(), RestoreError> {
     let ino = tx.import_inode(&inode, state.target.as_deref())?;
     tx.import_xattrs(ino, &state.xattrs)?;
     if kind == Kind::File {
-        let list: ChunkList = state.chunks.iter().map(|(h, len)| (h.0, *len)).collect();
-        tx.set_chunks(ino, &list)?;
+        tx.set_chunks(ino, &state.chunks)?;
     }
     tx.set_remote_version(&inode_key(state.id), Some(state.version))?;
     Ok(())
 }
 
-fn local_ino(tx: &Tx<'_>, id: ObjectId) -> rusqlite::Result<Option<u64>> {
+fn local_ino(tx: &Tx<'_>, id: ObjectId) -> rusqlite::Result<Option<Ino>> {
     tx.ino_of(id.host, id.counter)
 }
 

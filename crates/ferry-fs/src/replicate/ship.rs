@@ -19,6 +19,7 @@ use super::{
     decode_key, entry_key, inode_key, object_id, unix_secs, Backoff, ChunkList, Key, Link,
     ReplError, Shared, HOLE, HOLE_PIECE,
 };
+use crate::ids::{Ino, Seq};
 use crate::log::{Change, LogRecord, Outbox, Touched};
 use crate::store::{nanos_of, Inode, Kind, Queries, Reader, Store, Tx, ROOT_INO};
 use crate::vfs::Vfs;
@@ -47,7 +48,7 @@ struct Uploads {
     /// Their total size, bounded by [`UPLOAD_GROUP`] (plus one chunk).
     bytes: usize,
     /// Every chunk of the batch so far: a chunk two files share is sent once.
-    seen: std::collections::HashSet<[u8; 32]>,
+    seen: std::collections::HashSet<ChunkHash>,
 }
 
 /// One op of a batch and the local object it ships.
@@ -55,10 +56,10 @@ struct Planned {
     op: Op,
     key: Vec<u8>,
     /// For files: the chunk list to remember once applied.
-    chunks: Option<(u64, ChunkList)>,
+    chunks: Option<(Ino, ChunkList)>,
     /// The local file whose data file this batch read (so it may have had
     /// writers at the time: see [`Tx::mark_writing`]).
-    read: Option<u64>,
+    read: Option<Ino>,
     what: String,
 }
 
@@ -71,7 +72,7 @@ struct Planned {
 /// contents are read later, and `begin_ship` covers those.
 struct Snapshot {
     /// The last record it covers.
-    last: u64,
+    last: Seq,
     inodes: Vec<InodeSnap>,
     names: Vec<NameSnap>,
     /// Inodes gone here and still at the backend: (id, key, base).
@@ -106,7 +107,7 @@ struct NameSnap {
 impl Snapshot {
     /// Reads the log after `shipped` (at most [`BATCH`] records) and the
     /// state of everything it touched.
-    fn take(r: &Reader<'_>, shipped: u64) -> Result<Snapshot, ReplError> {
+    fn take(r: &Reader<'_>, shipped: Seq) -> Result<Snapshot, ReplError> {
         let batch = Outbox::pending(r, BATCH)?;
         let mut touched = Touched::of(&batch).map_err(|seq| {
             ReplError::Store(rusqlite::Error::InvalidColumnType(
@@ -207,9 +208,9 @@ impl Snapshot {
 struct Described {
     state: InodeState,
     /// For files: the chunk list.
-    chunks: Option<(u64, ChunkList)>,
+    chunks: Option<(Ino, ChunkList)>,
     /// The file, if its data file was read for this.
-    read: Option<u64>,
+    read: Option<Ino>,
 }
 
 pub(super) struct Shipper {
@@ -315,7 +316,7 @@ impl Shipper {
     /// a batch in flight when the last daemon died did at the backend.
     fn verify(&mut self) -> Result<(), ReplError> {
         let backend = self.backend()?;
-        crate::binding::verify(self.store(), &*backend, self.link.url())?;
+        crate::binding::verify(self.store(), &*backend, self.link.location())?;
         self.relearn()?;
         self.shared.update(|s| s.verified = true);
         Ok(())
@@ -392,8 +393,8 @@ impl Shipper {
         });
     }
 
-    fn shipped_seq(&self) -> u64 {
-        self.store().read(|r| Outbox::cursor(r)).unwrap_or(0)
+    fn shipped_seq(&self) -> Seq {
+        self.store().read(|r| Outbox::cursor(r)).unwrap_or(Seq(0))
     }
 
     /// Whether a file the batch would read is still open for writing and
@@ -485,7 +486,7 @@ impl Shipper {
         // Before the local record, so a batch is recorded as shipped only
         // once every call of it succeeded; a failure ships it again, on top
         // of its own earlier self.
-        self.backend()?.set_shipped(host, last)?;
+        self.backend()?.set_shipped(host, last.0)?;
         let conflicted = settled
             .iter()
             .any(|(_, v)| matches!(v, Verdict::Conflict(_)));
@@ -761,7 +762,7 @@ impl Shipper {
             } else {
                 known
             };
-            state.chunks = list.iter().map(|(h, len)| (ChunkHash(*h), *len)).collect();
+            state.chunks = list.clone();
             // The bytes read, not the size stat'ed before reading: a file
             // written in between must still add up.
             state.size = list.iter().map(|(_, len)| u64::from(*len)).sum();
@@ -783,7 +784,7 @@ impl Shipper {
     /// Holes are found with SEEK_DATA/SEEK_HOLE and become [`HOLE`] entries
     /// without being read: a 1 TiB sparse file costs a few entries, not a
     /// terabyte of hashing.
-    fn read_chunks(&mut self, ino: u64, uploads: &mut Uploads) -> Result<ChunkList, ReplError> {
+    fn read_chunks(&mut self, ino: Ino, uploads: &mut Uploads) -> Result<ChunkList, ReplError> {
         self.vfs.begin_ship(ino);
         let file = File::open(self.store().data_path(ino))?;
         let len = file.metadata()?.len();
@@ -803,14 +804,14 @@ impl Shipper {
                 let n = read_full_at(&file, &mut buf[..want], at)?;
                 if n > 0 {
                     let hash = ChunkHash::of(&buf[..n]);
-                    if uploads.seen.insert(hash.0) {
+                    if uploads.seen.insert(hash) {
                         uploads.bytes += n;
                         uploads.group.push((hash, buf[..n].to_vec()));
                         if uploads.bytes >= UPLOAD_GROUP {
                             self.upload(uploads)?;
                         }
                     }
-                    list.push((hash.0, n as u32));
+                    list.push((hash, n as u32));
                     at += n as u64;
                 }
                 if n < want {
@@ -828,16 +829,15 @@ impl Shipper {
             return Ok(());
         }
         let hashes: Vec<ChunkHash> = uploads.group.iter().map(|(h, _)| *h).collect();
-        let missing: BTreeSet<[u8; 32]> = self
+        let missing: BTreeSet<ChunkHash> = self
             .backend()?
             .missing_chunks(&hashes)?
             .into_iter()
-            .map(|h| h.0)
             .collect();
         let send: Vec<(ChunkHash, &[u8])> = uploads
             .group
             .iter()
-            .filter(|(h, _)| missing.contains(&h.0))
+            .filter(|(h, _)| missing.contains(h))
             .map(|(h, d)| (*h, &d[..]))
             .collect();
         if !send.is_empty() {

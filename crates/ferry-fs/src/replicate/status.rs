@@ -93,10 +93,10 @@ pub(super) fn count_pending(store: &Store, s: &mut Status) -> rusqlite::Result<(
         let shipped = Outbox::cursor(r)?;
         let (pending, oldest) = r.pending(shipped)?;
         let now = crate::store::now();
-        s.shipped_seq = shipped;
+        s.shipped_seq = shipped.0;
         s.pending_ops = pending;
         s.oldest_pending_age_s = oldest.map(|t| (now - t).max(0) as f64 / 1e9);
-        s.head_seq = r.log_head()?;
+        s.head_seq = r.log_head()?.0;
         s.conflicts = r.conflicts()?.len() as u64;
         let (resolved, total) = r.resolved(RESOLVED_SHOWN)?;
         s.resolved_total = total;
