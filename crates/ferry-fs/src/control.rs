@@ -1,10 +1,12 @@
 //! The daemon's control socket, `STORE/control.sock`: how `ferry status`
 //! and `ferry sync` reach a running daemon, whose store nobody else may open.
 //!
-//! The protocol is one request line (`status` or `sync`) answered by JSON
-//! lines: `status` gets one [`Report`]; `sync` gets a report every 200 ms
-//! until everything logged before the request is committed at the backend,
-//! then a last one with `done: true`. The client bounds the wait.
+//! The protocol is one request line answered by JSON lines: `status` gets
+//! one [`Report`]; `sync` gets a report every 200 ms until everything
+//! logged before the request is committed at the backend, then a last one
+//! with `done: true` (the client bounds the wait); `pause-down-sync` and
+//! `resume-down-sync` stop and restart following the other hosts (a
+//! `reads=fresh` open still looks), and get one report.
 //!
 //! `sync` is where invariant I1 is kept (see [`crate::replicate`]): files
 //! open for writing are logged first, so their current bytes are waited
@@ -49,6 +51,9 @@ pub struct Report {
     pub target_seq: Option<u64>,
     /// For `sync`: the last line, everything up to `target_seq` is committed.
     pub done: bool,
+    /// The processes whose context is not the mount's default.
+    #[serde(default)]
+    pub processes: Vec<crate::context::ProcessInfo>,
 }
 
 /// The socket path of a store.
@@ -107,6 +112,7 @@ fn report(vfs: &Vfs, replication: Option<&Shared>) -> Report {
         store: vfs.store().dir().display().to_string(),
         local_only: replication.is_none(),
         status,
+        processes: vfs.processes().list(),
         ..Report::default()
     }
 }
@@ -147,6 +153,14 @@ fn answer(conn: UnixStream, vfs: &Vfs, replication: Option<&Shared>) -> std::io:
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
+        }
+        // For operators and tests: hold this host's view of the others
+        // still (a fresh open still looks), then let it follow again.
+        request @ ("pause-down-sync" | "resume-down-sync") => {
+            if let Some(shared) = replication {
+                shared.pause_down_sync(request == "pause-down-sync");
+            }
+            send(&mut out, &report(vfs, replication))
         }
         other => Err(std::io::Error::other(format!("unknown request {other:?}"))),
     }

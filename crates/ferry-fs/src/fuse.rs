@@ -32,7 +32,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     BackingId, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
@@ -41,8 +41,9 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use prometheus::{HistogramTimer, HistogramVec, IntCounter, Registry};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use crate::context::{Context, Durability, Reads};
 use crate::ids::{Fh, Ino};
 use crate::vfs::{Caller, SetAttr, Vfs};
 
@@ -63,6 +64,20 @@ const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FO
 /// Flags of a passed-through open: NOFLUSH as above; the kernel refuses
 /// KEEP_CACHE together with passthrough (there is no FUSE page cache).
 const PASSTHROUGH_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+
+/// The open flags for a file opened with `flags` by a caller in `context`:
+/// a file opened for writing under `durability=remote` keeps FLUSH, so its
+/// `close` reaches the daemon and waits for the backend; every other open
+/// keeps `base`'s NOFLUSH (a close costs no round trip).
+fn close_flags(base: FopenFlags, flags: i32, context: Option<Context>) -> FopenFlags {
+    let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+    match context {
+        Some(c) if writable && c.durability == Durability::Remote => {
+            base.difference(FopenFlags::FOPEN_NOFLUSH)
+        }
+        _ => base,
+    }
+}
 
 /// The [`Filesystem`] fuser drives, one per mount.
 pub struct FerryFs {
@@ -523,6 +538,10 @@ impl Filesystem for FerryFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _timer = self.timer("open");
         debug!(ino = ino.0, flags = flags.0, "open");
+        let context = self.vfs.context_of(req.pid());
+        if let Some(c) = context.filter(|c| c.reads == Reads::Fresh) {
+            self.vfs.refresh(ino.into(), Instant::now() + c.timeout);
+        }
         self.count_cache_use(ino.into());
         let fh = match self.vfs.open(ino.into(), flags.0, false) {
             Ok(fh) => fh,
@@ -534,10 +553,11 @@ impl Filesystem for FerryFs {
                 return reply.error(e);
             }
             if let Some(id) = self.backing(ino.into(), fh, |f| reply.open_backing(f)) {
-                return reply.opened_passthrough(fh.into(), PASSTHROUGH_FLAGS, &id);
+                let flags = close_flags(PASSTHROUGH_FLAGS, flags.0, context);
+                return reply.opened_passthrough(fh.into(), flags, &id);
             }
         }
-        reply.opened(fh.into(), OPEN_FLAGS);
+        reply.opened(fh.into(), close_flags(OPEN_FLAGS, flags.0, context));
     }
 
     fn read(
@@ -581,16 +601,29 @@ impl Filesystem for FerryFs {
 
     fn flush(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let _timer = self.timer("flush");
         // Writes are already in the data file (the kernel flushed its
         // writeback cache before sending this); nothing is buffered here.
-        reply.ok();
+        // Only a file opened for writing under durability=remote gets here
+        // at all (see `close_flags`), and waits if its closer is remote.
+        let remote = self
+            .vfs
+            .context_of(req.pid())
+            .filter(|c| c.durability == Durability::Remote);
+        let writable = self.vfs.handle(fh.into()).is_ok_and(|h| h.writable());
+        match remote {
+            Some(c) if writable => empty(
+                reply,
+                self.vfs.wait_remote(ino.into(), Instant::now() + c.timeout),
+            ),
+            _ => reply.ok(),
+        }
     }
 
     fn release(
@@ -612,15 +645,26 @@ impl Filesystem for FerryFs {
 
     fn fsync(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
         let _timer = self.timer("fsync");
         debug!(fh = fh.0, datasync, "fsync");
-        empty(reply, self.vfs.fsync(Some(fh.into()), datasync));
+        let local = self.vfs.fsync(Some(fh.into()), datasync);
+        let remote = self
+            .vfs
+            .context_of(req.pid())
+            .filter(|c| c.durability == Durability::Remote);
+        match (local, remote) {
+            (Ok(()), Some(c)) => empty(
+                reply,
+                self.vfs.wait_remote(ino.into(), Instant::now() + c.timeout),
+            ),
+            (local, _) => empty(reply, local),
+        }
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -757,6 +801,7 @@ impl Filesystem for FerryFs {
     ) {
         let _timer = self.timer("create");
         debug!(parent = parent.0, ?name, mode, flags, "create");
+        let context = self.vfs.context_of(req.pid());
         let made = self
             .vfs
             .make(caller(req), parent.into(), name.as_bytes(), mode, 0, None)
@@ -772,29 +817,53 @@ impl Filesystem for FerryFs {
                     &attr,
                     Generation(0),
                     fh.into(),
-                    PASSTHROUGH_FLAGS,
+                    close_flags(PASSTHROUGH_FLAGS, flags, context),
                     &id,
                 );
             }
         }
-        reply.created(&TTL, &attr, Generation(0), fh.into(), OPEN_FLAGS);
+        let flags = close_flags(OPEN_FLAGS, flags, context);
+        reply.created(&TTL, &attr, Generation(0), fh.into(), flags);
     }
 
     fn ioctl(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         _fh: FileHandle,
         _flags: fuser::IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
+        cmd: u32,
+        in_data: &[u8],
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
+        use crate::context::{RawContext, FERRY_IOC_GET_CONTEXT, FERRY_IOC_SET_CONTEXT};
         let _timer = self.timer("ioctl");
-        // Terminal probes (TCGETS from isatty) land here for every file a
-        // program opens; "not a terminal" is the right answer to all.
-        reply.error(Errno::ENOTTY);
+        let table = self.vfs.processes();
+        match cmd {
+            FERRY_IOC_SET_CONTEXT => {
+                let set = RawContext::from_bytes(in_data)
+                    .and_then(|raw| raw.decode())
+                    .and_then(|update| table.set(req.pid(), &update));
+                match set {
+                    Ok(ctx) => {
+                        info!(pid = req.pid(), %ctx, "context set");
+                        reply.ioctl(0, &[]);
+                    }
+                    Err(e) => {
+                        info!(pid = req.pid(), "context refused: {e}");
+                        reply.error(Errno::from_i32(e.errno()));
+                    }
+                }
+            }
+            FERRY_IOC_GET_CONTEXT => {
+                let ctx = table.lookup(req.pid());
+                reply.ioctl(0, &RawContext::from_context(&ctx).to_bytes());
+            }
+            // Terminal probes (TCGETS from isatty) land here for every file
+            // a program opens; "not a terminal" is the right answer to all.
+            _ => reply.error(Errno::ENOTTY),
+        }
     }
 
     fn fallocate(

@@ -37,6 +37,7 @@ mounted.run()?;             // serves until `ferry umount /mnt/vol`
 
 pub mod binding;
 pub mod cache;
+pub mod context;
 pub mod control;
 pub mod data;
 pub mod error;

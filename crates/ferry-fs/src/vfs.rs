@@ -81,6 +81,13 @@ pub struct Handle {
     writable: bool,
 }
 
+impl Handle {
+    /// Whether it was opened for writing.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+}
+
 /// Per-inode bookkeeping for open files.
 #[derive(Default)]
 struct OpenState {
@@ -115,6 +122,8 @@ pub struct Vfs {
     /// When each file was last opened, for least-recently-used eviction
     /// (kept only with a backend; entries leave with their inode).
     last_open: Mutex<HashMap<Ino, std::time::Instant>>,
+    /// The contexts of the processes that use this mount.
+    processes: crate::context::ProcessTable,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -219,6 +228,7 @@ impl Vfs {
             replication: std::sync::OnceLock::new(),
             residency: std::sync::RwLock::new(()),
             last_open: Mutex::new(HashMap::new()),
+            processes: crate::context::ProcessTable::new(crate::context::Context::default()),
         };
         if !read_only {
             vfs.reap_orphans()
@@ -226,6 +236,59 @@ impl Vfs {
                 .map_err(|e| StoreError::db(vfs.store.dir(), e))?;
         }
         Ok(vfs)
+    }
+
+    /// The per-process contexts.
+    pub fn processes(&self) -> &crate::context::ProcessTable {
+        &self.processes
+    }
+
+    /// The context of the calling thread `tid`, where it can matter: only a
+    /// volume with a backend has something to wait for or revalidate
+    /// with, so a local one answers `None` without looking.
+    pub fn context_of(&self, tid: u32) -> Option<crate::context::Context> {
+        self.replication.get()?;
+        Some(self.processes.lookup(tid))
+    }
+
+    /// `durability=remote`: returns once everything logged here so far,
+    /// this file's latest writes included, is committed at the backend;
+    /// EIO at `deadline` (the change stays logged and ships later).
+    pub fn wait_remote(&self, ino: Ino, deadline: std::time::Instant) -> Result<(), Errno> {
+        let Some(shared) = self.replication.get() else {
+            return Ok(());
+        };
+        // Writes since replication last read the file (passthrough writes
+        // never reach the daemon) get their record first, as for a sync.
+        let unlogged = lock(&self.open)
+            .get(&ino)
+            .is_some_and(|s| s.writers > 0 && !s.logged);
+        if unlogged {
+            self.will_modify(ino)?;
+        }
+        self.store.sync().map_err(io_err)?;
+        let target = self.store.read(|r| r.log_head()).map_err(db_err)?;
+        if shared.wait_committed(&self.store, target, deadline) {
+            Ok(())
+        } else {
+            warn!(
+                "durability=remote: log record {target} (inode {ino}) not committed at the \
+                 backend in time; it is safe here and ships later"
+            );
+            Err(Errno::EIO)
+        }
+    }
+
+    /// `reads=fresh`: brings the store up to the backend's newest
+    /// committed state before an open, by `deadline`; offline (or too
+    /// slow), the open goes on with what is here, and says so.
+    pub fn refresh(&self, ino: Ino, deadline: std::time::Instant) {
+        let Some(shared) = self.replication.get() else {
+            return;
+        };
+        if let Err(e) = shared.fresh(deadline) {
+            warn!("reads=fresh open of inode {ino}: {e}; using the cached version");
+        }
     }
 
     /// The store underneath.

@@ -75,6 +75,11 @@ pub enum Command {
         /// (`{"mount": …, "state": "dead", "error": …}`).
         #[arg(long)]
         json: bool,
+        /// List the processes whose file-system context is not their
+        /// mount's default (set by `ferry run` or inherited): pid, command,
+        /// durability, reads, timeout; with --json one object per process.
+        #[arg(long)]
+        processes: bool,
     },
     /// Wait until everything written before this call is committed at the
     /// backend, showing bytes, rate and ETA.
@@ -187,7 +192,16 @@ pub fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
             timeout,
         } => umount_cmd(&mountpoint, lazy, timeout),
         Command::Init { backend, name } => init_cmd(&backend, &name),
-        Command::Status { mounts, json } => crate::status::run(&mounts, json),
+        Command::Status {
+            mounts,
+            json,
+            processes: false,
+        } => crate::status::run(&mounts, json),
+        Command::Status {
+            mounts,
+            json,
+            processes: true,
+        } => crate::status::run_processes(&mounts, json),
         Command::Sync {
             path,
             timeout,

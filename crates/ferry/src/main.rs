@@ -8,6 +8,7 @@ mod fs_cmd;
 mod logging;
 mod parse;
 mod remote_cmd;
+mod run_cmd;
 mod setup_cmd;
 mod spawn_cmd;
 mod status;
@@ -47,6 +48,8 @@ enum Command {
     Remote(remote_cmd::Command),
     #[command(flatten)]
     Setup(setup_cmd::Command),
+    #[command(flatten)]
+    Run(run_cmd::Command),
 }
 
 fn main() {
@@ -63,6 +66,7 @@ fn main() {
         Command::Spawn(c) => spawn_cmd::run(c),
         Command::Remote(c) => remote_cmd::run(c),
         Command::Setup(c) => setup_cmd::run(c),
+        Command::Run(c) => run_cmd::run(c),
     };
     if let Err(err) = result {
         eprintln!("ferry: {}", one_line(&err));

@@ -101,6 +101,107 @@ pub fn run(paths: &[PathBuf], as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `ferry status --processes [MOUNT…] [--json]`: the processes whose
+/// file-system context differs from their mount's default, as each daemon
+/// reports them.
+pub fn run_processes(paths: &[PathBuf], as_json: bool) -> anyhow::Result<()> {
+    if !as_json {
+        for path in paths {
+            mount_of(path)?;
+        }
+    }
+    let (mounts, mut rows) = select(paths);
+    rows.extend(ask_all(&mounts));
+    rows.sort_by(|a, b| a.mount.cmp(&b.mount));
+    if as_json {
+        for row in &rows {
+            match &row.answer {
+                Answer::Report(r) => {
+                    for p in &r.processes {
+                        let mut v = serde_json::to_value(p)?;
+                        v["mount"] = json!(row.mount.display().to_string());
+                        println!("{v}");
+                    }
+                }
+                Answer::Dead(_) | Answer::Error(_) => println!("{}", row.json()),
+            }
+        }
+    } else {
+        print_processes(&rows);
+    }
+    let failed: Vec<String> = rows
+        .iter()
+        .filter_map(|r| match &r.answer {
+            Answer::Dead(e) | Answer::Error(e) => Some(format!("{}: {e}", r.mount.display())),
+            Answer::Report(_) => None,
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} mounts could not be asked ({})",
+            failed.len(),
+            rows.len(),
+            failed.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// The table of `ferry status --processes`: one row per process and mount.
+fn print_processes(rows: &[Row]) {
+    let header = ["MOUNT", "PID", "DURABILITY", "READS", "TIMEOUT", "COMMAND"];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .filter_map(|row| match &row.answer {
+            Answer::Report(r) => Some((row, r)),
+            _ => None,
+        })
+        .flat_map(|(row, r)| {
+            r.processes.iter().map(move |p| {
+                vec![
+                    row.mount.display().to_string(),
+                    p.pid.to_string(),
+                    p.context.durability.to_string(),
+                    p.context.reads.to_string(),
+                    format!("{}s", p.context.timeout.as_secs_f64()),
+                    p.command.clone(),
+                ]
+            })
+        })
+        .collect();
+    if cells.is_empty() {
+        println!("no process has a file-system context other than its mount's default");
+        return;
+    }
+    print_columns(&header.map(String::from), &cells);
+}
+
+/// Prints `header` and `cells` in columns as wide as their widest cell;
+/// the last column is not padded.
+fn print_columns(header: &[String], cells: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in cells {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header);
+    for row in cells {
+        line(row);
+    }
+}
+
 /// The mounts to ask, and rows already answered for paths that are not
 /// ferry mounts.
 fn select(paths: &[PathBuf]) -> (Vec<MountEntry>, Vec<Row>) {
@@ -204,7 +305,7 @@ fn print_table(rows: &[Row]) {
         "STORE",
         "NOTE",
     ];
-    let cells: Vec<[String; 8]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|row| {
             let (pending, contact, conflicts, backend, note) = match &row.answer {
@@ -229,7 +330,7 @@ fn print_table(rows: &[Row]) {
                     ("-".into(), "-".into(), "-".into(), "-".into(), e.clone())
                 }
             };
-            [
+            vec![
                 row.mount.display().to_string(),
                 row.state().into(),
                 pending,
@@ -241,27 +342,7 @@ fn print_table(rows: &[Row]) {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &cells {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        println!("{}", out.trim_end());
-    };
-    line(&header.map(String::from));
-    for row in &cells {
-        line(row);
-    }
+    print_columns(&header.map(String::from), &cells);
 }
 
 /// The details of one mount (`ferry status MOUNT`).

@@ -719,21 +719,14 @@ pub(super) struct Applier {
 }
 
 impl Applier {
-    pub fn run(self) {
+    pub fn run(&self) {
         let mut backoff = Backoff::new();
-        let mut cursor = match self.vfs.store().read(|r| r.meta_int("feed_seq")) {
-            Ok(seq) => seq.unwrap_or(0) as u64,
-            Err(e) => {
-                warn!("down-sync: reading the feed position: {e}; down-sync is off");
-                return;
-            }
-        };
         let mut more = true;
         while !self.shared.stop.load(Ordering::SeqCst) {
             // Down-sync starts once the shipper has checked that the
             // backend is this store's volume (and relearned a batch in
             // flight): before that, nothing may be taken from it.
-            if !self.shared.verified() {
+            if !self.shared.verified() || self.shared.down_paused.load(Ordering::SeqCst) {
                 self.shared.pause(Duration::from_millis(50));
                 continue;
             }
@@ -741,9 +734,16 @@ impl Applier {
                 if !more {
                     // Woken by the backend's signal, or after POLL anyway:
                     // the rechecks get their turn either way.
-                    b.wait_feed(cursor, POLL)?;
+                    b.wait_feed(self.cursor()?, POLL)?;
                 }
-                self.round(&*b, &mut cursor)
+                // Paused meanwhile: the round is skipped (see
+                // `Shared::pause_down_sync`).
+                self.shared.numbered_round(|| {
+                    match self.shared.down_paused.load(Ordering::SeqCst) {
+                        true => Ok(false),
+                        false => self.round(&*b),
+                    }
+                })
             });
             match round {
                 Ok(m) => {
@@ -752,11 +752,7 @@ impl Applier {
                 }
                 Err(e) => {
                     warn!("down-sync: {e}; retrying");
-                    if let ReplError::Backend(b) = &e {
-                        if !b.is_transient() {
-                            self.link.reset();
-                        }
-                    }
+                    self.failed(&e);
                     more = true;
                     self.shared.pause(backoff.step());
                 }
@@ -764,16 +760,48 @@ impl Applier {
         }
     }
 
+    /// One round now, for a caller that waits for it (see
+    /// [`Shared::fresh`]); it learns the outcome from the round's number.
+    pub fn round_on_demand(&self) {
+        let round = self
+            .link
+            .get()
+            .map_err(ReplError::from)
+            .and_then(|b| self.shared.numbered_round(|| self.round(&*b)));
+        if let Err(e) = round {
+            warn!("down-sync on demand: {e}");
+            self.failed(&e);
+        }
+    }
+
+    /// After a failed round: a fresh connection may cure what a transient
+    /// error does not explain.
+    fn failed(&self, e: &ReplError) {
+        if let ReplError::Backend(b) = e {
+            if !b.is_transient() {
+                self.link.reset();
+            }
+        }
+    }
+
+    /// The feed position this store has applied; kept with the store, in
+    /// the transaction of each round, so rounds on any thread follow on.
+    fn cursor(&self) -> Result<u64, ReplError> {
+        let seq = self.vfs.store().read(|r| r.meta_int("feed_seq"))?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+
     /// One round: fetch, apply, settle. Returns whether to go again at
-    /// once.
-    fn round(&self, backend: &dyn Backend, cursor: &mut u64) -> Result<bool, ReplError> {
+    /// once. Rounds run one at a time ([`Shared::numbered_round`]).
+    fn round(&self, backend: &dyn Backend) -> Result<bool, ReplError> {
+        let cursor = self.cursor()?;
         let store = self.vfs.store();
         // Shipping and pulling take turns: a key's backend version is
         // recorded by one of them at a time (see `Shared::exchange`).
         let _turn = self.shared.exchange();
-        let changes = backend.changes(*cursor, ROUND)?;
+        let changes = backend.changes(cursor, ROUND)?;
         let rechecks = store.read(|r| r.rechecks(RECHECKS))?;
-        if changes.seq == *cursor
+        if changes.seq == cursor
             && changes.inodes.is_empty()
             && changes.entries.is_empty()
             && rechecks.is_empty()
@@ -790,7 +818,7 @@ impl Applier {
         remote.fetch_keys(backend, &rechecks)?;
         remote.fetch_children(backend, |id| known_here(store, id))?;
         remote.expand(backend, |id| known_here(store, id))?;
-        let seq = changes.seq.max(*cursor);
+        let seq = changes.seq.max(cursor);
         let fx = store.write(|tx| -> rusqlite::Result<Effects> {
             // A listing is done once fetched: its entries are keys of
             // their own from here on.
@@ -804,7 +832,6 @@ impl Applier {
             Ok(fx)
         })?;
         drop(_turn);
-        *cursor = seq;
         if fx.applied > 0 {
             info!(
                 "down-sync: applied {} remote change(s), feed at {seq}",

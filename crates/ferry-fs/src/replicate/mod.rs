@@ -72,13 +72,15 @@ mod ship;
 mod status;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_backend::{Backend, BackendError, ChunkHash, Location, ObjectId};
 use tracing::{info, warn};
 
+use crate::ids::Seq;
+use crate::log::Outbox;
 use crate::store::{Inode, Store};
 use crate::vfs::Vfs;
 
@@ -215,6 +217,53 @@ pub struct Shared {
     /// How many `ferry sync`s are waiting: while any is, files still open
     /// for writing ship at once instead of after the writers' grace.
     urgent: AtomicUsize,
+    /// Signalled (with `status`) whenever shipping or down-sync moves on,
+    /// for the callers that wait on them: a `durability=remote` fsync, a
+    /// `reads=fresh` open.
+    progress: Condvar,
+    /// Down-sync rounds, numbered, so a fresh open can wait for one that
+    /// began after it asked; signalled as each ends.
+    rounds: Mutex<Rounds>,
+    round_ended: Condvar,
+    /// The down-sync thread's work, for rounds run on demand.
+    applier: OnceLock<Weak<apply::Applier>>,
+    /// Background down-sync stopped by the operator (`ferry` control
+    /// request `pause-down-sync`); rounds on demand still run.
+    down_paused: AtomicBool,
+}
+
+/// The numbering of down-sync rounds (see [`Shared::fresh`]). One runs at a
+/// time, whoever runs it.
+#[derive(Default)]
+struct Rounds {
+    /// Rounds begun, and whether one is running now.
+    started: u64,
+    running: bool,
+    /// Rounds ended, and the last one of them that succeeded.
+    done: u64,
+    ok: u64,
+    /// The highest round a waiting caller needs.
+    wanted: u64,
+    /// Why the last failed round failed.
+    error: Option<String>,
+}
+
+/// Why a `reads=fresh` open could not see the backend's newest state.
+#[derive(Debug)]
+pub enum FreshError {
+    /// The backend did not answer within the caller's timeout.
+    TimedOut,
+    /// The round failed (the backend is unreachable, …).
+    Failed(String),
+}
+
+impl std::fmt::Display for FreshError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FreshError::TimedOut => f.write_str("the backend did not answer in time"),
+            FreshError::Failed(e) => f.write_str(e),
+        }
+    }
 }
 
 impl Shared {
@@ -246,6 +295,134 @@ impl Shared {
 
     fn update(&self, f: impl FnOnce(&mut Status)) {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+        self.progress.notify_all();
+    }
+
+    /// Blocks until everything this host logged up to `target` is
+    /// committed at the backend (as `ferry sync` means it: the backend was
+    /// checked to be this volume, and no conflict is mid-resolution), or
+    /// until `deadline`; returns whether it got there. Used by `fsync` and
+    /// `close` under `durability=remote`: the shipper ships in log order,
+    /// so waiting for the log position covers the file's data and metadata
+    /// (and whatever was logged before them).
+    pub fn wait_committed(&self, store: &Store, target: Seq, deadline: Instant) -> bool {
+        let _urgent = self.urgent();
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let shipped = store.read(|r| Outbox::cursor(r)).unwrap_or(Seq(0));
+            if status.verified && shipped >= target && !status.resolving {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || self.stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            // The shipper signals each batch; the cap only bounds a missed
+            // signal's cost.
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            status = self
+                .progress
+                .wait_timeout(status, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Brings this store up to the backend's newest committed state before
+    /// `deadline`: a down-sync round that begins after this call, run now
+    /// (even while background down-sync is paused), waited for. Used by
+    /// `open` under `reads=fresh`. On error the caller uses what it has.
+    pub fn fresh(&self, deadline: Instant) -> Result<(), FreshError> {
+        let applier = self
+            .applier
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| FreshError::Failed("replication is stopping".into()))?;
+        if !self.verified() {
+            return Err(FreshError::Failed(
+                "the backend has not been checked yet (unreachable?)".into(),
+            ));
+        }
+        let mut rounds = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+        let want = rounds.started + 1;
+        if rounds.wanted < want {
+            // Nobody has asked for that round yet: run it on a thread of its
+            // own, so this caller can give up at its deadline while the
+            // round finishes for the next one.
+            rounds.wanted = want;
+            let spawned = std::thread::Builder::new()
+                .name("ferry-fresh".into())
+                .spawn(move || applier.round_on_demand());
+            if let Err(e) = spawned {
+                rounds.wanted = want - 1;
+                return Err(FreshError::Failed(format!(
+                    "starting a down-sync round: {e}"
+                )));
+            }
+        }
+        loop {
+            if rounds.ok >= want {
+                return Ok(());
+            }
+            if rounds.done >= want {
+                let error = rounds.error.clone().unwrap_or_default();
+                return Err(FreshError::Failed(error));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(FreshError::TimedOut);
+            }
+            rounds = self
+                .round_ended
+                .wait_timeout(rounds, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Stops (or restarts) background down-sync; see [`Shared::down_paused`].
+    /// A pause returns once no background round is running: the ones that
+    /// begin later see the flag and skip.
+    pub fn pause_down_sync(&self, paused: bool) {
+        self.down_paused.store(paused, Ordering::SeqCst);
+        let mut rounds = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+        while paused && rounds.running {
+            rounds = self
+                .round_ended
+                .wait(rounds)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        info!(paused, "background down-sync");
+    }
+
+    /// Runs `round` as the next numbered down-sync round, after any that
+    /// is running, and lets waiting callers know how it went.
+    fn numbered_round<T>(
+        &self,
+        round: impl FnOnce() -> Result<T, ReplError>,
+    ) -> Result<T, ReplError> {
+        let mut rounds = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+        while rounds.running {
+            rounds = self
+                .round_ended
+                .wait(rounds)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        rounds.running = true;
+        rounds.started += 1;
+        let number = rounds.started;
+        drop(rounds);
+        let result = round();
+        let mut rounds = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+        rounds.running = false;
+        rounds.done = number;
+        match &result {
+            Ok(_) => rounds.ok = number,
+            Err(e) => rounds.error = Some(e.to_string()),
+        }
+        drop(rounds);
+        self.round_ended.notify_all();
+        result
     }
 
     /// Whether this run has checked that the backend is this store's
@@ -308,6 +485,11 @@ impl Replication {
             backlog: AtomicU64::new(0),
             max_backlog: cfg.max_backlog,
             urgent: AtomicUsize::new(0),
+            progress: Condvar::new(),
+            rounds: Mutex::default(),
+            round_ended: Condvar::new(),
+            applier: OnceLock::new(),
+            down_paused: AtomicBool::new(false),
         });
         let link = Arc::new(Link::new(cfg.location));
         let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::default();
@@ -336,13 +518,14 @@ impl Replication {
                 .name("ferry-ship".into())
                 .spawn(move || shipper.run())?,
         );
-        let applier = apply::Applier {
+        let applier = Arc::new(apply::Applier {
             vfs: vfs.clone(),
             link,
             shared: shared.clone(),
             notifier,
             fetcher: fetcher.clone(),
-        };
+        });
+        let _ = shared.applier.set(Arc::downgrade(&applier));
         replication.threads.push(
             std::thread::Builder::new()
                 .name("ferry-apply".into())
@@ -369,6 +552,7 @@ impl Replication {
 impl Drop for Replication {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.progress.notify_all();
         self.store_waker.store().wake_log_waiters();
         self.fetcher.wake_all();
         for t in self.threads.drain(..) {
