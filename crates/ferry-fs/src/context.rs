@@ -809,11 +809,13 @@ fn command_of(pid: u32) -> String {
     format!("[{}]", comm.trim_end())
 }
 
-/// Process file descriptors: the two syscalls std and nix do not wrap.
-#[allow(unsafe_code)]
+/// Process file descriptors, through rustix (std and nix do not wrap them).
 mod pidfd {
     use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::OwnedFd;
+
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use rustix::process::{pidfd_open, Pid, PidfdFlags};
 
     /// A pidfd: refers to one process for as long as it is open, and
     /// becomes readable when that process exits.
@@ -822,31 +824,22 @@ mod pidfd {
     impl PidFd {
         /// `pidfd_open(pid, 0)`; the descriptor is close-on-exec.
         pub fn open(pid: u32) -> io::Result<PidFd> {
-            let pid = libc::pid_t::try_from(pid)
-                .map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-            // SAFETY: pidfd_open takes a pid and flags and returns a new
-            // descriptor or -1; no memory is passed.
-            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-            // SAFETY: the kernel just returned this descriptor to us and
-            // nothing else owns it.
-            Ok(PidFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+            let pid = i32::try_from(pid)
+                .ok()
+                .and_then(Pid::from_raw)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+            Ok(PidFd(pidfd_open(pid, PidfdFlags::empty())?))
         }
 
         /// Whether the process has exited (readable, or the poll failed:
         /// an entry that cannot be checked is not trusted).
         pub fn exited(&self) -> bool {
-            let mut pfd = libc::pollfd {
-                fd: self.0.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
+            let mut fds = [PollFd::new(&self.0, PollFlags::IN)];
+            let now = Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
             };
-            // SAFETY: one valid pollfd, a zero timeout.
-            let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-            n != 0
+            !matches!(poll(&mut fds, Some(&now)), Ok(0))
         }
     }
 }
