@@ -42,9 +42,10 @@
 //!   ancestor with an entry (a walk up the ppid chain) and keeps it as its
 //!   own, so a later change in that ancestor does not reach it.
 //!
-//! A process without such an ancestor gets the mount's default and nothing
-//! is stored. While nobody has set a context at all, a lookup is one atomic
-//! load and touches no /proc file.
+//! A process without such an ancestor gets the mount's default, kept the
+//! same way, so each process walks /proc once, not on every request. While
+//! nobody has set a context at all, a lookup is one atomic load and touches
+//! no /proc file.
 //!
 //! One case is out of reach: a process whose parent exited before the
 //! process made its first request has been reparented (to init or a
@@ -526,6 +527,9 @@ impl ProcessTable {
             return self.default;
         }
         self.sweep_if_due();
+        if !self.populated.load(Ordering::Acquire) {
+            return self.default;
+        }
         // The main thread: a live entry under its id is its process's, as
         // no live task can share a live process's id.
         if let Some(ctx) = self.live(tid) {
@@ -632,8 +636,9 @@ impl ProcessTable {
     }
 
     /// The value `pid` (started as `me` says) inherits from its nearest
-    /// ancestor with an entry, now stored as its own; `None` if it has no
-    /// such ancestor (nothing is stored then).
+    /// ancestor with an entry, or the default if none has one, now stored
+    /// as its own; `None` if /proc could not tell (an ancestor exited
+    /// mid-walk), and nothing is stored then.
     fn inherit(&self, pid: u32, me: &Stat) -> Option<Context> {
         let earliest = self.read().earliest_start;
         let mut cur = *me;
@@ -648,7 +653,11 @@ impl ProcessTable {
             }
             cur = read_stat(cur.ppid).ok()?;
         }
-        let (ancestor, seen) = ancestor?;
+        // No ancestor with a context: the default, kept all the same, so
+        // the process's next request costs a table lookup rather than this
+        // walk of /proc. (It is what a change of an ancestor would give it
+        // too: the ancestor's old value, the default.)
+        let (ancestor, seen) = ancestor.unwrap_or((0, self.default));
         // Without a pidfd the value is still right now, only not kept (the
         // daemon is out of descriptors); the next lookup walks again.
         let Ok(Some(pidfd)) = open_verified(pid, me.start_time) else {
@@ -724,6 +733,11 @@ impl ProcessTable {
         *last = Instant::now();
         let mut entries = self.write();
         entries.by_pid.retain(|_, e| !e.exited());
+        // Only defaults left: every process would get the default from an
+        // empty table too, and an empty one costs nothing to ask.
+        if entries.by_pid.values().all(|e| e.context == self.default) {
+            entries.by_pid.clear();
+        }
         entries.earliest_start = entries
             .by_pid
             .values()
@@ -1038,7 +1052,7 @@ mod tests {
     }
 
     #[test]
-    fn a_process_without_an_ancestor_with_a_context_gets_the_default_and_is_not_kept() {
+    fn a_process_without_an_ancestor_with_a_context_gets_the_default_kept_unlisted() {
         let default = Context {
             timeout: Duration::from_secs(5),
             ..Context::default()
@@ -1052,7 +1066,11 @@ mod tests {
         let child = child_of(unrelated.pid());
         assert_eq!(table.lookup(child), default);
         assert_eq!(table.lookup(unrelated.pid()), default);
-        assert!(!table.read().by_pid.contains_key(&child));
+        // Kept, so its next request does not walk /proc again.
+        assert_eq!(
+            table.read().by_pid.get(&child).map(|e| e.context),
+            Some(default)
+        );
         // p's existing child was kept at p's old value, the default, and
         // is therefore not listed.
         assert_eq!(table.lookup(kid), default);

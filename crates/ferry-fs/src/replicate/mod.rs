@@ -290,7 +290,33 @@ impl Shared {
     /// writers, for as long as the returned guard lives (a sync waits).
     pub fn urgent(&self) -> Urgent<'_> {
         self.urgent.fetch_add(1, Ordering::SeqCst);
+        // Under the lock a settling shipper checks `urgent` with, so it
+        // either saw the count or is waiting and gets the signal.
+        drop(self.status.lock().unwrap_or_else(|p| p.into_inner()));
+        self.progress.notify_all();
         Urgent(self)
+    }
+
+    /// Waits `d` for a burst of writes to end, so it ships as one batch;
+    /// at once if someone waits for the backend (a sync, a
+    /// `durability=remote` fsync or close) or replication stops.
+    fn settle(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let now = Instant::now();
+            if self.urgent.load(Ordering::SeqCst) > 0
+                || self.stop.load(Ordering::SeqCst)
+                || now >= deadline
+            {
+                return;
+            }
+            status = self
+                .progress
+                .wait_timeout(status, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut Status)) {

@@ -288,11 +288,11 @@ impl Shipper {
                     .wait_for_log(generation, Duration::from_secs(1));
                 // Let a burst finish (a file being written, a tree being
                 // unpacked): it then ships as one batch, each file once.
-                self.shared.pause(SETTLE);
+                self.shared.settle(SETTLE);
                 continue;
             }
             if self.writers_busy(&batch) {
-                self.shared.pause(SETTLE);
+                self.shared.settle(SETTLE);
                 continue;
             }
             match self.ship() {
