@@ -401,8 +401,11 @@ impl Pull<'_, '_> {
                 continue;
             }
             let rv = tx.remote_version(&key)?;
+            // This host's own write is here already, unless this host
+            // forgot the name since (its version cleared with a directory
+            // it forgot): then the backend's entry brings it back.
             let known = match entry {
-                Some(e) => rv.is_some_and(|v| v >= e.version) || e.origin == tx.host(),
+                Some(e) => rv.is_some_and(|v| v >= e.version || e.origin == tx.host()),
                 None => rv.is_none(),
             };
             if known && !forced {
@@ -497,7 +500,7 @@ impl Pull<'_, '_> {
                             show(&key),
                             inode.ino
                         );
-                        return tx.add_recheck(&key);
+                        return postpone(tx, &key);
                     }
                 }
                 ino
@@ -518,7 +521,7 @@ impl Pull<'_, '_> {
                 // Gone meanwhile, or not fetched: try again next round.
                 _ => {
                     debug!("pull: {} waits: its inode is not here", show(&key));
-                    return tx.add_recheck(&key);
+                    return postpone(tx, &key);
                 }
             },
         };
@@ -564,6 +567,16 @@ impl Pull<'_, '_> {
         }
         Ok(())
     }
+}
+
+/// A name the backend has that this host lacks (never had, or just
+/// dropped: a pulled removal, or conflict resolution moving this host's
+/// name aside) waits for the next round. Its backend version goes: kept,
+/// it could equal the backend's, and the name would look applied here
+/// forever.
+fn postpone(tx: &Tx<'_>, key: &[u8]) -> rusqlite::Result<()> {
+    tx.set_remote_version(key, None)?;
+    tx.add_recheck(key)
 }
 
 /// Drops the local copy of an inode the backend has all of (or deleted):
