@@ -334,8 +334,19 @@ impl Mount {
     /// No-op on `raw`.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.daemon.take() {
+            // Read before the kill: asking the mount itself could hang now.
+            let connection = fuse_connection(&self.mnt);
             let _ = child.kill();
-            let _ = wait_bounded(&mut child, UNMOUNT_TIMEOUT);
+            if wait_bounded(&mut child, Duration::from_secs(2)).is_none() {
+                // A thread of the killed daemon can be stuck in the kernel
+                // (a cache notification waiting on a directory lock whose
+                // holder waits on this very connection): only aborting the
+                // connection lets the process, and its store lock, go.
+                if let Some(id) = connection {
+                    let _ = fs::write(format!("/sys/fs/fuse/connections/{id}/abort"), "1");
+                }
+                let _ = wait_bounded(&mut child, UNMOUNT_TIMEOUT);
+            }
         }
         if !self.is_raw() {
             let _ = run_bounded(
@@ -434,6 +445,19 @@ impl Drop for Mount {
 /// True if `path` is a mount point in this mount namespace.
 pub fn is_mounted(path: &Path) -> bool {
     mounts_under(path).iter().any(|m| m == path)
+}
+
+/// The FUSE connection number (its device number, under
+/// /sys/fs/fuse/connections) of the mount at `path`, from
+/// /proc/self/mountinfo, which costs the mount nothing.
+fn fuse_connection(path: &Path) -> Option<u32> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let at = PathBuf::from(unescape_mountinfo(fields.get(4)?));
+        let (major, minor) = fields.get(2)?.split_once(':')?;
+        (at == path && major == "0").then(|| minor.parse().ok())?
+    })
 }
 
 /// Mount points at or below `dir`, deepest first (from /proc/self/mountinfo).
