@@ -23,7 +23,8 @@
 #   FERRY_BENCH_SEQ_MIB (1024), FERRY_BENCH_TARBALL; fsmark: FERRY_FSMARK_PROCS
 #   (4), FERRY_FSMARK_FILES (2500 per process), FERRY_FSMARK_DIRS (32),
 #   FERRY_FSMARK_PER_DIR (100); profile: FERRY_PROFILE_FILES (5000),
-#   FERRY_PROFILE_STRACE_FILES (1000), FERRY_PROFILE_KEEP (a path to keep the
+#   FERRY_PROFILE_STRACE_FILES (1000), FERRY_PROFILE_QUICK (set: only the
+#   perf stat table, no tracepoints, strace or perf record), FERRY_PROFILE_KEEP (a path to keep the
 #   perf data at); FERRY_BIN (the ferry to measure in fsmark and profile;
 #   default: target/release/ferry, built here); FERRY_BENCH_FERRY_OPTIONS
 #   (more -o options for ferry there, e.g. threads=2).
@@ -363,6 +364,7 @@ profile_part() {
             done
             rmdir "$d"
         done
+        [[ -n ${FERRY_PROFILE_QUICK:-} ]] && continue
         say "profile $t: fuse tracepoints"
         d=${path[$t]}/trace
         mkdir "$d"
@@ -415,6 +417,12 @@ profile_part() {
         printf ' %s |' "${cells[@]}"
         echo
     done
+    if [[ -n ${FERRY_PROFILE_QUICK:-} ]]; then
+        echo
+        echo "Command: \`FERRY_BENCH_PARTS=profile FERRY_PROFILE_QUICK=1 FERRY_BENCH_TARGETS=$targets FERRY_BENCH_REPS=$reps FERRY_PROFILE_FILES=$n${FERRY_BENCH_FERRY_OPTIONS:+ FERRY_BENCH_FERRY_OPTIONS=$FERRY_BENCH_FERRY_OPTIONS} scripts/bench-fs.sh\`"
+        echo
+        return
+    fi
     echo
     echo "FUSE requests per operation, by opcode (the kernel's \`fuse:fuse_request_send\` / \`fuse_request_end\` tracepoints, one run), and the median round trip from send to end, µs:"
     echo

@@ -7,31 +7,79 @@
 //! block group past every recently deleted inode (`recently_deleted`); after
 //! a burst of deletes that scan costs more than all the rest of a create,
 //! while a rename costs one directory update.
+//!
+//! A create must not wait for any of that: a background thread keeps a few
+//! spares empty and open ([`Ready`]), so the request path only renames one
+//! into place, sets its times and hands its descriptor over (issue 12). A
+//! spare is not part of any inode until the rename, so a crash leaves at
+//! most a spare or an orphan data file, as before.
 
-use std::fs::OpenOptions;
+use std::collections::VecDeque;
+use std::fs::{File, Metadata, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 /// Spare files kept at most; beyond that, freed files are deleted.
 const MAX_SPARES: usize = 65536;
 
+/// Open spares the preparer keeps ready for creates.
+const READY_TARGET: usize = 64;
+
+/// The preparer refills once fewer than this are ready.
+const READY_LOW: usize = 32;
+
 /// The pool of spare data files of one store.
 pub struct DataFiles {
+    pool: Arc<Pool>,
+    preparer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the request path and the preparer share.
+struct Pool {
     spare_dir: PathBuf,
-    spares: Mutex<Vec<PathBuf>>,
+    /// Parked spares (empty, closed), and the next free spare name.
+    parked: Mutex<Vec<PathBuf>>,
     next: AtomicU64,
+    ready: Mutex<Ready>,
+    /// Wakes the preparer when `ready` runs low, or to stop.
+    refill: Condvar,
+}
+
+/// Spares opened read-write and known empty, for the next creates.
+#[derive(Default)]
+struct Ready {
+    files: VecDeque<(PathBuf, File)>,
+    /// The preparer is waiting on `refill` (so a create must wake it).
+    idle: bool,
+    stop: bool,
+}
+
+/// A new data file, already at its path: open read-write, empty, with the
+/// times its inode row has; `meta` is its `fstat` after that.
+pub struct NewData {
+    /// The data file, for the handle of the create that made it.
+    pub file: File,
+    /// Its attributes, so the reply needs no `statx` by path.
+    pub meta: Metadata,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each critical section leaves the lists consistent at every step.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl DataFiles {
     /// The pool of the store in `store_dir`, with the spares a previous run
-    /// left (a crash may leave one half-recycled: it is truncated again on use).
+    /// left (a crash may leave one half-recycled: the preparer truncates
+    /// every parked spare again before it hands it out); starts the preparer.
     pub fn open(store_dir: &Path) -> io::Result<DataFiles> {
         let spare_dir = store_dir.join("spare");
         std::fs::create_dir_all(&spare_dir)?;
-        let mut spares = Vec::new();
+        let mut parked = Vec::new();
         let mut next = 0;
         for entry in std::fs::read_dir(&spare_dir)? {
             let entry = entry?;
@@ -42,67 +90,161 @@ impl DataFiles {
             {
                 next = next.max(n + 1);
             }
-            spares.push(entry.path());
+            parked.push(entry.path());
         }
-        Ok(DataFiles {
+        let pool = Arc::new(Pool {
             spare_dir,
-            spares: Mutex::new(spares),
+            parked: Mutex::new(parked),
             next: AtomicU64::new(next),
+            ready: Mutex::new(Ready::default()),
+            refill: Condvar::new(),
+        });
+        let preparer = {
+            let pool = pool.clone();
+            std::thread::Builder::new()
+                .name("ferry-spares".into())
+                .spawn(move || pool.prepare_loop())?
+        };
+        Ok(DataFiles {
+            pool,
+            preparer: Some(preparer),
         })
     }
 
-    /// Makes an empty data file at `path`, recycling a spare when there is
-    /// one. Its times are now, as a new file's are.
-    pub fn create(&self, path: &Path) -> io::Result<()> {
-        let spare = self.spares.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        if let Some(spare) = spare {
-            if std::fs::rename(&spare, path).is_ok() {
-                let file = OpenOptions::new().write(true).truncate(true).open(path)?;
-                let now = std::time::SystemTime::now();
-                return file.set_times(
-                    std::fs::FileTimes::new()
-                        .set_accessed(now)
-                        .set_modified(now),
-                );
+    /// Makes an empty data file at `path` whose access and modification
+    /// times are `time`, recycling a spare when there is one.
+    pub fn create(&self, path: &Path, time: SystemTime) -> io::Result<NewData> {
+        let (spare, file) = match self.pool.take_ready() {
+            Some(ready) => ready,
+            // The preparer fell behind: prepare one here.
+            None => self.pool.prepare()?,
+        };
+        let file = match std::fs::rename(&spare, path) {
+            Ok(()) => file,
+            Err(e) => {
+                tracing::warn!("recycling {}: {e}", spare.display());
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(path)?
             }
-        }
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .map(drop)
+        };
+        file.set_times(
+            std::fs::FileTimes::new()
+                .set_accessed(time)
+                .set_modified(time),
+        )?;
+        let meta = file.metadata()?;
+        Ok(NewData { file, meta })
     }
 
     /// Frees the data file at `path` (absent is fine): truncated into the
     /// spare pool, or deleted when the pool is full.
     pub fn free(&self, path: &Path) -> io::Result<()> {
-        let parked = {
-            let spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-            spares.len() < MAX_SPARES
-        };
-        let result = if parked {
-            let spare = self
-                .spare_dir
-                .join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
+        let result = if self.pool.spares() < MAX_SPARES {
+            let spare = self.pool.new_spare_path();
             OpenOptions::new()
                 .write(true)
                 .truncate(true)
                 .open(path)
                 .and_then(|_| std::fs::rename(path, &spare))
-                .map(|()| {
-                    self.spares
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(spare)
-                })
+                .map(|()| lock(&self.pool.parked).push(spare))
         } else {
             std::fs::remove_file(path)
         };
         match result {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
+        }
+    }
+}
+
+impl Drop for DataFiles {
+    fn drop(&mut self) {
+        lock(&self.pool.ready).stop = true;
+        self.pool.refill.notify_all();
+        if let Some(preparer) = self.preparer.take() {
+            let _ = preparer.join();
+        }
+    }
+}
+
+impl Pool {
+    fn spares(&self) -> usize {
+        lock(&self.parked).len() + lock(&self.ready).files.len()
+    }
+
+    fn new_spare_path(&self) -> PathBuf {
+        self.spare_dir
+            .join(self.next.fetch_add(1, Ordering::Relaxed).to_string())
+    }
+
+    /// A ready spare, waking the preparer when the rest run low.
+    fn take_ready(&self) -> Option<(PathBuf, File)> {
+        let mut ready = lock(&self.ready);
+        let taken = ready.files.pop_front();
+        if ready.files.len() < READY_LOW && ready.idle {
+            // Only a sleeping preparer needs the (system call of a) wake-up.
+            ready.idle = false;
+            self.refill.notify_one();
+        }
+        taken
+    }
+
+    /// One spare, open read-write and empty: a parked one truncated again
+    /// (it may be half-recycled by a crash), or else a new file.
+    fn prepare(&self) -> io::Result<(PathBuf, File)> {
+        let parked = lock(&self.parked).pop();
+        if let Some(spare) = parked {
+            let opened = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .truncate(true)
+                .open(&spare);
+            match opened {
+                Ok(file) => return Ok((spare, file)),
+                Err(e) => tracing::warn!("opening spare {}: {e}", spare.display()),
+            }
+        }
+        let spare = self.new_spare_path();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&spare)?;
+        Ok((spare, file))
+    }
+
+    /// The preparer: keeps [`READY_TARGET`] spares ready until stopped.
+    fn prepare_loop(&self) {
+        loop {
+            {
+                let mut ready = lock(&self.ready);
+                while !ready.stop && ready.files.len() >= READY_LOW {
+                    ready.idle = true;
+                    ready = self.refill.wait(ready).unwrap_or_else(|p| p.into_inner());
+                }
+                ready.idle = false;
+                if ready.stop {
+                    return;
+                }
+            }
+            while lock(&self.ready).files.len() < READY_TARGET {
+                match self.prepare() {
+                    Ok(spare) => lock(&self.ready).files.push_back(spare),
+                    Err(e) => {
+                        // Creates prepare their own meanwhile; retry later.
+                        tracing::warn!("preparing spare data files: {e}");
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        break;
+                    }
+                }
+            }
         }
     }
 }

@@ -543,7 +543,7 @@ impl Filesystem for FerryFs {
             self.vfs.refresh(ino.into(), Instant::now() + c.timeout);
         }
         self.count_cache_use(ino.into());
-        let fh = match self.vfs.open(ino.into(), flags.0, false) {
+        let fh = match self.vfs.open(ino.into(), flags.0) {
             Ok(fh) => fh,
             Err(e) => return reply.error(e),
         };
@@ -804,8 +804,7 @@ impl Filesystem for FerryFs {
         let context = self.vfs.context_of(req.pid());
         let made = self
             .vfs
-            .make(caller(req), parent.into(), name.as_bytes(), mode, 0, None)
-            .and_then(|attr| Ok((attr, self.vfs.open(attr.ino.into(), flags, true)?)));
+            .create(caller(req), parent.into(), name.as_bytes(), mode, flags);
         let (attr, fh) = match made {
             Ok(made) => made,
             Err(e) => return reply.error(e),

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use ferry_backend::ChunkHash;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::StoreError;
 use crate::ids::{Ino, Seq};
@@ -76,6 +76,13 @@ CREATE TABLE resolved(id INTEGER PRIMARY KEY, at INTEGER NOT NULL, path TEXT NOT
 
 /// Bytes kept in reserve for operations that free space on a full disk.
 const RESERVE_BYTES: u64 = 8 << 20;
+
+/// Free space above which [`Store::make_room`] trusts its last look for
+/// [`ROOM_RECHECK`].
+const PLENTY_BYTES: u64 = 16 * RESERVE_BYTES;
+
+/// How long [`Store::make_room`] trusts a look that found plenty of room.
+const ROOM_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// One resolved conflict as the store keeps it: (when, path, how).
 pub type Resolved = (Nanos, String, String);
@@ -269,7 +276,36 @@ pub struct Store {
     _lock: nix::fcntl::Flock<File>,
     /// Counts commits that appended to the log; the replicator waits on it
     /// instead of polling.
-    log_generation: (Mutex<u64>, std::sync::Condvar),
+    log_generation: (Mutex<LogGeneration>, std::sync::Condvar),
+    /// When [`Store::make_room`] last looked at the free space, and what it
+    /// found.
+    room: Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+/// What [`Store::wait_for_log`] waits on.
+#[derive(Default)]
+struct LogGeneration {
+    /// Commits that appended to the log so far.
+    generation: u64,
+    /// Threads waiting for the next one.
+    waiters: u32,
+}
+
+/// Rolls back the open transaction when dropped: [`Store::write`] forgets
+/// it once `COMMIT` succeeded, so it acts on errors and panics only. A
+/// failed `COMMIT` may already have rolled back; then `ROLLBACK` fails, and
+/// that is fine.
+struct Rollback<'a>(&'a Connection);
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        if !self.0.is_autocommit() {
+            let _ = self
+                .0
+                .prepare_cached("ROLLBACK")
+                .and_then(|mut s| s.execute([]));
+        }
+    }
 }
 
 impl Store {
@@ -345,7 +381,8 @@ impl Store {
             dir: dir.to_path_buf(),
             host: host as u32,
             _lock: lock,
-            log_generation: (Mutex::new(0), std::sync::Condvar::new()),
+            log_generation: (Mutex::default(), std::sync::Condvar::new()),
+            room: Mutex::new(None),
         };
         store.make_room();
         Ok(store)
@@ -367,30 +404,40 @@ impl Store {
     }
 
     /// Runs `f` in one immediate transaction and commits if it returns `Ok`.
+    ///
+    /// `BEGIN IMMEDIATE`, `COMMIT` and `ROLLBACK` are cached statements:
+    /// rusqlite's `Transaction` parses them anew on every call, which cost
+    /// about a tenth of a create's CPU (issue 12). An error from `f` or from
+    /// the commit, or a panic, rolls back ([`Rollback`]).
     pub fn write<T, E: From<rusqlite::Error>>(
         &self,
         f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut conn = self.lock();
-        let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let conn = self.lock();
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let rollback = Rollback(&conn);
         let tx = Tx {
-            txn,
+            txn: &conn,
             host: self.host,
             logged: std::cell::Cell::new(false),
             at: now(),
             pulled: std::cell::Cell::new(false),
         };
         let out = f(&tx)?;
-        let logged = tx.logged.get();
-        tx.txn.commit()?;
-        if logged {
-            let mut generation = self
+        conn.prepare_cached("COMMIT")?.execute([])?;
+        std::mem::forget(rollback);
+        if tx.logged.get() {
+            let mut log = self
                 .log_generation
                 .0
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            *generation += 1;
-            self.log_generation.1.notify_all();
+            log.generation += 1;
+            // Condvar::notify_all always makes a system call; most commits
+            // have no one waiting (no backend attached, or the shipper busy).
+            if log.waiters > 0 {
+                self.log_generation.1.notify_all();
+            }
         }
         Ok(out)
     }
@@ -405,17 +452,19 @@ impl Store {
     /// generation `seen`; returns the current generation.
     pub fn wait_for_log(&self, seen: u64, timeout: std::time::Duration) -> u64 {
         let (lock, cond) = &self.log_generation;
-        let generation = lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (generation, _) = cond
-            .wait_timeout_while(generation, timeout, |g| *g == seen)
+        let mut log = lock.lock().unwrap_or_else(|p| p.into_inner());
+        log.waiters += 1;
+        let (mut log, _) = cond
+            .wait_timeout_while(log, timeout, |l| l.generation == seen)
             .unwrap_or_else(|p| p.into_inner());
-        *generation
+        log.waiters -= 1;
+        log.generation
     }
 
     /// Wakes every [`Store::wait_for_log`] caller (used to stop them).
     pub fn wake_log_waiters(&self) {
         let (lock, cond) = &self.log_generation;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).generation += 1;
         cond.notify_all();
     }
 
@@ -443,14 +492,23 @@ impl Store {
     /// Keeps the reserve right for the space left on the store's file
     /// system: given up when less than it is free, so the operation about to
     /// run (an unlink, a truncate: one that frees space) can commit its
-    /// transaction; taken back once there is room for it twice over. Cheap
-    /// (a statvfs), so every operation that frees space calls it first.
+    /// transaction; taken back once there is room for it twice over. Every
+    /// operation that frees space calls it first, so it is kept cheap: while
+    /// the last look found [`PLENTY_BYTES`] free less than [`ROOM_RECHECK`]
+    /// ago, it does not look again (filling that much in that time would
+    /// take writes at over 10 GB/s).
     pub fn make_room(&self) {
+        let mut last = self.room.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|(at, free)| free >= PLENTY_BYTES && at.elapsed() < ROOM_RECHECK) {
+            return;
+        }
         let path = self.dir.join("reserve");
         let Ok(fs) = nix::sys::statvfs::statvfs(&self.dir) else {
+            *last = None;
             return;
         };
         let free = fs.blocks_available() * fs.fragment_size();
+        *last = Some((std::time::Instant::now(), free));
         let held = std::fs::metadata(&path).map_or(0, |m| m.len());
         if held > 0 && free < RESERVE_BYTES {
             tracing::warn!("the store's file system is full; releasing its reserve");
@@ -463,6 +521,13 @@ impl Store {
                 let _ = std::fs::remove_file(&path);
             }
         }
+    }
+
+    /// Whether the last look of [`Store::make_room`] found less than
+    /// [`PLENTY_BYTES`] free (or could not look).
+    pub fn short_of_room(&self) -> bool {
+        let last = self.room.lock().unwrap_or_else(|p| p.into_inner());
+        last.is_none_or(|(_, free)| free < PLENTY_BYTES)
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -987,7 +1052,7 @@ impl Queries for Reader<'_> {
 /// One write transaction. Every mutating method bumps the inode's version
 /// and appends the matching [`Change`] to the log, in this transaction.
 pub struct Tx<'a> {
-    txn: rusqlite::Transaction<'a>,
+    txn: &'a Connection,
     host: u32,
     /// Whether this transaction appended to the log (so, once committed,
     /// the replicator has work).
@@ -1002,7 +1067,7 @@ pub struct Tx<'a> {
 
 impl Queries for Tx<'_> {
     fn conn(&self) -> &Connection {
-        &self.txn
+        self.txn
     }
 }
 
@@ -1025,36 +1090,54 @@ impl Tx<'_> {
     pub fn create(&self, parent: Ino, name: &[u8], new: &NewInode<'_>) -> rusqlite::Result<Inode> {
         let t = now();
         let is_dir = new.mode & libc::S_IFMT == libc::S_IFDIR;
-        let size = new.target.map_or(0, |t| t.len() as i64);
+        let nlink = if is_dir { 2 } else { 1 };
+        let size = new.target.map_or(0, |t| t.len() as u64);
+        // The number AUTOINCREMENT would pick (it never goes below the
+        // sequence, and this transaction holds the write lock). A host's
+        // counter is its local inode number: unique on this host, never
+        // reused, and so known before the row exists, which spares an
+        // UPDATE of the row and of its (host, counter) index.
+        let ino = Ino(self.sequence("inode")? + 1);
         self.txn
             .prepare_cached(
-                "INSERT INTO inode(host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, target, version)
-                 VALUES (?1, 0, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?7, ?8, ?9, 1)",
+                "INSERT INTO inode(ino, host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, target, version)
+                 VALUES (?1, ?2, ?1, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8, ?8, ?9, ?10, 1)",
             )?
             .execute(params![
+                ino,
                 self.host,
                 new.mode,
                 new.uid,
                 new.gid,
-                if is_dir { 2 } else { 1 },
-                size,
+                nlink,
+                size as i64,
                 t,
                 new.rdev,
                 new.target
             ])?;
-        let ino = Ino(self.txn.last_insert_rowid() as u64);
-        // A host's counter is its local inode number: unique on this host,
-        // never reused (AUTOINCREMENT), and free to compute.
-        self.txn
-            .prepare_cached("UPDATE inode SET counter=ino WHERE ino=?1")?
-            .execute([ino])?;
         self.insert_dentry(parent, name, ino)?;
         if is_dir {
             self.add_nlink(parent, 1)?;
         }
         self.touch_dir(parent, t)?;
-        self.log(&Change::Create { ino, parent, name })?;
-        Ok(self.inode(ino)?.expect("inode inserted above"))
+        let version = self.log_version(&Change::Create { ino, parent, name })?;
+        Ok(Inode {
+            ino,
+            host: self.host,
+            counter: ino.0,
+            mode: new.mode,
+            uid: new.uid,
+            gid: new.gid,
+            nlink,
+            size,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            rdev: new.rdev,
+            version,
+            cached: true,
+        })
     }
 
     /// Adds the name `parent/name` for the existing `ino`; logs `Link`.
@@ -1548,13 +1631,17 @@ impl Tx<'_> {
 
     /// Bumps the version of the change's inode and appends the record.
     fn log(&self, change: &Change<'_>) -> rusqlite::Result<()> {
+        self.log_version(change).map(drop)
+    }
+
+    /// [`Tx::log`], returning the inode's new version.
+    fn log_version(&self, change: &Change<'_>) -> rusqlite::Result<u64> {
         let ino = change.ino();
-        self.txn
-            .prepare_cached("UPDATE inode SET version=version+1 WHERE ino=?1")?
-            .execute([ino])?;
         let (version, host, counter): (i64, i64, i64) = self
             .txn
-            .prepare_cached("SELECT version, host, counter FROM inode WHERE ino=?1")?
+            .prepare_cached(
+                "UPDATE inode SET version=version+1 WHERE ino=?1 RETURNING version, host, counter",
+            )?
             .query_row([ino], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         let (parent, name, parent2, name2) = change.places();
         self.txn
@@ -1576,6 +1663,6 @@ impl Tx<'_> {
                 self.pulled.get()
             ])?;
         self.logged.set(true);
-        Ok(())
+        Ok(version as u64)
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{Errno, FileAttr, FileType, TimeOrNow};
 use tracing::{error, warn};
 
-use crate::data::DataFiles;
+use crate::data::{DataFiles, NewData};
 use crate::error::StoreError;
 use crate::ids::{Fh, Ino};
 use crate::store::{self, Inode, Kind, Nanos, NewInode, Queries, Store, Tx, ROOT_INO};
@@ -103,12 +103,12 @@ struct OpenState {
 
 /// The file system, minus the FUSE protocol.
 pub struct Vfs {
-    store: Store,
-    data: DataFiles,
+    store: Arc<Store>,
+    data: Arc<DataFiles>,
     read_only: bool,
     /// FUSE lookup counts: an inode with no names lives until the kernel
     /// forgets it, because open files and cwds still reach it.
-    lookups: Mutex<HashMap<Ino, u64>>,
+    lookups: Arc<Mutex<HashMap<Ino, u64>>>,
     handles: Mutex<HashMap<Fh, Arc<Handle>>>,
     open: Mutex<HashMap<Ino, OpenState>>,
     next_fh: AtomicU64,
@@ -121,9 +121,148 @@ pub struct Vfs {
     residency: std::sync::RwLock<()>,
     /// When each file was last opened, for least-recently-used eviction
     /// (kept only with a backend; entries leave with their inode).
-    last_open: Mutex<HashMap<Ino, std::time::Instant>>,
+    last_open: Arc<Mutex<HashMap<Ino, std::time::Instant>>>,
     /// The contexts of the processes that use this mount.
     processes: crate::context::ProcessTable,
+    /// Deletes forgotten inodes in the background.
+    reaper: Reaper,
+}
+
+/// Deletes the inodes the kernel forgot after their last name went, off
+/// the FUSE threads and many per transaction (issue 12): a FORGET needs no
+/// reply, but its own transaction held the store lock that the next
+/// request then waited for. A crash before the reaper got to an inode
+/// leaves it with no names, and [`Vfs::new`] deletes it at the next start,
+/// exactly as after a crash between UNLINK and FORGET.
+struct Reaper {
+    work: Arc<Reaping>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long the reaper lets deletions gather before it runs them.
+const REAP_GATHER: Duration = Duration::from_millis(5);
+
+/// What the reaper thread shares with the [`Vfs`].
+struct Reaping {
+    store: Arc<Store>,
+    /// [`Vfs::lookups`]: an inode the kernel looked up again since it was
+    /// queued (through a name it had then) is not the reaper's any more.
+    lookups: Arc<Mutex<HashMap<Ino, u64>>>,
+    data: Arc<DataFiles>,
+    last_open: Arc<Mutex<HashMap<Ino, std::time::Instant>>>,
+    queue: Mutex<ReapQueue>,
+    wake: std::sync::Condvar,
+    /// Held while a batch is deleted: [`Reaping::flush`] returns only once
+    /// the batch the thread may have taken is done too.
+    busy: Mutex<()>,
+}
+
+#[derive(Default)]
+struct ReapQueue {
+    inos: Vec<Ino>,
+    stop: bool,
+}
+
+impl Reaper {
+    fn start(work: Reaping) -> std::io::Result<Reaper> {
+        let work = Arc::new(work);
+        let thread = {
+            let work = work.clone();
+            std::thread::Builder::new()
+                .name("ferry-reaper".into())
+                .spawn(move || work.run())?
+        };
+        Ok(Reaper {
+            work,
+            thread: Some(thread),
+        })
+    }
+
+    /// Deletes `ino` soon, if it has no names by then.
+    fn queue(&self, ino: Ino) {
+        let mut queue = lock(&self.work.queue);
+        queue.inos.push(ino);
+        if queue.inos.len() == 1 {
+            self.work.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // The thread deletes what is queued before it stops.
+        lock(&self.work.queue).stop = true;
+        self.work.wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Reaping {
+    fn run(&self) {
+        loop {
+            {
+                let mut queue = lock(&self.queue);
+                while queue.inos.is_empty() && !queue.stop {
+                    queue = self.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
+                }
+                if queue.inos.is_empty() {
+                    return;
+                }
+                if !queue.stop {
+                    // Let the FORGETs of an `rm -r` gather: one transaction
+                    // for all of them instead of one each.
+                    drop(queue);
+                    std::thread::sleep(REAP_GATHER);
+                }
+            }
+            self.flush();
+        }
+    }
+
+    /// Deletes everything queued, on the calling thread.
+    fn flush(&self) {
+        let _busy = lock(&self.busy);
+        let inos = std::mem::take(&mut lock(&self.queue).inos);
+        if let Err(e) = self.delete_unlinked(inos) {
+            warn!("deleting forgotten inodes: {e}");
+        }
+    }
+
+    /// Deletes those of `inos` that have no names left and that the kernel
+    /// does not hold, in one transaction, then frees their data files. The
+    /// transaction holds the store lock, so no name can come back meanwhile.
+    fn delete_unlinked(&self, inos: Vec<Ino>) -> rusqlite::Result<()> {
+        if inos.is_empty() {
+            return Ok(());
+        }
+        self.store.make_room();
+        let deleted = self.store.write(|tx| -> rusqlite::Result<Vec<Ino>> {
+            let mut deleted = Vec::with_capacity(inos.len());
+            for ino in inos {
+                let unlinked = tx.inode(ino)?.is_some_and(|inode| inode.nlink == 0);
+                if unlinked && !lock(&self.lookups).contains_key(&ino) {
+                    tx.delete(ino)?;
+                    deleted.push(ino);
+                }
+            }
+            Ok(deleted)
+        })?;
+        for ino in deleted {
+            lock(&self.last_open).remove(&ino);
+            free_data(&self.store, &self.data, ino);
+        }
+        Ok(())
+    }
+}
+
+/// Frees the data file of `ino` (see [`DataFiles::free`]).
+fn free_data(store: &Store, data: &DataFiles, ino: Ino) {
+    let path = store.data_path(ino);
+    if let Err(e) = data.free(&path) {
+        warn!("freeing {}: {e}", path.display());
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -199,6 +338,42 @@ pub(crate) fn to_system_time(t: Nanos) -> SystemTime {
     }
 }
 
+/// The attributes of a cached regular file: its data file (`meta`) supplies
+/// size, blocks and mtime, and its ctime moves the inode's ctime forward (a
+/// write or truncate changes both).
+fn file_attr(inode: &Inode, meta: &std::fs::Metadata) -> FileAttr {
+    let data_ctime = meta.ctime() * 1_000_000_000 + meta.ctime_nsec();
+    let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+    attr_of(
+        inode,
+        meta.len(),
+        meta.blocks(),
+        mtime,
+        inode.ctime.max(data_ctime),
+    )
+}
+
+/// The attributes of `inode`, with the size, blocks and times given.
+fn attr_of(inode: &Inode, size: u64, blocks: u64, mtime: Nanos, ctime: Nanos) -> FileAttr {
+    FileAttr {
+        ino: inode.ino.into(),
+        size,
+        blocks,
+        atime: to_system_time(inode.atime),
+        mtime: to_system_time(mtime),
+        ctime: to_system_time(ctime),
+        crtime: to_system_time(inode.crtime),
+        kind: file_type(inode.kind()),
+        perm: (inode.mode & 0o7777) as u16,
+        nlink: inode.nlink,
+        uid: inode.uid,
+        gid: inode.gid,
+        rdev: inode.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 fn file_type(kind: Kind) -> FileType {
     match kind {
         Kind::File => FileType::RegularFile,
@@ -215,20 +390,35 @@ impl Vfs {
     /// Wraps an opened store, first finishing any deletion a crash
     /// interrupted: inodes with no names cannot be open after a restart.
     pub fn new(store: Store, read_only: bool) -> Result<Vfs, StoreError> {
-        let data = DataFiles::open(store.dir()).map_err(|e| StoreError::io(store.dir(), e))?;
+        let io = |e| StoreError::io(store.dir(), e);
+        let data = Arc::new(DataFiles::open(store.dir()).map_err(io)?);
+        let store = Arc::new(store);
+        let last_open = Arc::new(Mutex::new(HashMap::new()));
+        let lookups = Arc::new(Mutex::new(HashMap::new()));
+        let reaper = Reaper::start(Reaping {
+            store: store.clone(),
+            lookups: lookups.clone(),
+            data: data.clone(),
+            last_open: last_open.clone(),
+            queue: Mutex::default(),
+            wake: std::sync::Condvar::new(),
+            busy: Mutex::new(()),
+        })
+        .map_err(|e| StoreError::io(store.dir(), e))?;
         let vfs = Vfs {
             store,
             data,
             read_only,
-            lookups: Mutex::new(HashMap::new()),
+            lookups,
             handles: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             source: std::sync::OnceLock::new(),
             replication: std::sync::OnceLock::new(),
             residency: std::sync::RwLock::new(()),
-            last_open: Mutex::new(HashMap::new()),
+            last_open,
             processes: crate::context::ProcessTable::new(crate::context::Context::default()),
+            reaper,
         };
         if !read_only {
             vfs.reap_orphans()
@@ -323,10 +513,11 @@ impl Vfs {
         }
     }
 
-    /// Makes sure the data file of `ino` holds its bytes, fetching them from
-    /// the backend if this host never had them (or evicted them).
-    fn ensure_cached(&self, ino: Ino) -> Result<(), Errno> {
-        let inode = self.inode(ino)?;
+    /// Makes sure the data file of `inode` holds its bytes, fetching them
+    /// from the backend if this host never had them (or evicted them). The
+    /// row must have been read under `residency`, so no eviction came since.
+    fn ensure_cached(&self, inode: &Inode) -> Result<(), Errno> {
+        let ino = inode.ino;
         if inode.cached {
             return Ok(());
         }
@@ -373,11 +564,7 @@ impl Vfs {
             let rows = stmt.query_map([ROOT_INO], |row| row.get(0))?;
             rows.collect::<rusqlite::Result<Vec<Ino>>>()
         })?;
-        for ino in orphans {
-            self.store.write(|tx| tx.delete(ino))?;
-            self.remove_data(ino);
-        }
-        Ok(())
+        self.reaper.work.delete_unlinked(orphans)
     }
 
     fn writable(&self) -> Result<(), Errno> {
@@ -428,14 +615,7 @@ impl Vfs {
                     return Err(Errno::EIO);
                 }
             };
-            let data_ctime = meta.ctime() * 1_000_000_000 + meta.ctime_nsec();
-            let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
-            (
-                meta.len(),
-                meta.blocks(),
-                mtime,
-                inode.ctime.max(data_ctime),
-            )
+            return Ok(file_attr(inode, &meta));
         } else if kind == Kind::Dir {
             // What ext4 shows for a directory of one block: tools that treat
             // a zero size as "empty" or "special" see what they expect.
@@ -448,23 +628,7 @@ impl Vfs {
                 inode.ctime,
             )
         };
-        Ok(FileAttr {
-            ino: inode.ino.into(),
-            size,
-            blocks,
-            atime: to_system_time(inode.atime),
-            mtime: to_system_time(mtime),
-            ctime: to_system_time(ctime),
-            crtime: to_system_time(inode.crtime),
-            kind: file_type(kind),
-            perm: (inode.mode & 0o7777) as u16,
-            nlink: inode.nlink,
-            uid: inode.uid,
-            gid: inode.gid,
-            rdev: inode.rdev,
-            blksize: 4096,
-            flags: 0,
-        })
+        Ok(attr_of(inode, size, blocks, mtime, ctime))
     }
 
     fn inode(&self, ino: Ino) -> Result<Inode, Errno> {
@@ -491,7 +655,7 @@ impl Vfs {
         let is_file = kind == Kind::File;
         let _resident = self.residency.read().unwrap_or_else(|p| p.into_inner());
         if is_file && (set.size.is_some() || set.mtime.is_some()) {
-            self.ensure_cached(ino)?;
+            self.ensure_cached(&self.inode(ino)?)?;
         }
         let only_times = set.mode.is_none()
             && set.uid.is_none()
@@ -586,7 +750,7 @@ impl Vfs {
     }
 
     /// `forget`: drops `n` kernel references; the last one of an inode
-    /// with no names deletes it.
+    /// with no names has the reaper delete it.
     pub fn forget(&self, ino: Ino, n: u64) {
         let gone = {
             let mut lookups = lock(&self.lookups);
@@ -603,34 +767,19 @@ impl Vfs {
             }
         };
         if gone && ino != ROOT_INO && !self.read_only {
-            if let Err(e) = self.delete_if_unlinked(ino) {
-                warn!("forget {ino}: {e:?}");
-            }
+            self.reaper.queue(ino);
         }
     }
 
     fn delete_if_unlinked(&self, ino: Ino) -> Result<(), Errno> {
-        self.store.make_room();
-        let deleted = self
-            .store
-            .write(|tx| -> rusqlite::Result<bool> {
-                match tx.inode(ino)? {
-                    Some(inode) if inode.nlink == 0 => tx.delete(ino).map(|()| true),
-                    _ => Ok(false),
-                }
-            })
-            .map_err(db_err)?;
-        if deleted {
-            lock(&self.last_open).remove(&ino);
-            self.remove_data(ino);
-        }
-        Ok(())
+        self.reaper.work.delete_unlinked(vec![ino]).map_err(db_err)
     }
 
-    fn remove_data(&self, ino: Ino) {
-        let path = self.store.data_path(ino);
-        if let Err(e) = self.data.free(&path) {
-            warn!("freeing {}: {e}", path.display());
+    /// Has the reaper's queue deleted now when the store's file system is
+    /// short of space, so what an unlink frees is free for what follows.
+    fn reap_if_short(&self) {
+        if self.store.short_of_room() {
+            self.reaper.work.flush();
         }
     }
 
@@ -648,11 +797,57 @@ impl Vfs {
         rdev: u32,
         target: Option<&[u8]>,
     ) -> Result<FileAttr, Errno> {
+        self.throttle();
+        let (inode, data) = self.make_inode(caller, parent, name, mode, rdev, target)?;
+        let attr = match &data {
+            Some(data) => file_attr(&inode, &data.meta),
+            None => self.attr(&inode)?,
+        };
+        self.remember(inode.ino);
+        Ok(attr)
+    }
+
+    /// `create`: makes the regular file `parent/name` and opens it, with
+    /// the data file [`Vfs::make`] made (no second open, no `statx`).
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+    ) -> Result<(FileAttr, Fh), Errno> {
+        if Kind::from_mode(mode) != Some(Kind::File) {
+            return Err(Errno::EINVAL);
+        }
+        self.throttle();
+        // Held from the data file's creation to its handle, as an open holds
+        // it, so no eviction comes in between.
+        let _resident = self.residency.read().unwrap_or_else(|p| p.into_inner());
+        let (inode, data) = self.make_inode(caller, parent, name, mode, 0, None)?;
+        let data = data.expect("a regular file has a data file");
+        let attr = file_attr(&inode, &data.meta);
+        self.remember(inode.ino);
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        Ok((attr, self.add_handle(inode.ino, data.file, writable, true)))
+    }
+
+    /// The transaction of [`Vfs::make`] and [`Vfs::create`]; for a regular
+    /// file, also its new data file.
+    fn make_inode(
+        &self,
+        caller: Caller,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<(Inode, Option<NewData>), Errno> {
         self.writable()?;
         check_name(name)?;
         let kind = Kind::from_mode(mode).ok_or(Errno::EINVAL)?;
-        self.throttle();
-        let inode = self.store.write(|tx| -> Result<Inode, TxError> {
+        self.reap_if_short();
+        Ok(self.store.write(|tx| -> Result<_, TxError> {
             let dir = tx.inode(parent)?.ok_or(Errno::ENOENT)?;
             if dir.kind() != Kind::Dir {
                 return Err(Errno::ENOTDIR.into());
@@ -683,20 +878,21 @@ impl Vfs {
                     target,
                 },
             )?;
-            if kind == Kind::File {
-                // Created inside the transaction: a crash leaves either both
-                // or an orphan data file, never an inode without data.
-                let path = self.store.data_path(inode.ino);
-                self.data.create(&path).map_err(|e| {
+            if kind != Kind::File {
+                return Ok((inode, None));
+            }
+            // Created inside the transaction: a crash leaves either both
+            // or an orphan data file, never an inode without data.
+            let path = self.store.data_path(inode.ino);
+            let data = self
+                .data
+                .create(&path, to_system_time(inode.mtime))
+                .map_err(|e| {
                     error!("creating {}: {e}", path.display());
                     io_err(e)
                 })?;
-            }
-            Ok(inode)
-        })?;
-        let attr = self.attr(&inode)?;
-        self.remember(inode.ino);
-        Ok(attr)
+            Ok((inode, Some(data)))
+        })?)
     }
 
     /// `readlink`.
@@ -887,22 +1083,18 @@ impl Vfs {
     // ----- files ----------------------------------------------------------
 
     /// Opens the data file of `ino` and returns a handle number.
-    ///
-    /// `created`: the inode was just created by this open, so its `Create`
-    /// record already stands for its first contents and the writes that
-    /// follow need no `Content` record of their own.
-    pub fn open(&self, ino: Ino, flags: i32, created: bool) -> Result<Fh, Errno> {
+    pub fn open(&self, ino: Ino, flags: i32) -> Result<Fh, Errno> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         if writable {
             self.writable()?;
         }
-        let inode = self.inode(ino)?;
-        if inode.kind() != Kind::File {
-            return Err(Errno::EINVAL);
-        }
         let file = {
             let _resident = self.residency.read().unwrap_or_else(|p| p.into_inner());
-            self.ensure_cached(ino)?;
+            let inode = self.inode(ino)?;
+            if inode.kind() != Kind::File {
+                return Err(Errno::EINVAL);
+            }
+            self.ensure_cached(&inode)?;
             OpenOptions::new()
                 .read(true)
                 .write(!self.read_only)
@@ -912,6 +1104,15 @@ impl Vfs {
                     Errno::EIO
                 })?
         };
+        Ok(self.add_handle(ino, file, writable, false))
+    }
+
+    /// Registers an open of `ino` on `file` (see [`Vfs::open`]).
+    ///
+    /// `created`: the inode was just created by this open, so its `Create`
+    /// record already stands for its first contents and the writes that
+    /// follow need no `Content` record of their own.
+    fn add_handle(&self, ino: Ino, file: File, writable: bool, created: bool) -> Fh {
         // Only a volume with a backend evicts, so only it needs the order.
         if self.source.get().is_some() {
             lock(&self.last_open).insert(ino, std::time::Instant::now());
@@ -931,7 +1132,7 @@ impl Vfs {
                 writable,
             }),
         );
-        Ok(fh)
+        fh
     }
 
     /// The handle `fh`.
@@ -1067,7 +1268,7 @@ impl Vfs {
             self.store
                 .write(|tx| tx.set_evicted(ino, meta.len(), mtime))
                 .map_err(db_err)?;
-            self.remove_data(ino);
+            free_data(&self.store, &self.data, ino);
             lock(&self.last_open).remove(&ino);
             cached = cached.saturating_sub(meta.len());
         }
@@ -1247,6 +1448,8 @@ impl Vfs {
 
     /// `statfs`: the store's file system, with ferry's inode count.
     pub fn statfs(&self) -> Result<nix::sys::statvfs::Statvfs, Errno> {
+        // What was unlinked before is free in the answer.
+        self.reaper.work.flush();
         nix::sys::statvfs::statvfs(self.store.dir()).map_err(nix_err)
     }
 
