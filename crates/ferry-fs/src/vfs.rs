@@ -112,6 +112,10 @@ pub struct Vfs {
     handles: Mutex<HashMap<Fh, Arc<Handle>>>,
     open: Mutex<HashMap<Ino, OpenState>>,
     next_fh: AtomicU64,
+    /// Files replication has read ([`Vfs::begin_ship`]), counted so that
+    /// [`Vfs::create`] can tell whether one was read before its writer was
+    /// registered.
+    ship_reads: AtomicU64,
     /// Fetches uncached files; set when the volume has a backend.
     source: std::sync::OnceLock<Arc<dyn ContentSource>>,
     /// The replicator's backlog gauge, for backpressure.
@@ -413,6 +417,7 @@ impl Vfs {
             handles: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            ship_reads: AtomicU64::new(0),
             source: std::sync::OnceLock::new(),
             replication: std::sync::OnceLock::new(),
             residency: std::sync::RwLock::new(()),
@@ -824,12 +829,29 @@ impl Vfs {
         // Held from the data file's creation to its handle, as an open holds
         // it, so no eviction comes in between.
         let _resident = self.residency.read().unwrap_or_else(|p| p.into_inner());
+        let reads = self.ship_reads.load(Ordering::SeqCst);
         let (inode, data) = self.make_inode(caller, parent, name, mode, 0, None)?;
         let data = data.expect("a regular file has a data file");
         let attr = file_attr(&inode, &data.meta);
         self.remember(inode.ino);
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        Ok((attr, self.add_handle(inode.ino, data.file, writable, true)))
+        let fh = self.add_handle(inode.ino, data.file, writable, true);
+        // The `Create` record stands for the first run of writes, unless
+        // replication read a file between its commit and the writer's
+        // registration: it may have read this one, empty, with no run for
+        // `begin_ship` to end, and the writes that follow would never be
+        // logged. Then the run starts again with a `Content` record, as a
+        // plain open's does (rare: the window is microseconds).
+        if writable && self.ship_reads.load(Ordering::SeqCst) != reads {
+            if let Some(state) = lock(&self.open).get_mut(&inode.ino) {
+                state.logged = false;
+            }
+            if let Err(e) = self.will_modify(inode.ino) {
+                self.release(fh);
+                return Err(e);
+            }
+        }
+        Ok((attr, fh))
     }
 
     /// The transaction of [`Vfs::make`] and [`Vfs::create`]; for a regular
@@ -1291,6 +1313,7 @@ impl Vfs {
     /// makes that promise durable with [`Tx::mark_writing`] in the commit
     /// that records the shipped state, if the file still has writers then.
     pub fn begin_ship(&self, ino: Ino) {
+        self.ship_reads.fetch_add(1, Ordering::SeqCst);
         if let Some(state) = lock(&self.open).get_mut(&ino) {
             state.logged = false;
             state.shipped_mid_run = true;

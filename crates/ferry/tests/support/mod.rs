@@ -343,7 +343,17 @@ impl Mount {
                 // holder waits on this very connection): only aborting the
                 // connection lets the process, and its store lock, go.
                 if let Some(id) = connection {
-                    let _ = fs::write(format!("/sys/fs/fuse/connections/{id}/abort"), "1");
+                    let connections = Path::new("/sys/fs/fuse/connections");
+                    if !connections.join(id.to_string()).exists() {
+                        // fusectl is not mounted on every machine.
+                        let _ = run_bounded(
+                            Command::new("mount")
+                                .args(["-t", "fusectl", "fusectl"])
+                                .arg(connections),
+                            UNMOUNT_TIMEOUT,
+                        );
+                    }
+                    let _ = fs::write(connections.join(format!("{id}/abort")), "1");
                 }
                 let _ = wait_bounded(&mut child, UNMOUNT_TIMEOUT);
             }
