@@ -368,8 +368,8 @@ fn random_workloads_converge(url: &str, seed: u64) {
 
 #[test]
 #[ignore = "soak: three hosts on shared names do not yet always converge (a content \
-            divergence after nested conflict copies was seen once in four CI runs); run with \
-            --ignored"]
+            divergence after nested conflict copies, about 1 run in 36 after the fixes of \
+            2026-11-29); run with --ignored"]
 fn random_concurrent_workloads_converge_on_dir() {
     if skip_unless_ferry("multi-host") {
         return;
@@ -380,8 +380,8 @@ fn random_concurrent_workloads_converge_on_dir() {
 
 #[test]
 #[ignore = "soak: three hosts on shared names do not yet always converge (a content \
-            divergence after nested conflict copies was seen once in four CI runs); run with \
-            --ignored"]
+            divergence after nested conflict copies, about 1 run in 36 after the fixes of \
+            2026-11-29); run with --ignored"]
 fn random_concurrent_workloads_converge_on_postgres() {
     if skip_unless_ferry("multi-host") {
         return;
