@@ -513,11 +513,6 @@ impl ProcessTable {
         }
     }
 
-    /// The mount's default context.
-    pub fn default_context(&self) -> Context {
-        self.default
-    }
-
     /// The effective context of the process that thread `tid` belongs to.
     /// A process seen for the first time keeps the value it inherited (see
     /// the module doc). A thread that is gone gets the default: it can no

@@ -218,6 +218,15 @@ impl FerryFs {
         Ok(id)
     }
 
+    /// If the caller of `req` runs under `durability=remote`: how long its
+    /// fsync or close may wait for the backend.
+    fn remote_deadline(&self, req: &Request) -> Option<Instant> {
+        self.vfs
+            .context_of(req.pid())
+            .filter(|c| c.durability == Durability::Remote)
+            .map(|c| Instant::now() + c.timeout)
+    }
+
     fn release_backing(&self, fh: Fh) {
         let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
         let Some(ino) = b.ino_of_fh.remove(&fh) else {
@@ -612,16 +621,9 @@ impl Filesystem for FerryFs {
         // writeback cache before sending this); nothing is buffered here.
         // Only a file opened for writing under durability=remote gets here
         // at all (see `close_flags`), and waits if its closer is remote.
-        let remote = self
-            .vfs
-            .context_of(req.pid())
-            .filter(|c| c.durability == Durability::Remote);
         let writable = self.vfs.handle(fh.into()).is_ok_and(|h| h.writable());
-        match remote {
-            Some(c) if writable => empty(
-                reply,
-                self.vfs.wait_remote(ino.into(), Instant::now() + c.timeout),
-            ),
+        match self.remote_deadline(req) {
+            Some(deadline) if writable => empty(reply, self.vfs.wait_remote(ino.into(), deadline)),
             _ => reply.ok(),
         }
     }
@@ -654,15 +656,8 @@ impl Filesystem for FerryFs {
         let _timer = self.timer("fsync");
         debug!(fh = fh.0, datasync, "fsync");
         let local = self.vfs.fsync(Some(fh.into()), datasync);
-        let remote = self
-            .vfs
-            .context_of(req.pid())
-            .filter(|c| c.durability == Durability::Remote);
-        match (local, remote) {
-            (Ok(()), Some(c)) => empty(
-                reply,
-                self.vfs.wait_remote(ino.into(), Instant::now() + c.timeout),
-            ),
+        match (local, self.remote_deadline(req)) {
+            (Ok(()), Some(deadline)) => empty(reply, self.vfs.wait_remote(ino.into(), deadline)),
             (local, _) => empty(reply, local),
         }
     }

@@ -501,16 +501,22 @@ fn remote_durability_fsync_returns_once_postgres_has_it() {
     );
 }
 
+/// A new PostgreSQL volume `name`: its URL, a link to it that can be cut,
+/// and the URL through that link.
+fn volume_behind_wan(name: &str) -> (String, Wan, String) {
+    let direct = PgServer::shared().create_database(name);
+    init(&direct);
+    let mut wan = Wan::new(Duration::ZERO);
+    let via = url_via(&direct, wan.expose(url_addr(&direct)));
+    (direct, wan, via)
+}
+
 #[test]
 fn remote_durability_without_the_backend_fails_after_the_timeout_and_replicates_later() {
     if skip_unless_ferry("replication") {
         return;
     }
-    let pg = PgServer::shared();
-    let direct = pg.create_database("context_remote_offline");
-    init(&direct);
-    let mut wan = Wan::new(Duration::ZERO);
-    let via = url_via(&direct, wan.expose(url_addr(&direct)));
+    let (direct, wan, via) = volume_behind_wan("context_remote_offline");
     let a = Mount::with_backend(&via);
     let root = File::open(a.path()).unwrap();
     wan.partition();
@@ -568,11 +574,7 @@ fn fresh_reads_see_another_hosts_change_that_cached_reads_do_not_yet() {
     if skip_unless_ferry("multi-host") {
         return;
     }
-    let pg = PgServer::shared();
-    let direct = pg.create_database("context_fresh");
-    init(&direct);
-    let mut wan_b = Wan::new(Duration::ZERO);
-    let via_b = url_via(&direct, wan_b.expose(url_addr(&direct)));
+    let (direct, wan_b, via_b) = volume_behind_wan("context_fresh");
     let a = Mount::with_backend(&direct);
     let b = Mount::with_backend(&via_b);
     fs::write(a.join("f"), b"version 1").unwrap();

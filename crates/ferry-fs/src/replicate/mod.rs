@@ -301,22 +301,7 @@ impl Shared {
     /// at once if someone waits for the backend (a sync, a
     /// `durability=remote` fsync or close) or replication stops.
     fn settle(&self, d: Duration) {
-        let deadline = Instant::now() + d;
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let now = Instant::now();
-            if self.urgent.load(Ordering::SeqCst) > 0
-                || self.stop.load(Ordering::SeqCst)
-                || now >= deadline
-            {
-                return;
-            }
-            status = self
-                .progress
-                .wait_timeout(status, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        self.sleep(d, || self.urgent.load(Ordering::SeqCst) > 0);
     }
 
     fn update(&self, f: impl FnOnce(&mut Status)) {
@@ -462,9 +447,25 @@ impl Shared {
 
     /// Sleeps for `d`, waking early when replication stops.
     fn pause(&self, d: Duration) {
-        let deadline = std::time::Instant::now() + d;
-        while !self.stop.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20).min(d));
+        self.sleep(d, || false);
+    }
+
+    /// Sleeps for `d`, waking early when replication stops or `wake` says
+    /// so; both are signalled on `progress` (under the status lock, so no
+    /// signal is missed between a check and the wait).
+    fn sleep(&self, d: Duration, wake: impl Fn() -> bool) {
+        let deadline = Instant::now() + d;
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let now = Instant::now();
+            if wake() || self.stop.load(Ordering::SeqCst) || now >= deadline {
+                return;
+            }
+            status = self
+                .progress
+                .wait_timeout(status, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -578,6 +579,8 @@ impl Replication {
 impl Drop for Replication {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
+        // Under the status lock, as `Shared::sleep` checks `stop` under it.
+        drop(self.shared.status.lock().unwrap_or_else(|p| p.into_inner()));
         self.shared.progress.notify_all();
         self.store_waker.store().wake_log_waiters();
         self.fetcher.wake_all();
