@@ -51,10 +51,15 @@ as_owner() {
     if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
+# A port below the kernel's ephemeral range: the tests' many outgoing
+# connections take ephemeral ports, and one of those on the chosen number
+# makes the server's bind fail even though nothing listens there.
 free_port() {
-    local p
+    local p low
+    low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+    ((low > 12000)) || low=32768
     for _ in $(seq 200); do
-        p=$((20000 + RANDOM % 40000))
+        p=$((10000 + RANDOM % (low - 10000)))
         (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
     done
     die "no free port found"
@@ -76,16 +81,23 @@ start() {
             --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 ||
             die "initdb failed: $(cat "$dir/initdb.log")"
     fi
-    if [[ -z "$port" ]]; then
-        if [[ -f "$dir/port" ]]; then port=$(cat "$dir/port"); else port=$(free_port); fi
-    fi
-    echo "$port" >"$dir/port"
-    if ! as_owner "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+    # A port we chose may still turn out taken (bind races the probe):
+    # choose again. A given or recorded port is retried after a pause.
+    local chosen=0 attempt
+    if [[ -z "$port" && ! -f "$dir/port" ]]; then chosen=1; fi
+    [[ -n "$port" ]] || port=$(cat "$dir/port" 2>/dev/null || free_port)
+    for attempt in 1 2 3 4 5; do
+        echo "$port" >"$dir/port"
+        as_owner "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1 && break
         # fsync off: a test cluster is thrown away, speed matters more.
+        : >"$dir/server.log"; [[ $(id -u) == 0 ]] && chown postgres: "$dir/server.log"
         as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
             -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
-            start >/dev/null || die "pg_ctl start failed: $(tail -n 20 "$dir/server.log")"
-    fi
+            start >/dev/null && break
+        grep -q "Address already in use" "$dir/server.log" && ((attempt < 5)) ||
+            die "pg_ctl start failed: $(tail -n 20 "$dir/server.log")"
+        if ((chosen)); then port=$(free_port); else sleep 1; fi
+    done
     url "$dir"
 }
 
