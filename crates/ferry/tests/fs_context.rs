@@ -362,11 +362,16 @@ fn processes_with_different_modes_share_files_and_are_listed() {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        rows.iter().any(|r| r["pid"] == listed.0.id())
+        // Listed once `ferry run` has set the context, and under its own
+        // command line once it has exec'd `sleep`: wait for both.
+        rows.iter()
+            .any(|r| r["pid"] == listed.0.id() && r["command"] == "sleep 60")
     });
-    assert!(shown, "the remote sleeper is not listed: {status}");
+    assert!(
+        shown,
+        "the remote sleeper is not listed as sleep 60: {status}"
+    );
     let sleeper = rows.iter().find(|r| r["pid"] == listed.0.id()).unwrap();
-    assert_eq!(sleeper["command"], "sleep 60");
     assert_eq!(sleeper["durability"], "remote");
     assert_eq!(sleeper["reads"], "fresh");
     assert_eq!(sleeper["timeout_ms"], 30000);
