@@ -21,17 +21,29 @@
 //!   they are coherent either way.
 //! * **Readdirplus**: a listing returns attributes too, so `ls -l` costs one
 //!   request per batch instead of one per entry.
+//! * **Requests that wait do not hold a request thread.** An fsync or close
+//!   under `durability=remote`, an open that must fetch the file from the
+//!   backend or runs a `reads=fresh` down-sync round, a setattr that must
+//!   fetch before truncating, and anything the replication backlog throttles
+//!   are served by a small bounded pool (see `offload.rs`), decided per
+//!   request by a cheap test; everything else is answered on the request
+//!   thread as it arrives. So a few request threads suffice (fewer wake-ups
+//!   on a small machine), and a partitioned backend never stalls a `stat`.
+//!   Local disk waits (a local fsync) stay on the request thread: they are
+//!   short and bounded by the disk, not by a timeout.
 //!
 //! With metrics on ([`FerryFs::with_metrics`]), each request's time to its
 //! reply goes into a histogram per operation, and each open of a replicated
 //! volume counts as a cache hit or miss; without them, a request pays one
 //! branch for it.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -45,6 +57,7 @@ use tracing::{debug, info, warn};
 
 use crate::context::{Context, Durability, Reads};
 use crate::ids::{Fh, Ino};
+use crate::offload::Offload;
 use crate::vfs::{Caller, SetAttr, Vfs};
 
 /// How long the kernel may trust an entry or attribute reply (module docs).
@@ -79,13 +92,29 @@ fn close_flags(base: FopenFlags, flags: i32, context: Option<Context>) -> FopenF
     }
 }
 
+/// Most threads serving requests that wait (module docs): each such
+/// request is one caller blocked in a system call, so 16 at once is a busy
+/// mount; beyond them, requests queue.
+const WAIT_THREADS: usize = 16;
+
+/// Most waiting requests queued for a thread before a request thread is
+/// held too (back-pressure instead of an unbounded queue).
+const WAIT_QUEUE: usize = 64;
+
 /// The [`Filesystem`] fuser drives, one per mount.
 pub struct FerryFs {
+    ops: Arc<Ops>,
+    /// Serves the requests that wait; stopped at unmount.
+    waits: Offload,
+}
+
+/// What the handlers work with, shared with the [`Offload`] threads.
+struct Ops {
     vfs: Arc<Vfs>,
     /// Whether opens are passed through (decided at `init`).
-    passthrough: bool,
+    passthrough: AtomicBool,
     backings: Mutex<Backings>,
-    metrics: Option<Metrics>,
+    metrics: OnceLock<Metrics>,
 }
 
 /// What the FUSE layer reports to the metrics endpoint.
@@ -116,17 +145,20 @@ impl FerryFs {
     /// which `init` falls back from when the kernel refuses it.
     pub fn new(vfs: Arc<Vfs>, passthrough: bool) -> FerryFs {
         FerryFs {
-            vfs,
-            passthrough,
-            backings: Mutex::new(Backings::default()),
-            metrics: None,
+            ops: Arc::new(Ops {
+                vfs,
+                passthrough: AtomicBool::new(passthrough),
+                backings: Mutex::new(Backings::default()),
+                metrics: OnceLock::new(),
+            }),
+            waits: Offload::new("ferry-wait", WAIT_THREADS, WAIT_QUEUE),
         }
     }
 
     /// Reports request latencies (and, with `replicated`, cache hits and
     /// misses) to `registry`.
     pub fn with_metrics(
-        mut self,
+        self,
         registry: &Registry,
         replicated: bool,
     ) -> prometheus::Result<FerryFs> {
@@ -154,26 +186,55 @@ impl FerryFs {
         } else {
             None
         };
-        self.metrics = Some(Metrics { latency, cache });
+        let _ = self.ops.metrics.set(Metrics { latency, cache });
         Ok(self)
     }
 
+    /// Serves a request whose work (reply included) is `job`: here, on the
+    /// request thread, or, when `waits` (the request will wait for the
+    /// backend or the backlog), on the pool. `arg` is the request's borrowed
+    /// payload (a name, a write's bytes), copied only for the pool, so the
+    /// common path costs nothing extra.
+    fn serve<A>(&self, waits: bool, arg: &A, job: impl FnOnce(&Ops, &A) + Send + 'static)
+    where
+        A: ToOwned + ?Sized,
+        A::Owned: Send + 'static,
+    {
+        if waits {
+            let (ops, arg) = (self.ops.clone(), arg.to_owned());
+            self.waits.run(move || job(&ops, arg.borrow()));
+        } else {
+            job(&self.ops, arg);
+        }
+    }
+
+    /// [`FerryFs::serve`] for a request with no borrowed payload.
+    fn serve_owned(&self, waits: bool, job: impl FnOnce(&Ops) + Send + 'static) {
+        self.serve(waits, &(), move |ops, ()| job(ops));
+    }
+}
+
+impl Ops {
     /// Times a request of operation `op` until the returned guard drops.
     fn timer(&self, op: &str) -> Option<HistogramTimer> {
-        let m = self.metrics.as_ref()?;
+        let m = self.metrics.get()?;
         Some(m.latency.with_label_values(&[op]).start_timer())
     }
 
-    /// Counts an open of `ino` as a cache hit or miss: whether its data
-    /// file is here before the open (which fetches a missing one).
-    fn count_cache_use(&self, ino: Ino) {
-        if let Some((hits, misses)) = self.metrics.as_ref().and_then(|m| m.cache.as_ref()) {
-            if self.vfs.store().data_path(ino).exists() {
-                hits.inc();
-            } else {
+    /// Counts an open as a cache hit or, when it must `fetch` the contents
+    /// from the backend first, a miss.
+    fn count_cache_use(&self, fetch: bool) {
+        if let Some((hits, misses)) = self.metrics.get().and_then(|m| m.cache.as_ref()) {
+            if fetch {
                 misses.inc();
+            } else {
+                hits.inc();
             }
         }
+    }
+
+    fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
     }
 
     /// The backing id for handle `fh` of `ino`, registering the handle's
@@ -219,7 +280,8 @@ impl FerryFs {
     }
 
     /// If the caller of `req` runs under `durability=remote`: how long its
-    /// fsync or close may wait for the backend.
+    /// fsync or close may wait for the backend (counted from the request's
+    /// arrival, time in the pool's queue included).
     fn remote_deadline(&self, req: &Request) -> Option<Instant> {
         self.vfs
             .context_of(req.pid())
@@ -243,14 +305,37 @@ impl FerryFs {
     /// Work an open needs before its reply in passthrough mode: writes will
     /// bypass the daemon, so the change is logged now, and a writer other
     /// than root strips set-user/group-ID bits as a write would.
-    fn before_passthrough_open(&self, req: &Request, ino: Ino, flags: i32) -> Result<(), Errno> {
+    fn before_passthrough_open(&self, uid: u32, ino: Ino, flags: i32) -> Result<(), Errno> {
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             self.vfs.will_modify(ino)?;
-            if req.uid() != 0 {
+            if uid != 0 {
                 self.vfs.clear_setid(ino)?;
             }
         }
         Ok(())
+    }
+
+    /// `open` by a caller with `uid` in `context`, after the `reads=fresh`
+    /// round if the context asks for one.
+    fn open(&self, uid: u32, context: Option<Context>, ino: Ino, flags: i32, reply: ReplyOpen) {
+        if let Some(c) = context.filter(|c| c.reads == Reads::Fresh) {
+            self.vfs.refresh(ino, Instant::now() + c.timeout);
+        }
+        let fh = match self.vfs.open(ino, flags) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(e),
+        };
+        if self.passthrough() {
+            if let Err(e) = self.before_passthrough_open(uid, ino, flags) {
+                self.vfs.release(fh);
+                return reply.error(e);
+            }
+            if let Some(id) = self.backing(ino, fh, |f| reply.open_backing(f)) {
+                let flags = close_flags(PASSTHROUGH_FLAGS, flags, context);
+                return reply.opened_passthrough(fh.into(), flags, &id);
+            }
+        }
+        reply.opened(fh.into(), close_flags(OPEN_FLAGS, flags, context));
     }
 }
 
@@ -310,21 +395,24 @@ fn xattr(reply: ReplyXattr, size: u32, result: Result<Vec<u8>, Errno>) {
 }
 
 impl Filesystem for FerryFs {
-    /// The unmount: the store is left at rest, its WAL emptied.
+    /// The unmount: the pool's requests in progress finish (each within
+    /// its own deadline; queued ones are dropped, their caller is gone with
+    /// the connection), then the store is left at rest, its WAL emptied.
     fn destroy(&mut self) {
-        self.vfs.store().checkpoint();
+        self.waits.stop();
+        self.ops.vfs.store().checkpoint();
     }
 
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        if self.passthrough {
+        if self.ops.passthrough() {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             if !ok {
                 warn!("kernel refuses FUSE passthrough; using the writeback cache");
-                self.passthrough = false;
+                self.ops.passthrough.store(false, Ordering::Relaxed);
             }
         }
-        let cache = if self.passthrough {
+        let cache = if self.ops.passthrough() {
             InitFlags::empty()
         } else {
             InitFlags::FUSE_WRITEBACK_CACHE
@@ -350,20 +438,20 @@ impl Filesystem for FerryFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _timer = self.timer("lookup");
+        let _timer = self.ops.timer("lookup");
         debug!(parent = parent.0, ?name, "lookup");
-        entry(reply, self.vfs.lookup(parent.into(), name.as_bytes()));
+        entry(reply, self.ops.vfs.lookup(parent.into(), name.as_bytes()));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let _timer = self.timer("forget");
-        self.vfs.forget(ino.into(), nlookup);
+        let _timer = self.ops.timer("forget");
+        self.ops.vfs.forget(ino.into(), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _timer = self.timer("getattr");
+        let _timer = self.ops.timer("getattr");
         debug!(ino = ino.0, "getattr");
-        match self.vfs.getattr(ino.into()) {
+        match self.ops.vfs.getattr(ino.into()) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
         }
@@ -387,7 +475,7 @@ impl Filesystem for FerryFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _timer = self.timer("setattr");
+        let timer = self.ops.timer("setattr");
         debug!(ino = ino.0, ?mode, ?uid, ?gid, ?size, "setattr");
         let set = SetAttr {
             mode,
@@ -398,16 +486,26 @@ impl Filesystem for FerryFs {
             mtime: mtime.map(kernel_time_or_now),
             ctime: ctime.map(kernel_time),
         };
-        match self.vfs.setattr(ino.into(), &set, fh.map(Fh::from)) {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(e) => reply.error(e),
-        }
+        let (ino, fh) = (Ino::from(ino), fh.map(Fh::from));
+        // A truncate or utime by path of a file whose contents are not here
+        // fetches them first (an open file's are here).
+        let fetch = fh.is_none()
+            && (set.size.is_some() || set.mtime.is_some())
+            && self.ops.vfs.must_fetch(ino);
+        let waits = fetch || (set.size.is_some() && self.ops.vfs.throttled());
+        self.serve_owned(waits, move |ops| {
+            let _timer = timer;
+            match ops.vfs.setattr(ino, &set, fh) {
+                Ok(attr) => reply.attr(&TTL, &attr),
+                Err(e) => reply.error(e),
+            }
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _timer = self.timer("readlink");
+        let _timer = self.ops.timer("readlink");
         debug!(ino = ino.0, "readlink");
-        match self.vfs.readlink(ino.into()) {
+        match self.ops.vfs.readlink(ino.into()) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e),
         }
@@ -423,19 +521,16 @@ impl Filesystem for FerryFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _timer = self.timer("mknod");
+        let timer = self.ops.timer("mknod");
         debug!(parent = parent.0, ?name, mode, "mknod");
-        entry(
-            reply,
-            self.vfs.make(
-                caller(req),
-                parent.into(),
-                name.as_bytes(),
-                mode,
-                rdev,
-                None,
-            ),
-        );
+        let caller = caller(req);
+        self.serve(self.ops.vfs.throttled(), name, move |ops, name| {
+            let _timer = timer;
+            let made = ops
+                .vfs
+                .make(caller, parent.into(), name.as_bytes(), mode, rdev, None);
+            entry(reply, made);
+        });
     }
 
     fn mkdir(
@@ -447,29 +542,35 @@ impl Filesystem for FerryFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let _timer = self.timer("mkdir");
+        let timer = self.ops.timer("mkdir");
         debug!(parent = parent.0, ?name, mode, "mkdir");
         let mode = libc::S_IFDIR | (mode & 0o7777);
-        entry(
-            reply,
-            self.vfs
-                .make(caller(req), parent.into(), name.as_bytes(), mode, 0, None),
-        );
+        let caller = caller(req);
+        self.serve(self.ops.vfs.throttled(), name, move |ops, name| {
+            let _timer = timer;
+            let made = ops
+                .vfs
+                .make(caller, parent.into(), name.as_bytes(), mode, 0, None);
+            entry(reply, made);
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.timer("unlink");
+        let _timer = self.ops.timer("unlink");
         debug!(parent = parent.0, ?name, "unlink");
         empty(
             reply,
-            self.vfs.remove(parent.into(), name.as_bytes(), false),
+            self.ops.vfs.remove(parent.into(), name.as_bytes(), false),
         );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.timer("rmdir");
+        let _timer = self.ops.timer("rmdir");
         debug!(parent = parent.0, ?name, "rmdir");
-        empty(reply, self.vfs.remove(parent.into(), name.as_bytes(), true));
+        empty(
+            reply,
+            self.ops.vfs.remove(parent.into(), name.as_bytes(), true),
+        );
     }
 
     fn symlink(
@@ -480,21 +581,23 @@ impl Filesystem for FerryFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _timer = self.timer("symlink");
+        let timer = self.ops.timer("symlink");
         debug!(parent = parent.0, ?link_name, ?target, "symlink");
         let mode = libc::S_IFLNK | 0o777;
-        let target = target.as_os_str().as_bytes();
-        entry(
-            reply,
-            self.vfs.make(
-                caller(req),
+        let (caller, target) = (caller(req), target.to_owned());
+        self.serve(self.ops.vfs.throttled(), link_name, move |ops, name| {
+            let _timer = timer;
+            let target = target.as_os_str().as_bytes();
+            let made = ops.vfs.make(
+                caller,
                 parent.into(),
-                link_name.as_bytes(),
+                name.as_bytes(),
                 mode,
                 0,
                 Some(target),
-            ),
-        );
+            );
+            entry(reply, made);
+        });
     }
 
     fn rename(
@@ -507,7 +610,7 @@ impl Filesystem for FerryFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.timer("rename");
+        let _timer = self.ops.timer("rename");
         debug!(
             parent = parent.0,
             ?name,
@@ -517,7 +620,7 @@ impl Filesystem for FerryFs {
         );
         empty(
             reply,
-            self.vfs.rename(
+            self.ops.vfs.rename(
                 parent.into(),
                 name.as_bytes(),
                 newparent.into(),
@@ -535,38 +638,30 @@ impl Filesystem for FerryFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _timer = self.timer("link");
+        let _timer = self.ops.timer("link");
         debug!(ino = ino.0, newparent = newparent.0, ?newname, "link");
         entry(
             reply,
-            self.vfs
+            self.ops
+                .vfs
                 .link(ino.into(), newparent.into(), newname.as_bytes()),
         );
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _timer = self.timer("open");
+        let timer = self.ops.timer("open");
         debug!(ino = ino.0, flags = flags.0, "open");
-        let context = self.vfs.context_of(req.pid());
-        if let Some(c) = context.filter(|c| c.reads == Reads::Fresh) {
-            self.vfs.refresh(ino.into(), Instant::now() + c.timeout);
-        }
-        self.count_cache_use(ino.into());
-        let fh = match self.vfs.open(ino.into(), flags.0) {
-            Ok(fh) => fh,
-            Err(e) => return reply.error(e),
-        };
-        if self.passthrough {
-            if let Err(e) = self.before_passthrough_open(req, ino.into(), flags.0) {
-                self.vfs.release(fh);
-                return reply.error(e);
-            }
-            if let Some(id) = self.backing(ino.into(), fh, |f| reply.open_backing(f)) {
-                let flags = close_flags(PASSTHROUGH_FLAGS, flags.0, context);
-                return reply.opened_passthrough(fh.into(), flags, &id);
-            }
-        }
-        reply.opened(fh.into(), close_flags(OPEN_FLAGS, flags.0, context));
+        let (ino, flags, uid) = (Ino::from(ino), flags.0, req.uid());
+        let context = self.ops.vfs.context_of(req.pid());
+        let fetch = self.ops.vfs.must_fetch(ino);
+        self.ops.count_cache_use(fetch);
+        let fresh = context.is_some_and(|c| c.reads == Reads::Fresh);
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let waits = fetch || fresh || (writes && self.ops.vfs.throttled());
+        self.serve_owned(waits, move |ops| {
+            let _timer = timer;
+            ops.open(uid, context, ino, flags, reply);
+        });
     }
 
     fn read(
@@ -580,9 +675,9 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _timer = self.timer("read");
+        let _timer = self.ops.timer("read");
         debug!(fh = fh.0, offset, size, "read");
-        match self.vfs.read(fh.into(), offset, size) {
+        match self.ops.vfs.read(fh.into(), offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
         }
@@ -600,12 +695,15 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _timer = self.timer("write");
+        let timer = self.ops.timer("write");
         debug!(fh = fh.0, offset, len = data.len(), "write");
-        match self.vfs.write(fh.into(), offset, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(e),
-        }
+        self.serve(self.ops.vfs.throttled(), data, move |ops, data| {
+            let _timer = timer;
+            match ops.vfs.write(fh.into(), offset, data) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e),
+            }
+        });
     }
 
     fn flush(
@@ -616,14 +714,17 @@ impl Filesystem for FerryFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.timer("flush");
+        let timer = self.ops.timer("flush");
         // Writes are already in the data file (the kernel flushed its
         // writeback cache before sending this); nothing is buffered here.
         // Only a file opened for writing under durability=remote gets here
         // at all (see `close_flags`), and waits if its closer is remote.
-        let writable = self.vfs.handle(fh.into()).is_ok_and(|h| h.writable());
-        match self.remote_deadline(req) {
-            Some(deadline) if writable => empty(reply, self.vfs.wait_remote(ino.into(), deadline)),
+        let writable = self.ops.vfs.handle(fh.into()).is_ok_and(|h| h.writable());
+        match self.ops.remote_deadline(req) {
+            Some(deadline) if writable => self.serve_owned(true, move |ops| {
+                let _timer = timer;
+                empty(reply, ops.vfs.wait_remote(ino.into(), deadline));
+            }),
             _ => reply.ok(),
         }
     }
@@ -638,10 +739,10 @@ impl Filesystem for FerryFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.timer("release");
+        let _timer = self.ops.timer("release");
         debug!(fh = fh.0, "release");
-        self.release_backing(fh.into());
-        self.vfs.release(fh.into());
+        self.ops.release_backing(fh.into());
+        self.ops.vfs.release(fh.into());
         reply.ok();
     }
 
@@ -653,17 +754,21 @@ impl Filesystem for FerryFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.timer("fsync");
+        let timer = self.ops.timer("fsync");
         debug!(fh = fh.0, datasync, "fsync");
-        let local = self.vfs.fsync(Some(fh.into()), datasync);
-        match (local, self.remote_deadline(req)) {
-            (Ok(()), Some(deadline)) => empty(reply, self.vfs.wait_remote(ino.into(), deadline)),
-            (local, _) => empty(reply, local),
-        }
+        let remote = self.ops.remote_deadline(req);
+        self.serve_owned(remote.is_some(), move |ops| {
+            let _timer = timer;
+            let local = ops.vfs.fsync(Some(fh.into()), datasync);
+            match (local, remote) {
+                (Ok(()), Some(deadline)) => empty(reply, ops.vfs.wait_remote(ino.into(), deadline)),
+                (local, _) => empty(reply, local),
+            }
+        });
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _timer = self.timer("opendir");
+        let _timer = self.ops.timer("opendir");
         // Listings resume from cookies in the store, so a directory handle
         // carries no state.
         reply.opened(FileHandle(0), FopenFlags::empty());
@@ -677,9 +782,10 @@ impl Filesystem for FerryFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _timer = self.timer("readdir");
+        let _timer = self.ops.timer("readdir");
         debug!(ino = ino.0, offset, "readdir");
         let result = self
+            .ops
             .vfs
             .readdir(ino.into(), offset, false, |next, name, attr| {
                 !reply.add(attr.ino, next, attr.kind, OsStr::from_bytes(name))
@@ -698,9 +804,10 @@ impl Filesystem for FerryFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let _timer = self.timer("readdirplus");
+        let _timer = self.ops.timer("readdirplus");
         debug!(ino = ino.0, offset, "readdirplus");
         let result = self
+            .ops
             .vfs
             .readdir(ino.into(), offset, true, |next, name, attr| {
                 !reply.add(
@@ -726,14 +833,14 @@ impl Filesystem for FerryFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.timer("fsyncdir");
+        let _timer = self.ops.timer("fsyncdir");
         debug!("fsyncdir");
-        empty(reply, self.vfs.fsync(None, false));
+        empty(reply, self.ops.vfs.fsync(None, false));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let _timer = self.timer("statfs");
-        match (self.vfs.statfs(), self.vfs.inode_count()) {
+        let _timer = self.ops.timer("statfs");
+        match (self.ops.vfs.statfs(), self.ops.vfs.inode_count()) {
             (Ok(s), Ok(used)) => reply.statfs(
                 s.blocks(),
                 s.blocks_free(),
@@ -758,30 +865,36 @@ impl Filesystem for FerryFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.timer("setxattr");
+        let _timer = self.ops.timer("setxattr");
         debug!(ino = ino.0, ?name, len = value.len(), "setxattr");
         empty(
             reply,
-            self.vfs.setxattr(ino.into(), name.as_bytes(), value, flags),
+            self.ops
+                .vfs
+                .setxattr(ino.into(), name.as_bytes(), value, flags),
         );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _timer = self.timer("getxattr");
+        let _timer = self.ops.timer("getxattr");
         debug!(ino = ino.0, ?name, size, "getxattr");
-        xattr(reply, size, self.vfs.getxattr(ino.into(), name.as_bytes()));
+        xattr(
+            reply,
+            size,
+            self.ops.vfs.getxattr(ino.into(), name.as_bytes()),
+        );
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _timer = self.timer("listxattr");
+        let _timer = self.ops.timer("listxattr");
         debug!(ino = ino.0, size, "listxattr");
-        xattr(reply, size, self.vfs.listxattr(ino.into()));
+        xattr(reply, size, self.ops.vfs.listxattr(ino.into()));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.timer("removexattr");
+        let _timer = self.ops.timer("removexattr");
         debug!(ino = ino.0, ?name, "removexattr");
-        empty(reply, self.vfs.removexattr(ino.into(), name.as_bytes()));
+        empty(reply, self.ops.vfs.removexattr(ino.into(), name.as_bytes()));
     }
 
     fn create(
@@ -794,30 +907,33 @@ impl Filesystem for FerryFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _timer = self.timer("create");
+        let timer = self.ops.timer("create");
         debug!(parent = parent.0, ?name, mode, flags, "create");
-        let context = self.vfs.context_of(req.pid());
-        let made = self
-            .vfs
-            .create(caller(req), parent.into(), name.as_bytes(), mode, flags);
-        let (attr, fh) = match made {
-            Ok(made) => made,
-            Err(e) => return reply.error(e),
-        };
-        if self.passthrough {
-            if let Some(id) = self.backing(attr.ino.into(), fh, |f| reply.open_backing(f)) {
-                return reply.created_passthrough(
-                    &TTL,
-                    &attr,
-                    Generation(0),
-                    fh.into(),
-                    close_flags(PASSTHROUGH_FLAGS, flags, context),
-                    &id,
-                );
+        let (caller, context) = (caller(req), self.ops.vfs.context_of(req.pid()));
+        self.serve(self.ops.vfs.throttled(), name, move |ops, name| {
+            let _timer = timer;
+            let made = ops
+                .vfs
+                .create(caller, parent.into(), name.as_bytes(), mode, flags);
+            let (attr, fh) = match made {
+                Ok(made) => made,
+                Err(e) => return reply.error(e),
+            };
+            if ops.passthrough() {
+                if let Some(id) = ops.backing(attr.ino.into(), fh, |f| reply.open_backing(f)) {
+                    return reply.created_passthrough(
+                        &TTL,
+                        &attr,
+                        Generation(0),
+                        fh.into(),
+                        close_flags(PASSTHROUGH_FLAGS, flags, context),
+                        &id,
+                    );
+                }
             }
-        }
-        let flags = close_flags(OPEN_FLAGS, flags, context);
-        reply.created(&TTL, &attr, Generation(0), fh.into(), flags);
+            let flags = close_flags(OPEN_FLAGS, flags, context);
+            reply.created(&TTL, &attr, Generation(0), fh.into(), flags);
+        });
     }
 
     fn ioctl(
@@ -832,8 +948,8 @@ impl Filesystem for FerryFs {
         reply: fuser::ReplyIoctl,
     ) {
         use crate::context::{RawContext, FERRY_IOC_GET_CONTEXT, FERRY_IOC_SET_CONTEXT};
-        let _timer = self.timer("ioctl");
-        let table = self.vfs.processes();
+        let _timer = self.ops.timer("ioctl");
+        let table = self.ops.vfs.processes();
         match cmd {
             FERRY_IOC_SET_CONTEXT => {
                 let set = RawContext::from_bytes(in_data)
@@ -870,9 +986,12 @@ impl Filesystem for FerryFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.timer("fallocate");
+        let timer = self.ops.timer("fallocate");
         debug!(fh = fh.0, offset, length, mode, "fallocate");
-        empty(reply, self.vfs.fallocate(fh.into(), offset, length, mode));
+        self.serve_owned(self.ops.vfs.throttled(), move |ops| {
+            let _timer = timer;
+            empty(reply, ops.vfs.fallocate(fh.into(), offset, length, mode));
+        });
     }
 
     fn lseek(
@@ -884,9 +1003,9 @@ impl Filesystem for FerryFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let _timer = self.timer("lseek");
+        let _timer = self.ops.timer("lseek");
         debug!(fh = fh.0, offset, whence, "lseek");
-        match self.vfs.lseek(fh.into(), offset, whence) {
+        match self.ops.vfs.lseek(fh.into(), offset, whence) {
             Ok(off) => reply.offset(off),
             Err(e) => reply.error(e),
         }
@@ -905,14 +1024,15 @@ impl Filesystem for FerryFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let _timer = self.timer("copy_file_range");
+        let timer = self.ops.timer("copy_file_range");
         debug!(fh_in = fh_in.0, fh_out = fh_out.0, len, "copy_file_range");
-        match self
-            .vfs
-            .copy_file_range((fh_in.into(), offset_in), (fh_out.into(), offset_out), len)
-        {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(e),
-        }
+        let (src, dst) = ((fh_in.into(), offset_in), (fh_out.into(), offset_out));
+        self.serve_owned(self.ops.vfs.throttled(), move |ops| {
+            let _timer = timer;
+            match ops.vfs.copy_file_range(src, dst, len) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e),
+            }
+        });
     }
 }

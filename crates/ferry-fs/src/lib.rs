@@ -46,6 +46,7 @@ pub mod fuse;
 pub mod ids;
 pub mod log;
 pub mod mount;
+mod offload;
 pub mod replicate;
 pub mod store;
 pub mod vfs;

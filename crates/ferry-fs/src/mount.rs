@@ -90,15 +90,18 @@ prefetch=none|small|all, prefetch_max_file=SIZE, metrics=ADDR:PORT; fstab's own 
 const MAX_THREADS: usize = 64;
 
 impl MountConfig {
-    /// A config with the defaults: private, read-write, four request threads
-    /// (two per core here; more only queue on the store's one connection).
+    /// A config with the defaults: private, read-write, two request threads:
+    /// requests serialize on the store's one connection, so more threads
+    /// only add wake-ups (fs_mark with four processes ran fastest with two,
+    /// see docs/benchmarks.md), and requests that wait for the backend are
+    /// served off them (see `fuse.rs`), so two cannot stall the mount.
     pub fn new(store: PathBuf, mountpoint: PathBuf) -> MountConfig {
         MountConfig {
             store,
             mountpoint,
             allow_other: false,
             read_only: false,
-            threads: 4,
+            threads: 2,
             passthrough: true,
             nodev: false,
             nosuid: false,

@@ -502,6 +502,24 @@ impl Vfs {
         let _ = self.replication.set(replication);
     }
 
+    /// Whether an operation that adds to the replication backlog would wait
+    /// for it now ([`Vfs::throttle`]); the FUSE layer then serves it off its
+    /// request threads.
+    pub fn throttled(&self) -> bool {
+        self.replication.get().is_some_and(|r| r.over_backlog())
+    }
+
+    /// Whether opening or truncating `ino` must first fetch its contents
+    /// from the backend: a regular file whose data file is not here. Cheap
+    /// for a file that is here (one `stat`), free for a local volume.
+    pub fn must_fetch(&self, ino: Ino) -> bool {
+        self.source.get().is_some()
+            && !self.store.data_path(ino).exists()
+            && self
+                .inode(ino)
+                .is_ok_and(|i| i.kind() == Kind::File && !i.cached)
+    }
+
     /// Backpressure: while the replication backlog is over its limit, each
     /// operation that adds to it waits up to 200 ms for it to drain. Writers
     /// slow down; they never fail, and with the backend offline they still

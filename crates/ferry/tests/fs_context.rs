@@ -362,11 +362,16 @@ fn processes_with_different_modes_share_files_and_are_listed() {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        rows.iter().any(|r| r["pid"] == listed.0.id())
+        // Listed once `ferry run` has set the context, and under its own
+        // command line once it has exec'd `sleep`: wait for both.
+        rows.iter()
+            .any(|r| r["pid"] == listed.0.id() && r["command"] == "sleep 60")
     });
-    assert!(shown, "the remote sleeper is not listed: {status}");
+    assert!(
+        shown,
+        "the remote sleeper is not listed as sleep 60: {status}"
+    );
     let sleeper = rows.iter().find(|r| r["pid"] == listed.0.id()).unwrap();
-    assert_eq!(sleeper["command"], "sleep 60");
     assert_eq!(sleeper["durability"], "remote");
     assert_eq!(sleeper["reads"], "fresh");
     assert_eq!(sleeper["timeout_ms"], 30000);
@@ -407,22 +412,32 @@ struct Report {
     close: i32,
 }
 
-/// Forks a process that sets `ctx` (durability, timeout ms), writes
-/// `data` to `path`, fsyncs, reports, then waits for `hold` to close
-/// before closing the file (and reporting the close).
-fn forked_writer(root: &File, ctx: (u32, u64), path: &Path, data: &[u8]) -> (Forked, UnixStream) {
+/// A forked process that has set its context and written a file, and
+/// fsyncs and closes it when told to ([`fsync_report`], [`close_report`]).
+struct Writer {
+    child: Forked,
+    /// Orders and reports, one line each.
+    talk: UnixStream,
+    pid: u32,
+}
+
+/// Forks a [`Writer`] that sets `ctx` (durability, timeout ms) and writes
+/// `data` to `path`; returns once it has.
+fn forked_writer(root: &File, ctx: (u32, u64), path: &Path, data: &[u8]) -> Writer {
     let (ours, theirs) = UnixStream::pair().unwrap();
     ours.set_read_timeout(Some(STEP)).unwrap();
     let child = Forked::spawn(None, || {
         let mut theirs = theirs;
+        let mut byte = [0u8; 1];
         set_context(root, ctx.0, 0, ctx.1)?;
         let mut f = File::create(path)?;
         f.write_all(data)?;
+        theirs.write_all(format!("{}\n", std::process::id()).as_bytes())?;
+        let _ = theirs.read(&mut byte);
         let start = Instant::now();
         let fsync = errno_of(f.sync_all());
         let ms = start.elapsed().as_millis() as u64;
         theirs.write_all(format!("{fsync} {ms}\n").as_bytes())?;
-        let mut byte = [0u8; 1];
         let _ = theirs.read(&mut byte);
         // SAFETY: closes the descriptor `f` gave up, once.
         let close = match unsafe { libc::close(f.into_raw_fd()) } {
@@ -431,7 +446,9 @@ fn forked_writer(root: &File, ctx: (u32, u64), path: &Path, data: &[u8]) -> (For
         };
         theirs.write_all(format!("{close}\n").as_bytes())
     });
-    (child, ours)
+    let mut talk = ours;
+    let pid = line(&mut talk).parse().expect("the forked writer's pid");
+    Writer { child, talk, pid }
 }
 
 fn errno_of(r: io::Result<()>) -> i32 {
@@ -448,9 +465,20 @@ fn line(from: &mut UnixStream) -> String {
     String::from_utf8(out).unwrap()
 }
 
-/// The fsync half of a forked writer's report.
-fn fsync_report(from: &mut UnixStream) -> Report {
-    let l = line(from);
+/// Tells a forked writer to go on: to fsync, then to close.
+fn tell(w: &mut Writer) {
+    w.talk.write_all(b"x").unwrap();
+}
+
+/// Lets a forked writer fsync its file; returns the report.
+fn fsync_report(w: &mut Writer) -> Report {
+    tell(w);
+    fsync_result(w)
+}
+
+/// The report of a fsync already told to start.
+fn fsync_result(w: &mut Writer) -> Report {
+    let l = line(&mut w.talk);
     let mut words = l.split(' ').map(|w| w.parse::<i64>().unwrap());
     Report {
         fsync: words.next().unwrap() as i32,
@@ -460,9 +488,14 @@ fn fsync_report(from: &mut UnixStream) -> Report {
 }
 
 /// Lets a forked writer close its file; returns close's errno.
-fn close_report(from: &mut UnixStream) -> i32 {
-    from.write_all(b"x").unwrap();
-    line(from).parse().unwrap()
+fn close_report(w: &mut Writer) -> i32 {
+    tell(w);
+    close_result(w)
+}
+
+/// The errno of a close already told to start.
+fn close_result(w: &mut Writer) -> i32 {
+    line(&mut w.talk).parse().unwrap()
 }
 
 #[test]
@@ -481,8 +514,8 @@ fn remote_durability_fsync_returns_once_postgres_has_it() {
     let mut a = Mount::with_backend(&via);
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let root = File::open(a.path()).unwrap();
-    let (writer, mut report) = forked_writer(&root, (2, 0), &a.join("f"), &data);
-    let r = fsync_report(&mut report);
+    let mut writer = forked_writer(&root, (2, 0), &a.join("f"), &data);
+    let r = fsync_report(&mut writer);
     a.kill9();
     assert_eq!(r.fsync, 0, "fsync failed");
     assert!(
@@ -490,7 +523,6 @@ fn remote_durability_fsync_returns_once_postgres_has_it() {
         "a remote fsync returned in {} ms, under one round trip",
         r.fsync_ms
     );
-    drop(report);
     drop(writer);
     drop(root);
     let fresh = Mount::with_backend(&direct);
@@ -521,18 +553,17 @@ fn remote_durability_without_the_backend_fails_after_the_timeout_and_replicates_
     let root = File::open(a.path()).unwrap();
     wan.partition();
     // A local writer is not held up by the partition.
-    let (local, mut local_report) = forked_writer(&root, (1, 0), &a.join("local"), b"local");
-    let r = fsync_report(&mut local_report);
-    assert_eq!((r.fsync, close_report(&mut local_report)), (0, 0));
+    let mut local = forked_writer(&root, (1, 0), &a.join("local"), b"local");
+    let r = fsync_report(&mut local);
+    assert_eq!((r.fsync, close_report(&mut local)), (0, 0));
     assert!(r.fsync_ms < 1000, "a local fsync took {} ms", r.fsync_ms);
-    done(local, "the local writer");
+    done(local.child, "the local writer");
     // A remote one waits for its timeout, then fails with EIO; so does its
     // close.
-    let (remote, mut remote_report) =
-        forked_writer(&root, (2, 2000), &a.join("remote"), b"kept locally");
-    let mut r = fsync_report(&mut remote_report);
-    r.close = close_report(&mut remote_report);
-    done(remote, "the remote writer");
+    let mut remote = forked_writer(&root, (2, 2000), &a.join("remote"), b"kept locally");
+    let mut r = fsync_report(&mut remote);
+    r.close = close_report(&mut remote);
+    done(remote.child, "the remote writer");
     assert_eq!(r.fsync, libc::EIO, "fsync with the backend unreachable");
     assert!(
         (2000..7000).contains(&r.fsync_ms),
@@ -547,6 +578,119 @@ fn remote_durability_without_the_backend_fails_after_the_timeout_and_replicates_
     let fresh = Mount::with_backend(&direct);
     assert_eq!(fs::read(fresh.join("remote")).unwrap(), b"kept locally");
     assert_eq!(fs::read(fresh.join("local")).unwrap(), b"local");
+}
+
+/// How long a round of [`assert_responsive`] may take: far less than the
+/// blocked writers' timeout, far more than 100 small operations need.
+const PROBE: Duration = Duration::from_secs(2);
+
+/// Whether process `pid` is blocked in system call `nr`, as
+/// `/proc/PID/syscall` shows it.
+fn in_syscall(pid: u32, nr: libc::c_long) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .is_ok_and(|s| s.split(' ').next() == Some(nr.to_string().as_str()))
+}
+
+/// Waits until each of `writers` is blocked in system call `nr`.
+fn wait_in_syscall(writers: &[&Writer], nr: libc::c_long, what: &str) {
+    let all = poll_until(STEP, || writers.iter().all(|w| in_syscall(w.pid, nr)));
+    assert!(all, "the writers never all sat in {what}");
+}
+
+/// Creates, stats, reads back, lists and unlinks 20 files in `dir` in a
+/// forked process; panics unless that is done within [`PROBE`].
+fn assert_responsive(dir: &Path, when: &str) {
+    let probe = Forked::spawn(None, || {
+        for i in 0..20 {
+            let path = dir.join(format!("probe-{i}"));
+            let data = format!("{when} {i}");
+            fs::write(&path, &data)?;
+            let seen = fs::metadata(&path)?.len() == data.len() as u64
+                && fs::read(&path)? == data.as_bytes()
+                && fs::read_dir(dir)?.count() > 0;
+            if !seen {
+                return Err(io::Error::from_raw_os_error(libc::EBADMSG));
+            }
+            fs::remove_file(&path)?;
+        }
+        Ok(())
+    });
+    match probe.wait(PROBE) {
+        Some(Ok(())) => {}
+        Some(Err(errno)) => panic!("{when}: {}", io::Error::from_raw_os_error(errno)),
+        None => panic!("{when}: the mount stalled: 20 creates did not finish in {PROBE:?}"),
+    }
+}
+
+/// More processes than the mount has FUSE threads wait for an unreachable
+/// backend (`durability=remote` fsyncs, then closes); meanwhile another
+/// process creates, stats, reads and unlinks files on the same mount as
+/// fast as ever. The waits still end as promised: EIO at their timeout, or
+/// success once the link is back.
+#[test]
+fn waits_for_the_backend_do_not_stall_a_mount_with_two_threads() {
+    if skip_unless_ferry("replication") {
+        return;
+    }
+    let (direct, wan, via) = volume_behind_wan("context_responsive");
+    let a = Mount::with_args(&["--backend", &via, "-o", "threads=2"]);
+    let root = File::open(a.path()).unwrap();
+    // Two writers give up after 4 s, two wait long enough for the heal.
+    const SHORT: u64 = 4000;
+    let mut writers: Vec<Writer> = (0..4)
+        .map(|i| {
+            let timeout = if i < 2 { SHORT } else { 45_000 };
+            let data = format!("writer {i}").repeat(1000);
+            forked_writer(
+                &root,
+                (2, timeout),
+                &a.join(&format!("w{i}")),
+                data.as_bytes(),
+            )
+        })
+        .collect();
+    wan.partition();
+    writers.iter_mut().for_each(tell);
+    wait_in_syscall(
+        &writers.iter().collect::<Vec<_>>(),
+        libc::SYS_fsync,
+        "fsync",
+    );
+    assert_responsive(a.path(), "four fsyncs waiting");
+
+    let (short, long) = writers.split_at_mut(2);
+    for w in short.iter_mut() {
+        let r = fsync_result(w);
+        assert_eq!(r.fsync, libc::EIO, "fsync with the backend unreachable");
+        assert!(
+            (SHORT..SHORT + 3000).contains(&r.fsync_ms),
+            "fsync failed after {} ms, the timeout is {SHORT}",
+            r.fsync_ms
+        );
+        tell(w);
+    }
+    let waiting: Vec<&Writer> = short.iter().chain(long.iter()).collect();
+    wait_in_syscall(&waiting[..2], libc::SYS_close, "close");
+    wait_in_syscall(&waiting[2..], libc::SYS_fsync, "fsync");
+    assert_responsive(a.path(), "two closes and two fsyncs waiting");
+    for w in short.iter_mut() {
+        assert_eq!(
+            close_result(w),
+            libc::EIO,
+            "close with the backend unreachable"
+        );
+    }
+
+    wan.heal();
+    for w in long.iter_mut() {
+        assert_eq!(fsync_result(w).fsync, 0, "fsync after the heal");
+        assert_eq!(close_report(w), 0, "close after the heal");
+    }
+    for (i, w) in writers.into_iter().enumerate() {
+        done(w.child, &format!("writer {i}"));
+    }
+    sync(&a);
+    support::cli::assert_restores_identically(&direct, &a);
 }
 
 /// Pauses or resumes a mount's down-sync through its control socket (the
