@@ -853,7 +853,10 @@ impl Vfs {
         let attr = file_attr(&inode, &data.meta);
         self.remember(inode.ino);
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let fh = self.add_handle(inode.ino, data.file, writable, true);
+        if writable {
+            self.count_writer(inode.ino, true);
+        }
+        let fh = self.add_handle(inode.ino, data.file, writable);
         // The `Create` record stands for the first run of writes, unless
         // replication read a file between its commit and the writer's
         // registration: it may have read this one, empty, with no run for
@@ -1127,41 +1130,60 @@ impl Vfs {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         if writable {
             self.writable()?;
+            // Counted before the row is read: a pull committed after this
+            // sees the writer and leaves the file alone (changed here), and
+            // one committed before shows in the row, whose bytes the fetch
+            // below brings. Counted after the fetch, a pull in between would
+            // mark the file not cached under this handle: its writes would
+            // go into the old bytes, and the backend's version would replace
+            // them with no conflict copy.
+            self.count_writer(ino, false);
         }
         let file = {
             let _resident = self.residency.read().unwrap_or_else(|p| p.into_inner());
-            let inode = self.inode(ino)?;
-            if inode.kind() != Kind::File {
-                return Err(Errno::EINVAL);
-            }
-            self.ensure_cached(&inode)?;
-            OpenOptions::new()
-                .read(true)
-                .write(!self.read_only)
-                .open(self.store.data_path(ino))
-                .map_err(|e| {
-                    error!("open data file of inode {ino}: {e}");
-                    Errno::EIO
-                })?
+            self.inode(ino).and_then(|inode| {
+                if inode.kind() != Kind::File {
+                    return Err(Errno::EINVAL);
+                }
+                self.ensure_cached(&inode)?;
+                OpenOptions::new()
+                    .read(true)
+                    .write(!self.read_only)
+                    .open(self.store.data_path(ino))
+                    .map_err(|e| {
+                        error!("open data file of inode {ino}: {e}");
+                        Errno::EIO
+                    })
+            })
         };
-        Ok(self.add_handle(ino, file, writable, false))
+        match file {
+            Ok(file) => Ok(self.add_handle(ino, file, writable)),
+            Err(e) => {
+                if writable {
+                    self.end_writer(ino);
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// Registers an open of `ino` on `file` (see [`Vfs::open`]).
-    ///
-    /// `created`: the inode was just created by this open, so its `Create`
-    /// record already stands for its first contents and the writes that
-    /// follow need no `Content` record of their own.
-    fn add_handle(&self, ino: Ino, file: File, writable: bool, created: bool) -> Fh {
+    /// Counts a writer of `ino`, before its handle exists (see
+    /// [`Vfs::open`]). `created`: the inode was just created by this open,
+    /// so its `Create` record already stands for its first contents and the
+    /// writes that follow need no `Content` record of their own.
+    fn count_writer(&self, ino: Ino, created: bool) {
+        let mut open = lock(&self.open);
+        let state = open.entry(ino).or_default();
+        state.writers += 1;
+        state.logged |= created;
+    }
+
+    /// Registers an open of `ino` on `file` (see [`Vfs::open`]); a writable
+    /// one was counted with [`Vfs::count_writer`] already.
+    fn add_handle(&self, ino: Ino, file: File, writable: bool) -> Fh {
         // Only a volume with a backend evicts, so only it needs the order.
         if self.source.get().is_some() {
             lock(&self.last_open).insert(ino, std::time::Instant::now());
-        }
-        if writable {
-            let mut open = lock(&self.open);
-            let state = open.entry(ino).or_default();
-            state.writers += 1;
-            state.logged |= created;
         }
         let fh = Fh(self.next_fh.fetch_add(1, Ordering::Relaxed));
         lock(&self.handles).insert(
@@ -1250,27 +1272,33 @@ impl Vfs {
             return;
         };
         if h.writable {
-            let mut open = lock(&self.open);
-            let mut relog = false;
-            if let Some(state) = open.get_mut(&h.ino) {
-                state.writers = state.writers.saturating_sub(1);
-                if state.writers == 0 {
-                    relog = state.shipped_mid_run;
-                    open.remove(&h.ino);
-                }
+            self.end_writer(h.ino);
+        }
+    }
+
+    /// Uncounts a writer of `ino`; the last one logs the writes that
+    /// replication could not see.
+    fn end_writer(&self, ino: Ino) {
+        let mut open = lock(&self.open);
+        let mut relog = false;
+        if let Some(state) = open.get_mut(&ino) {
+            state.writers = state.writers.saturating_sub(1);
+            if state.writers == 0 {
+                relog = state.shipped_mid_run;
+                open.remove(&ino);
             }
-            drop(open);
-            if relog {
-                // The writes since replication last read the file: logged
-                // now, and the durable reminder of them goes in the same
-                // commit (see `relog_interrupted_writers`).
-                let logged = self.store.write(|tx| {
-                    tx.content(h.ino)?;
-                    tx.clear_writing(h.ino)
-                });
-                if let Err(e) = logged {
-                    warn!("logging the last writes to inode {}: {e}", h.ino);
-                }
+        }
+        drop(open);
+        if relog {
+            // The writes since replication last read the file: logged
+            // now, and the durable reminder of them goes in the same
+            // commit (see `relog_interrupted_writers`).
+            let logged = self.store.write(|tx| {
+                tx.content(ino)?;
+                tx.clear_writing(ino)
+            });
+            if let Err(e) = logged {
+                warn!("logging the last writes to inode {ino}: {e}");
             }
         }
     }
