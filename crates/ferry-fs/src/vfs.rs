@@ -1357,12 +1357,19 @@ impl Vfs {
     /// current run of writes, so every write after this point is logged
     /// again and shipped later, never lost between two reads. The shipper
     /// makes that promise durable with [`Tx::mark_writing`] in the commit
-    /// that records the shipped state, if the file still has writers then.
-    pub fn begin_ship(&self, ino: Ino) {
+    /// that records the shipped state, if the file still has writers then:
+    /// it calls this again there, and the answer (whether writers have the
+    /// file open, as seen under the same lock that ended their run) says
+    /// whether to.
+    pub fn begin_ship(&self, ino: Ino) -> bool {
         self.ship_reads.fetch_add(1, Ordering::SeqCst);
-        if let Some(state) = lock(&self.open).get_mut(&ino) {
-            state.logged = false;
-            state.shipped_mid_run = true;
+        match lock(&self.open).get_mut(&ino) {
+            Some(state) if state.writers > 0 => {
+                state.logged = false;
+                state.shipped_mid_run = true;
+                true
+            }
+            _ => false,
         }
     }
 

@@ -350,7 +350,18 @@ impl Pull<'_, '_> {
                 continue;
             }
             let rv = tx.remote_version(&key)?;
+            // Forgotten here (no name left, its version cleared): as if not
+            // here. Imported now, it would look known to the name that
+            // brings it back, and a directory's entries, dropped when it
+            // was forgotten, would never be listed again.
+            let forgotten = rv.is_none() && ino != ROOT_INO && tx.names_of(ino)?.is_empty();
             match state {
+                Some(_) if forgotten => {
+                    tx.remove_recheck(&key)?;
+                    if forced {
+                        tx.clear_conflict(&key)?;
+                    }
+                }
                 // Already here, or this host's own write: the store has it
                 // (or something newer) already.
                 Some(st)
@@ -384,71 +395,15 @@ impl Pull<'_, '_> {
         let mut unplaced: Vec<(Vec<u8>, ObjectId, Vec<u8>, Entry)> = Vec::new();
         for ((pid, name), entry) in &self.remote.entries {
             let key = entry_key(*pid, name);
-            let forced = self.force.contains(&key);
-            let Some(parent) = tx.ino_of(pid.host, pid.counter)? else {
-                match entry {
-                    Some(e) => unplaced.push((key, *pid, name.clone(), e.clone())),
+            match (placed(tx, *pid)?, entry) {
+                (Some(parent), _) => self.name(key, parent, name, entry.as_ref(), &mut adds)?,
+                // A removal is applied wherever the directory is (one out
+                // of the tree too: it only gets closer to the backend's).
+                (None, None) => match tx.ino_of(pid.host, pid.counter)? {
+                    Some(parent) => self.name(key, parent, name, None, &mut adds)?,
                     None => tx.remove_recheck(&key)?,
-                }
-                continue;
-            };
-            if !forced && self.dirty.name(tx, parent, name, &key)? {
-                debug!(
-                    "pull: {pid}/{} waits: changed here",
-                    String::from_utf8_lossy(name)
-                );
-                tx.add_recheck(&key)?;
-                continue;
-            }
-            let rv = tx.remote_version(&key)?;
-            // This host's own write is here already, unless this host
-            // forgot the name since (its version cleared with a directory
-            // it forgot): then the backend's entry brings it back.
-            let known = match entry {
-                Some(e) => rv.is_some_and(|v| v >= e.version || e.origin == tx.host()),
-                None => rv.is_none(),
-            };
-            if known && !forced {
-                tx.remove_recheck(&key)?;
-                continue;
-            }
-            let current = tx.lookup(parent, name)?;
-            let target = match entry {
-                Some(e) => tx.ino_of(e.child.host, e.child.counter)?,
-                None => None,
-            };
-            // Whether the name already names what the backend says.
-            let linked = matches!((&current, target), (Some(c), Some(t)) if c.ino == t);
-            if let Some(cur) = current.as_ref().filter(|_| !linked) {
-                let changed_here =
-                    self.dirty
-                        .inode(tx, self.vfs, cur.ino, super::object_id(cur))?
-                        || self.dirty.holding.contains(&cur.ino);
-                if !forced && changed_here {
-                    debug!(
-                        "pull: {pid}/{} waits: what it names here is changed here",
-                        String::from_utf8_lossy(name)
-                    );
-                    tx.add_recheck(&key)?;
-                    continue;
-                }
-                debug!(
-                    "pull: {pid}/{} no longer names inode {}",
-                    String::from_utf8_lossy(name),
-                    cur.ino
-                );
-                tx.drop_entry(parent, name, cur.ino)?;
-                self.relink.insert(cur.ino);
-                self.relink.insert(parent);
-                self.fx.removed.push((parent, name.clone(), cur.ino));
-                self.fx.inodes.insert(parent);
-            }
-            match entry {
-                Some(e) if !linked => adds.push((key, parent, name.clone(), e.clone())),
-                _ => {
-                    tx.set_remote_version(&key, entry.as_ref().map(|e| e.version))?;
-                    self.settled(&key)?;
-                }
+                },
+                (None, Some(e)) => unplaced.push((key, *pid, name.clone(), e.clone())),
             }
         }
         // Bounded: each pass places at least one name or stops.
@@ -459,8 +414,8 @@ impl Pull<'_, '_> {
             let before = unplaced.len();
             let mut waiting = Vec::new();
             for (key, pid, name, e) in unplaced {
-                match tx.ino_of(pid.host, pid.counter)? {
-                    Some(parent) => adds.push((key, parent, name, e)),
+                match placed(tx, pid)? {
+                    Some(parent) => self.name(key, parent, &name, Some(&e), &mut adds)?,
                     None => waiting.push((key, pid, name, e)),
                 }
             }
@@ -469,10 +424,80 @@ impl Pull<'_, '_> {
                 break;
             }
         }
-        // Directories this host still does not have: their own names bring
-        // them, and their entries are fetched again then.
+        // Directories this host still does not have (or that are out of
+        // the tree): their own names bring them, and their entries are
+        // fetched again then.
         for (key, ..) in &unplaced {
-            tx.add_recheck(key)?;
+            postpone(tx, key)?;
+        }
+        Ok(())
+    }
+
+    /// One name the backend has (`entry`) or removed (`None`) in the local
+    /// directory `parent`: a removal (of what the name names here) is done
+    /// at once, an add goes to `adds`; what has changes of this host's
+    /// pending waits.
+    fn name(
+        &mut self,
+        key: Vec<u8>,
+        parent: Ino,
+        name: &[u8],
+        entry: Option<&Entry>,
+        adds: &mut Vec<Add>,
+    ) -> rusqlite::Result<()> {
+        let tx = self.tx;
+        let forced = self.force.contains(&key);
+        if !forced && self.dirty.name(tx, parent, name, &key)? {
+            debug!("pull: {} waits: changed here", show(&key));
+            return tx.add_recheck(&key);
+        }
+        let rv = tx.remote_version(&key)?;
+        let current = tx.lookup(parent, name)?;
+        let target = match entry {
+            Some(e) => tx.ino_of(e.child.host, e.child.counter)?,
+            None => None,
+        };
+        // Whether the name already names what the backend says.
+        let linked = matches!((&current, target), (Some(c), Some(t)) if c.ino == t);
+        // This host's own write is here already, unless this host forgot
+        // the name since (its version cleared with a directory it forgot):
+        // then the backend's entry brings it back. Either way only if the
+        // name is here as the backend has it: with nothing of this host's
+        // pending on it (above), anything else is a name this host lost
+        // track of, and the backend's version brings it back.
+        let known = match entry {
+            Some(e) => linked && rv.is_some_and(|v| v >= e.version || e.origin == tx.host()),
+            None => rv.is_none(),
+        };
+        if known && !forced {
+            return tx.remove_recheck(&key);
+        }
+        if let Some(cur) = current.as_ref().filter(|_| !linked) {
+            let changed_here = self
+                .dirty
+                .inode(tx, self.vfs, cur.ino, super::object_id(cur))?
+                || self.dirty.holding.contains(&cur.ino);
+            if !forced && changed_here {
+                debug!(
+                    "pull: {} waits: what it names here is changed here",
+                    show(&key)
+                );
+                return tx.add_recheck(&key);
+            }
+            debug!("pull: {} no longer names inode {}", show(&key), cur.ino);
+            tx.drop_entry(parent, name, cur.ino)?;
+            self.relink.insert(cur.ino);
+            self.relink.insert(parent);
+            self.fx.removed.push((parent, name.to_vec(), cur.ino));
+            // Its link count changed too, which the kernel caches.
+            self.fx.inodes.extend([parent, cur.ino]);
+        }
+        match entry {
+            Some(e) if !linked => adds.push((key, parent, name.to_vec(), e.clone())),
+            _ => {
+                tx.set_remote_version(&key, entry.map(|e| e.version))?;
+                self.settled(&key)?;
+            }
         }
         Ok(())
     }
@@ -525,6 +550,17 @@ impl Pull<'_, '_> {
                 }
             },
         };
+        let is_dir = tx.inode(child)?.is_some_and(|i| i.kind() == Kind::Dir);
+        if is_dir && encloses(tx, child, parent)? {
+            // This host moved `parent` into the directory (a change still
+            // to ship, or to be refused as a cycle): named there, the
+            // directory would hold itself, cut off from the root.
+            debug!(
+                "pull: {} waits: directory {child} holds it here",
+                show(&key)
+            );
+            return postpone(tx, &key);
+        }
         if tx.lookup(parent, &name)?.is_some() {
             // Still taken: what holds it waits on a change of this host.
             debug!("pull: {} waits: the name is taken here", show(&key));
@@ -543,7 +579,7 @@ impl Pull<'_, '_> {
         self.relink.insert(child);
         self.relink.insert(parent);
         self.fx.added.push((parent, name));
-        self.fx.inodes.insert(parent);
+        self.fx.inodes.extend([parent, child]);
         tx.set_remote_version(&key, Some(e.version))?;
         self.settled(&key)
     }
@@ -567,6 +603,33 @@ impl Pull<'_, '_> {
         }
         Ok(())
     }
+}
+
+/// The local directory `pid` as a place for names: only while it has a
+/// name here (or is the root). A directory that lost its last name (taken
+/// away by a pull, or forgotten) is out of the tree until its own name
+/// brings it back; names put into it meanwhile would only be dropped again
+/// with it, round after round.
+fn placed(tx: &Tx<'_>, pid: ObjectId) -> rusqlite::Result<Option<Ino>> {
+    Ok(match tx.ino_of(pid.host, pid.counter)? {
+        Some(ino) if ino == ROOT_INO || !tx.names_of(ino)?.is_empty() => Some(ino),
+        _ => None,
+    })
+}
+
+/// Whether `dir` is `at` or one of its ancestors here.
+fn encloses(tx: &Tx<'_>, dir: Ino, mut at: Ino) -> rusqlite::Result<bool> {
+    // Bounded: a store has no cycles, and no path is this deep.
+    for _ in 0..4096 {
+        if at == dir {
+            return Ok(true);
+        }
+        match tx.parent_of(at)? {
+            Some(p) => at = p,
+            None => return Ok(false),
+        }
+    }
+    Ok(false)
 }
 
 /// A name the backend has that this host lacks (never had, or just
@@ -606,6 +669,7 @@ fn forget(tx: &Tx<'_>, dirty: &Dirty, inode: &Inode, fx: &mut Effects) -> rusqli
             // name, a listing brings it back.
             tx.set_remote_version(&entry_key(did, &e.name), None)?;
             fx.removed.push((inode.ino, e.name.clone(), child.ino));
+            fx.inodes.insert(child.ino);
             tx.recount(child.ino)?;
             if tx.names_of(child.ino)?.is_empty() {
                 forget(tx, dirty, child, fx)?;
@@ -857,5 +921,289 @@ impl Applier {
         // Again at once while the feed has more, or while rechecks are
         // making progress (one may unblock another).
         Ok(changes.more || (fx.applied > 0 && !rechecks.is_empty()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewInode, Store};
+
+    /// A store with its file system in a fresh directory, removed on drop.
+    struct Scratch {
+        dir: std::path::PathBuf,
+        vfs: Option<Vfs>,
+    }
+
+    impl Scratch {
+        fn new(what: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!(
+                "ferry-apply-{what}-{}-{}",
+                std::process::id(),
+                crate::store::now()
+            ));
+            let store = Store::open(&dir).expect("a fresh store");
+            let vfs = Vfs::new(store, false).expect("a file system on it");
+            Scratch {
+                dir,
+                vfs: Some(vfs),
+            }
+        }
+
+        fn vfs(&self) -> &Vfs {
+            self.vfs.as_ref().expect("open until dropped")
+        }
+
+        /// Makes the directory `parent/name`, as if it had shipped long
+        /// ago: its inode and name at version 1 at the backend, nothing
+        /// pending.
+        fn shipped_dir(&self, parent: Ino, name: &[u8]) -> Inode {
+            self.shipped(parent, name, libc::S_IFDIR | 0o755)
+        }
+
+        /// [`Scratch::shipped_dir`] for any `mode`.
+        fn shipped(&self, parent: Ino, name: &[u8], mode: u32) -> Inode {
+            self.vfs()
+                .store()
+                .write(|tx| -> rusqlite::Result<Inode> {
+                    let new = NewInode {
+                        mode,
+                        uid: 0,
+                        gid: 0,
+                        rdev: 0,
+                        target: None,
+                    };
+                    let dir = tx.create(parent, name, &new)?;
+                    let pid = match tx.inode(parent)? {
+                        Some(p) if parent != ROOT_INO => super::super::object_id(&p),
+                        _ => ObjectId::ROOT,
+                    };
+                    tx.set_remote_version(&inode_key(super::super::object_id(&dir)), Some(1))?;
+                    tx.set_remote_version(&entry_key(pid, name), Some(1))?;
+                    if let Some(last) = Outbox::pending(tx, usize::MAX >> 1)?.last() {
+                        Outbox::advance(tx, last.seq)?;
+                    }
+                    Ok(dir)
+                })
+                .expect("make a directory")
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            drop(self.vfs.take());
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// The backend's state of a directory another host (7) changed.
+    fn theirs_dir(id: ObjectId, version: u64) -> InodeState {
+        InodeState {
+            version,
+            origin: 7,
+            ..InodeState::new(id, libc::S_IFDIR | 0o755)
+        }
+    }
+
+    #[test]
+    fn a_pull_never_puts_a_directory_inside_itself() {
+        let s = Scratch::new("cycle");
+        // Here: /d/p. At the backend, d went into p (p's own move out of d
+        // not in this answer: it waits, or was not asked for), which is
+        // what a forced pull of conflict resolution may see.
+        let d = s.shipped_dir(ROOT_INO, b"d");
+        let p = s.shipped_dir(d.ino, b"p");
+        let (did, pid) = (super::super::object_id(&d), super::super::object_id(&p));
+        let mut remote = RemoteState::default();
+        remote.entries.insert((ObjectId::ROOT, b"d".to_vec()), None);
+        let moved = Entry {
+            parent: pid,
+            name: b"x".to_vec(),
+            child: did,
+            version: 1,
+            origin: 7,
+        };
+        remote.entries.insert((pid, b"x".to_vec()), Some(moved));
+        remote.inodes.insert(did, Some(theirs_dir(did, 2)));
+        let store = s.vfs().store();
+        store
+            .write(|tx| pull(tx, s.vfs(), &remote, &HashSet::new()))
+            .expect("pull");
+        let (named, rechecks) = store
+            .read(|r| Ok::<_, rusqlite::Error>((r.lookup(p.ino, b"x")?, r.rechecks(100)?)))
+            .expect("read back");
+        assert!(
+            named.is_none(),
+            "d was named inside p, its own child: a cycle cut off from the root"
+        );
+        assert!(
+            rechecks.contains(&entry_key(pid, b"x")),
+            "the name waits for the next round: {rechecks:?}"
+        );
+    }
+
+    #[test]
+    fn a_name_recorded_as_applied_but_missing_here_comes_back() {
+        let s = Scratch::new("stale");
+        // Here: /d, empty, but the store records d/f at the backend's
+        // version (it was moved aside here, and the move then undone by
+        // conflict resolution, say): the backend's d/f is not "known".
+        let d = s.shipped_dir(ROOT_INO, b"d");
+        let did = super::super::object_id(&d);
+        let f = ObjectId {
+            host: 7,
+            counter: 1,
+        };
+        let store = s.vfs().store();
+        store
+            .write(|tx| tx.set_remote_version(&entry_key(did, b"f"), Some(1)))
+            .expect("record d/f");
+        let mut remote = RemoteState::default();
+        let entry = Entry {
+            parent: did,
+            name: b"f".to_vec(),
+            child: f,
+            version: 1,
+            origin: 7,
+        };
+        remote.entries.insert((did, b"f".to_vec()), Some(entry));
+        remote.inodes.insert(
+            f,
+            Some(InodeState {
+                version: 1,
+                origin: 7,
+                ..InodeState::new(f, libc::S_IFREG | 0o644)
+            }),
+        );
+        store
+            .write(|tx| pull(tx, s.vfs(), &remote, &HashSet::new()))
+            .expect("pull");
+        let named = store
+            .read(|r| Ok::<_, rusqlite::Error>(r.lookup(d.ino, b"f")?.map(|i| i.global_id())))
+            .expect("read back");
+        assert!(named.is_some(), "d/f looked applied and never came back");
+    }
+
+    #[test]
+    fn a_forgotten_directory_comes_back_whole() {
+        let s = Scratch::new("forgotten");
+        // Here: d was forgotten (a pull took its name; its entries went
+        // with it). The backend names it again, with its state changed by
+        // another host: it must come back listed whole, not as an empty
+        // directory that looks up to date.
+        let d = s.shipped_dir(ROOT_INO, b"d");
+        s.shipped_dir(d.ino, b"sub");
+        let did = super::super::object_id(&d);
+        let store = s.vfs().store();
+        store
+            .write(|tx| -> rusqlite::Result<()> {
+                let was = tx.pulling(true);
+                tx.drop_entry(ROOT_INO, b"d", d.ino)?;
+                tx.recount(d.ino)?;
+                let mut fx = Effects::default();
+                forget(tx, &Dirty::read(tx)?, &d, &mut fx)?;
+                tx.pulling(was);
+                Ok(())
+            })
+            .expect("forget d");
+        let mut remote = RemoteState::default();
+        let entry = Entry {
+            parent: ObjectId::ROOT,
+            name: b"d".to_vec(),
+            child: did,
+            version: 2,
+            origin: 7,
+        };
+        remote
+            .entries
+            .insert((ObjectId::ROOT, b"d".to_vec()), Some(entry));
+        remote.inodes.insert(did, Some(theirs_dir(did, 2)));
+        store
+            .write(|tx| pull(tx, s.vfs(), &remote, &HashSet::new()))
+            .expect("pull");
+        let (named, rechecks) = store
+            .read(|r| Ok::<_, rusqlite::Error>((r.lookup(ROOT_INO, b"d")?, r.rechecks(100)?)))
+            .expect("read back");
+        assert_eq!(named.map(|i| i.ino), Some(d.ino), "d is back");
+        assert!(
+            rechecks.contains(&listing_key(did)),
+            "d's entries are listed next round: {rechecks:?}"
+        );
+    }
+
+    #[test]
+    fn a_pulled_link_tells_the_kernel_the_new_link_count() {
+        let s = Scratch::new("nlink");
+        // Here: /f. At the backend, f got a second name, /g: f's link
+        // count changes, and the kernel, which caches it for a minute,
+        // must be told.
+        let f = s.shipped(ROOT_INO, b"f", libc::S_IFREG | 0o644);
+        let fid = super::super::object_id(&f);
+        let mut remote = RemoteState::default();
+        let link = Entry {
+            parent: ObjectId::ROOT,
+            name: b"g".to_vec(),
+            child: fid,
+            version: 1,
+            origin: 7,
+        };
+        remote
+            .entries
+            .insert((ObjectId::ROOT, b"g".to_vec()), Some(link));
+        let store = s.vfs().store();
+        let fx = store
+            .write(|tx| pull(tx, s.vfs(), &remote, &HashSet::new()))
+            .expect("pull");
+        let nlink = store
+            .read(|r| r.inode(f.ino))
+            .expect("read back")
+            .map(|i| i.nlink);
+        assert_eq!(nlink, Some(2));
+        assert!(fx.inodes.contains(&f.ino), "f's attributes stay cached");
+    }
+
+    #[test]
+    fn names_wait_for_a_directory_that_lost_its_name() {
+        let s = Scratch::new("nameless");
+        // Here: /d. At the backend, d is gone from / (its new name not in
+        // this answer) and has a new entry: it waits until d is back in
+        // the tree, instead of being put into a directory no one sees.
+        let d = s.shipped_dir(ROOT_INO, b"d");
+        let did = super::super::object_id(&d);
+        let f = ObjectId {
+            host: 7,
+            counter: 1,
+        };
+        let mut remote = RemoteState::default();
+        remote.entries.insert((ObjectId::ROOT, b"d".to_vec()), None);
+        let added = Entry {
+            parent: did,
+            name: b"f".to_vec(),
+            child: f,
+            version: 1,
+            origin: 7,
+        };
+        remote.entries.insert((did, b"f".to_vec()), Some(added));
+        remote.inodes.insert(
+            f,
+            Some(InodeState {
+                version: 1,
+                origin: 7,
+                ..InodeState::new(f, libc::S_IFREG | 0o644)
+            }),
+        );
+        let store = s.vfs().store();
+        store
+            .write(|tx| pull(tx, s.vfs(), &remote, &HashSet::new()))
+            .expect("pull");
+        let (named, known) = store
+            .read(|r| {
+                Ok::<_, rusqlite::Error>((r.lookup(d.ino, b"f")?, r.ino_of(f.host, f.counter)?))
+            })
+            .expect("read back");
+        assert!(
+            named.is_none() && known.is_none(),
+            "f was put into nameless d"
+        );
     }
 }

@@ -96,9 +96,18 @@ pub(super) fn resolve(
             ours,
         };
         let mut force: HashSet<Vec<u8>> = HashSet::new();
-        for key in keys {
+        // Inodes first: resolving one decides its names too (they go to
+        // the other host's version, or with the deletion that stands), and
+        // a name decided so is not resolved again on its own (that would
+        // move aside, say, a directory whose deletion stands, leaving it
+        // named here and gone at the backend).
+        let (inodes, names): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = keys
+            .iter()
+            .partition(|k| matches!(decode_key(k), Some(Key::Inode(_))));
+        for key in inodes.into_iter().chain(names) {
             let settled = match decode_key(key) {
                 Some(Key::Inode(id)) => cx.inode_conflict(id)?,
+                Some(Key::Entry(..)) if force.contains(key) => Settled::Pull(Vec::new()),
                 Some(Key::Entry(parent, name)) => cx.entry_conflict(parent, &name)?,
                 Some(Key::Listing(_)) | None => Settled::Keep,
             };
@@ -269,14 +278,24 @@ impl Cx<'_, '_> {
         if vfs.has_writers(ours.ino) {
             return Ok(Settled::Wait);
         }
-        if tx.remote_version(&inode_key(pid))?.is_none() && pid != ObjectId::ROOT {
+        let dir_gone = matches!(remote.inodes.get(&pid), Some(None));
+        // A directory that lost its last name here (a pull took it away:
+        // the backend deleted it, or moved it where this host has not
+        // followed yet) never ships again; what this host put into it
+        // meanwhile (through a process's cwd, an open directory, or a
+        // lookup the kernel still had) would be sent again forever.
+        let stranded = pid != ObjectId::ROOT && tx.names_of(parent)?.is_empty();
+        if tx.remote_version(&inode_key(pid))?.is_none()
+            && pid != ObjectId::ROOT
+            && !(stranded && dir_gone)
+        {
             // Its directory never reached the backend (refused, or renamed
-            // by its own conflict): the name ships again with it.
+            // by its own conflict), or comes back with its new name: the
+            // name ships again with it.
             tx.relog(ours.ino)?;
             return Ok(Settled::Keep);
         }
         let path = join(&path_of(tx, parent)?, name);
-        let dir_gone = matches!(remote.inodes.get(&pid), Some(None));
         let theirs = remote.entries.get(&(pid, name.to_vec())).cloned().flatten();
         let ours_shipped = tx.remote_version(&inode_key(object_id(&ours)))?.is_some();
         if dir_gone && (ours.kind() != Kind::Dir || !ours_shipped) {

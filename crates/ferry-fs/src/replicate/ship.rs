@@ -500,7 +500,13 @@ impl Shipper {
                 // writes after the read are not logged until the last close,
                 // so remember durably, in this commit, that they may exist.
                 // (Under the store lock, so a close cannot slip in between.)
-                if let Some(ino) = p.read.filter(|&ino| vfs.has_writers(ino)) {
+                // The writers now may have opened after the read, in a run
+                // that the read never ended, so `begin_ship` ends the run
+                // open now, under the lock it checks the writers with: its
+                // last close logs the file again and clears the mark (left
+                // set, it would hold the file as changed here, and every
+                // pull of it back, until the next mount).
+                if let Some(ino) = p.read.filter(|&ino| vfs.begin_ship(ino)) {
                     tx.mark_writing(ino)?;
                 }
             }

@@ -245,6 +245,33 @@ fn capture(root: &Path) -> Result<Image, String> {
     })?
 }
 
+/// Captures a restore whose tree holds still: with two hosts, the restored
+/// host goes on pulling what the others still ship after their last sync
+/// (what down-sync rescued to `/lost+found`, say), and a walk across a
+/// pull would see half of it (a new hard link, with the link count from
+/// before). A tree two walks in a row agree on is a state the backend had;
+/// a backend in a state no restore can load shows it in every walk.
+fn settled_capture(root: &Path) -> Result<Image, String> {
+    let cmp = Compare {
+        mtimes: true,
+        holes: true,
+        ignore: &|_: &str| false,
+    };
+    let mut last = capture(root)?;
+    // Bounded: a backend that still moves after this many walks is
+    // checked as the last walk saw it.
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = capture(root)?;
+        let still = diff(&last, &now, &cmp, ("a walk", "the next")).is_empty();
+        last = now;
+        if still {
+            break;
+        }
+    }
+    Ok(last)
+}
+
 /// Checks the databases under `mount` against `log`, bounded.
 /// The database directory of `mount`, copied to a new temp dir.
 fn copy_dbs(mount: &Path) -> std::io::Result<TempDir> {
@@ -532,7 +559,7 @@ fn one_host(t: &Trial, rng: &mut Rng, report: &mut Report) {
         }
     }
 
-    keep_logs(std::slice::from_ref(&m), report);
+    keep_logs(t, std::slice::from_ref(&m), report);
     // The store and the backend.
     m.unmount();
     let store = m.store().to_str().expect("utf-8 temp path");
@@ -676,7 +703,7 @@ fn two_hosts(t: &Trial, rng: &mut Rng, report: &mut Report) {
         Ok(fresh) => fresh,
         Err(msg) => return report.fail("I3 (a restore loads)", vec![msg]),
     };
-    let restored = match capture(fresh.path()) {
+    let restored = match settled_capture(fresh.path()) {
         Ok(img) => img,
         Err(e) => return report.fail("I3 (every file of a restore reads)", vec![e]),
     };
@@ -684,21 +711,27 @@ fn two_hosts(t: &Trial, rng: &mut Rng, report: &mut Report) {
     if !problems.is_empty() {
         report.fail("I3 (the restored tree hangs together)", problems);
     }
+    drop(fresh);
     if t.converge {
-        converged(&hosts, &restored, report);
+        converged(&backend.url, &hosts, restored, report);
     }
-    keep_logs(&hosts, report);
+    keep_logs(t, &hosts, report);
 }
 
 /// After a failed trial, the daemons' logs outlive its temp dirs, for the
 /// post-mortem.
-fn keep_logs(hosts: &[Mount], report: &mut Report) {
+fn keep_logs(t: &Trial, hosts: &[Mount], report: &mut Report) {
     if report.failures.is_empty() {
         return;
     }
     for (i, h) in hosts.iter().enumerate() {
-        let kept =
-            std::env::temp_dir().join(format!("ferry-check-{}-host{i}.log", std::process::id()));
+        // Named by run and trial, so a later failure of the run does not
+        // overwrite an earlier one's.
+        let kept = std::env::temp_dir().join(format!(
+            "ferry-check-{}-{}-host{i}.log",
+            std::process::id(),
+            t.index
+        ));
         report.notes.push(match fs::write(&kept, h.daemon_log()) {
             Ok(()) => format!("host {i}'s daemon log is kept at {}", kept.display()),
             Err(e) => format!("host {i}'s daemon log could not be kept: {e}"),
@@ -707,30 +740,51 @@ fn keep_logs(hosts: &[Mount], report: &mut Report) {
 }
 
 /// Convergence: once every host synced, each host shows the tree a fresh
-/// restore shows, byte for byte, within [`CONVERGE`] (down-sync applies
-/// the last changes of the others meanwhile).
-fn converged(hosts: &[Mount], restored: &Image, report: &mut Report) {
+/// restore shows, byte for byte, within [`CONVERGE`]. The restore is
+/// taken again while a host differs from it: down-sync still applies the
+/// others' last changes, and what it does may itself ship (what a pulled
+/// deletion rescues to `/lost+found`, say), so the backend can move on
+/// after the last sync and the first restore. The hosts must end equal to
+/// one restore of the backend as it then is.
+fn converged(url: &str, hosts: &[Mount], restored: Image, report: &mut Report) {
     let cmp = Compare {
         mtimes: false,
         holes: false,
         ignore: &|_: &str| false,
     };
-    for (i, h) in hosts.iter().enumerate() {
-        let deadline = Instant::now() + CONVERGE;
-        // Bounded by the deadline; each pass reads the tree once.
-        let last = loop {
-            let diffs = match capture(h.path()) {
-                Ok(img) => diff(restored, &img, &cmp, ("the restore", "the host")),
+    let deadline = Instant::now() + CONVERGE;
+    let mut restored = restored;
+    // Bounded by the deadline; each pass reads every tree once.
+    let last = loop {
+        let mut diffs = Vec::new();
+        for (i, h) in hosts.iter().enumerate() {
+            match capture(h.path()) {
+                Ok(img) => diffs.extend(
+                    diff(&restored, &img, &cmp, ("the restore", "the host"))
+                        .into_iter()
+                        .map(|d| (i, d)),
+                ),
                 Err(e) => return report.fail(&format!("convergence (host {i} reads)"), vec![e]),
-            };
-            if diffs.is_empty() || Instant::now() >= deadline {
-                break diffs;
             }
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        }
+        if diffs.is_empty() || Instant::now() >= deadline {
+            break diffs;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        match guarded(|| Mount::with_backend(url)).and_then(|fresh| capture(fresh.path())) {
+            Ok(img) => restored = img,
+            Err(e) => return report.fail("convergence (a later restore)", vec![e]),
+        }
+    };
+    for (i, _) in hosts.iter().enumerate() {
+        let own: Vec<_> = last
+            .iter()
+            .filter(|(h, _)| *h == i)
+            .map(|(_, d)| d.clone())
+            .collect();
         report.diffs(
             &format!("convergence (host {i} equals a restore)"),
-            &last,
+            &own,
             || vec![format!("host {i} did not converge within {CONVERGE:?}")],
         );
     }
