@@ -368,9 +368,6 @@ fn random_workloads_converge(url: &str, seed: u64) {
 }
 
 #[test]
-#[ignore = "soak: three hosts on shared names; it failed about 1 run \
-            in 36 until a stale written-while-shipped mark was fixed (0 of about 150 since, \
-            not yet enough for CI); run with --ignored"]
 fn random_concurrent_workloads_converge_on_dir() {
     if skip_unless_ferry("multi-host") {
         return;
@@ -380,9 +377,6 @@ fn random_concurrent_workloads_converge_on_dir() {
 }
 
 #[test]
-#[ignore = "soak: three hosts on shared names; it failed about 1 run \
-            in 36 until a stale written-while-shipped mark was fixed (0 of about 150 since, \
-            not yet enough for CI); run with --ignored"]
 fn random_concurrent_workloads_converge_on_postgres() {
     if skip_unless_ferry("multi-host") {
         return;
