@@ -740,6 +740,23 @@ pub trait Queries {
             .optional()
     }
 
+    /// Whether directory `dir` is `at` or one of its ancestors: naming
+    /// `dir` inside `at` would make a cycle cut off from the root. Bounded:
+    /// a walk still going after a million steps answers yes, the answer
+    /// that refuses the move.
+    fn encloses(&self, dir: Ino, mut at: Ino) -> rusqlite::Result<bool> {
+        for _ in 0..1 << 20 {
+            if at == dir {
+                return Ok(true);
+            }
+            match self.parent_of(at)? {
+                Some(p) => at = p,
+                None => return Ok(false), // the root, or a nameless directory
+            }
+        }
+        Ok(true)
+    }
+
     /// Every name of `ino`: (directory, name) pairs.
     fn names_of(&self, ino: Ino) -> rusqlite::Result<Vec<(Ino, Vec<u8>)>> {
         let mut stmt = self

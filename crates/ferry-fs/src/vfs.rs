@@ -1030,13 +1030,14 @@ impl Vfs {
                     return Ok(None);
                 }
             }
-            if moved.kind() == Kind::Dir {
-                check_not_ancestor(tx, moved.ino, newparent)?;
+            // A directory moved under itself.
+            if moved.kind() == Kind::Dir && tx.encloses(moved.ino, newparent)? {
+                return Err(Errno::EINVAL.into());
             }
             if exchange {
                 let other = target.ok_or(Errno::ENOENT)?;
-                if other.kind() == Kind::Dir {
-                    check_not_ancestor(tx, other.ino, parent)?;
+                if other.kind() == Kind::Dir && tx.encloses(other.ino, parent)? {
+                    return Err(Errno::EINVAL.into());
                 }
                 tx.exchange((parent, name, &moved), (newparent, newname, &other))?;
                 return Ok(None);
@@ -1578,20 +1579,4 @@ fn check_removable(tx: &Tx<'_>, victim: &Inode, dir: bool) -> Result<(), TxError
         (true, true) if tx.has_entries(victim.ino)? => Err(Errno::ENOTEMPTY.into()),
         _ => Ok(()),
     }
-}
-
-/// Refuses to move directory `dir` under itself: walks up from `dest` to
-/// the root (bounded by the tree's depth, which has no cycles).
-fn check_not_ancestor(tx: &Tx<'_>, dir: Ino, dest: Ino) -> Result<(), TxError> {
-    let mut at = dest;
-    while at != ROOT_INO {
-        if at == dir {
-            return Err(Errno::EINVAL.into());
-        }
-        match tx.parent_of(at)? {
-            Some(p) => at = p,
-            None => break,
-        }
-    }
-    Ok(())
 }

@@ -354,7 +354,7 @@ impl Pull<'_, '_> {
             // here. Imported now, it would look known to the name that
             // brings it back, and a directory's entries, dropped when it
             // was forgotten, would never be listed again.
-            let forgotten = rv.is_none() && ino != ROOT_INO && tx.names_of(ino)?.is_empty();
+            let forgotten = rv.is_none() && !named_here(tx, ino)?;
             match state {
                 Some(_) if forgotten => {
                     tx.remove_recheck(&key)?;
@@ -508,9 +508,7 @@ impl Pull<'_, '_> {
         let tx = self.tx;
         let known = tx.ino_of(e.child.host, e.child.counter)?;
         let forgotten = match known {
-            Some(ino) => {
-                tx.remote_version(&inode_key(e.child))?.is_none() && tx.names_of(ino)?.is_empty()
-            }
+            Some(ino) => tx.remote_version(&inode_key(e.child))?.is_none() && !named_here(tx, ino)?,
             None => false,
         };
         let child = match known.filter(|_| !forgotten) {
@@ -551,7 +549,7 @@ impl Pull<'_, '_> {
             },
         };
         let is_dir = tx.inode(child)?.is_some_and(|i| i.kind() == Kind::Dir);
-        if is_dir && encloses(tx, child, parent)? {
+        if is_dir && tx.encloses(child, parent)? {
             // This host moved `parent` into the directory (a change still
             // to ship, or to be refused as a cycle): named there, the
             // directory would hold itself, cut off from the root.
@@ -612,24 +610,14 @@ impl Pull<'_, '_> {
 /// with it, round after round.
 fn placed(tx: &Tx<'_>, pid: ObjectId) -> rusqlite::Result<Option<Ino>> {
     Ok(match tx.ino_of(pid.host, pid.counter)? {
-        Some(ino) if ino == ROOT_INO || !tx.names_of(ino)?.is_empty() => Some(ino),
+        Some(ino) if named_here(tx, ino)? => Some(ino),
         _ => None,
     })
 }
 
-/// Whether `dir` is `at` or one of its ancestors here.
-fn encloses(tx: &Tx<'_>, dir: Ino, mut at: Ino) -> rusqlite::Result<bool> {
-    // Bounded: a store has no cycles, and no path is this deep.
-    for _ in 0..4096 {
-        if at == dir {
-            return Ok(true);
-        }
-        match tx.parent_of(at)? {
-            Some(p) => at = p,
-            None => return Ok(false),
-        }
-    }
-    Ok(false)
+/// Whether `ino` is in this host's tree: the root, or named somewhere.
+fn named_here(tx: &Tx<'_>, ino: Ino) -> rusqlite::Result<bool> {
+    Ok(ino == ROOT_INO || !tx.names_of(ino)?.is_empty())
 }
 
 /// A name the backend has that this host lacks (never had, or just
