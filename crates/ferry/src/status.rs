@@ -263,7 +263,7 @@ fn ask(m: &MountEntry) -> Row {
         Ok(report) if !dead_mount => Answer::Report(Box::new(report)),
         Ok(_) => Answer::Dead("the mount is dead, though its store's daemon answers".into()),
         Err(e) => match e.kind() {
-            _ if dead_mount => Answer::Dead(format!(
+            _ if dead_mount || died_while_asked(&m.mountpoint, e.kind()) => Answer::Dead(format!(
                 "its daemon is gone; clear it with `ferry umount {}`",
                 m.mountpoint.display()
             )),
@@ -280,6 +280,29 @@ fn ask(m: &MountEntry) -> Row {
         mount: m.mountpoint.clone(),
         store,
         answer,
+    }
+}
+
+/// Whether a daemon that hung up on the question was dying: a daemon
+/// killed while asked (or just before: a killed process's threads close its
+/// sockets and its FUSE connection only as the last of them exits) resets
+/// the connection, and its mount reads as dead a moment later.
+fn died_while_asked(mountpoint: &Path, error: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+    const STEP: std::time::Duration = std::time::Duration::from_millis(20);
+    if !matches!(error, ConnectionReset | BrokenPipe | UnexpectedEof) {
+        return false;
+    }
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        if mount::is_dead(mountpoint) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(STEP);
     }
 }
 

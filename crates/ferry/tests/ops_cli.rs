@@ -116,6 +116,11 @@ fn gone(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
+/// Whether the mount at `mnt` answers ENOTCONN: its daemon is gone.
+fn reads_dead(mnt: &Path) -> bool {
+    fs::metadata(mnt).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
 fn kill(pid: i32, sig: i32) {
     // SAFETY: sending a signal to a process we started.
     unsafe { libc::kill(pid, sig) };
@@ -165,13 +170,16 @@ impl Daemonized {
         daemon_pid(&self.store).expect("the daemon runs")
     }
 
-    /// kill -9 of the daemon; the mount stays, dead.
+    /// kill -9 of the daemon; the mount stays, dead. Waits for the mount to
+    /// read as dead, not only for the process to be a zombie: its leader
+    /// thread turns zombie before the last thread closes the FUSE device.
     fn crash(&self) {
         let pid = self.pid();
         kill(pid, libc::SIGKILL);
         assert!(
-            poll_until(Duration::from_secs(10), || gone(pid)),
-            "daemon {pid} survived"
+            poll_until(Duration::from_secs(10), || gone(pid)
+                && reads_dead(&self.mnt)),
+            "daemon {pid} survived, or its mount still answers"
         );
     }
 }
