@@ -115,6 +115,9 @@ struct Ops {
     passthrough: AtomicBool,
     backings: Mutex<Backings>,
     metrics: OnceLock<Metrics>,
+    /// Tells the kernel of changes it did not ask for (set once the
+    /// session exists, see [`FerryFs::notifier`]).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 /// What the FUSE layer reports to the metrics endpoint.
@@ -150,9 +153,15 @@ impl FerryFs {
                 passthrough: AtomicBool::new(passthrough),
                 backings: Mutex::new(Backings::default()),
                 metrics: OnceLock::new(),
+                notifier: Arc::new(OnceLock::new()),
             }),
             waits: Offload::new("ferry-wait", WAIT_THREADS, WAIT_QUEUE),
         }
+    }
+
+    /// Where the mount puts the session's notifier once it has one.
+    pub fn notifier(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.ops.notifier.clone()
     }
 
     /// Reports request latencies (and, with `replicated`, cache hits and
@@ -309,7 +318,22 @@ impl Ops {
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             self.vfs.will_modify(ino)?;
             if uid != 0 {
-                self.vfs.clear_setid(ino)?;
+                self.clear_setid(ino)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the set-ID bits a write by someone without CAP_FSETID
+    /// clears. Under FUSE_HANDLE_KILLPRIV_V2 (asked for in `init`, so that
+    /// the kernel stops asking for `security.capability` before every
+    /// write) that is the file system's job, and the kernel's cached mode
+    /// would keep showing the bits: it is told to ask again.
+    fn clear_setid(&self, ino: Ino) -> Result<(), Errno> {
+        if self.vfs.clear_setid(ino)? {
+            if let Some(n) = self.notifier.get() {
+                // Attributes only (a negative offset): no page is touched.
+                let _ = n.inval_inode(ino.into(), -1, 0);
             }
         }
         Ok(())
@@ -422,6 +446,7 @@ impl Filesystem for FerryFs {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
             | InitFlags::FUSE_SPLICE_READ
             | InitFlags::FUSE_SPLICE_WRITE
             | InitFlags::FUSE_SPLICE_MOVE;
@@ -459,7 +484,7 @@ impl Filesystem for FerryFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -485,6 +510,16 @@ impl Filesystem for FerryFs {
             atime: atime.map(kernel_time_or_now),
             mtime: mtime.map(kernel_time_or_now),
             ctime: ctime.map(kernel_time),
+            // FUSE_HANDLE_KILLPRIV_V2 leaves these to us: a chown, a
+            // truncate by a caller without CAP_FSETID (root stands for it,
+            // as in `before_passthrough_open`), and a request with nothing
+            // to set but perhaps the ctime, which is what is left of the
+            // kernel's own kill (a `chown(-1, -1)`, a write's
+            // `file_remove_privs`).
+            kill_setid: uid.is_some()
+                || gid.is_some()
+                || (size.is_some() && req.uid() != 0)
+                || (mode, size, atime, mtime) == (None, None, None, None),
         };
         let (ino, fh) = (Ino::from(ino), fh.map(Fh::from));
         // A truncate or utime by path of a file whose contents are not here
@@ -686,19 +721,27 @@ impl Filesystem for FerryFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let timer = self.ops.timer("write");
         debug!(fh = fh.0, offset, len = data.len(), "write");
+        // FUSE_HANDLE_KILLPRIV_V2: a writer without CAP_FSETID clears the
+        // set-ID bits, and the kernel leaves that to us.
+        let kill_setid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         self.serve(self.ops.vfs.throttled(), data, move |ops, data| {
             let _timer = timer;
+            if kill_setid {
+                if let Err(e) = ops.clear_setid(ino.into()) {
+                    return reply.error(e);
+                }
+            }
             match ops.vfs.write(fh.into(), offset, data) {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),

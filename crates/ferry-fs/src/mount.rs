@@ -1050,8 +1050,10 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
             .with_metrics(registry, shared.is_some())
             .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), io::Error::other(e)))?;
     }
+    let notifier = fs.notifier();
     let session = Session::new(fs, &cfg.mountpoint, &config)
         .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
+    let _ = notifier.set(session.notifier());
     if let Some(r) = &replication {
         r.set_notifier(session.notifier());
     }

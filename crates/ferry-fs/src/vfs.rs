@@ -69,6 +69,11 @@ pub struct SetAttr {
     pub mtime: Option<TimeOrNow>,
     /// New change time (sent by the kernel's writeback cache).
     pub ctime: Option<SystemTime>,
+    /// Strip set-user-ID, and set-group-ID from a group-executable file,
+    /// unless `mode` is given: what a chown, or a truncate by a caller
+    /// without CAP_FSETID, does to a non-directory. Under
+    /// FUSE_HANDLE_KILLPRIV_V2 the kernel leaves this to the file system.
+    pub kill_setid: bool,
 }
 
 /// An open regular file.
@@ -378,6 +383,17 @@ fn attr_of(inode: &Inode, size: u64, blocks: u64, mtime: Nanos, ctime: Nanos) ->
     }
 }
 
+/// The set-ID bits that writing, truncating or chowning a file with `mode`
+/// clears: set-user-ID, and set-group-ID if the group may execute (without
+/// it, set-group-ID marks mandatory locking and stays).
+fn killed_setid(mode: u32) -> u32 {
+    let mut bits = mode & libc::S_ISUID;
+    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        bits |= libc::S_ISGID;
+    }
+    bits
+}
+
 fn file_type(kind: Kind) -> FileType {
     match kind {
         Kind::File => FileType::RegularFile,
@@ -684,7 +700,8 @@ impl Vfs {
             && set.uid.is_none()
             && set.gid.is_none()
             && set.size.is_none()
-            && set.atime.is_none();
+            && set.atime.is_none()
+            && !set.kill_setid;
         if is_file && only_times && self.in_logged_run(ino) {
             // The writeback cache reporting the mtime of data it just wrote:
             // part of the run of writes already logged, and a regular file's
@@ -717,6 +734,9 @@ impl Vfs {
             }
             if let Some(gid) = set.gid {
                 inode.gid = gid;
+            }
+            if set.kill_setid && set.mode.is_none() && inode.kind() != Kind::Dir {
+                inode.mode &= !killed_setid(inode.mode);
             }
             if let Some(t) = &set.atime {
                 inode.atime = nanos(t);
@@ -1242,21 +1262,17 @@ impl Vfs {
 
     /// Clears the set-user-ID bit, and the set-group-ID bit of a
     /// group-executable file, as Linux does when someone other than root
-    /// writes to the file.
-    pub fn clear_setid(&self, ino: Ino) -> Result<(), Errno> {
+    /// writes to the file; whether there were any.
+    pub fn clear_setid(&self, ino: Ino) -> Result<bool, Errno> {
         let inode = self.inode(ino)?;
-        let mut strip = inode.mode & libc::S_ISUID;
-        if inode.mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
-            strip |= libc::S_ISGID;
-        }
-        if strip == 0 {
-            return Ok(());
+        if killed_setid(inode.mode) == 0 {
+            return Ok(false);
         }
         let set = SetAttr {
-            mode: Some(inode.mode & !strip & 0o7777),
+            kill_setid: true,
             ..SetAttr::default()
         };
-        self.setattr(ino, &set, None).map(drop)
+        self.setattr(ino, &set, None).map(|_| true)
     }
 
     /// `write`.

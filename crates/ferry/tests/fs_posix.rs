@@ -1059,6 +1059,50 @@ mod special_bits {
         );
         assert_eq!(fs::read(&f).unwrap(), b"#!/bin/sh\necho hi\n");
     }
+
+    /// ferry asks the kernel for FUSE_HANDLE_KILLPRIV_V2 (so that writes
+    /// stop costing a `security.capability` round trip each), which makes
+    /// clearing set-ID bits the file system's job everywhere the kernel
+    /// used to do it. The expected modes are ext4's on this kernel.
+    #[test]
+    fn every_kind_of_kill_clears_setid_as_on_ext4() {
+        let m = Mount::new();
+        let f = m.join("f");
+        touch(&f, b"0123456789");
+        sys::chown(&f, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+
+        sys::chmod(&f, 0o6777).unwrap();
+        as_user(Some(DAEMON), || sys::truncate(&f, 4)).unwrap();
+        assert_eq!(mode(&f), 0o777, "a truncate by another user");
+        assert_eq!(lstat(&f).len(), 4);
+
+        sys::chmod(&f, 0o6777).unwrap();
+        sys::chown(&f, None, None).unwrap();
+        assert_eq!(mode(&f), 0o777, "chown(-1, -1) of a file, even by root");
+
+        sys::chmod(&f, 0o6777).unwrap();
+        sys::chown(&f, Some(NOBODY.0), None).unwrap();
+        assert_eq!(mode(&f), 0o777, "chown of a file to its own owner, by root");
+
+        sys::chmod(&f, 0o6777).unwrap();
+        sys::truncate(&f, 2).unwrap();
+        let mut w = sys::open(&f, libc::O_WRONLY | libc::O_APPEND, 0).unwrap();
+        w.write_all(b"by root").unwrap();
+        drop(w);
+        assert_eq!(mode(&f), 0o6777, "root's writes and truncates keep them");
+        assert_eq!(fs::read(&f).unwrap(), b"01by root");
+
+        sys::chmod(&f, 0o2767).unwrap();
+        as_user(Some(NOBODY), || sys::truncate(&f, 0)).unwrap();
+        assert_eq!(mode(&f), 0o2767, "set-group-ID without group execute stays");
+
+        let d = m.join("d");
+        sys::mkdir(&d, 0o755).unwrap();
+        sys::chmod(&d, 0o6777).unwrap();
+        sys::chown(&d, None, None).unwrap();
+        sys::chown(&d, Some(NOBODY.0), None).unwrap();
+        assert_eq!(mode(&d), 0o6777, "a directory's chown keeps them");
+    }
 }
 
 /// fallocate, copy_file_range, SEEK_DATA/SEEK_HOLE.
