@@ -10,6 +10,8 @@
 //! - sequential: `FERRY_BENCH_SEQ_MIB` (1,024) MiB in 1 MiB writes, timed
 //!   before fsync (page cache) and including the final fsync; then a cold
 //!   sequential read in 1 MiB reads after `echo 3 > drop_caches`: MiB/s;
+//! - small writes: `FERRY_BENCH_SMALL_MIB` (64) MiB in 4 KiB writes to one
+//!   file, as logs and databases write: MiB/s;
 //! - untar: `tar xzf` of the largest `.crate` in ~/.cargo/registry/cache
 //!   (or `FERRY_BENCH_TARBALL`): seconds.
 //!
@@ -79,6 +81,23 @@ fn small_files(dir: &Path, n: usize) -> [f64; 3] {
     let unlink = rate(n as f64, t.elapsed());
     fs::remove_dir(dir).unwrap();
     [create, stat, unlink]
+}
+
+/// `mib` MiB written to one file in 4 KiB writes: MiB/s. Each write that
+/// costs a FUSE request shows here (it did: see FUSE_HANDLE_KILLPRIV_V2 in
+/// ferry-fs's fuse.rs).
+fn small_writes(file: &Path, mib: usize) -> f64 {
+    let block = [0xA5u8; 4096];
+    let t = Instant::now();
+    let mut f = File::create(file).unwrap();
+    for _ in 0..mib * 256 {
+        f.write_all(&block).unwrap();
+    }
+    drop(f);
+    let took = t.elapsed();
+    assert_eq!(fs::metadata(file).unwrap().len(), (mib << 20) as u64);
+    fs::remove_file(file).unwrap();
+    rate(mib as f64, took)
 }
 
 /// Sequential write of `mib` MiB (MiB/s before fsync, MiB/s including
@@ -190,6 +209,7 @@ fn main() {
     let reps = support::env_u64("FERRY_BENCH_REPS", 5) as usize;
     let files = support::env_u64("FERRY_BENCH_FILES", 5000) as usize;
     let mib = support::env_u64("FERRY_BENCH_SEQ_MIB", 1024) as usize;
+    let small_mib = support::env_u64("FERRY_BENCH_SMALL_MIB", 64) as usize;
     let tarball = pick_tarball();
     let cold = drop_caches();
 
@@ -225,6 +245,11 @@ fn main() {
             "MiB/s",
             true,
         ),
+        (
+            format!("write {small_mib} MiB in 4 KiB writes"),
+            "MiB/s",
+            true,
+        ),
     ]
     .into_iter()
     .map(|(name, unit, hi)| Metric {
@@ -249,11 +274,13 @@ fn main() {
             eprintln!("rep {}/{reps}: {}", rep + 1, targets[i].name());
             let small = small_files(&m.join(&format!("small-{rep}")), files);
             let seq = sequential(&m.join(&format!("seq-{rep}")), mib);
-            for (k, v) in small.into_iter().chain(seq).enumerate() {
+            let writes = small_writes(&m.join(&format!("writes-{rep}")), small_mib);
+            let all = small.into_iter().chain(seq).chain([writes]);
+            for (k, v) in all.enumerate() {
                 metrics[k].samples[i].push(v);
             }
             if let Some(t) = &tarball {
-                metrics[6].samples[i].push(untar(t, &m.join(&format!("untar-{rep}"))));
+                metrics[7].samples[i].push(untar(t, &m.join(&format!("untar-{rep}"))));
             }
         }
     }
@@ -307,7 +334,7 @@ fn main() {
     }
     let names: Vec<&str> = targets.iter().map(|t| t.name()).collect();
     println!(
-        "\nCommand: `FERRY_BENCH_TARGETS={} FERRY_BENCH_REPS={reps} FERRY_BENCH_FILES={files} FERRY_BENCH_SEQ_MIB={mib} scripts/bench-fs.sh`",
+        "\nCommand: `FERRY_BENCH_TARGETS={} FERRY_BENCH_REPS={reps} FERRY_BENCH_FILES={files} FERRY_BENCH_SEQ_MIB={mib} FERRY_BENCH_SMALL_MIB={small_mib} scripts/bench-fs.sh`",
         names.join(",")
     );
 }
