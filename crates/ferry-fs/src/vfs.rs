@@ -104,6 +104,10 @@ struct OpenState {
     /// not see (passthrough writes never reach the daemon) are logged again
     /// when the last writer closes.
     shipped_mid_run: bool,
+    /// An fsync made the data file's name in `data/` durable. It stays so
+    /// while the file is open (the name never changes), so later fsyncs
+    /// flush only the file: a database's commit loop pays one flush.
+    name_synced: bool,
 }
 
 /// The file system, minus the FUSE protocol.
@@ -1423,9 +1427,15 @@ impl Vfs {
             } else {
                 h.file.sync_all().map_err(io_err)?;
             }
-            File::open(self.store.dir().join("data"))
-                .and_then(|d| d.sync_all())
-                .map_err(io_err)?;
+            let name_synced = |ino| lock(&self.open).get(&ino).is_some_and(|s| s.name_synced);
+            if !name_synced(h.ino) {
+                File::open(self.store.dir().join("data"))
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err)?;
+                if let Some(state) = lock(&self.open).get_mut(&h.ino) {
+                    state.name_synced = true;
+                }
+            }
         }
         self.store.sync().map_err(io_err)
     }
