@@ -12,6 +12,8 @@
 //!   sequential read in 1 MiB reads after `echo 3 > drop_caches`: MiB/s;
 //! - small writes: `FERRY_BENCH_SMALL_MIB` (64) MiB in 4 KiB writes to one
 //!   file, as logs and databases write: MiB/s;
+//! - commits: `FERRY_BENCH_COMMITS` (200) × (4 KiB write + fdatasync) on
+//!   one open file, a database's commit loop: commits/s;
 //! - untar: `tar xzf` of the largest `.crate` in ~/.cargo/registry/cache
 //!   (or `FERRY_BENCH_TARBALL`): seconds.
 //!
@@ -98,6 +100,22 @@ fn small_writes(file: &Path, mib: usize) -> f64 {
     assert_eq!(fs::metadata(file).unwrap().len(), (mib << 20) as u64);
     fs::remove_file(file).unwrap();
     rate(mib as f64, took)
+}
+
+/// `n` × (4 KiB appended + `fdatasync`) on one open file: commits/s. An
+/// fsync that flushes more than the file shows here.
+fn commits(file: &Path, n: usize) -> f64 {
+    let block = [0x3Cu8; 4096];
+    let mut f = File::create(file).unwrap();
+    let t = Instant::now();
+    for _ in 0..n {
+        f.write_all(&block).unwrap();
+        f.sync_data().unwrap();
+    }
+    let took = t.elapsed();
+    drop(f);
+    fs::remove_file(file).unwrap();
+    rate(n as f64, took)
 }
 
 /// Sequential write of `mib` MiB (MiB/s before fsync, MiB/s including
@@ -210,6 +228,7 @@ fn main() {
     let files = support::env_u64("FERRY_BENCH_FILES", 5000) as usize;
     let mib = support::env_u64("FERRY_BENCH_SEQ_MIB", 1024) as usize;
     let small_mib = support::env_u64("FERRY_BENCH_SMALL_MIB", 64) as usize;
+    let n_commits = support::env_u64("FERRY_BENCH_COMMITS", 200) as usize;
     let tarball = pick_tarball();
     let cold = drop_caches();
 
@@ -250,6 +269,11 @@ fn main() {
             "MiB/s",
             true,
         ),
+        (
+            format!("{n_commits} × (4 KiB write + fdatasync), one open file"),
+            "commits/s",
+            true,
+        ),
     ]
     .into_iter()
     .map(|(name, unit, hi)| Metric {
@@ -275,12 +299,15 @@ fn main() {
             let small = small_files(&m.join(&format!("small-{rep}")), files);
             let seq = sequential(&m.join(&format!("seq-{rep}")), mib);
             let writes = small_writes(&m.join(&format!("writes-{rep}")), small_mib);
-            let all = small.into_iter().chain(seq).chain([writes]);
+            let synced = commits(&m.join(&format!("commits-{rep}")), n_commits);
+            let all = small.into_iter().chain(seq).chain([writes, synced]);
             for (k, v) in all.enumerate() {
                 metrics[k].samples[i].push(v);
             }
             if let Some(t) = &tarball {
-                metrics[7].samples[i].push(untar(t, &m.join(&format!("untar-{rep}"))));
+                // The untar row is the last one.
+                let row = metrics.len() - 1;
+                metrics[row].samples[i].push(untar(t, &m.join(&format!("untar-{rep}"))));
             }
         }
     }
@@ -334,7 +361,7 @@ fn main() {
     }
     let names: Vec<&str> = targets.iter().map(|t| t.name()).collect();
     println!(
-        "\nCommand: `FERRY_BENCH_TARGETS={} FERRY_BENCH_REPS={reps} FERRY_BENCH_FILES={files} FERRY_BENCH_SEQ_MIB={mib} FERRY_BENCH_SMALL_MIB={small_mib} scripts/bench-fs.sh`",
+        "\nCommand: `FERRY_BENCH_TARGETS={} FERRY_BENCH_REPS={reps} FERRY_BENCH_FILES={files} FERRY_BENCH_SEQ_MIB={mib} FERRY_BENCH_SMALL_MIB={small_mib} FERRY_BENCH_COMMITS={n_commits} scripts/bench-fs.sh`",
         names.join(",")
     );
 }
