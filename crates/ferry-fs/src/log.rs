@@ -325,6 +325,23 @@ impl Touched {
         }
         Ok(t)
     }
+
+    /// Adds what the revived inodes ship with: every name each has now,
+    /// and the directories those names are in. Both the shipper (what a
+    /// batch ships) and down-sync (what it must leave alone) call this, so
+    /// the two sets stay one: a directory a batch ships only for a revived
+    /// entry, pulled between the batch's read and its commit, would be
+    /// overwritten at the backend by the state the batch read, while this
+    /// host kept the pulled one and recorded the new version as its own.
+    pub fn add_revived_names(&mut self, r: &impl Queries) -> rusqlite::Result<()> {
+        for &ino in &self.revived {
+            for (p, n) in r.names_of(ino)? {
+                self.inodes.insert(p);
+                self.names.insert((p, n));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The outbox: the log seen from replication. Its cursor is the last record

@@ -236,7 +236,9 @@ impl Dirty {
         // An undecodable record makes its objects unknown: the shipper
         // reports it; here, everything it could name is held back by
         // treating the log as touching nothing new.
-        let touched = Touched::of(&pending).unwrap_or_default();
+        let mut touched = Touched::of(&pending).unwrap_or_default();
+        // What the next batch ships with the revived inodes waits too.
+        touched.add_revived_names(tx)?;
         let writing: HashSet<Ino> = tx.writing()?.into_iter().collect();
         let mut holding = HashSet::new();
         for &ino in touched.inodes.iter().chain(&writing) {
@@ -991,6 +993,50 @@ mod tests {
             origin: 7,
             ..InodeState::new(id, libc::S_IFDIR | 0o755)
         }
+    }
+
+    #[test]
+    fn what_the_next_batch_ships_waits() {
+        let s = Scratch::new("revived");
+        // Here: /d/x, both at the backend, and x revived (conflict
+        // resolution relogged it), so the next batch ships x with every
+        // name it has now: d/x, and with it d's state. Another host changed
+        // d's attributes. Pulled now, between the batch's read and its
+        // commit, they would be overwritten at the backend by the state the
+        // batch read (a directory's attributes rebase), and this host would
+        // record that version as its own while keeping the pulled ones.
+        let d = s.shipped_dir(ROOT_INO, b"d");
+        let x = s.shipped_dir(d.ino, b"x");
+        let did = super::super::object_id(&d);
+        let store = s.vfs().store();
+        store.write(|tx| tx.relog(x.ino)).expect("revive x");
+        let mut remote = RemoteState::default();
+        let theirs = InodeState {
+            xattrs: vec![(b"user.k".to_vec(), b"theirs".to_vec())],
+            ..theirs_dir(did, 2)
+        };
+        remote.inodes.insert(did, Some(theirs));
+        store
+            .write(|tx| pull(tx, s.vfs(), &remote, &HashSet::new()))
+            .expect("pull");
+        let (xattr, version, rechecks) = store
+            .read(|r| {
+                Ok::<_, rusqlite::Error>((
+                    r.xattr(d.ino, b"user.k")?,
+                    r.remote_version(&inode_key(did))?,
+                    r.rechecks(100)?,
+                ))
+            })
+            .expect("read back");
+        assert_eq!(
+            (xattr, version),
+            (None, Some(1)),
+            "d took the other host's state while the next batch ships d as it was"
+        );
+        assert!(
+            rechecks.contains(&inode_key(did)),
+            "d is tried again once the batch is recorded: {rechecks:?}"
+        );
     }
 
     #[test]

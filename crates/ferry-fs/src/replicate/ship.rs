@@ -117,12 +117,7 @@ impl Snapshot {
             ))
         })?;
         // A revived inode ships with every name it has now.
-        for &ino in &touched.revived {
-            for (p, n) in r.names_of(ino)? {
-                touched.inodes.insert(p);
-                touched.names.insert((p, n));
-            }
-        }
+        touched.add_revived_names(r)?;
         let Touched {
             inodes,
             rewritten,
