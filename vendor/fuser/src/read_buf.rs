@@ -21,8 +21,14 @@ impl FuseReadBuf {
     ///
     /// The actual buffer may be slightly larger to accommodate alignment requirements.
     pub(crate) fn new() -> Self {
+        Self::with_size(BUFFER_SIZE)
+    }
+
+    /// A buffer for requests of up to `size` bytes.
+    pub(crate) fn with_size(size: usize) -> Self {
         Self {
-            buffer: vec![0; BUFFER_SIZE],
+            // Room to align the start.
+            buffer: vec![0; size + align_of::<abi::fuse_in_header>()],
         }
     }
 

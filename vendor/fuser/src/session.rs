@@ -48,6 +48,8 @@ use crate::reply::Reply;
 use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
+#[cfg(target_os = "linux")]
+use crate::uring;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
 /// FUSE recommends at least 128k, max 16M. The FUSE default is 16M on macOS
@@ -77,6 +79,22 @@ impl SessionACL {
             SessionACL::Owner => None,
         }
     }
+}
+
+/// How the kernel's requests reach the file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Transport {
+    /// `read` and `writev` on `/dev/fuse`.
+    DevFuse,
+    /// FUSE over io_uring: one ring per possible CPU, its thread pinned to
+    /// that CPU (FORGET, INTERRUPT and notifications still use `/dev/fuse`).
+    IoUring {
+        /// Rings, one per possible CPU.
+        queues: usize,
+        /// Entries (requests in flight) per ring.
+        queue_depth: u16,
+    },
 }
 
 /// Calls `destroy` on drop.
@@ -139,6 +157,11 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// What the handshake set up.
+    transport: Transport,
+    /// The io_uring queues, when `transport` is `IoUring`.
+    #[cfg(target_os = "linux")]
+    uring: Option<uring::Pool>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +209,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            transport: Transport::DevFuse,
+            #[cfg(target_os = "linux")]
+            uring: None,
         };
 
         session.handshake()?;
@@ -214,6 +240,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            transport: Transport::DevFuse,
+            #[cfg(target_os = "linux")]
+            uring: None,
         };
 
         session.handshake()?;
@@ -252,6 +281,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            transport: _,
+            #[cfg(target_os = "linux")]
+            uring,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -270,6 +302,8 @@ impl<FS: Filesystem> Session<FS> {
         let mut filesystem = Arc::new(filesystem);
 
         let mut channels = Vec::with_capacity(n_threads);
+        #[cfg(target_os = "linux")]
+        let ring_ch = ch.clone();
 
         for _ in 0..n_threads_minus_one {
             if config.clone_fd {
@@ -306,6 +340,28 @@ impl<FS: Filesystem> Session<FS> {
             );
         }
 
+        // The rings serve everything but FORGET and INTERRUPT, which (with
+        // requests from before the rings were ready) the loops above serve.
+        #[cfg(target_os = "linux")]
+        let mut rings = Vec::new();
+        #[cfg(target_os = "linux")]
+        for queue in uring.iter().flat_map(|pool| pool.queues()) {
+            let thread_name = format!("fuser-ring-{}", queue.qid());
+            let event_loop = SessionEventLoop {
+                thread_name: thread_name.clone(),
+                filesystem: filesystem.clone(),
+                ch: ring_ch.clone(),
+                allowed,
+                session_owner,
+            };
+            let queue = queue.clone();
+            rings.push(
+                thread::Builder::new()
+                    .name(thread_name)
+                    .spawn(move || uring::serve(queue, event_loop))?,
+            );
+        }
+
         let mut reply: io::Result<()> = Ok(());
         for thread in threads {
             let res = match thread.join() {
@@ -317,6 +373,22 @@ impl<FS: Filesystem> Session<FS> {
             if let Err(e) = res {
                 if reply.is_ok() {
                     reply = Err(e);
+                }
+            }
+        }
+
+        // `/dev/fuse` is gone: the connection has ended (each ring has seen
+        // ENOTCONN already, or is woken now).
+        #[cfg(target_os = "linux")]
+        if let Some(pool) = &uring {
+            pool.stop();
+            for thread in rings {
+                let res = thread
+                    .join()
+                    .map_err(|_| io::Error::other("io_uring queue thread panicked"))
+                    .and_then(|res| res);
+                if let Err(e) = res {
+                    warn!("io_uring queue: {e}");
                 }
             }
         }
@@ -429,6 +501,27 @@ impl<FS: Filesystem> Session<FS> {
                 return Err(error);
             }
 
+            // FUSE over io_uring when asked for and offered: the kernel
+            // offers it only with the `enable_uring` module parameter on.
+            let ring_depth = match self.config.io_uring {
+                Some(ring) if cfg!(target_os = "linux") => {
+                    if config
+                        .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                        .is_ok()
+                    {
+                        Some(ring.queue_depth.max(1))
+                    } else {
+                        info!(
+                            "the kernel does not offer FUSE over io_uring \
+                             (/sys/module/fuse/parameters/enable_uring is N, or Linux < 6.14); \
+                             serving through /dev/fuse"
+                        );
+                        None
+                    }
+                }
+                _ => None,
+            };
+
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
 
@@ -473,8 +566,42 @@ impl<FS: Filesystem> Session<FS> {
             <ReplyRaw as Reply>::new(request.unique(), ReplySender::Channel(self.ch.sender()))
                 .send_ll(&response);
 
+            // The kernel accepts ring entries only after the INIT reply.
+            #[cfg(target_os = "linux")]
+            if let Some(depth) = ring_depth {
+                let max_pages = (config.requested & init.capabilities())
+                    .contains(InitFlags::FUSE_MAX_PAGES)
+                    .then(|| config.max_pages());
+                let payload = uring::payload_size(config.max_write, max_pages);
+                match uring::Pool::start(&self.ch, depth, payload) {
+                    Ok(pool) => {
+                        let queues = pool.queues().len();
+                        info!(
+                            "FUSE over io_uring: {queues} queues of {depth} entries, \
+                             {payload} bytes of payload each"
+                        );
+                        self.transport = Transport::IoUring {
+                            queues,
+                            queue_depth: depth,
+                        };
+                        self.uring = Some(pool);
+                    }
+                    Err(e) => warn!(
+                        "FUSE over io_uring was negotiated but its queues could not be \
+                         set up ({e}); serving through /dev/fuse"
+                    ),
+                }
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = ring_depth;
+
             return Ok(());
         }
+    }
+
+    /// How requests reach the file system, as the handshake set it up.
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     /// Unmount the filesystem
@@ -530,7 +657,7 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
+                Ok(size) => match RequestWithSender::new(self.ch.sender().into(), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {

@@ -18,6 +18,28 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Serve requests through FUSE over io_uring (Linux 6.14+) when the
+    /// kernel offers it, which it does only with the `fuse` module's
+    /// `enable_uring` parameter set; otherwise, or with `None`, through
+    /// `/dev/fuse`. See [`crate::Session::transport`].
+    pub io_uring: Option<IoUringConfig>,
+}
+
+/// Settings of the io_uring transport.
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+#[non_exhaustive]
+pub struct IoUringConfig {
+    /// Requests in flight per queue (one queue per possible CPU). Each
+    /// entry holds a payload buffer of the largest request or reply
+    /// (`max_write`, at least 128 KiB), so memory is
+    /// CPUs × depth × that.
+    pub queue_depth: u16,
+}
+
+impl Default for IoUringConfig {
+    fn default() -> Self {
+        IoUringConfig { queue_depth: 8 }
+    }
 }
 
 /// Mount options accepted by the FUSE filesystem type
