@@ -267,7 +267,7 @@ fn gen_op(rng: &mut Rng) -> Op {
         },
         11 => Op::Unlink { path },
         12 => Op::Mkdir {
-            path: *rng.pick(&["d0", "d1", "d0/e"]),
+            path: rng.pick(&["d0", "d1", "d0/e"]),
         },
         13 => Op::Rmdir { path },
         14 => Op::Symlink {
