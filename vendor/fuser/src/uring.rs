@@ -531,6 +531,14 @@ pub(crate) fn serve<FS: Filesystem>(queue: Arc<Queue>, se: SessionEventLoop<FS>)
                 break;
             }
             let idx = data as usize;
+            if idx >= queue.iovecs.len() {
+                // The kernel echoes our user_data; anything else is a bug.
+                error!(
+                    "io_uring queue {}: completion for unknown entry {data}",
+                    queue.qid
+                );
+                continue;
+            }
             match Errno::from_raw(-res) {
                 _ if res >= 0 => handle(&queue, idx, &mut buf, &se),
                 Errno::EINTR | Errno::EAGAIN => {
