@@ -80,6 +80,15 @@ impl Drop for UringParam {
     }
 }
 
+/// The daemon's log once it has logged its mount line `count` times (it
+/// does so just after the mount appears), or after 5 s.
+fn mount_log(mount: &Mount, count: usize) -> String {
+    support::poll_until(Duration::from_secs(5), || {
+        mount.daemon_log().matches("transport ").count() >= count
+    });
+    mount.daemon_log()
+}
+
 /// A ferry mount with `-o io_uring` (plus `extra`), checked to be served by
 /// the rings.
 fn ring_mount(extra: &str) -> Mount {
@@ -87,7 +96,7 @@ fn ring_mount(extra: &str) -> Mount {
         support::Target::Ferry,
         &format!("{DEFAULT_OPTIONS},io_uring{extra}"),
     );
-    let log = mount.daemon_log();
+    let log = mount_log(&mount, 1);
     assert!(
         log.contains(RING_LOG),
         "the mount does not say it serves through io_uring:\n{log}"
@@ -173,6 +182,9 @@ fn cpus() -> usize {
 const NAMES: &[&str] = &[
     "a", "b", "c", "d0/a", "d0/b", "d1/a", "d0/e/a", "d0", "d1", "d0/e",
 ];
+
+/// The directories among them, so `mkdir` succeeds often enough.
+const DIRS: &[&str] = &["d0", "d1", "d0/e"];
 
 /// One operation, every argument drawn up front from the seed.
 #[derive(Clone, Debug)]
@@ -267,7 +279,7 @@ fn gen_op(rng: &mut Rng) -> Op {
         },
         11 => Op::Unlink { path },
         12 => Op::Mkdir {
-            path: rng.pick(&["d0", "d1", "d0/e"]),
+            path: DIRS[rng.below(DIRS.len() as u64) as usize],
         },
         13 => Op::Rmdir { path },
         14 => Op::Symlink {
@@ -400,11 +412,8 @@ fn differential(extra: &str, seed: u64, count: usize) {
     );
     mount.unmount();
     mount.remount();
-    assert!(
-        mount.daemon_log().matches(RING_LOG).count() >= 2,
-        "{}",
-        mount.daemon_log()
-    );
+    let log = mount_log(&mount, 2);
+    assert_eq!(log.matches(RING_LOG).count(), 2, "{log}");
     let diffs = tree_diff(mount.path(), reference.path());
     assert!(
         diffs.is_empty(),
@@ -545,7 +554,7 @@ fn large_files_with_and_without_passthrough() {
     };
     for (extra, mib) in [("", 64u64), (",nopassthrough", 16)] {
         let mut mount = ring_mount(extra);
-        let log = mount.daemon_log();
+        let log = mount_log(&mount, 1);
         assert_eq!(log.contains("passthrough)"), extra.is_empty(), "{log}");
         let chunk = |i: u64| Rng::new(1000 + i).bytes(1 << 20);
         let path = mount.join("big");
@@ -684,7 +693,7 @@ fn falls_back_to_dev_fuse_when_the_kernel_does_not_offer_it() {
             support::Target::Ferry,
             &format!("{DEFAULT_OPTIONS}{options}"),
         );
-        let log = mount.daemon_log();
+        let log = mount_log(&mount, 1);
         assert!(
             log.contains(says),
             "{options:?} with enable_uring {offered}:\n{log}"
