@@ -564,6 +564,29 @@ fn large_files_with_and_without_passthrough() {
         }
         f.sync_all().expect("fsync big");
         drop(f);
+        // Uncached 4 KiB reads: through passthrough none reaches the
+        // daemon; without, each is a READ through the rings.
+        let pid = daemon_pid(mount.path());
+        let f = File::open(&path).expect("open big");
+        let before = switches(pid).0;
+        for k in 0..300u64 {
+            // SAFETY: advice on our own open descriptor; no memory involved.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            let off = (k * 7919 % (mib << 8)) << 12;
+            let got = sys::pread(&f, 4096, off as i64).expect("pread 4 KiB");
+            let at = (off & 0xfffff) as usize;
+            assert!(got == chunk(off >> 20)[at..at + 4096], "4 KiB at {off}");
+        }
+        let woke = switches(pid).0 - before;
+        if extra.is_empty() {
+            assert!(woke < 60, "passthrough reads woke the rings {woke} times");
+        } else {
+            assert!(
+                woke >= 150,
+                "300 uncached reads woke the rings {woke} times"
+            );
+        }
+        drop(f);
         let check = |path: &Path| {
             let mut f = File::open(path).expect("open big");
             let mut buf = vec![0; 1 << 20];
