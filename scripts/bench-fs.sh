@@ -5,6 +5,9 @@
 #
 # - micro: crates/ferry/benches/fs_bench.rs (release build): small files
 #   one by one, sequential I/O, untar.
+# - small: the small-file part of micro (create + 4 KiB write + close, a
+#   first stat, unlink; one process, one directory) run from here, so it
+#   also covers the ferry-uring target, which fs_bench.rs does not know.
 # - fsmark: fs_mark (Debian package fsmark), the metadata benchmark users
 #   know: FERRY_FSMARK_PROCS processes creating 4 KiB files round robin over
 #   FERRY_FSMARK_DIRS shared directories, then `rm -rf` of the tree; files/s
@@ -16,6 +19,11 @@
 #   switches (perf stat), the daemon's system calls per create (strace -c),
 #   and for ferry its CPU per create split by request and by part (perf
 #   record with call graphs).
+#
+# Targets: raw (the directory itself), bindfs, ferry, and ferry-uring: ferry
+# with -o io_uring (FUSE over io_uring; the script sets the fuse module's
+# enable_uring to Y for the run and puts it back at exit, and refuses to go
+# on if the mount does not say it serves through the rings).
 #
 # Usage: scripts/bench-fs.sh [> tables.md]
 # Env: FERRY_BENCH_PARTS (micro,fsmark), FERRY_BENCH_TARGETS (raw,bindfs,ferry),
@@ -57,9 +65,12 @@ if has "$parts" fsmark || has "$parts" profile; then need fs_mark:fsmark; fi
 if has "$parts" profile; then need perf:linux-perf strace:strace; fi
 
 if has "$parts" micro; then
-    FERRY_BENCH_TARGETS=$targets cargo bench --quiet -p ferry --bench fs_bench
+    # fs_bench.rs mounts raw, bindfs and ferry only.
+    micro_targets=$(tr , '\n' <<<"$targets" | grep -vx ferry-uring | paste -sd, -)
+    [[ $micro_targets == "$targets" ]] || say "micro: ferry-uring is measured by the small part only"
+    FERRY_BENCH_TARGETS=$micro_targets cargo bench --quiet -p ferry --bench fs_bench
 fi
-has "$parts" fsmark || has "$parts" profile || exit 0
+has "$parts" fsmark || has "$parts" profile || has "$parts" small || exit 0
 
 # ----- mounts for the shell parts ---------------------------------------------
 
@@ -71,6 +82,8 @@ fi
 scratch=$(mktemp -d /tmp/ferry-bench-XXXXXX)
 chmod 755 "$scratch"
 declare -A path=() daemon=()
+enable_uring=/sys/module/fuse/parameters/enable_uring
+uring_was=""
 
 # Unmounts and stops everything this script started, then removes the scratch
 # directory; runs on every exit, failed or not.
@@ -81,6 +94,8 @@ cleanup() {
         kill "${daemon[$t]}" 2>/dev/null || true
         timeout 10 tail --pid="${daemon[$t]}" -f /dev/null 2>/dev/null || kill -9 "${daemon[$t]}" 2>/dev/null || true
     done
+    # Only now: the rings need the parameter as long as they live.
+    if [[ -n $uring_was ]]; then echo "$uring_was" >"$enable_uring"; fi
     if grep -q " $scratch/" /proc/self/mounts; then
         say "still mounted under $scratch; leaving it"
     else
@@ -100,8 +115,15 @@ mount_target() {
         return
         ;;
     bindfs) bindfs -f -o "$options" "$dir/src" "$dir/mnt" 2>"$dir/log" & ;;
-    ferry)
-        "$FERRY_BIN" mount --store "$dir/src" -o "$options${FERRY_BENCH_FERRY_OPTIONS:+,$FERRY_BENCH_FERRY_OPTIONS}" \
+    ferry | ferry-uring)
+        local extra=""
+        if [[ $t == ferry-uring ]]; then
+            extra=,io_uring
+            [[ -w $enable_uring ]] || { say "ferry-uring: no $enable_uring (Linux 6.14+ needed)"; exit 2; }
+            [[ -n $uring_was ]] || uring_was=$(cat "$enable_uring")
+            echo Y >"$enable_uring"
+        fi
+        "$FERRY_BIN" mount --store "$dir/src" -o "$options$extra${FERRY_BENCH_FERRY_OPTIONS:+,$FERRY_BENCH_FERRY_OPTIONS}" \
             --foreground "$dir/mnt" 2>"$dir/log" &
         ;;
     *)
@@ -112,7 +134,17 @@ mount_target() {
     daemon[$t]=$!
     path[$t]=$dir/mnt
     for ((i = 0; i < 1000; i++)); do
-        mountpoint -q "$dir/mnt" && return
+        if mountpoint -q "$dir/mnt"; then
+            [[ $t == ferry-uring ]] || return 0
+            # The daemon logs its transport just after the mount appears.
+            for ((i = 0; i < 100; i++)); do
+                grep -q "transport io_uring" "$dir/log" && return
+                sleep 0.01
+            done
+            say "ferry-uring mounted without the rings; its log:"
+            cat "$dir/log" >&2
+            exit 1
+        fi
         kill -0 "${daemon[$t]}" 2>/dev/null || break
         sleep 0.01
     done
@@ -149,24 +181,46 @@ machine() {
         "fs_mark $(dpkg-query -W -f '${Version}' fsmark 2>/dev/null || echo '?'), bindfs $(dpkg-query -W -f '${Version}' bindfs 2>/dev/null || echo '?')."
 }
 
+# The columns of the tables: with a ferry-uring target, its own column and
+# its ratios to bindfs and to classic ferry.
+uring_cols() { has "$targets" ferry-uring; }
+table_head() {
+    if uring_cols; then
+        echo "| workload | unit | raw | bindfs | ferry | ferry io_uring | ferry/raw | ferry/bindfs | io_uring/bindfs | io_uring/ferry |"
+        echo "|---|---|---|---|---|---|---|---|---|---|"
+    else
+        echo "| workload | unit | raw | bindfs | ferry | ferry/raw | ferry/bindfs |"
+        echo "|---|---|---|---|---|---|---|"
+    fi
+}
+
 # Prints one markdown row: name, unit, then the medians per target and the
-# ferry/raw, ferry/bindfs ratios ("—" where a target did not run).
+# ferry/raw, ferry/bindfs (and io_uring) ratios ("—" where a target did not
+# run).
 row() {
-    local name=$1 unit=$2 file=$3 t v cells=() ratios=()
+    local name=$1 unit=$2 file=$3 t v cells=() ratios=() pair
+    local shown=(raw bindfs ferry) pairs=(ferry:raw ferry:bindfs)
     declare -A m=()
-    for t in raw bindfs ferry; do
+    if uring_cols; then
+        shown+=(ferry-uring)
+        pairs+=(ferry-uring:bindfs ferry-uring:ferry)
+    fi
+    for t in "${shown[@]}"; do
         v=$(values "$t" <"$file")
         m[$t]=${v:-}
         cells+=("$(num "$v")")
     done
-    for t in raw bindfs; do
-        if [[ -n ${m[ferry]} && -n ${m[$t]} ]]; then
-            ratios+=("$(awk -v a="${m[ferry]}" -v b="${m[$t]}" 'BEGIN{if (b > 0) printf "%.2f×", a / b; else print "—"}')")
+    for pair in "${pairs[@]}"; do
+        local a=${m[${pair%%:*}]} b=${m[${pair#*:}]}
+        if [[ -n $a && -n $b ]]; then
+            ratios+=("$(awk -v a="$a" -v b="$b" 'BEGIN{if (b > 0) printf "%.2f×", a / b; else print "—"}')")
         else
             ratios+=("—")
         fi
     done
-    echo "| $name | $unit | ${cells[0]} | ${cells[1]} | ${cells[2]} | ${ratios[0]} | ${ratios[1]} |"
+    local line="| $name | $unit |"
+    for v in "${cells[@]}" "${ratios[@]}"; do line+=" $v |"; done
+    echo "$line"
 }
 
 # A figure for a table: 3 significant digits or so, "—" when empty.
@@ -205,8 +259,7 @@ fsmark_part() {
     machine
     echo "Medians of $reps runs, targets interleaved. All mounts: \`-o $options\`; ferry: \`$FERRY_BIN\`."
     echo
-    echo "| workload | unit | raw | bindfs | ferry | ferry/raw | ferry/bindfs |"
-    echo "|---|---|---|---|---|---|---|"
+    table_head
     row "fs_mark: $procs processes × $files files of 4 KiB (create + write + close), $dirs shared directories round robin, $per_dir files each in turn" "files/s (higher is better)" "$res.create"
     row "daemon CPU per file, during fs_mark" "µs (lower is better)" "$res.cpu"
     row "\`rm -rf\` of those $total files (one process)" "files/s (higher is better)" "$res.rm"
@@ -214,6 +267,46 @@ fsmark_part() {
     echo
     echo "fs_mark: \`fs_mark -d DIR -S 0 -s 4096 -n $files -t $procs -D $dirs -N $per_dir -L 1\` (no fsync; files/s as fs_mark reports it)."
     echo "Command: \`FERRY_BENCH_PARTS=fsmark FERRY_BENCH_TARGETS=$targets FERRY_BENCH_REPS=$reps FERRY_FSMARK_PROCS=$procs FERRY_FSMARK_FILES=$files FERRY_FSMARK_DIRS=$dirs FERRY_FSMARK_PER_DIR=$per_dir scripts/bench-fs.sh\`"
+    echo
+}
+
+# ----- small --------------------------------------------------------------------
+
+# fs_bench.rs's small-file workload (ops.py, below) per target, targets
+# interleaved in each repetition: ops/s per phase, and the daemon's CPU per
+# create and per unlink.
+small_part() {
+    local n=${FERRY_BENCH_FILES:-5000} res=$scratch/small rep t d phase t0 t1 cpu0
+    write_ops_py
+    for ((rep = 1; rep <= reps; rep++)); do
+        for t in "${target_list[@]}"; do
+            say "small rep $rep/$reps: $t"
+            d=${path[$t]}/small-$rep
+            mkdir "$d"
+            for phase in create stat unlink; do
+                cpu0=$(daemon_cpu "$t")
+                t0=$(now_ns)
+                python3 "$scratch/ops.py" "$phase" "$d" "$n"
+                t1=$(now_ns)
+                echo "$t $(awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN{print n * 1e9 / (b - a)}')" >>"$res.$phase"
+                per_file "$t" "$cpu0" "$(daemon_cpu "$t")" "$n" >>"$res.$phase.cpu"
+            done
+            rmdir "$d"
+        done
+    done
+    echo "## Small files one by one: create, first stat, unlink"
+    echo
+    machine
+    echo "One process (python3, as fs_bench.rs: open O_CREAT|O_TRUNC + one 4 KiB write + close; stat; unlink), $n files in one directory, medians of $reps runs, targets interleaved. All mounts: \`-o $options\`${FERRY_BENCH_FERRY_OPTIONS:+, ferry also \`$FERRY_BENCH_FERRY_OPTIONS\`}; ferry io_uring adds \`io_uring\`; ferry: \`$FERRY_BIN\`."
+    echo
+    table_head
+    row "create + 4 KiB write + close" "ops/s (higher is better)" "$res.create"
+    row "stat (first pass after writing)" "ops/s (higher is better)" "$res.stat"
+    row "unlink" "ops/s (higher is better)" "$res.unlink"
+    row "daemon CPU per create" "µs (lower is better)" "$res.create.cpu"
+    row "daemon CPU per unlink" "µs (lower is better)" "$res.unlink.cpu"
+    echo
+    echo "Command: \`FERRY_BENCH_PARTS=small FERRY_BENCH_TARGETS=$targets FERRY_BENCH_REPS=$reps FERRY_BENCH_FILES=$n${FERRY_BENCH_FERRY_OPTIONS:+ FERRY_BENCH_FERRY_OPTIONS=$FERRY_BENCH_FERRY_OPTIONS} scripts/bench-fs.sh\`"
     echo
 }
 
@@ -478,5 +571,6 @@ profile_part() {
     echo
 }
 
+if has "$parts" small; then small_part; fi
 if has "$parts" fsmark; then fsmark_part; fi
 if has "$parts" profile; then profile_part; fi

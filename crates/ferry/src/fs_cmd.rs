@@ -133,7 +133,7 @@ pub struct MountArgs {
     #[arg(long)]
     store: Option<PathBuf>,
     /// Mount options, comma-separated: allow_other, ro, rw, [no]passthrough,
-    /// nodev, nosuid, noexec, threads=N (1-64), backend=URL, nobackend,
+    /// nodev, nosuid, noexec, threads=N (1-64), [no]io_uring, backend=URL, nobackend,
     /// max_backlog=SIZE, cache_size=SIZE, prefetch=none|small|all,
     /// prefetch_max_file=SIZE, metrics=ADDR:PORT; fstab's own (defaults,
     /// _netdev, nofail, x-*, …) are ignored.

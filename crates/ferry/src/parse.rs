@@ -180,7 +180,7 @@ mod tests {
         /// settings.
         #[test]
         fn mount_options_round_trip(
-            flags in any::<[bool; 7]>(),
+            flags in any::<[bool; 8]>(),
             threads in 1usize..=64,
             sizes in any::<[u64; 3]>(),
             prefetch in 0..3u8,
@@ -188,7 +188,7 @@ mod tests {
         ) {
             let mut cfg = MountConfig::new("/s".into(), "/m".into());
             [cfg.allow_other, cfg.read_only, cfg.passthrough, cfg.nodev, cfg.nosuid, cfg.noexec,
-             cfg.no_backend] = flags;
+             cfg.no_backend, cfg.io_uring] = flags;
             cfg.threads = threads;
             [cfg.max_backlog, cfg.cache_size, cfg.prefetch_max_file] = sizes;
             cfg.prefetch = ["none", "small", "all"][usize::from(prefetch)].parse().unwrap();
