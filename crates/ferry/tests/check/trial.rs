@@ -718,8 +718,11 @@ fn two_hosts(t: &Trial, rng: &mut Rng, report: &mut Report) {
     keep_logs(t, &hosts, report);
 }
 
-/// After a failed trial, the daemons' logs outlive its temp dirs, for the
-/// post-mortem.
+/// After a failed trial, the daemons' logs and their stores' metadata
+/// outlive its temp dirs, for the post-mortem. The metadata tells a host
+/// whose own state differs from the backend from one whose kernel only
+/// shows it wrong (a directory it marked dead lists empty whatever the
+/// store holds).
 fn keep_logs(t: &Trial, hosts: &[Mount], report: &mut Report) {
     if report.failures.is_empty() {
         return;
@@ -728,15 +731,34 @@ fn keep_logs(t: &Trial, hosts: &[Mount], report: &mut Report) {
         // Named by run and trial, so a later failure of the run does not
         // overwrite an earlier one's.
         let kept = std::env::temp_dir().join(format!(
-            "ferry-check-{}-{}-host{i}.log",
+            "ferry-check-{}-{}-host{i}",
             std::process::id(),
             t.index
         ));
-        report.notes.push(match fs::write(&kept, h.daemon_log()) {
-            Ok(()) => format!("host {i}'s daemon log is kept at {}", kept.display()),
+        let log = kept.with_extension("log");
+        report.notes.push(match fs::write(&log, h.daemon_log()) {
+            Ok(()) => format!("host {i}'s daemon log is kept at {}", log.display()),
             Err(e) => format!("host {i}'s daemon log could not be kept: {e}"),
         });
+        let db = kept.with_extension("db");
+        report.notes.push(match keep_store(h, &db) {
+            Ok(()) => format!("host {i}'s store metadata is kept at {}", db.display()),
+            Err(e) => format!("host {i}'s store metadata could not be kept: {e}"),
+        });
     }
+}
+
+/// A consistent copy of `host`'s store metadata (its daemon still runs):
+/// `VACUUM INTO` reads it in one transaction.
+fn keep_store(host: &Mount, to: &Path) -> rusqlite::Result<()> {
+    let _ = fs::remove_file(to);
+    let db = rusqlite::Connection::open_with_flags(
+        host.store().join("meta.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    db.busy_timeout(Duration::from_secs(5))?;
+    db.execute("VACUUM INTO ?1", [to.to_string_lossy()])?;
+    Ok(())
 }
 
 /// Convergence: once every host synced, each host shows the tree a fresh
