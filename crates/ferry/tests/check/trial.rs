@@ -740,24 +740,23 @@ fn keep_logs(t: &Trial, hosts: &[Mount], report: &mut Report) {
             Ok(()) => format!("host {i}'s daemon log is kept at {}", log.display()),
             Err(e) => format!("host {i}'s daemon log could not be kept: {e}"),
         });
-        let db = kept.with_extension("db");
-        report.notes.push(match keep_store(h, &db) {
-            Ok(()) => format!("host {i}'s store metadata is kept at {}", db.display()),
+        let store = kept.with_extension("store");
+        report.notes.push(match keep_store(h, &store) {
+            Ok(()) => format!("host {i}'s store metadata is kept in {}", store.display()),
             Err(e) => format!("host {i}'s store metadata could not be kept: {e}"),
         });
     }
 }
 
-/// A consistent copy of `host`'s store metadata (its daemon still runs):
-/// `VACUUM INTO` reads it in one transaction.
-fn keep_store(host: &Mount, to: &Path) -> rusqlite::Result<()> {
-    let _ = fs::remove_file(to);
-    let db = rusqlite::Connection::open_with_flags(
-        host.store().join("meta.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )?;
-    db.busy_timeout(Duration::from_secs(5))?;
-    db.execute("VACUUM INTO ?1", [to.to_string_lossy()])?;
+/// A copy of `host`'s store metadata in `to` (a directory), for `sqlite3`:
+/// the database and its write-ahead log, copied as bytes, because the
+/// daemon, still running, holds the database in exclusive mode. It is
+/// quiet by now (converged, or given up on), so the copy holds together.
+fn keep_store(host: &Mount, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for name in ["meta.db", "meta.db-wal"] {
+        fs::copy(host.store().join(name), to.join(name))?;
+    }
     Ok(())
 }
 
