@@ -466,6 +466,37 @@ fn a_link_into_a_directory_deleted_elsewhere_goes_to_lost_found() {
     support::cli::assert_restores_identically(&url, &a);
 }
 
+/// A directory A moves while a process on B holds it open (an open
+/// directory here; a shell's cwd does the same): B's pull moves it too,
+/// and it must read whole at its new name. B's kernel was told the old
+/// name was deleted, which it takes as the end of the directory: it marked
+/// it dead for as long as it kept the inode, and the open handle kept it,
+/// so B listed the directory empty at its new name, and found nothing in
+/// it, for good (the subtree "missing" on one host of a two-host trial).
+#[test]
+fn a_directory_moved_elsewhere_while_held_open_here_reads_whole() {
+    if skip_unless_ferry("multi-host") {
+        return;
+    }
+    let (_guard, _, url) = dir_backend();
+    let (a, b) = (Mount::with_backend(&url), Mount::with_backend(&url));
+    fs::create_dir_all(a.join("x/d")).unwrap();
+    fs::create_dir(a.join("y")).unwrap();
+    fs::write(a.join("x/d/f"), b"moved with its directory").unwrap();
+    sync(&a);
+    wait_for(&b.join("x/d/f"), Some(b"moved with its directory"));
+    let held = fs::File::open(b.join("x/d")).unwrap();
+    fs::rename(a.join("x/d"), a.join("y/d")).unwrap();
+    sync(&a);
+    wait_for(&b.join("x/d"), None);
+    // Still held while B reads the new name, and after.
+    wait_for(&b.join("y/d/f"), Some(b"moved with its directory"));
+    assert_eq!(named(&b.join("y/d"), ""), ["f"]);
+    drop(held);
+    assert_eq!(named(&b.join("y/d"), ""), ["f"]);
+    converge(&[&a, &b]);
+}
+
 /// A file B's shipper read, and that a writer opened before the commit
 /// recording it (here: while another process held the volume's write
 /// lock) and closed after it: the durable "open for writing" mark of that

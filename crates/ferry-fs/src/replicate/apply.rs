@@ -204,6 +204,17 @@ pub(super) struct Effects {
     pub added: Vec<(Ino, Vec<u8>)>,
     /// Names that went: (directory, name, the inode it named).
     pub removed: Vec<(Ino, Vec<u8>, Ino)>,
+    /// Inodes of `removed` that ended here: files left with no name, and
+    /// directories the backend deleted. Only these may the kernel be told
+    /// were deleted: it takes that as the end of the inode, clears its link
+    /// count, and marks a directory dead for as long as it keeps the inode
+    /// (a process holding it open, or as its cwd, is enough; a lookup then
+    /// brings the link count back). A dead directory lists empty and finds
+    /// nothing in it, under any name, whatever the store holds: one moved
+    /// away here (another host's rename, a conflict's rename aside), or
+    /// forgotten and brought back later with the same inode number, would
+    /// show an empty subtree for good.
+    pub ended: BTreeSet<Ino>,
     /// Inodes that lost their last name here: deleted once the kernel
     /// lets go of them.
     pub orphans: BTreeSet<Ino>,
@@ -215,6 +226,34 @@ pub(super) struct Effects {
     pub applied: u64,
     /// Paths of what was moved to `/lost+found` because its directory went.
     pub rescued: Vec<String>,
+}
+
+impl Effects {
+    /// This store moved `ino` from `from` to `to` (conflict resolution's
+    /// rename aside, a rescue to `/lost+found`): the kernel's entries for
+    /// both names go, and the link counts and times it caches of the inode
+    /// and both directories. Left cached, the old name would still lead
+    /// the kernel to `ino`, and an rmdir or a rename onto that name would
+    /// act here on whatever the store has there now while the kernel took
+    /// it as the end of `ino` (see [`settle`]).
+    pub fn moved(&mut self, from: (Ino, &[u8]), ino: Ino, to: (Ino, &[u8])) {
+        self.removed.push((from.0, from.1.to_vec(), ino));
+        self.added.push((to.0, to.1.to_vec()));
+        self.inodes.extend([from.0, ino, to.0]);
+    }
+
+    /// Adds what `other` changed.
+    pub fn absorb(&mut self, other: Effects) {
+        self.inodes.extend(other.inodes);
+        self.added.extend(other.added);
+        self.removed.extend(other.removed);
+        self.ended.extend(other.ended);
+        self.orphans.extend(other.orphans);
+        self.refresh.extend(other.refresh);
+        self.fetchable.extend(other.fetchable);
+        self.applied += other.applied;
+        self.rescued.extend(other.rescued);
+    }
 }
 
 /// The local side of a pull: which objects have changes of this host's
@@ -601,6 +640,16 @@ impl Pull<'_, '_> {
             }
             forget(tx, &self.dirty, &inode, &mut self.fx)?;
         }
+        for (_, _, child) in &self.fx.removed {
+            let ended = match tx.inode(*child)? {
+                Some(i) if !tx.names_of(i.ino)?.is_empty() => false,
+                Some(i) => i.kind() != Kind::Dir || self.gone.contains(&i.ino),
+                None => true,
+            };
+            if ended {
+                self.fx.ended.insert(*child);
+            }
+        }
         Ok(())
     }
 }
@@ -650,7 +699,7 @@ fn forget(tx: &Tx<'_>, dirty: &Dirty, inode: &Inode, fx: &mut Effects) -> rusqli
         while let Some(e) = tx.entries(inode.ino, 0, 1)?.into_iter().next() {
             let child = &e.inode;
             if super::resolve::must_rescue(tx, dirty, child, &entry_key(did, &e.name))? {
-                let to = super::resolve::rescue(tx, inode.ino, &e.name, child)?;
+                let to = super::resolve::rescue(tx, inode.ino, &e.name, child, fx)?;
                 fx.rescued.push(to);
                 continue;
             }
@@ -748,10 +797,14 @@ pub(super) fn settle(
         use std::os::unix::ffi::OsStrExt;
         for (parent, name, child) in &fx.removed {
             let name = OsStr::from_bytes(name);
-            // `delete` also tells inotify watchers; it fails if the kernel
-            // holds another inode under the name, then a plain
-            // invalidation does.
-            if n.delete((*parent).into(), (*child).into(), name).is_err() {
+            // `delete` also tells inotify watchers, but the kernel takes it
+            // as the end of the inode, so only for what ended here (see
+            // `Effects::ended`). It fails if the kernel holds another inode
+            // under the name; then, and for the rest, a plain invalidation
+            // does.
+            if !fx.ended.contains(child)
+                || n.delete((*parent).into(), (*child).into(), name).is_err()
+            {
                 let _ = n.inval_entry((*parent).into(), name);
             }
         }
@@ -1194,6 +1247,40 @@ mod tests {
             .map(|i| i.nlink);
         assert_eq!(nlink, Some(2));
         assert!(fx.inodes.contains(&f.ino), "f's attributes stay cached");
+    }
+
+    #[test]
+    fn only_what_ended_here_is_told_to_the_kernel_as_deleted() {
+        let s = Scratch::new("ended");
+        // Here: /d/x (a directory) and /f. At the backend, another host
+        // moved x to /y and deleted f: f ended here, x only moved. Told
+        // "deleted", the kernel would mark x dead for as long as it keeps
+        // it, and list it empty at /y.
+        let d = s.shipped_dir(ROOT_INO, b"d");
+        let x = s.shipped_dir(d.ino, b"x");
+        let f = s.shipped(ROOT_INO, b"f", libc::S_IFREG | 0o644);
+        let (did, xid) = (super::super::object_id(&d), super::super::object_id(&x));
+        let mut remote = RemoteState::default();
+        remote.entries.insert((did, b"x".to_vec()), None);
+        let moved = Entry {
+            parent: ObjectId::ROOT,
+            name: b"y".to_vec(),
+            child: xid,
+            version: 1,
+            origin: 7,
+        };
+        remote
+            .entries
+            .insert((ObjectId::ROOT, b"y".to_vec()), Some(moved));
+        remote.entries.insert((ObjectId::ROOT, b"f".to_vec()), None);
+        let fx = s
+            .vfs()
+            .store()
+            .write(|tx| pull(tx, s.vfs(), &remote, &HashSet::new()))
+            .expect("pull");
+        let removed: BTreeSet<Ino> = fx.removed.iter().map(|r| r.2).collect();
+        assert_eq!(removed, BTreeSet::from([x.ino, f.ino]));
+        assert_eq!(fx.ended, BTreeSet::from([f.ino]), "x lives on at /y");
     }
 
     #[test]

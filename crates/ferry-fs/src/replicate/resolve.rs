@@ -30,6 +30,7 @@
 //! writing here is resolved once it is closed (its writes may still be
 //! arriving); until then it is held back, and counted as a conflict.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -94,6 +95,7 @@ pub(super) fn resolve(
             remote: &remote,
             label: &label,
             ours,
+            moved: RefCell::default(),
         };
         let mut force: HashSet<Vec<u8>> = HashSet::new();
         // Inodes first: resolving one decides its names too (they go to
@@ -121,7 +123,9 @@ pub(super) fn resolve(
                 }
             }
         }
-        pull(tx, vfs, &remote, &force)
+        let mut fx = pull(tx, vfs, &remote, &force)?;
+        fx.absorb(cx.moved.into_inner());
+        Ok(fx)
     })?;
     Ok(fx)
 }
@@ -159,6 +163,8 @@ struct Cx<'a, 't> {
     remote: &'a RemoteState,
     label: &'a str,
     ours: &'a HashMap<Vec<u8>, Vec<(ChunkHash, u32)>>,
+    /// What resolving moved (renamed aside, rescued), for the kernel.
+    moved: RefCell<Effects>,
 }
 
 impl Cx<'_, '_> {
@@ -229,7 +235,7 @@ impl Cx<'_, '_> {
                     .get(&inode_key(id))
                     .map_or(inode.cached, |c| *c != t.chunks) =>
             {
-                let copies = keep_beside(tx, ino, label)?;
+                let copies = keep_beside(tx, ino, label, &mut self.moved.borrow_mut())?;
                 record(
                     tx,
                     &path,
@@ -299,14 +305,14 @@ impl Cx<'_, '_> {
         let theirs = remote.entries.get(&(pid, name.to_vec())).cloned().flatten();
         let ours_shipped = tx.remote_version(&inode_key(object_id(&ours)))?.is_some();
         if dir_gone && (ours.kind() != Kind::Dir || !ours_shipped) {
-            let to = rescue(tx, parent, name, &ours)?;
+            let to = rescue(tx, parent, name, &ours, &mut self.moved.borrow_mut())?;
             record(
                 tx,
                 &path,
                 &format!("its directory was deleted on another host: moved to {to}"),
             )?;
         } else if theirs.as_ref().is_some_and(|t| t.child != object_id(&ours)) {
-            let to = rename_beside(tx, parent, name, &ours, label)?;
+            let to = rename_beside(tx, parent, name, &ours, label, &mut self.moved.borrow_mut())?;
             record(
                 tx,
                 &path,
@@ -329,8 +335,13 @@ impl Cx<'_, '_> {
 /// Gives this host's version of `ino` a new identity and renames each of
 /// its names `NAME.conflict-HOST-TIMESTAMP`; the old identity and names
 /// are left for the other host's version (pulled next). Returns the new
-/// names.
-fn keep_beside(tx: &Tx<'_>, ino: Ino, label: &str) -> rusqlite::Result<Vec<String>> {
+/// names; `fx` learns the moves.
+fn keep_beside(
+    tx: &Tx<'_>,
+    ino: Ino,
+    label: &str,
+    fx: &mut Effects,
+) -> rusqlite::Result<Vec<String>> {
     let names = tx.names_of(ino)?;
     let Some(inode) = tx.inode(ino)? else {
         return Ok(Vec::new());
@@ -338,25 +349,27 @@ fn keep_beside(tx: &Tx<'_>, ino: Ino, label: &str) -> rusqlite::Result<Vec<Strin
     tx.reidentify(ino)?;
     let mut out = Vec::new();
     for (p, n) in names {
-        out.push(rename_beside(tx, p, &n, &inode, label)?);
+        out.push(rename_beside(tx, p, &n, &inode, label, fx)?);
     }
     Ok(out)
 }
 
 /// Moves `ours`, named `name` in `parent`, to a conflict name beside it.
 /// The old name's removal is pulled (the other host's version takes it);
-/// the new name ships. Returns the new path.
+/// the new name ships. Returns the new path; `fx` learns the move.
 fn rename_beside(
     tx: &Tx<'_>,
     parent: Ino,
     name: &[u8],
     ours: &Inode,
     label: &str,
+    fx: &mut Effects,
 ) -> rusqlite::Result<String> {
     let stamp = timestamp(SystemTime::now());
     let base = [name, format!(".conflict-{label}-{stamp}").as_bytes()].concat();
     let new = free_name(tx, parent, &base)?;
     relink(tx, parent, name, ours, parent, &new)?;
+    fx.moved((parent, name), ours.ino, (parent, &new));
     Ok(join(&path_of(tx, parent)?, &new))
 }
 
@@ -383,12 +396,14 @@ pub(super) fn must_rescue(
             || tx.remote_version(key)?.is_none()))
 }
 
-/// Moves `ours` from `parent/name` to `/lost+found`; returns the new path.
+/// Moves `ours` from `parent/name` to `/lost+found`; returns the new path;
+/// `fx` learns the move.
 pub(super) fn rescue(
     tx: &Tx<'_>,
     parent: Ino,
     name: &[u8],
     ours: &Inode,
+    fx: &mut Effects,
 ) -> rusqlite::Result<String> {
     // A plain rename of this host's: it ships (the old name's removal
     // too, if the backend still has it).
@@ -397,6 +412,7 @@ pub(super) fn rescue(
     let new = free_name(tx, lf, name)?;
     tx.rename(parent, name, lf, &new, ours)?;
     tx.pulling(was);
+    fx.moved((parent, name), ours.ino, (lf, &new));
     Ok(join("/lost+found", &new))
 }
 

@@ -718,8 +718,11 @@ fn two_hosts(t: &Trial, rng: &mut Rng, report: &mut Report) {
     keep_logs(t, &hosts, report);
 }
 
-/// After a failed trial, the daemons' logs outlive its temp dirs, for the
-/// post-mortem.
+/// After a failed trial, the daemons' logs and their stores' metadata
+/// outlive its temp dirs, for the post-mortem. The metadata tells a host
+/// whose own state differs from the backend from one whose kernel only
+/// shows it wrong (a directory it marked dead lists empty whatever the
+/// store holds).
 fn keep_logs(t: &Trial, hosts: &[Mount], report: &mut Report) {
     if report.failures.is_empty() {
         return;
@@ -728,15 +731,33 @@ fn keep_logs(t: &Trial, hosts: &[Mount], report: &mut Report) {
         // Named by run and trial, so a later failure of the run does not
         // overwrite an earlier one's.
         let kept = std::env::temp_dir().join(format!(
-            "ferry-check-{}-{}-host{i}.log",
+            "ferry-check-{}-{}-host{i}",
             std::process::id(),
             t.index
         ));
-        report.notes.push(match fs::write(&kept, h.daemon_log()) {
-            Ok(()) => format!("host {i}'s daemon log is kept at {}", kept.display()),
+        let log = kept.with_extension("log");
+        report.notes.push(match fs::write(&log, h.daemon_log()) {
+            Ok(()) => format!("host {i}'s daemon log is kept at {}", log.display()),
             Err(e) => format!("host {i}'s daemon log could not be kept: {e}"),
         });
+        let store = kept.with_extension("store");
+        report.notes.push(match keep_store(h, &store) {
+            Ok(()) => format!("host {i}'s store metadata is kept in {}", store.display()),
+            Err(e) => format!("host {i}'s store metadata could not be kept: {e}"),
+        });
     }
+}
+
+/// A copy of `host`'s store metadata in `to` (a directory), for `sqlite3`:
+/// the database and its write-ahead log, copied as bytes, because the
+/// daemon, still running, holds the database in exclusive mode. It is
+/// quiet by now (converged, or given up on), so the copy holds together.
+fn keep_store(host: &Mount, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for name in ["meta.db", "meta.db-wal"] {
+        fs::copy(host.store().join(name), to.join(name))?;
+    }
+    Ok(())
 }
 
 /// Convergence: once every host synced, each host shows the tree a fresh
