@@ -1427,8 +1427,8 @@ impl Vfs {
             } else {
                 h.file.sync_all().map_err(io_err)?;
             }
-            let name_synced = |ino| lock(&self.open).get(&ino).is_some_and(|s| s.name_synced);
-            if !name_synced(h.ino) {
+            let name_synced = lock(&self.open).get(&h.ino).is_some_and(|s| s.name_synced);
+            if !name_synced {
                 File::open(self.store.dir().join("data"))
                     .and_then(|d| d.sync_all())
                     .map_err(io_err)?;

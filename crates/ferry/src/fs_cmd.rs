@@ -561,22 +561,32 @@ fn umount_cmd(path: &Path, lazy: bool, timeout: Duration) -> anyhow::Result<()> 
     // The daemon holds the store's lock until it has closed the store; once
     // the lock is free, the volume is fully at rest and may be mounted again.
     let lock = entry.store().join("lock");
-    let deadline = Instant::now().checked_add(timeout);
-    while deadline.is_none_or(|d| Instant::now() < d) {
-        match std::fs::File::open(&lock) {
-            Ok(f) => {
-                if nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_ok() {
-                    return Ok(());
-                }
-            }
-            // Not a ferry store we can see: nothing to wait for.
-            Err(_) => return Ok(()),
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let at_rest = wait_until(timeout, || match std::fs::File::open(&lock) {
+        Ok(f) => nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_ok(),
+        // Not a ferry store we can see: nothing to wait for.
+        Err(_) => true,
+    });
+    if at_rest {
+        return Ok(());
     }
     bail!(
         "unmounted {}, but its daemon did not finish within {:?}",
         point.display(),
         timeout
     )
+}
+
+/// Polls `done` every 20 ms until it holds (true) or `timeout` has passed
+/// (false; a timeout too large to add to now waits for good).
+pub(crate) fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now().checked_add(timeout);
+    loop {
+        if done() {
+            return true;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -290,20 +290,8 @@ fn ask(m: &MountEntry) -> Row {
 fn died_while_asked(mountpoint: &Path, error: std::io::ErrorKind) -> bool {
     use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
     const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
-    const STEP: std::time::Duration = std::time::Duration::from_millis(20);
-    if !matches!(error, ConnectionReset | BrokenPipe | UnexpectedEof) {
-        return false;
-    }
-    let deadline = std::time::Instant::now() + SETTLE;
-    loop {
-        if mount::is_dead(mountpoint) {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(STEP);
-    }
+    matches!(error, ConnectionReset | BrokenPipe | UnexpectedEof)
+        && crate::fs_cmd::wait_until(SETTLE, || mount::is_dead(mountpoint))
 }
 
 /// `1.2s ago`, or `never`.
