@@ -49,6 +49,7 @@ pub mod mount;
 mod offload;
 pub mod replicate;
 pub mod store;
+mod unsettled;
 pub mod vfs;
 pub mod wal;
 

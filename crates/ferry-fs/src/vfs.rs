@@ -27,6 +27,7 @@ use crate::data::{DataFiles, NewData};
 use crate::error::StoreError;
 use crate::ids::{Fh, Ino};
 use crate::store::{self, Inode, Kind, Nanos, NewInode, Queries, Store, Tx, ROOT_INO};
+use crate::unsettled::{Unsettled, Unsettling};
 
 /// Longest name accepted, as on every Linux file system.
 pub const NAME_MAX: usize = 255;
@@ -139,6 +140,9 @@ pub struct Vfs {
     processes: crate::context::ProcessTable,
     /// Deletes forgotten inodes in the background.
     reaper: Reaper,
+    /// Names replication changed that the kernel may still map to what
+    /// they named before: not to be removed or replaced through it yet.
+    unsettled: Unsettled,
 }
 
 /// Deletes the inodes the kernel forgot after their last name went, off
@@ -444,6 +448,7 @@ impl Vfs {
             last_open,
             processes: crate::context::ProcessTable::new(crate::context::Context::default()),
             reaper,
+            unsettled: Unsettled::default(),
         };
         if !read_only {
             vfs.reap_orphans()
@@ -1003,6 +1008,7 @@ impl Vfs {
         check_name(name)?;
         self.store.make_room();
         let victim = self.store.write(|tx| -> Result<Inode, TxError> {
+            self.settled(parent, name)?;
             let victim = tx.lookup(parent, name)?.ok_or(Errno::ENOENT)?;
             check_removable(tx, &victim, dir)?;
             tx.unlink(parent, name, &victim)?;
@@ -1010,6 +1016,21 @@ impl Vfs {
         })?;
         self.delete_if_forgotten(victim.ino);
         Ok(())
+    }
+
+    /// ENOENT for a name replication changed that the kernel may still map
+    /// to what it named before (see [`crate::unsettled`]).
+    fn settled(&self, parent: Ino, name: &[u8]) -> Result<(), Errno> {
+        match self.unsettled.refuses(parent, name) {
+            true => Err(Errno::ENOENT),
+            false => Ok(()),
+        }
+    }
+
+    /// A round of changes replication makes to names under the kernel:
+    /// see [`crate::unsettled`].
+    pub(crate) fn unsettling(&self) -> Unsettling<'_> {
+        self.unsettled.round()
     }
 
     /// Deletes an inode that just lost its last name, unless the kernel
@@ -1042,6 +1063,8 @@ impl Vfs {
         }
         self.store.make_room();
         let replaced = self.store.write(|tx| -> Result<Option<Inode>, TxError> {
+            self.settled(parent, name)?;
+            self.settled(newparent, newname)?;
             let moved = tx.lookup(parent, name)?.ok_or(Errno::ENOENT)?;
             let newdir = tx.inode(newparent)?.ok_or(Errno::ENOENT)?;
             if newdir.kind() != Kind::Dir {

@@ -46,6 +46,7 @@ use super::{decode_key, entry_key, inode_key, listing_key, Backoff, Key, Link, R
 use crate::ids::Ino;
 use crate::log::{Outbox, Touched};
 use crate::store::{Inode, Kind, Queries, Tx, ROOT_INO};
+use crate::unsettled::Unsettling;
 use crate::vfs::Vfs;
 
 /// Longest wait for the backend's signal before looking anyway.
@@ -240,6 +241,13 @@ impl Effects {
         self.removed.push((from.0, from.1.to_vec(), ino));
         self.added.push((to.0, to.1.to_vec()));
         self.inodes.extend([from.0, ino, to.0]);
+    }
+
+    /// The names this changed, (directory, name): what the kernel may
+    /// still map to what they named before (see [`crate::unsettled`]).
+    pub fn names(&self) -> impl Iterator<Item = (Ino, &[u8])> {
+        let removed = self.removed.iter().map(|(p, n, _)| (*p, n.as_slice()));
+        removed.chain(self.added.iter().map(|(p, n)| (*p, n.as_slice())))
     }
 
     /// Adds what `other` changed.
@@ -785,12 +793,15 @@ fn set_data_mtime(vfs: &Vfs, ino: Ino, mtime: i64) {
     }
 }
 
-/// Tells the kernel, and the data files, what a committed pull changed.
+/// Tells the kernel, and the data files, what a committed pull changed;
+/// the names it changed (marked in `unsettling`) are settled once the
+/// kernel's entries for them are gone.
 pub(super) fn settle(
     vfs: &Vfs,
     notifier: Option<&fuser::Notifier>,
     fetcher: &Fetcher,
     fx: &Effects,
+    unsettling: Unsettling<'_>,
 ) {
     if let Some(n) = notifier {
         use std::ffi::OsStr;
@@ -812,6 +823,7 @@ pub(super) fn settle(
             let _ = n.inval_entry((*parent).into(), OsStr::from_bytes(name));
         }
     }
+    drop(unsettling);
     for &ino in &fx.refresh {
         if let Err(e) = fetcher.refresh(vfs, ino) {
             warn!("down-sync: fetching the new contents of open inode {ino}: {e}");
@@ -939,6 +951,7 @@ impl Applier {
         remote.fetch_children(backend, |id| known_here(store, id))?;
         remote.expand(backend, |id| known_here(store, id))?;
         let seq = changes.seq.max(cursor);
+        let unsettling = self.vfs.unsettling();
         let fx = store.write(|tx| -> rusqlite::Result<Effects> {
             // A listing is done once fetched: its entries are keys of
             // their own from here on.
@@ -949,6 +962,7 @@ impl Applier {
             }
             let fx = pull(tx, &self.vfs, &remote, &HashSet::new())?;
             tx.set_meta_int("feed_seq", seq as i64)?;
+            unsettling.mark(tx, fx.names());
             Ok(fx)
         })?;
         drop(_turn);
@@ -959,7 +973,13 @@ impl Applier {
             );
         }
         self.shared.update(|s| s.applied += fx.applied);
-        settle(&self.vfs, self.notifier.get(), &self.fetcher, &fx);
+        settle(
+            &self.vfs,
+            self.notifier.get(),
+            &self.fetcher,
+            &fx,
+            unsettling,
+        );
         self.fetcher.prefetch(&self.vfs, &fx.fetchable);
         // Again at once while the feed has more, or while rechecks are
         // making progress (one may unblock another).
@@ -971,6 +991,7 @@ impl Applier {
 mod tests {
     use super::*;
     use crate::store::{NewInode, Store};
+    use fuser::Errno;
 
     /// A store with its file system in a fresh directory, removed on drop.
     struct Scratch {
@@ -1281,6 +1302,90 @@ mod tests {
         let removed: BTreeSet<Ino> = fx.removed.iter().map(|r| r.2).collect();
         assert_eq!(removed, BTreeSet::from([x.ino, f.ino]));
         assert_eq!(fx.ended, BTreeSet::from([f.ino]), "x lives on at /y");
+    }
+
+    #[test]
+    fn a_name_pulled_under_the_kernel_is_not_removed_until_settled() {
+        let s = Scratch::new("unsettled");
+        // Here: /d and /o, directories, and /f. At the backend, another
+        // host moved d to /y and made a new directory, z, named d. Until
+        // the kernel's entry for d is invalidated, it may still map d to
+        // the old directory: an rmdir of d, or a rename onto or from it,
+        // would act on z here while the kernel took it as the end of the
+        // old d (now /y), which it would then list empty.
+        let d = s.shipped_dir(ROOT_INO, b"d");
+        let o = s.shipped_dir(ROOT_INO, b"o");
+        s.shipped(ROOT_INO, b"f", libc::S_IFREG | 0o644);
+        let did = super::super::object_id(&d);
+        let z = ObjectId {
+            host: 7,
+            counter: 1,
+        };
+        let named = |parent, name: &[u8], child| Entry {
+            parent,
+            name: name.to_vec(),
+            child,
+            version: 1,
+            origin: 7,
+        };
+        let mut remote = RemoteState::default();
+        let (root, vfs) = (ObjectId::ROOT, s.vfs());
+        remote
+            .entries
+            .insert((root, b"d".to_vec()), Some(named(root, b"d", z)));
+        remote
+            .entries
+            .insert((root, b"y".to_vec()), Some(named(root, b"y", did)));
+        remote.inodes.insert(z, Some(theirs_dir(z, 1)));
+        let unsettling = vfs.unsettling();
+        vfs.store()
+            .write(|tx| {
+                let fx = pull(tx, vfs, &remote, &HashSet::new())?;
+                unsettling.mark(tx, fx.names());
+                Ok::<_, rusqlite::Error>(fx)
+            })
+            .expect("pull");
+        let at_d = || {
+            vfs.store()
+                .read(|r| r.lookup(ROOT_INO, b"d"))
+                .expect("read")
+        };
+        let new_d = at_d().expect("z took the name d").ino;
+        assert_ne!(new_d, d.ino);
+        assert_eq!(vfs.remove(ROOT_INO, b"d", true), Err(Errno::ENOENT));
+        assert_eq!(
+            vfs.rename(ROOT_INO, b"d", ROOT_INO, b"q", 0),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            vfs.rename(ROOT_INO, b"o", ROOT_INO, b"d", 0),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            vfs.rename(ROOT_INO, b"y", ROOT_INO, b"q", 0),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(at_d().map(|i| i.ino), Some(new_d), "z still named d");
+        // Names the pull did not change are not held up.
+        assert_eq!(vfs.remove(ROOT_INO, b"f", false), Ok(()));
+        // Settled (the kernel's entries invalidated): the ops go ahead, on
+        // what the names name now.
+        drop(unsettling);
+        assert_eq!(vfs.rename(ROOT_INO, b"o", ROOT_INO, b"d", 0), Ok(()));
+        assert_eq!(at_d().map(|i| i.ino), Some(o.ino), "o replaced empty z");
+        let y = vfs
+            .store()
+            .read(|r| r.lookup(ROOT_INO, b"y"))
+            .expect("read");
+        assert_eq!(y.map(|i| i.ino), Some(d.ino), "the old d lives on at /y");
+        // A round whose transaction failed leaves nothing unsettled.
+        let failed = vfs.unsettling();
+        let _ = vfs.store().write(|tx| -> rusqlite::Result<()> {
+            failed.mark(tx, [(ROOT_INO, &b"y"[..])]);
+            Err(rusqlite::Error::InvalidQuery)
+        });
+        drop(failed);
+        assert_eq!(vfs.rename(ROOT_INO, b"y", ROOT_INO, b"q", 0), Ok(()));
     }
 
     #[test]

@@ -41,6 +41,7 @@ use super::apply::{pull, Dirty, Effects, RemoteState};
 use super::{decode_key, entry_key, inode_key, object_id, Key, ReplError};
 use crate::ids::Ino;
 use crate::store::{Inode, Kind, NewInode, Queries, Tx, ROOT_INO};
+use crate::unsettled::Unsettling;
 use crate::vfs::Vfs;
 
 /// Where orphans go when their directory is gone.
@@ -56,6 +57,7 @@ pub(super) const LOST_FOUND: &[u8] = b"lost+found";
 /// here).
 pub(super) fn resolve(
     vfs: &Vfs,
+    unsettling: &Unsettling<'_>,
     backend: &dyn Backend,
     keys: &[Vec<u8>],
     ours: &HashMap<Vec<u8>, Vec<(ChunkHash, u32)>>,
@@ -125,6 +127,7 @@ pub(super) fn resolve(
         }
         let mut fx = pull(tx, vfs, &remote, &force)?;
         fx.absorb(cx.moved.into_inner());
+        unsettling.mark(tx, fx.names());
         Ok(fx)
     })?;
     Ok(fx)

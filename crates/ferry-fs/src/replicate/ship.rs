@@ -539,12 +539,20 @@ impl Shipper {
         keys: &[Vec<u8>],
         ours: &HashMap<Vec<u8>, Vec<(ChunkHash, u32)>>,
     ) -> Result<(), ReplError> {
+        let unsettling = self.vfs.unsettling();
         let resolved = self
             .backend()
             .map_err(ReplError::from)
-            .and_then(|backend| resolve::resolve(&self.vfs, &*backend, keys, ours));
+            .and_then(|backend| resolve::resolve(&self.vfs, &unsettling, &*backend, keys, ours));
         self.shared.update(|s| s.resolving = false);
-        apply::settle(&self.vfs, self.notifier.get(), &self.fetcher, &resolved?);
+        let fx = resolved?;
+        apply::settle(
+            &self.vfs,
+            self.notifier.get(),
+            &self.fetcher,
+            &fx,
+            unsettling,
+        );
         Ok(())
     }
 
