@@ -320,6 +320,15 @@ impl Dirty {
     fn name(&self, tx: &Tx<'_>, parent: Ino, name: &[u8], key: &[u8]) -> rusqlite::Result<bool> {
         Ok(self.touched.names.contains(&(parent, name.to_vec())) || tx.in_conflict(key)?)
     }
+
+    /// Whether this host deleted `id` and the next batch ships that
+    /// deletion (it is gone here and, as far as this host knows, still at
+    /// the backend: what the shipper's snapshot sends as `DeleteInode`).
+    fn deletes(&self, tx: &Tx<'_>, id: ObjectId) -> rusqlite::Result<bool> {
+        Ok(self.touched.deleted.contains(&(id.host, id.counter))
+            && tx.ino_of(id.host, id.counter)?.is_none()
+            && tx.remote_version(&inode_key(id))?.is_some())
+    }
 }
 
 /// Applies `remote` to the store in `tx`, skipping (and queueing for a
@@ -444,6 +453,9 @@ impl Pull<'_, '_> {
         let mut unplaced: Vec<(Vec<u8>, ObjectId, Vec<u8>, Entry)> = Vec::new();
         for ((pid, name), entry) in &self.remote.entries {
             let key = entry_key(*pid, name);
+            if self.waits_for_deletion(&key, *pid, entry.as_ref())? {
+                continue;
+            }
             match (placed(tx, *pid)?, entry) {
                 (Some(parent), _) => self.name(key, parent, name, entry.as_ref(), &mut adds)?,
                 // A removal is applied wherever the directory is (one out
@@ -480,6 +492,33 @@ impl Pull<'_, '_> {
             postpone(tx, key)?;
         }
         Ok(())
+    }
+
+    /// A name in, or naming, an object whose deletion here the next batch
+    /// ships waits for that batch (and, if the backend refuses the
+    /// deletion, for conflict resolution). Taken now, it would bring the
+    /// object back as a new local inode that the pending log does not know
+    /// (its records name the old one), so nothing holds its names back;
+    /// the batch's record of the deletion then clears the backend versions
+    /// of the names it removed, the backend's removal of them looks applied
+    /// here, and this host keeps them for good.
+    fn waits_for_deletion(
+        &self,
+        key: &[u8],
+        pid: ObjectId,
+        entry: Option<&Entry>,
+    ) -> rusqlite::Result<bool> {
+        if self.force.contains(key) {
+            return Ok(false);
+        }
+        for id in std::iter::once(pid).chain(entry.map(|e| e.child)) {
+            if self.dirty.deletes(self.tx, id)? {
+                debug!("pull: {} waits: {id} was deleted here", show(key));
+                self.tx.add_recheck(key)?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// One name the backend has (`entry`) or removed (`None`) in the local
@@ -1386,6 +1425,90 @@ mod tests {
         });
         drop(failed);
         assert_eq!(vfs.rename(ROOT_INO, b"y", ROOT_INO, b"q", 0), Ok(()));
+    }
+
+    #[test]
+    fn what_this_host_deleted_is_not_brought_back_before_the_deletion_ships() {
+        let s = Scratch::new("deleted");
+        // Here: /a/b, directories at the backend; then rmdir a/b and rmdir
+        // a, not shipped yet. Meanwhile another host moved a to /y, so the
+        // deletion of a will be refused (its state changed) and the one of
+        // b applied. A pull between the batch's read and its commit that
+        // brought a and b back, as new local inodes the log knows nothing
+        // of, would keep y/b here for good: the batch's record of the
+        // deletions clears the backend versions of a/b and of b, and the
+        // backend's removal of them then looks applied already.
+        let a = s.shipped_dir(ROOT_INO, b"a");
+        let b = s.shipped_dir(a.ino, b"b");
+        let (aid, bid) = (super::super::object_id(&a), super::super::object_id(&b));
+        let store = s.vfs().store();
+        store
+            .write(|tx| -> rusqlite::Result<()> {
+                tx.unlink(a.ino, b"b", &b)?;
+                tx.delete(b.ino)?;
+                let a = tx.inode(a.ino)?.expect("a is here");
+                tx.unlink(ROOT_INO, b"a", &a)?;
+                tx.delete(a.ino)
+            })
+            .expect("rmdir a/b, then a");
+        let named = |parent, name: &[u8], child| {
+            let e = Entry {
+                parent,
+                name: name.to_vec(),
+                child,
+                version: 1,
+                origin: 7,
+            };
+            ((parent, name.to_vec()), Some(e))
+        };
+        let mut remote = RemoteState::default();
+        remote
+            .entries
+            .extend([named(ObjectId::ROOT, b"y", aid), named(aid, b"b", bid)]);
+        remote.inodes.insert(aid, Some(theirs_dir(aid, 2)));
+        remote.inodes.insert(bid, Some(theirs_dir(bid, 1)));
+        store
+            .write(|tx| pull(tx, s.vfs(), &remote, &HashSet::new()))
+            .expect("the pull before the batch's commit");
+        // The batch's record: a/b and b deleted at the backend (a's
+        // deletion refused, a conflict that keeps the backend's a).
+        store
+            .write(|tx| -> rusqlite::Result<()> {
+                tx.set_remote_version(&entry_key(aid, b"b"), None)?;
+                tx.set_remote_version(&inode_key(bid), None)?;
+                let last = Outbox::pending(tx, usize::MAX >> 1)?.last().map(|r| r.seq);
+                Outbox::advance(tx, last.expect("the deletions were logged"))
+            })
+            .expect("record the batch");
+        // The next round: a at /y, without b.
+        let mut feed = RemoteState::default();
+        feed.entries.extend([named(ObjectId::ROOT, b"y", aid)]);
+        feed.entries.insert((aid, b"b".to_vec()), None);
+        feed.inodes.insert(aid, Some(theirs_dir(aid, 2)));
+        feed.inodes.insert(bid, None);
+        store
+            .write(|tx| pull(tx, s.vfs(), &feed, &HashSet::new()))
+            .expect("the next round");
+        let (y, in_y, b_here) = store
+            .read(|r| -> rusqlite::Result<_> {
+                let y = r.lookup(ROOT_INO, b"y")?;
+                let in_y = match &y {
+                    Some(y) => r.entries(y.ino, 0, 100)?.len(),
+                    None => 0,
+                };
+                Ok((y, in_y, r.ino_of(bid.host, bid.counter)?))
+            })
+            .expect("read back");
+        assert_eq!(
+            y.as_ref().map(super::super::object_id),
+            Some(aid),
+            "a is at /y"
+        );
+        assert_eq!(
+            (in_y, b_here),
+            (0, None),
+            "y/b, deleted here and at the backend, is still here"
+        );
     }
 
     #[test]
