@@ -314,11 +314,11 @@ impl Ops {
     /// Work an open needs before its reply in passthrough mode: writes will
     /// bypass the daemon, so the change is logged now, and a writer other
     /// than root strips set-user/group-ID bits as a write would.
-    fn before_passthrough_open(&self, uid: u32, ino: Ino, flags: i32) -> Result<(), Errno> {
+    fn before_passthrough_open(&self, by: Caller, ino: Ino, flags: i32) -> Result<(), Errno> {
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             self.vfs.will_modify(ino)?;
-            if uid != 0 {
-                self.clear_setid(ino)?;
+            if by.uid != 0 {
+                self.clear_setid(ino, by)?;
             }
         }
         Ok(())
@@ -329,8 +329,8 @@ impl Ops {
     /// the kernel stops asking for `security.capability` before every
     /// write) that is the file system's job, and the kernel's cached mode
     /// would keep showing the bits: it is told to ask again.
-    fn clear_setid(&self, ino: Ino) -> Result<(), Errno> {
-        if self.vfs.clear_setid(ino)? {
+    fn clear_setid(&self, ino: Ino, by: Caller) -> Result<(), Errno> {
+        if self.vfs.clear_setid(ino, by)? {
             if let Some(n) = self.notifier.get() {
                 // Attributes only (a negative offset): no page is touched.
                 let _ = n.inval_inode(ino.into(), -1, 0);
@@ -339,9 +339,9 @@ impl Ops {
         Ok(())
     }
 
-    /// `open` by a caller with `uid` in `context`, after the `reads=fresh`
-    /// round if the context asks for one.
-    fn open(&self, uid: u32, context: Option<Context>, ino: Ino, flags: i32, reply: ReplyOpen) {
+    /// `open` by `by` in `context`, after the `reads=fresh` round if the
+    /// context asks for one.
+    fn open(&self, by: Caller, context: Option<Context>, ino: Ino, flags: i32, reply: ReplyOpen) {
         if let Some(c) = context.filter(|c| c.reads == Reads::Fresh) {
             self.vfs.refresh(ino, Instant::now() + c.timeout);
         }
@@ -350,7 +350,7 @@ impl Ops {
             Err(e) => return reply.error(e),
         };
         if self.passthrough() {
-            if let Err(e) = self.before_passthrough_open(uid, ino, flags) {
+            if let Err(e) = self.before_passthrough_open(by, ino, flags) {
                 self.vfs.release(fh);
                 return reply.error(e);
             }
@@ -367,6 +367,7 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }
 
@@ -516,10 +517,11 @@ impl Filesystem for FerryFs {
             // to set but perhaps the ctime, which is what is left of the
             // kernel's own kill (a `chown(-1, -1)`, a write's
             // `file_remove_privs`).
-            kill_setid: uid.is_some()
+            kill_setid: (uid.is_some()
                 || gid.is_some()
                 || (size.is_some() && req.uid() != 0)
-                || (mode, size, atime, mtime) == (None, None, None, None),
+                || (mode, size, atime, mtime) == (None, None, None, None))
+                .then(|| caller(req)),
         };
         let (ino, fh) = (Ino::from(ino), fh.map(Fh::from));
         // A truncate or utime by path of a file whose contents are not here
@@ -686,7 +688,7 @@ impl Filesystem for FerryFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let timer = self.ops.timer("open");
         debug!(ino = ino.0, flags = flags.0, "open");
-        let (ino, flags, uid) = (Ino::from(ino), flags.0, req.uid());
+        let (ino, flags, by) = (Ino::from(ino), flags.0, caller(req));
         let context = self.ops.vfs.context_of(req.pid());
         let fetch = self.ops.vfs.must_fetch(ino);
         self.ops.count_cache_use(fetch);
@@ -695,7 +697,7 @@ impl Filesystem for FerryFs {
         let waits = fetch || fresh || (writes && self.ops.vfs.throttled());
         self.serve_owned(waits, move |ops| {
             let _timer = timer;
-            ops.open(uid, context, ino, flags, reply);
+            ops.open(by, context, ino, flags, reply);
         });
     }
 
@@ -720,7 +722,7 @@ impl Filesystem for FerryFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -734,11 +736,13 @@ impl Filesystem for FerryFs {
         debug!(fh = fh.0, offset, len = data.len(), "write");
         // FUSE_HANDLE_KILLPRIV_V2: a writer without CAP_FSETID clears the
         // set-ID bits, and the kernel leaves that to us.
-        let kill_setid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let killer = write_flags
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then(|| caller(req));
         self.serve(self.ops.vfs.throttled(), data, move |ops, data| {
             let _timer = timer;
-            if kill_setid {
-                if let Err(e) = ops.clear_setid(ino.into()) {
+            if let Some(by) = killer {
+                if let Err(e) = ops.clear_setid(ino.into(), by) {
                     return reply.error(e);
                 }
             }

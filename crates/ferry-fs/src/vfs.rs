@@ -51,6 +51,29 @@ pub struct Caller {
     pub uid: u32,
     /// Effective (fs) gid.
     pub gid: u32,
+    /// The calling thread, whose supplementary groups decide what the
+    /// fs gid does not (see [`Caller::in_group`]).
+    pub pid: u32,
+}
+
+impl Caller {
+    /// Whether the caller is in group `gid`, as the kernel's
+    /// `in_group_or_capable` asks: root counts as in every group. The
+    /// supplementary groups are read from `/proc` only here, where the
+    /// answer matters (a set-group-ID file without group execute); if the
+    /// thread is gone, the answer is no, so the bit is cleared, never kept
+    /// by mistake.
+    fn in_group(&self, gid: u32) -> bool {
+        if self.uid == 0 || self.gid == gid {
+            return true;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid));
+        status.is_ok_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .is_some_and(|g| g.split_whitespace().any(|g| g.parse() == Ok(gid)))
+        })
+    }
 }
 
 /// What `setattr` asks to change.
@@ -70,11 +93,12 @@ pub struct SetAttr {
     pub mtime: Option<TimeOrNow>,
     /// New change time (sent by the kernel's writeback cache).
     pub ctime: Option<SystemTime>,
-    /// Strip set-user-ID, and set-group-ID from a group-executable file,
-    /// unless `mode` is given: what a chown, or a truncate by a caller
-    /// without CAP_FSETID, does to a non-directory. Under
-    /// FUSE_HANDLE_KILLPRIV_V2 the kernel leaves this to the file system.
-    pub kill_setid: bool,
+    /// Strip the set-ID bits this caller's change clears (see
+    /// [`killed_setid`]), unless `mode` is given: what a chown, or a
+    /// truncate by a caller without CAP_FSETID, does to a non-directory.
+    /// Under FUSE_HANDLE_KILLPRIV_V2 the kernel leaves this to the file
+    /// system.
+    pub kill_setid: Option<Caller>,
 }
 
 /// An open regular file.
@@ -392,11 +416,14 @@ fn attr_of(inode: &Inode, size: u64, blocks: u64, mtime: Nanos, ctime: Nanos) ->
 }
 
 /// The set-ID bits that writing, truncating or chowning a file with `mode`
-/// clears: set-user-ID, and set-group-ID if the group may execute (without
-/// it, set-group-ID marks mandatory locking and stays).
-fn killed_setid(mode: u32) -> u32 {
+/// and group `gid` by `by` clears, as the kernel's `should_remove_suid` and
+/// `setattr_should_drop_sgid` decide: set-user-ID; set-group-ID if the
+/// group may execute, or else if `by` is not in the file's group (without
+/// group execute the bit may mark mandatory locking, which only a member
+/// keeps).
+fn killed_setid(mode: u32, gid: u32, by: &Caller) -> u32 {
     let mut bits = mode & libc::S_ISUID;
-    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !by.in_group(gid)) {
         bits |= libc::S_ISGID;
     }
     bits
@@ -710,7 +737,7 @@ impl Vfs {
             && set.gid.is_none()
             && set.size.is_none()
             && set.atime.is_none()
-            && !set.kill_setid;
+            && set.kill_setid.is_none();
         if is_file && only_times && self.in_logged_run(ino) {
             // The writeback cache reporting the mtime of data it just wrote:
             // part of the run of writes already logged, and a regular file's
@@ -735,6 +762,15 @@ impl Vfs {
         }
         let inode = self.store.write(|tx| -> Result<Inode, TxError> {
             let mut inode = tx.inode(ino)?.ok_or(Errno::ENOENT)?;
+            // Decided on the group before a chown changes it, as the kernel
+            // does.
+            let killed = match &set.kill_setid {
+                Some(by) if set.mode.is_none() && inode.kind() != Kind::Dir => {
+                    killed_setid(inode.mode, inode.gid, by)
+                }
+                _ => 0,
+            };
+            inode.mode &= !killed;
             if let Some(mode) = set.mode {
                 inode.mode = (inode.mode & libc::S_IFMT) | (mode & 0o7777);
             }
@@ -743,9 +779,6 @@ impl Vfs {
             }
             if let Some(gid) = set.gid {
                 inode.gid = gid;
-            }
-            if set.kill_setid && set.mode.is_none() && inode.kind() != Kind::Dir {
-                inode.mode &= !killed_setid(inode.mode);
             }
             if let Some(t) = &set.atime {
                 inode.atime = nanos(t);
@@ -1287,16 +1320,15 @@ impl Vfs {
         Ok(())
     }
 
-    /// Clears the set-user-ID bit, and the set-group-ID bit of a
-    /// group-executable file, as Linux does when someone other than root
-    /// writes to the file; whether there were any.
-    pub fn clear_setid(&self, ino: Ino) -> Result<bool, Errno> {
+    /// Clears the set-ID bits a write by `by`, who lacks CAP_FSETID, clears
+    /// (see [`killed_setid`]); whether there were any.
+    pub fn clear_setid(&self, ino: Ino, by: Caller) -> Result<bool, Errno> {
         let inode = self.inode(ino)?;
-        if killed_setid(inode.mode) == 0 {
+        if killed_setid(inode.mode, inode.gid, &by) == 0 {
             return Ok(false);
         }
         let set = SetAttr {
-            kill_setid: true,
+            kill_setid: Some(by),
             ..SetAttr::default()
         };
         self.setattr(ino, &set, None).map(|_| true)

@@ -1103,6 +1103,51 @@ mod special_bits {
         sys::chown(&d, Some(NOBODY.0), None).unwrap();
         assert_eq!(mode(&d), 0o6777, "a directory's chown keeps them");
     }
+
+    /// Set-group-ID without group execute (it may mark mandatory locking)
+    /// goes on a write or truncate only by a caller outside the file's
+    /// group; a supplementary group counts. The expected modes are ext4's
+    /// on this kernel; ferry is checked on both write paths (passthrough,
+    /// where the bits go at open, and through the daemon).
+    #[test]
+    fn set_group_id_without_group_execute_goes_only_for_non_members() {
+        let target = support::Target::from_env();
+        let mut mounts = vec![Mount::new()];
+        if target == support::Target::Ferry {
+            let options = format!("{},nopassthrough", support::DEFAULT_OPTIONS);
+            mounts.push(Mount::with(target, &options));
+        }
+        for m in &mounts {
+            let f = m.join("f");
+            touch(&f, b"0123456789");
+            sys::chown(&f, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+            let append = |data: &'static [u8]| {
+                let f = f.clone();
+                move || sys::open(&f, libc::O_WRONLY | libc::O_APPEND, 0)?.write_all(data)
+            };
+
+            sys::chmod(&f, 0o2767).unwrap();
+            as_user(Some(DAEMON), || sys::truncate(&f, 8)).unwrap();
+            assert_eq!(mode(&f), 0o767, "a truncate by a non-member");
+
+            sys::chmod(&f, 0o2767).unwrap();
+            as_user(Some(DAEMON), append(b"a")).unwrap();
+            assert_eq!(mode(&f), 0o767, "a write by a non-member");
+
+            sys::chmod(&f, 0o6767).unwrap();
+            as_user(None, || {
+                support::drop_to(DAEMON, &[DAEMON.1, NOBODY.1])?;
+                append(b"b")()
+            })
+            .unwrap();
+            assert_eq!(
+                mode(&f),
+                0o2767,
+                "a write by a member through a supplementary group: only set-user-ID goes"
+            );
+            assert_eq!(fs::read(&f).unwrap(), b"01234567ab");
+        }
+    }
 }
 
 /// fallocate, copy_file_range, SEEK_DATA/SEEK_HOLE.

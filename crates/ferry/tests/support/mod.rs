@@ -607,6 +607,22 @@ pub fn as_user(cred: Option<(u32, u32)>, f: impl FnOnce() -> io::Result<()>) -> 
         .unwrap_or_else(|| panic!("child running as {cred:?} did not finish in 30 s"))
 }
 
+/// Makes this process `cred` (uid, gid) with the supplementary `groups`,
+/// for good: for a forked child (see [`Forked`]).
+pub fn drop_to(cred: (u32, u32), groups: &[u32]) -> io::Result<()> {
+    // SAFETY: plain credential syscalls with a live array of `groups.len()`
+    // gids.
+    let failed = unsafe {
+        libc::setgroups(groups.len(), groups.as_ptr()) != 0
+            || libc::setgid(cred.1) != 0
+            || libc::setuid(cred.0) != 0
+    };
+    match failed {
+        true => Err(io::Error::last_os_error()),
+        false => Ok(()),
+    }
+}
+
 /// A forked child process running a closure, which reports `Ok` or an errno
 /// over a CLOEXEC pipe. Killed and reaped on drop.
 ///
@@ -633,16 +649,9 @@ impl Forked {
         assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
         if pid == 0 {
             let code: i32 = (|| {
-                if let Some((uid, gid)) = cred {
-                    let groups = [gid];
-                    // SAFETY: plain credential syscalls on this (child) process.
-                    unsafe {
-                        if libc::setgroups(1, groups.as_ptr()) != 0
-                            || libc::setgid(gid) != 0
-                            || libc::setuid(uid) != 0
-                        {
-                            return 1000 + io::Error::last_os_error().raw_os_error().unwrap_or(0);
-                        }
+                if let Some(cred) = cred {
+                    if let Err(e) = drop_to(cred, &[cred.1]) {
+                        return 1000 + e.raw_os_error().unwrap_or(0);
                     }
                 }
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
