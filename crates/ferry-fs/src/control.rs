@@ -24,7 +24,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
@@ -54,6 +54,20 @@ pub struct Report {
     /// The processes whose context is not the mount's default.
     #[serde(default)]
     pub processes: Vec<crate::context::ProcessInfo>,
+    /// How the mount serves the kernel: transport, threads, passthrough
+    /// (absent from a daemon older than this field, or not yet mounted).
+    #[serde(default)]
+    pub serving: Option<String>,
+}
+
+/// What the control socket answers about.
+pub struct Daemon {
+    /// The mount's file system.
+    pub vfs: Arc<Vfs>,
+    /// Its replicator, if it has a backend.
+    pub replication: Option<Arc<Shared>>,
+    /// How it serves the kernel, set once the session is up.
+    pub serving: OnceLock<String>,
 }
 
 /// The socket path of a store.
@@ -61,10 +75,10 @@ pub fn socket_path(store: &Path) -> PathBuf {
     store.join("control.sock")
 }
 
-/// Serves the control socket of `vfs`'s store on a thread, for the life of
-/// the daemon.
-pub fn serve(vfs: Arc<Vfs>, replication: Option<Arc<Shared>>) -> std::io::Result<()> {
-    let path = socket_path(vfs.store().dir());
+/// Serves the control socket of the daemon's store on a thread, for the
+/// life of the daemon.
+pub fn serve(daemon: Arc<Daemon>) -> std::io::Result<()> {
+    let path = socket_path(daemon.vfs.store().dir());
     // A socket file left by a killed daemon: the store lock proves no live
     // daemon owns it, so it is safe to replace.
     let _ = std::fs::remove_file(&path);
@@ -74,11 +88,11 @@ pub fn serve(vfs: Arc<Vfs>, replication: Option<Arc<Shared>>) -> std::io::Result
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (vfs, replication) = (vfs.clone(), replication.clone());
+                let daemon = daemon.clone();
                 let spawned = std::thread::Builder::new()
                     .name("ferry-control-conn".into())
                     .spawn(move || {
-                        match answer(conn, &vfs, replication.as_deref()) {
+                        match answer(conn, &daemon) {
                             // A client that stopped listening (a sync that
                             // timed out): nothing went wrong here.
                             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
@@ -96,8 +110,9 @@ pub fn serve(vfs: Arc<Vfs>, replication: Option<Arc<Shared>>) -> std::io::Result
     Ok(())
 }
 
-fn report(vfs: &Vfs, replication: Option<&Shared>) -> Report {
-    let status = match replication {
+fn report(daemon: &Daemon) -> Report {
+    let vfs = &daemon.vfs;
+    let status = match daemon.replication.as_deref() {
         Some(r) => r.status(vfs.store()),
         None => {
             let head = vfs.store().read(|r| r.log_head()).map_or(0, |s| s.0);
@@ -110,14 +125,16 @@ fn report(vfs: &Vfs, replication: Option<&Shared>) -> Report {
     };
     Report {
         store: vfs.store().dir().display().to_string(),
-        local_only: replication.is_none(),
+        local_only: daemon.replication.is_none(),
         status,
         processes: vfs.processes().list(),
+        serving: daemon.serving.get().cloned(),
         ..Report::default()
     }
 }
 
-fn answer(conn: UnixStream, vfs: &Vfs, replication: Option<&Shared>) -> std::io::Result<()> {
+fn answer(conn: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
+    let (vfs, replication) = (&daemon.vfs, daemon.replication.as_deref());
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
@@ -128,7 +145,7 @@ fn answer(conn: UnixStream, vfs: &Vfs, replication: Option<&Shared>) -> std::io:
         out.write_all(&json)
     };
     match line.trim() {
-        "status" => send(&mut out, &report(vfs, replication)),
+        "status" => send(&mut out, &report(daemon)),
         "sync" => {
             let _urgent = replication.map(Shared::urgent);
             vfs.log_open_writers()
@@ -143,7 +160,7 @@ fn answer(conn: UnixStream, vfs: &Vfs, replication: Option<&Shared>) -> std::io:
             // Bounded by the client: when it gives up and closes, the
             // next write fails and this loop ends.
             loop {
-                let mut r = report(vfs, replication);
+                let mut r = report(daemon);
                 r.target_seq = Some(target);
                 r.done = r.local_only
                     || (r.status.verified && r.status.shipped_seq >= target && !r.status.resolving);
@@ -160,7 +177,7 @@ fn answer(conn: UnixStream, vfs: &Vfs, replication: Option<&Shared>) -> std::io:
             if let Some(shared) = replication {
                 shared.pause_down_sync(request == "pause-down-sync");
             }
-            send(&mut out, &report(vfs, replication))
+            send(&mut out, &report(daemon))
         }
         other => Err(std::io::Error::other(format!("unknown request {other:?}"))),
     }

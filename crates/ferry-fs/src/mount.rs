@@ -19,7 +19,7 @@ use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_backend::Location;
@@ -1043,8 +1043,12 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
         _ => None,
     };
     let shared = replication.as_ref().map(|r| r.shared().clone());
-    control::serve(vfs.clone(), shared.clone())
-        .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
+    let daemon = Arc::new(control::Daemon {
+        vfs: vfs.clone(),
+        replication: shared.clone(),
+        serving: OnceLock::new(),
+    });
+    control::serve(daemon.clone()).map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
     let mut config = Config::default();
     config.mount_options = kernel_options(cfg);
     config.acl = if cfg.allow_other {
@@ -1078,18 +1082,22 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
             info!("metrics at http://{addr}/metrics");
         }
     }
+    let serving = format!(
+        "{}{}{}",
+        describe_transport(session.transport(), cfg),
+        if passthrough { ", passthrough" } else { "" },
+        if cfg.read_only { ", read-only" } else { "" },
+    );
     info!(
-        "mounted {} at {} ({}; {}{}{})",
+        "mounted {} at {} ({}; {serving})",
         cfg.store.display(),
         cfg.mountpoint.display(),
         match &cfg.backend {
             Some(location) => format!("replicating to {}", ferry_backend::redact(&location.url())),
             None => "local only".into(),
         },
-        describe_transport(session.transport(), cfg),
-        if passthrough { ", passthrough" } else { "" },
-        if cfg.read_only { ", read-only" } else { "" },
     );
+    let _ = daemon.serving.set(serving);
     Ok(Mounted {
         session,
         mountpoint: cfg.mountpoint.clone(),
@@ -1098,8 +1106,9 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
     })
 }
 
-/// How requests reach the daemon, for the mount's log line. Tests and
-/// benchmarks read it to know which transport they measured.
+/// How requests reach the daemon, for the mount's log line and `ferry
+/// status`. Tests and benchmarks read it to know which transport they
+/// measured.
 fn describe_transport(transport: Transport, cfg: &MountConfig) -> String {
     match transport {
         Transport::IoUring {

@@ -368,6 +368,9 @@ fn print_details(row: &Row) {
             return;
         }
     };
+    if let Some(serving) = &r.serving {
+        println!("serving:   {serving}");
+    }
     if r.local_only {
         println!("backend:   none (local only)");
         return;

@@ -622,6 +622,13 @@ fn status_ten_mounts_two_dead() {
         "{}",
         details.stdout
     );
+    assert!(
+        details
+            .stdout
+            .contains("serving:   transport /dev/fuse, 2 threads, passthrough"),
+        "how the live mount serves the kernel: {}",
+        details.stdout
+    );
 }
 
 /// Item 5: a user sees only their own mounts; root's are not listed, and
