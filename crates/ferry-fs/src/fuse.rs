@@ -115,10 +115,15 @@ struct Ops {
     passthrough: AtomicBool,
     backings: Mutex<Backings>,
     metrics: OnceLock<Metrics>,
-    /// Tells the kernel of changes it did not ask for (set once the
-    /// session exists, see [`FerryFs::notifier`]).
-    notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Tells the kernel of changes it did not ask for.
+    notifier: NotifierSlot,
 }
+
+/// The session's notifier, set by the mount once the session exists, and
+/// shared by everything that tells the kernel of changes it did not ask
+/// for: the FUSE layer (set-ID bits it cleared) and replication (what
+/// down-sync applied).
+pub type NotifierSlot = Arc<OnceLock<fuser::Notifier>>;
 
 /// What the FUSE layer reports to the metrics endpoint.
 struct Metrics {
@@ -146,22 +151,17 @@ struct Backings {
 impl FerryFs {
     /// Serves `vfs` over FUSE; `passthrough` asks for kernel passthrough,
     /// which `init` falls back from when the kernel refuses it.
-    pub fn new(vfs: Arc<Vfs>, passthrough: bool) -> FerryFs {
+    pub fn new(vfs: Arc<Vfs>, passthrough: bool, notifier: NotifierSlot) -> FerryFs {
         FerryFs {
             ops: Arc::new(Ops {
                 vfs,
                 passthrough: AtomicBool::new(passthrough),
                 backings: Mutex::new(Backings::default()),
                 metrics: OnceLock::new(),
-                notifier: Arc::new(OnceLock::new()),
+                notifier,
             }),
             waits: Offload::new("ferry-wait", WAIT_THREADS, WAIT_QUEUE),
         }
-    }
-
-    /// Where the mount puts the session's notifier once it has one.
-    pub fn notifier(&self) -> Arc<OnceLock<fuser::Notifier>> {
-        self.ops.notifier.clone()
     }
 
     /// Reports request latencies (and, with `replicated`, cache hits and

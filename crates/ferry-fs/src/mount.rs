@@ -30,7 +30,7 @@ use crate::binding::{self, BindingError, Bound};
 use crate::cache::Evictor;
 use crate::control;
 use crate::error::StoreError;
-use crate::fuse::FerryFs;
+use crate::fuse::{FerryFs, NotifierSlot};
 use crate::ids::Seq;
 use crate::replicate::{self, Replication};
 use crate::store::{Queries, Store};
@@ -1019,6 +1019,7 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
         }
     }
     let vfs = Arc::new(Vfs::new(store, cfg.read_only)?);
+    let notifier = NotifierSlot::default();
     let replication = match &cfg.backend {
         Some(location) if !cfg.read_only => Some(
             Replication::start(
@@ -1029,6 +1030,7 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
                     prefetch: cfg.prefetch,
                     prefetch_max_file: cfg.prefetch_max_file,
                 },
+                notifier.clone(),
             )
             .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?,
         ),
@@ -1061,19 +1063,15 @@ pub fn mount(cfg: &MountConfig) -> Result<Mounted, MountError> {
     config.io_uring = cfg.io_uring.then(IoUringConfig::default);
     // Passthrough registers files with the kernel, which takes CAP_SYS_ADMIN.
     let passthrough = cfg.passthrough && nix::unistd::geteuid().is_root();
-    let mut fs = FerryFs::new(vfs.clone(), passthrough);
+    let mut fs = FerryFs::new(vfs.clone(), passthrough, notifier.clone());
     if let Some(registry) = &metrics {
         fs = fs
             .with_metrics(registry, shared.is_some())
             .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), io::Error::other(e)))?;
     }
-    let notifier = fs.notifier();
     let session = Session::new(fs, &cfg.mountpoint, &config)
         .map_err(|e| MountError::Mount(cfg.mountpoint.clone(), e))?;
     let _ = notifier.set(session.notifier());
-    if let Some(r) = &replication {
-        r.set_notifier(session.notifier());
-    }
     if let (Some(listener), Some(registry)) = (metrics_listener, metrics) {
         let addr = listener.local_addr().ok();
         control::serve_metrics(listener, registry, vfs, shared)

@@ -35,7 +35,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_backend::{Backend, BackendError, Entry, InodeState, ObjectId};
@@ -43,6 +43,7 @@ use tracing::{debug, info, warn};
 
 use super::fetch::Fetcher;
 use super::{decode_key, entry_key, inode_key, listing_key, Backoff, Key, Link, ReplError, Shared};
+use crate::fuse::NotifierSlot;
 use crate::ids::Ino;
 use crate::log::{Outbox, Touched};
 use crate::store::{Inode, Kind, Queries, Tx, ROOT_INO};
@@ -885,7 +886,7 @@ pub(super) struct Applier {
     pub vfs: Arc<Vfs>,
     pub link: Arc<Link>,
     pub shared: Arc<Shared>,
-    pub notifier: Arc<OnceLock<fuser::Notifier>>,
+    pub notifier: NotifierSlot,
     pub fetcher: Arc<Fetcher>,
 }
 
@@ -1108,6 +1109,25 @@ mod tests {
         }
     }
 
+    /// Puts into `remote` the backend's name `parent/name` for `child`, at
+    /// `version`, as another host (7) made it.
+    fn name_theirs(
+        remote: &mut RemoteState,
+        parent: ObjectId,
+        name: &[u8],
+        child: ObjectId,
+        version: u64,
+    ) {
+        let entry = Entry {
+            parent,
+            name: name.to_vec(),
+            child,
+            version,
+            origin: 7,
+        };
+        remote.entries.insert((parent, name.to_vec()), Some(entry));
+    }
+
     #[test]
     fn what_the_next_batch_ships_waits() {
         let s = Scratch::new("revived");
@@ -1163,14 +1183,7 @@ mod tests {
         let (did, pid) = (super::super::object_id(&d), super::super::object_id(&p));
         let mut remote = RemoteState::default();
         remote.entries.insert((ObjectId::ROOT, b"d".to_vec()), None);
-        let moved = Entry {
-            parent: pid,
-            name: b"x".to_vec(),
-            child: did,
-            version: 1,
-            origin: 7,
-        };
-        remote.entries.insert((pid, b"x".to_vec()), Some(moved));
+        name_theirs(&mut remote, pid, b"x", did, 1);
         remote.inodes.insert(did, Some(theirs_dir(did, 2)));
         let store = s.vfs().store();
         store
@@ -1206,14 +1219,7 @@ mod tests {
             .write(|tx| tx.set_remote_version(&entry_key(did, b"f"), Some(1)))
             .expect("record d/f");
         let mut remote = RemoteState::default();
-        let entry = Entry {
-            parent: did,
-            name: b"f".to_vec(),
-            child: f,
-            version: 1,
-            origin: 7,
-        };
-        remote.entries.insert((did, b"f".to_vec()), Some(entry));
+        name_theirs(&mut remote, did, b"f", f, 1);
         remote.inodes.insert(
             f,
             Some(InodeState {
@@ -1254,16 +1260,7 @@ mod tests {
             })
             .expect("forget d");
         let mut remote = RemoteState::default();
-        let entry = Entry {
-            parent: ObjectId::ROOT,
-            name: b"d".to_vec(),
-            child: did,
-            version: 2,
-            origin: 7,
-        };
-        remote
-            .entries
-            .insert((ObjectId::ROOT, b"d".to_vec()), Some(entry));
+        name_theirs(&mut remote, ObjectId::ROOT, b"d", did, 2);
         remote.inodes.insert(did, Some(theirs_dir(did, 2)));
         store
             .write(|tx| pull(tx, s.vfs(), &remote, &HashSet::new()))
@@ -1287,16 +1284,7 @@ mod tests {
         let f = s.shipped(ROOT_INO, b"f", libc::S_IFREG | 0o644);
         let fid = super::super::object_id(&f);
         let mut remote = RemoteState::default();
-        let link = Entry {
-            parent: ObjectId::ROOT,
-            name: b"g".to_vec(),
-            child: fid,
-            version: 1,
-            origin: 7,
-        };
-        remote
-            .entries
-            .insert((ObjectId::ROOT, b"g".to_vec()), Some(link));
+        name_theirs(&mut remote, ObjectId::ROOT, b"g", fid, 1);
         let store = s.vfs().store();
         let fx = store
             .write(|tx| pull(tx, s.vfs(), &remote, &HashSet::new()))
@@ -1322,16 +1310,7 @@ mod tests {
         let (did, xid) = (super::super::object_id(&d), super::super::object_id(&x));
         let mut remote = RemoteState::default();
         remote.entries.insert((did, b"x".to_vec()), None);
-        let moved = Entry {
-            parent: ObjectId::ROOT,
-            name: b"y".to_vec(),
-            child: xid,
-            version: 1,
-            origin: 7,
-        };
-        remote
-            .entries
-            .insert((ObjectId::ROOT, b"y".to_vec()), Some(moved));
+        name_theirs(&mut remote, ObjectId::ROOT, b"y", xid, 1);
         remote.entries.insert((ObjectId::ROOT, b"f".to_vec()), None);
         let fx = s
             .vfs()
@@ -1360,21 +1339,10 @@ mod tests {
             host: 7,
             counter: 1,
         };
-        let named = |parent, name: &[u8], child| Entry {
-            parent,
-            name: name.to_vec(),
-            child,
-            version: 1,
-            origin: 7,
-        };
         let mut remote = RemoteState::default();
-        let (root, vfs) = (ObjectId::ROOT, s.vfs());
-        remote
-            .entries
-            .insert((root, b"d".to_vec()), Some(named(root, b"d", z)));
-        remote
-            .entries
-            .insert((root, b"y".to_vec()), Some(named(root, b"y", did)));
+        let vfs = s.vfs();
+        name_theirs(&mut remote, ObjectId::ROOT, b"d", z, 1);
+        name_theirs(&mut remote, ObjectId::ROOT, b"y", did, 1);
         remote.inodes.insert(z, Some(theirs_dir(z, 1)));
         let unsettling = vfs.unsettling();
         vfs.store()
@@ -1451,20 +1419,9 @@ mod tests {
                 tx.delete(a.ino)
             })
             .expect("rmdir a/b, then a");
-        let named = |parent, name: &[u8], child| {
-            let e = Entry {
-                parent,
-                name: name.to_vec(),
-                child,
-                version: 1,
-                origin: 7,
-            };
-            ((parent, name.to_vec()), Some(e))
-        };
         let mut remote = RemoteState::default();
-        remote
-            .entries
-            .extend([named(ObjectId::ROOT, b"y", aid), named(aid, b"b", bid)]);
+        name_theirs(&mut remote, ObjectId::ROOT, b"y", aid, 1);
+        name_theirs(&mut remote, aid, b"b", bid, 1);
         remote.inodes.insert(aid, Some(theirs_dir(aid, 2)));
         remote.inodes.insert(bid, Some(theirs_dir(bid, 1)));
         store
@@ -1482,7 +1439,7 @@ mod tests {
             .expect("record the batch");
         // The next round: a at /y, without b.
         let mut feed = RemoteState::default();
-        feed.entries.extend([named(ObjectId::ROOT, b"y", aid)]);
+        name_theirs(&mut feed, ObjectId::ROOT, b"y", aid, 1);
         feed.entries.insert((aid, b"b".to_vec()), None);
         feed.inodes.insert(aid, Some(theirs_dir(aid, 2)));
         feed.inodes.insert(bid, None);
@@ -1525,14 +1482,7 @@ mod tests {
         };
         let mut remote = RemoteState::default();
         remote.entries.insert((ObjectId::ROOT, b"d".to_vec()), None);
-        let added = Entry {
-            parent: did,
-            name: b"f".to_vec(),
-            child: f,
-            version: 1,
-            origin: 7,
-        };
-        remote.entries.insert((did, b"f".to_vec()), Some(added));
+        name_theirs(&mut remote, did, b"f", f, 1);
         remote.inodes.insert(
             f,
             Some(InodeState {

@@ -79,6 +79,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ferry_backend::{Backend, BackendError, ChunkHash, Location, ObjectId};
 use tracing::{info, warn};
 
+use crate::fuse::NotifierSlot;
 use crate::ids::Seq;
 use crate::log::Outbox;
 use crate::store::{Inode, Store};
@@ -492,7 +493,6 @@ impl Drop for Urgent<'_> {
 pub struct Replication {
     shared: Arc<Shared>,
     fetcher: Arc<Fetcher>,
-    notifier: Arc<OnceLock<fuser::Notifier>>,
     store_waker: Arc<Vfs>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -500,8 +500,13 @@ pub struct Replication {
 impl Replication {
     /// Starts replicating `vfs` with the backend at `cfg.location`, and makes
     /// the vfs fetch contents from it. The backend need not be reachable:
-    /// the threads keep trying.
-    pub fn start(vfs: Arc<Vfs>, cfg: Config) -> std::io::Result<Replication> {
+    /// the threads keep trying. Each remote change applied invalidates what
+    /// the kernel cached of it through `notifier`, once the mount has set it.
+    pub fn start(
+        vfs: Arc<Vfs>,
+        cfg: Config,
+        notifier: NotifierSlot,
+    ) -> std::io::Result<Replication> {
         let shared = Arc::new(Shared {
             status: Mutex::new(Status {
                 backend: ferry_backend::redact(&cfg.location.url()),
@@ -519,7 +524,6 @@ impl Replication {
             down_paused: AtomicBool::new(false),
         });
         let link = Arc::new(Link::new(cfg.location));
-        let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::default();
         let fetcher = Arc::new(Fetcher::new(
             link.clone(),
             shared.clone(),
@@ -529,7 +533,6 @@ impl Replication {
         let mut replication = Replication {
             shared: shared.clone(),
             fetcher: fetcher.clone(),
-            notifier: notifier.clone(),
             store_waker: vfs.clone(),
             threads: Vec::new(),
         };
@@ -566,13 +569,6 @@ impl Replication {
     /// The state shared with the threads.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
-    }
-
-    /// Gives down-sync the kernel's ear: each remote change it applies
-    /// then invalidates what the kernel cached of it. Called once the FUSE
-    /// session exists.
-    pub fn set_notifier(&self, notifier: fuser::Notifier) {
-        let _ = self.notifier.set(notifier);
     }
 }
 

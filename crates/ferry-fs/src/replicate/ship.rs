@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ferry_backend::{
@@ -19,6 +19,7 @@ use super::{
     decode_key, entry_key, inode_key, object_id, unix_secs, Backoff, ChunkList, Key, Link,
     ReplError, Shared, HOLE, HOLE_PIECE,
 };
+use crate::fuse::NotifierSlot;
 use crate::ids::{Ino, Seq};
 use crate::log::{Change, LogRecord, Outbox, Touched};
 use crate::store::{nanos_of, Inode, Kind, Queries, Reader, Store, Tx, ROOT_INO};
@@ -212,7 +213,7 @@ pub(super) struct Shipper {
     vfs: Arc<Vfs>,
     link: Arc<Link>,
     shared: Arc<Shared>,
-    notifier: Arc<OnceLock<fuser::Notifier>>,
+    notifier: NotifierSlot,
     fetcher: Arc<Fetcher>,
     /// The last attempt failed: check that the backend answers before
     /// reading a whole batch of files again (an outage must not turn into
@@ -226,7 +227,7 @@ impl Shipper {
         vfs: Arc<Vfs>,
         link: Arc<Link>,
         shared: Arc<Shared>,
-        notifier: Arc<OnceLock<fuser::Notifier>>,
+        notifier: NotifierSlot,
         fetcher: Arc<Fetcher>,
     ) -> Shipper {
         Shipper {
