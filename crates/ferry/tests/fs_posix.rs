@@ -13,9 +13,9 @@
 mod support;
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use support::{as_user, clock_past, errno, sys, Mount, DAEMON, NOBODY};
 
@@ -32,6 +32,14 @@ fn mode(p: &Path) -> u32 {
 /// Creates (or truncates) a regular file with `data` and mode 0644.
 fn touch(p: &Path, data: &[u8]) {
     fs::write(p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+}
+
+/// `m`'s file `f` with `data`, owned by nobody:nogroup (mode 0644).
+fn nobodys_file(m: &Mount, data: &[u8]) -> PathBuf {
+    let f = m.join("f");
+    touch(&f, data);
+    sys::chown(&f, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+    f
 }
 
 /// (mtime, ctime) of `p` with nanoseconds, for "was it updated" checks.
@@ -188,9 +196,7 @@ mod chown {
     #[test]
     fn clears_setid_bits_by_unprivileged_owner() {
         let m = Mount::new();
-        let f = m.join("f");
-        touch(&f, b"#!/bin/sh\n");
-        sys::chown(&f, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+        let f = nobodys_file(&m, b"#!/bin/sh\n");
         sys::chmod(&f, 0o6755).unwrap();
         as_user(Some(NOBODY), || sys::chown(&f, None, Some(NOBODY.1))).unwrap();
         assert_eq!(mode(&f), 0o755, "S_ISUID/S_ISGID must be cleared by chown");
@@ -999,6 +1005,12 @@ mod xattr {
 mod special_bits {
     use super::*;
 
+    /// Appends `data` to `f` through a write(2): the set-ID bits' fate
+    /// depends on who writes.
+    fn append(f: &Path, data: &[u8]) -> io::Result<()> {
+        sys::open(f, libc::O_WRONLY | libc::O_APPEND, 0)?.write_all(data)
+    }
+
     #[test]
     fn sticky_dir_protects_others_entries() {
         let m = Mount::new();
@@ -1043,15 +1055,9 @@ mod special_bits {
     #[test]
     fn write_by_other_user_clears_setid() {
         let m = Mount::new();
-        let f = m.join("f");
-        touch(&f, b"#!/bin/sh\n");
-        sys::chown(&f, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+        let f = nobodys_file(&m, b"#!/bin/sh\n");
         sys::chmod(&f, 0o6777).unwrap();
-        as_user(Some(DAEMON), || {
-            let mut w = sys::open(&f, libc::O_WRONLY | libc::O_APPEND, 0)?;
-            w.write_all(b"echo hi\n")
-        })
-        .unwrap();
+        as_user(Some(DAEMON), || append(&f, b"echo hi\n")).unwrap();
         assert_eq!(
             mode(&f),
             0o777,
@@ -1067,9 +1073,7 @@ mod special_bits {
     #[test]
     fn every_kind_of_kill_clears_setid_as_on_ext4() {
         let m = Mount::new();
-        let f = m.join("f");
-        touch(&f, b"0123456789");
-        sys::chown(&f, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+        let f = nobodys_file(&m, b"0123456789");
 
         sys::chmod(&f, 0o6777).unwrap();
         as_user(Some(DAEMON), || sys::truncate(&f, 4)).unwrap();
@@ -1086,9 +1090,7 @@ mod special_bits {
 
         sys::chmod(&f, 0o6777).unwrap();
         sys::truncate(&f, 2).unwrap();
-        let mut w = sys::open(&f, libc::O_WRONLY | libc::O_APPEND, 0).unwrap();
-        w.write_all(b"by root").unwrap();
-        drop(w);
+        append(&f, b"by root").unwrap();
         assert_eq!(mode(&f), 0o6777, "root's writes and truncates keep them");
         assert_eq!(fs::read(&f).unwrap(), b"01by root");
 
@@ -1118,26 +1120,20 @@ mod special_bits {
             mounts.push(Mount::with(target, &options));
         }
         for m in &mounts {
-            let f = m.join("f");
-            touch(&f, b"0123456789");
-            sys::chown(&f, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
-            let append = |data: &'static [u8]| {
-                let f = f.clone();
-                move || sys::open(&f, libc::O_WRONLY | libc::O_APPEND, 0)?.write_all(data)
-            };
+            let f = nobodys_file(m, b"0123456789");
 
             sys::chmod(&f, 0o2767).unwrap();
             as_user(Some(DAEMON), || sys::truncate(&f, 8)).unwrap();
             assert_eq!(mode(&f), 0o767, "a truncate by a non-member");
 
             sys::chmod(&f, 0o2767).unwrap();
-            as_user(Some(DAEMON), append(b"a")).unwrap();
+            as_user(Some(DAEMON), || append(&f, b"a")).unwrap();
             assert_eq!(mode(&f), 0o767, "a write by a non-member");
 
             sys::chmod(&f, 0o6767).unwrap();
             as_user(None, || {
                 support::drop_to(DAEMON, &[DAEMON.1, NOBODY.1])?;
-                append(b"b")()
+                append(&f, b"b")
             })
             .unwrap();
             assert_eq!(

@@ -92,14 +92,20 @@ fn mount_log(mount: &Mount, count: usize) -> String {
 /// A ferry mount with `-o io_uring` (plus `extra`), checked to be served by
 /// the rings.
 fn ring_mount(extra: &str) -> Mount {
+    mount_saying(&format!(",io_uring{extra}"), RING_LOG)
+}
+
+/// A ferry mount with the default options plus `options`, whose log says
+/// `says` of how it serves the kernel.
+fn mount_saying(options: &str, says: &str) -> Mount {
     let mount = Mount::with(
         support::Target::Ferry,
-        &format!("{DEFAULT_OPTIONS},io_uring{extra}"),
+        &format!("{DEFAULT_OPTIONS}{options}"),
     );
     let log = mount_log(&mount, 1);
     assert!(
-        log.contains(RING_LOG),
-        "the mount does not say it serves through io_uring:\n{log}"
+        log.contains(says),
+        "{options:?}: the log does not say {says:?}:\n{log}"
     );
     mount
 }
@@ -712,15 +718,7 @@ fn falls_back_to_dev_fuse_when_the_kernel_does_not_offer_it() {
         ("", true, "transport /dev/fuse, 2 threads"),
     ] {
         param.write(offered);
-        let mount = Mount::with(
-            support::Target::Ferry,
-            &format!("{DEFAULT_OPTIONS}{options}"),
-        );
-        let log = mount_log(&mount, 1);
-        assert!(
-            log.contains(says),
-            "{options:?} with enable_uring {offered}:\n{log}"
-        );
+        let mount = mount_saying(options, says);
         fs::write(mount.join("f"), b"through /dev/fuse").expect("write");
         assert_eq!(
             fs::read(mount.join("f")).expect("read"),
