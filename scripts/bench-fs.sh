@@ -297,7 +297,7 @@ small_part() {
     echo "## Small files one by one: create, first stat, unlink"
     echo
     machine
-    echo "One process (python3, as fs_bench.rs: open O_CREAT|O_TRUNC + one 4 KiB write + close; stat; unlink), $n files in one directory, medians of $reps runs, targets interleaved. All mounts: \`-o $options\`${FERRY_BENCH_FERRY_OPTIONS:+, ferry also \`$FERRY_BENCH_FERRY_OPTIONS\`}; ferry io_uring adds \`io_uring\`; ferry: \`$FERRY_BIN\`."
+    echo "One process (python3, as fs_bench.rs: open O_CREAT|O_TRUNC + one 4 KiB write + close; stat; unlink), $n files in one directory, medians of $reps runs, targets interleaved; each round creates right after the last round's unlinks, when ext4 without a journal allocates inodes slowly (raw and bindfs pay it, ferry reuses its data files: see docs/benchmarks.md). All mounts: \`-o $options\`${FERRY_BENCH_FERRY_OPTIONS:+, ferry also \`$FERRY_BENCH_FERRY_OPTIONS\`}; ferry io_uring adds \`io_uring\`; ferry: \`$FERRY_BIN\`."
     echo
     table_head
     row "create + 4 KiB write + close" "ops/s (higher is better)" "$res.create"
