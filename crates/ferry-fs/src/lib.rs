@@ -44,6 +44,7 @@ pub mod error;
 pub mod fsck;
 pub mod fuse;
 pub mod ids;
+pub mod journal;
 pub mod log;
 pub mod mount;
 mod offload;

@@ -8,13 +8,17 @@
 //! change log (see [`crate::log`]), so after any crash the log describes
 //! exactly the changes that are in the store: both commit or neither does.
 //!
-//! Durability: commits use `synchronous=NORMAL`, which survives a crash of
-//! the daemon (the WAL is written before commit returns) but not a power cut.
-//! [`Store::sync`] fsyncs the WAL, which makes every earlier commit durable;
-//! `fsync` and `fsyncdir` call it, so once they return the change survives
-//! power loss too. The WAL is checked before SQLite replays it
-//! ([`crate::wal`]), kept small (`journal_size_limit`), and emptied into the
-//! database when the store closes.
+//! Durability: a write is durable against a crash of the daemon once its
+//! record is in the journal ([`crate::journal`]: one `pwrite`, before
+//! [`Store::write`] returns); its SQLite transaction commits later, with a
+//! batch of others, and a crash before that is repaired by replaying the
+//! journal when the store opens. Neither survives a power cut on its own:
+//! [`Store::sync`] fsyncs the journal, which makes every earlier write
+//! durable; `fsync` and `fsyncdir` call it, so once they return the change
+//! survives power loss too. Batches commit with `synchronous=NORMAL`. The
+//! WAL is checked before SQLite replays it ([`crate::wal`]), kept small
+//! (`journal_size_limit`), and emptied into the database when the store
+//! closes, after the open batch commits.
 //!
 //! A full disk must not wedge the volume: the store keeps a small reserve
 //! file, given up by operations that free space ([`Store::make_room`]) so
@@ -28,10 +32,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use ferry_backend::ChunkHash;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, ToSql};
 
 use crate::error::StoreError;
 use crate::ids::{Ino, Seq};
+use crate::journal::{self, Journal, Record};
 use crate::log::{Change, LogRecord};
 
 /// `PRAGMA application_id` of a ferry store ("FRRY"): tells a ferry store
@@ -39,11 +44,11 @@ use crate::log::{Change, LogRecord};
 const APPLICATION_ID: i32 = 0x4652_5259;
 
 /// The store layout version this build reads and writes (`PRAGMA user_version`).
-pub const FORMAT_VERSION: i32 = 3;
+pub const FORMAT_VERSION: i32 = 4;
 
 /// What a store of each older format version needs to reach the next:
 /// `MIGRATIONS[v - 1]` takes version `v` to `v + 1`.
-const MIGRATIONS: &[&str] = &[VERSION_2, VERSION_3];
+const MIGRATIONS: &[&str] = &[VERSION_2, VERSION_3, VERSION_4];
 
 /// Files whose contents were shipped while a writer still had them open
 /// (version 2). Writes after that point are not visible to the daemon
@@ -74,6 +79,13 @@ const VERSION_3: &str = "ALTER TABLE log ADD COLUMN pulled INTEGER NOT NULL DEFA
 CREATE TABLE recheck(key BLOB PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE resolved(id INTEGER PRIMARY KEY, at INTEGER NOT NULL, path TEXT NOT NULL,
     how TEXT NOT NULL);";
+
+/// The journal (version 4, see [`crate::journal`]): its epoch, random so a
+/// journal file left from another store never matches, and the last record
+/// the committed store holds. A store of version 3 has no journal, and a
+/// build that knows none refuses version 4, so none ignores one.
+const VERSION_4: &str = "INSERT INTO meta(key, value) VALUES
+    ('journal_epoch', abs(random() >> 1)), ('journal_applied', 0);";
 
 /// Bytes kept in reserve for operations that free space on a full disk.
 const RESERVE_BYTES: u64 = 8 << 20;
@@ -267,9 +279,16 @@ pub struct Entry {
     pub inode: Inode,
 }
 
-/// The local store: one database connection, the data directory, the WAL.
+/// The local store: one database connection, the data directory, the WAL,
+/// the journal.
 pub struct Store {
-    conn: Mutex<Connection>,
+    db: Mutex<Db>,
+    /// The journal's file, for [`Store::sync`] without the lock.
+    journal_file: File,
+    /// A batch commit started a new journal epoch, and the WAL that holds it
+    /// could not be synced then: [`Store::sync`] must sync it before it
+    /// counts the new epoch's records durable.
+    epoch_unsynced: std::sync::atomic::AtomicBool,
     dir: PathBuf,
     host: u32,
     /// Held for the life of the store: a second daemon on the same store
@@ -281,12 +300,28 @@ pub struct Store {
     /// When [`Store::make_room`] last looked at the free space, and what it
     /// found.
     room: Mutex<Option<(std::time::Instant, u64)>>,
-    /// Commits so far (from 1: what opening did is not known to be synced),
-    /// and how many of them the last [`Store::sync`] made durable. A sync
-    /// with nothing new costs no fsync: an fsync loop on one open file
-    /// commits only at its first write.
+    /// Journaled writes so far (from 1: what opening did is not known to be
+    /// synced), and how many of them the last [`Store::sync`] made durable.
+    /// A sync with nothing new costs no fsync: an fsync loop on one open
+    /// file writes the store only at its first write.
     commits: AtomicU64,
     synced: AtomicU64,
+}
+
+/// What the store's lock guards: the connection, with the batch open on
+/// it, and the journal that makes the batch's writes durable (see
+/// [`crate::journal`]).
+struct Db {
+    conn: Connection,
+    journal: Journal,
+    /// Whether a batch (a SQLite transaction spanning writes) is open.
+    open: bool,
+    /// Writes and record bytes in it.
+    writes: u32,
+    bytes: u64,
+    /// SQLite rolled an open batch back (an I/O error, a full disk): the
+    /// connection lacks journaled writes until the journal is replayed.
+    lost: bool,
 }
 
 /// What [`Store::wait_for_log`] waits on.
@@ -298,20 +333,109 @@ struct LogGeneration {
     waiters: u32,
 }
 
-/// Rolls back the open transaction when dropped: [`Store::write`] forgets
-/// it once `COMMIT` succeeded, so it acts on errors and panics only. A
-/// failed `COMMIT` may already have rolled back; then `ROLLBACK` fails, and
-/// that is fine.
-struct Rollback<'a>(&'a Connection);
+/// Undoes one write inside the batch when dropped: [`Store::write`]
+/// forgets it once the write is journaled, so it acts on errors and panics
+/// only. If SQLite already rolled the whole batch back, `ROLLBACK TO` fails,
+/// and [`Db::heal`] sees it next.
+struct Undo<'a>(&'a Connection);
 
-impl Drop for Rollback<'_> {
+impl Drop for Undo<'_> {
     fn drop(&mut self) {
-        if !self.0.is_autocommit() {
-            let _ = self
-                .0
-                .prepare_cached("ROLLBACK")
-                .and_then(|mut s| s.execute([]));
+        let _ = exec_cached(self.0, "ROLLBACK TO write");
+        let _ = exec_cached(self.0, "RELEASE write");
+    }
+}
+
+/// Runs a statement without parameters, cached (`BEGIN`, `SAVEPOINT`…:
+/// parsing them anew each time cost about a tenth of a create's CPU).
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+impl Db {
+    /// Starts one write: replays the journal if the batch was lost, opens a
+    /// batch if none is, and sets the savepoint the write rolls back to.
+    fn begin(&mut self) -> rusqlite::Result<()> {
+        self.heal()?;
+        if !self.open {
+            exec_cached(&self.conn, "BEGIN IMMEDIATE")?;
+            self.open = true;
+            self.writes = 0;
+            self.bytes = 0;
         }
+        exec_cached(&self.conn, "SAVEPOINT write")
+    }
+
+    /// Brings the connection back to every journaled write if SQLite rolled
+    /// the batch back behind the store's back.
+    fn heal(&mut self) -> rusqlite::Result<()> {
+        if self.open && self.conn.is_autocommit() {
+            self.open = false;
+            self.lost = true;
+        }
+        if self.lost {
+            tracing::warn!("the store's open batch was rolled back; replaying the journal");
+            journal::replay(&self.conn, &mut self.journal).map_err(replay_failed)?;
+            self.lost = false;
+        }
+        Ok(())
+    }
+
+    /// Commits the open batch, recording how far the journal is applied
+    /// (and, once the journal is full, a new epoch: then the journal starts
+    /// again at offset 0, which needs the commit durable first). Returns
+    /// whether the WAL holding a new epoch could not be synced.
+    fn commit(&mut self, dir: &Path) -> rusqlite::Result<bool> {
+        if !self.open {
+            return Ok(false);
+        }
+        let wrap = self.journal.full();
+        let set = "UPDATE meta SET value=?2 WHERE key=?1";
+        self.conn
+            .prepare_cached(set)?
+            .execute(params![journal::META_APPLIED, self.journal.last() as i64])?;
+        let epoch = self.journal.epoch().wrapping_add(1);
+        if wrap {
+            self.conn
+                .prepare_cached(set)?
+                .execute(params![journal::META_EPOCH, epoch as i64])?;
+        }
+        if let Err(e) = exec_cached(&self.conn, "COMMIT") {
+            // Still open: it commits with the next batch. Rolled back:
+            // healed from the journal.
+            self.heal()?;
+            return Err(e);
+        }
+        self.open = false;
+        if !wrap {
+            return Ok(false);
+        }
+        self.journal.restart(epoch);
+        Ok(match sync_wal(dir) {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::warn!("syncing the store's WAL: {e}");
+                true
+            }
+        })
+    }
+}
+
+/// The error a failed replay of the journal becomes inside the store.
+fn replay_failed(e: journal::ReplayError) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+        Some(e.to_string()),
+    )
+}
+
+/// Syncs the store's WAL (or nothing: without one, everything is in the
+/// synced database).
+fn sync_wal(dir: &Path) -> io::Result<()> {
+    match File::open(dir.join("meta.db-wal")) {
+        Ok(f) => f.sync_all(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -383,8 +507,36 @@ impl Store {
         let host: i64 = conn
             .query_row("SELECT value FROM meta WHERE key='host'", [], |r| r.get(0))
             .map_err(bad)?;
+        let journal_path = dir.join("journal");
+        let mut journal =
+            Journal::open(&journal_path, fresh).map_err(|e| StoreError::io(&journal_path, e))?;
+        let replayed = journal::replay(&conn, &mut journal).map_err(|e| match e {
+            journal::ReplayError::Io(e) => StoreError::io(&journal_path, e),
+            e => StoreError::Corrupt {
+                path: dir.to_path_buf(),
+                detail: e.to_string(),
+            },
+        })?;
+        if replayed.records > 0 {
+            tracing::info!(
+                "replayed {} journaled writes into the store",
+                replayed.records
+            );
+        }
+        let journal_file = journal
+            .syncer()
+            .map_err(|e| StoreError::io(&journal_path, e))?;
         let store = Store {
-            conn: Mutex::new(conn),
+            db: Mutex::new(Db {
+                conn,
+                journal,
+                open: false,
+                writes: 0,
+                bytes: 0,
+                lost: false,
+            }),
+            journal_file,
+            epoch_unsynced: std::sync::atomic::AtomicBool::new(false),
             dir: dir.to_path_buf(),
             host: host as u32,
             _lock: lock,
@@ -412,31 +564,66 @@ impl Store {
         self.dir.join("data").join(format!("{:x}", ino.0))
     }
 
-    /// Runs `f` in one immediate transaction and commits if it returns `Ok`.
+    /// Runs `f` as one atomic write: all its changes or none, durable
+    /// against a crash of the daemon once this returns `Ok`.
     ///
-    /// `BEGIN IMMEDIATE`, `COMMIT` and `ROLLBACK` are cached statements:
-    /// rusqlite's `Transaction` parses them anew on every call, which cost
-    /// about a tenth of a create's CPU (issue 12). An error from `f` or from
-    /// the commit, or a panic, rolls back ([`Rollback`]).
+    /// The write runs inside the open batch, under a savepoint that an
+    /// error from `f`, a failed append or a panic rolls back ([`Undo`]); it
+    /// is durable once its record is in the journal, and the batch commits
+    /// every [`journal::BATCH_RECORDS`] writes (see [`crate::journal`]).
     pub fn write<T, E: From<rusqlite::Error>>(
         &self,
         f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let conn = self.lock();
-        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        let rollback = Rollback(&conn);
+        let mut guard = self.lock();
+        let db = &mut *guard;
+        db.begin()?;
+        let undo = Undo(&db.conn);
+        let before = db.conn.total_changes();
         let tx = Tx {
-            txn: &conn,
+            txn: &db.conn,
             host: self.host,
             logged: std::cell::Cell::new(false),
             at: now(),
             pulled: std::cell::Cell::new(false),
+            record: Default::default(),
+            changes: std::cell::Cell::new(0),
         };
         let out = f(&tx)?;
-        conn.prepare_cached("COMMIT")?.execute([])?;
-        std::mem::forget(rollback);
-        self.commits.fetch_add(1, Ordering::SeqCst);
-        if tx.logged.get() {
+        let (logged, record, changes) = (tx.logged.get(), tx.record.take(), tx.changes.get());
+        drop(tx);
+        if db.conn.total_changes() - before != changes {
+            // A change the journal would not replay: a bug, refused.
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_MISUSE),
+                Some("a store write changed rows outside its journal record".into()),
+            )
+            .into());
+        }
+        if !record.is_empty() {
+            db.journal.append(&record).map_err(|e| {
+                tracing::error!("appending to {}: {e}", db.journal.path().display());
+                let code = match e.raw_os_error() {
+                    Some(libc::ENOSPC) => rusqlite::ffi::SQLITE_FULL,
+                    _ => rusqlite::ffi::SQLITE_IOERR,
+                };
+                rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some(e.to_string()))
+            })?;
+        }
+        std::mem::forget(undo);
+        exec_cached(&db.conn, "RELEASE write")?;
+        if !record.is_empty() {
+            self.commits.fetch_add(1, Ordering::SeqCst);
+            db.writes += 1;
+            db.bytes += record.len() as u64;
+            if db.writes >= journal::BATCH_RECORDS
+                || db.bytes >= journal::BATCH_BYTES
+                || db.journal.full()
+            {
+                self.commit_batch(db);
+            }
+        }
+        if logged {
             let mut log = self
                 .log_generation
                 .0
@@ -452,10 +639,28 @@ impl Store {
         Ok(out)
     }
 
-    /// Runs `f` on a read view (reads share the writer's connection).
+    /// Runs `f` on a read view: the writer's connection, so it sees every
+    /// write that returned, committed in a batch or only journaled.
     pub fn read<T>(&self, f: impl FnOnce(&Reader<'_>) -> T) -> T {
-        let conn = self.lock();
-        f(&Reader { conn: &conn })
+        let mut db = self.lock();
+        if let Err(e) = db.heal() {
+            tracing::error!("the store is behind its journal: {e}");
+        }
+        f(&Reader { conn: &db.conn })
+    }
+
+    /// Commits the open batch; a failure is logged, not returned, because
+    /// every write in it is already journaled: the batch stays open (or is
+    /// replayed) and commits later.
+    fn commit_batch(&self, db: &mut Db) {
+        match db.commit(&self.dir) {
+            Ok(unsynced) => {
+                if unsynced {
+                    self.epoch_unsynced.store(true, Ordering::SeqCst);
+                }
+            }
+            Err(e) => tracing::warn!("committing the store's batch: {e}"),
+        }
     }
 
     /// Waits up to `timeout` for a commit that appends to the log after
@@ -478,20 +683,19 @@ impl Store {
         cond.notify_all();
     }
 
-    /// Makes every committed transaction durable against power loss.
+    /// Makes every write that returned durable against power loss.
     pub fn sync(&self) -> io::Result<()> {
         // Read before the fsync: a commit after this point is not covered.
         let upto = self.commits.load(Ordering::SeqCst);
         if self.synced.load(Ordering::SeqCst) >= upto {
             return Ok(());
         }
-        let wal = self.dir.join("meta.db-wal");
-        match File::open(&wal) {
-            Ok(f) => f.sync_all()?,
-            // No WAL: everything was checkpointed into the (synced) database.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        // Replay needs the journal's epoch, which a batch commit recorded.
+        if self.epoch_unsynced.swap(false, Ordering::SeqCst) {
+            sync_wal(&self.dir)
+                .inspect_err(|_| self.epoch_unsynced.store(true, Ordering::SeqCst))?;
         }
+        self.journal_file.sync_data()?;
         self.synced.fetch_max(upto, Ordering::SeqCst);
         Ok(())
     }
@@ -500,8 +704,12 @@ impl Store {
     /// what a clean unmount (and closing the store) does, so a store at rest
     /// is one file with nothing left to replay.
     pub fn checkpoint(&self) {
-        let conn = self.lock();
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        let mut db = self.lock();
+        self.commit_batch(&mut db);
+        if let Err(e) = db
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
             tracing::warn!("checkpointing the store: {e}");
         }
     }
@@ -547,10 +755,11 @@ impl Store {
         last.is_none_or(|(_, free)| free < PLENTY_BYTES)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves no half transaction behind
-        // (it rolls back on drop), so the poisoned connection is still sound.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Db> {
+        // A panic while holding the lock leaves no half write behind (it
+        // rolls back to its savepoint on drop), so the poisoned store is
+        // still sound.
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -567,7 +776,7 @@ fn holds_only_ferry_files(dir: &Path) -> Result<bool, StoreError> {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;
         let name = entry.file_name();
         let ours = match name.to_str() {
-            Some("lock" | "ferry.log" | "reserve") => true,
+            Some("lock" | "ferry.log" | "reserve" | "journal") => true,
             Some("data" | "spare") => std::fs::read_dir(entry.path())
                 .map(|mut d| d.next().is_none())
                 .unwrap_or(false),
@@ -601,7 +810,7 @@ fn lock_store(dir: &Path) -> Result<nix::fcntl::Flock<File>, StoreError> {
 fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "application_id", APPLICATION_ID)?;
     conn.execute_batch(&format!(
-        "BEGIN; {SCHEMA} PRAGMA user_version={FORMAT_VERSION};"
+        "BEGIN; {SCHEMA} {VERSION_4} PRAGMA user_version={FORMAT_VERSION};"
     ))?;
     let host = random_host_id()?;
     let t = now();
@@ -1097,6 +1306,10 @@ pub struct Tx<'a> {
     /// Whether the records it logs are pulled from the backend (see
     /// [`VERSION_3`]); set by [`Tx::pulling`].
     pulled: std::cell::Cell<bool>,
+    /// Its statements so far, for the journal.
+    record: std::cell::RefCell<Record>,
+    /// Rows they changed, which must be every row the transaction changed.
+    changes: std::cell::Cell<u64>,
 }
 
 impl Queries for Tx<'_> {
@@ -1120,6 +1333,35 @@ pub struct NewInode<'a> {
 }
 
 impl Tx<'_> {
+    /// Runs one mutating statement and records it for the journal; returns
+    /// the rows it changed. Every change goes through here or
+    /// [`Tx::exec_row`]: [`Store::write`] refuses a transaction that changed
+    /// rows its record does not account for.
+    fn exec(&self, sql: &str, params: &[&dyn ToSql]) -> rusqlite::Result<u64> {
+        let changes = journal::run(self.txn, sql, params)?;
+        self.note(sql, params, changes)?;
+        Ok(changes)
+    }
+
+    /// [`Tx::exec`] for a statement with `RETURNING`: `f` reads its row.
+    fn exec_row<T>(
+        &self,
+        sql: &str,
+        params: &[&dyn ToSql],
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let before = self.txn.total_changes();
+        let out = self.txn.prepare_cached(sql)?.query_row(params, f)?;
+        // Counted once the statement is reset, as replay counts it.
+        self.note(sql, params, self.txn.total_changes() - before)?;
+        Ok(out)
+    }
+
+    fn note(&self, sql: &str, params: &[&dyn ToSql], changes: u64) -> rusqlite::Result<()> {
+        self.changes.set(self.changes.get() + changes);
+        self.record.borrow_mut().push(sql, params, changes)
+    }
+
     /// Creates an inode and links it as `parent/name`; logs `Create`.
     pub fn create(&self, parent: Ino, name: &[u8], new: &NewInode<'_>) -> rusqlite::Result<Inode> {
         let t = now();
@@ -1132,12 +1374,8 @@ impl Tx<'_> {
         // reused, and so known before the row exists, which spares an
         // UPDATE of the row and of its (host, counter) index.
         let ino = Ino(self.sequence("inode")? + 1);
-        self.txn
-            .prepare_cached(
-                "INSERT INTO inode(ino, host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, target, version)
-                 VALUES (?1, ?2, ?1, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8, ?8, ?9, ?10, 1)",
-            )?
-            .execute(params![
+        self.exec("INSERT INTO inode(ino, host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, target, version)
+                 VALUES (?1, ?2, ?1, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8, ?8, ?9, ?10, 1)", params![
                 ino,
                 self.host,
                 new.mode,
@@ -1178,9 +1416,10 @@ impl Tx<'_> {
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> rusqlite::Result<()> {
         let t = now();
         self.insert_dentry(parent, name, ino)?;
-        self.txn
-            .prepare_cached("UPDATE inode SET nlink=nlink+1, ctime=?2 WHERE ino=?1")?
-            .execute(params![ino, t])?;
+        self.exec(
+            "UPDATE inode SET nlink=nlink+1, ctime=?2 WHERE ino=?1",
+            params![ino, t],
+        )?;
         self.touch_dir(parent, t)?;
         self.log(&Change::Link { ino, parent, name })
     }
@@ -1189,18 +1428,20 @@ impl Tx<'_> {
     /// the victim's remaining link count (a directory's is 0).
     pub fn unlink(&self, parent: Ino, name: &[u8], victim: &Inode) -> rusqlite::Result<u32> {
         let t = now();
-        self.txn
-            .prepare_cached("DELETE FROM dentry WHERE parent=?1 AND name=?2")?
-            .execute(params![parent, name])?;
+        self.exec(
+            "DELETE FROM dentry WHERE parent=?1 AND name=?2",
+            params![parent, name],
+        )?;
         let nlink = if victim.kind() == Kind::Dir {
             self.add_nlink(parent, -1)?;
             0
         } else {
             victim.nlink.saturating_sub(1)
         };
-        self.txn
-            .prepare_cached("UPDATE inode SET nlink=?2, ctime=?3 WHERE ino=?1")?
-            .execute(params![victim.ino, nlink, t])?;
+        self.exec(
+            "UPDATE inode SET nlink=?2, ctime=?3 WHERE ino=?1",
+            params![victim.ino, nlink, t],
+        )?;
         self.touch_dir(parent, t)?;
         self.log(&Change::Unlink {
             ino: victim.ino,
@@ -1215,12 +1456,8 @@ impl Tx<'_> {
     pub fn delete(&self, ino: Ino) -> rusqlite::Result<()> {
         self.log(&Change::Delete { ino })?;
         self.clear_writing(ino)?;
-        self.txn
-            .prepare_cached("DELETE FROM xattr WHERE ino=?1")?
-            .execute([ino])?;
-        self.txn
-            .prepare_cached("DELETE FROM inode WHERE ino=?1")?
-            .execute([ino])?;
+        self.exec("DELETE FROM xattr WHERE ino=?1", params![ino])?;
+        self.exec("DELETE FROM inode WHERE ino=?1", params![ino])?;
         Ok(())
     }
 
@@ -1235,9 +1472,10 @@ impl Tx<'_> {
         moved: &Inode,
     ) -> rusqlite::Result<()> {
         let t = now();
-        self.txn
-            .prepare_cached("DELETE FROM dentry WHERE parent=?1 AND name=?2")?
-            .execute(params![parent, name])?;
+        self.exec(
+            "DELETE FROM dentry WHERE parent=?1 AND name=?2",
+            params![parent, name],
+        )?;
         self.insert_dentry(newparent, newname, moved.ino)?;
         if moved.kind() == Kind::Dir && parent != newparent {
             self.add_nlink(parent, -1)?;
@@ -1262,10 +1500,11 @@ impl Tx<'_> {
         (newparent, newname, b): (Ino, &[u8], &Inode),
     ) -> rusqlite::Result<()> {
         let t = now();
-        let set = |p: Ino, n: &[u8], ino: Ino| -> rusqlite::Result<usize> {
-            self.txn
-                .prepare_cached("UPDATE dentry SET ino=?3 WHERE parent=?1 AND name=?2")?
-                .execute(params![p, n, ino])
+        let set = |p: Ino, n: &[u8], ino: Ino| -> rusqlite::Result<u64> {
+            self.exec(
+                "UPDATE dentry SET ino=?3 WHERE parent=?1 AND name=?2",
+                params![p, n, ino],
+            )
         };
         set(parent, name, b.ino)?;
         set(newparent, newname, a.ino)?;
@@ -1292,11 +1531,7 @@ impl Tx<'_> {
     /// Writes back the attributes of `inode` (mode, owner, size, times) and
     /// logs `SetAttr`. The caller computed the new values.
     pub fn set_attr(&self, inode: &Inode) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached(
-                "UPDATE inode SET mode=?2, uid=?3, gid=?4, size=?5, atime=?6, mtime=?7, ctime=?8 WHERE ino=?1",
-            )?
-            .execute(params![
+        self.exec("UPDATE inode SET mode=?2, uid=?3, gid=?4, size=?5, atime=?6, mtime=?7, ctime=?8 WHERE ino=?1", params![
                 inode.ino,
                 inode.mode,
                 inode.uid,
@@ -1322,18 +1557,19 @@ impl Tx<'_> {
 
     /// Sets xattr `name` of `ino`; logs `Xattr`.
     pub fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8]) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("INSERT OR REPLACE INTO xattr(ino, name, value) VALUES (?1, ?2, ?3)")?
-            .execute(params![ino, name, value])?;
+        self.exec(
+            "INSERT OR REPLACE INTO xattr(ino, name, value) VALUES (?1, ?2, ?3)",
+            params![ino, name, value],
+        )?;
         self.xattr_changed(ino)
     }
 
     /// Removes xattr `name` of `ino`; returns whether it existed. Logs `Xattr`.
     pub fn remove_xattr(&self, ino: Ino, name: &[u8]) -> rusqlite::Result<bool> {
-        let n = self
-            .txn
-            .prepare_cached("DELETE FROM xattr WHERE ino=?1 AND name=?2")?
-            .execute(params![ino, name])?;
+        let n = self.exec(
+            "DELETE FROM xattr WHERE ino=?1 AND name=?2",
+            params![ino, name],
+        )?;
         if n > 0 {
             self.xattr_changed(ino)?;
         }
@@ -1349,17 +1585,19 @@ impl Tx<'_> {
 
     /// Sets an integer in the `meta` table.
     pub fn set_meta_int(&self, key: &str, value: i64) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?
-            .execute(params![key, value])?;
+        self.exec(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
         Ok(())
     }
 
     /// Sets a text value in the `meta` table.
     pub fn set_meta_text(&self, key: &str, value: &str) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?
-            .execute(params![key, value])?;
+        self.exec(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
         Ok(())
     }
 
@@ -1369,29 +1607,28 @@ impl Tx<'_> {
         &self,
         keys: impl IntoIterator<Item = (&'k [u8], bool)>,
     ) -> rusqlite::Result<()> {
-        self.txn.execute("DELETE FROM inflight", [])?;
-        let mut stmt = self
-            .txn
-            .prepare_cached("INSERT OR REPLACE INTO inflight(key, deleting) VALUES (?1, ?2)")?;
+        self.exec("DELETE FROM inflight", params![])?;
         for (key, deleting) in keys {
-            stmt.execute(params![key, deleting])?;
+            self.exec(
+                "INSERT OR REPLACE INTO inflight(key, deleting) VALUES (?1, ?2)",
+                params![key, deleting],
+            )?;
         }
         Ok(())
     }
 
     /// Remembers that `ino` was shipped while open for writing.
     pub fn mark_writing(&self, ino: Ino) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("INSERT OR IGNORE INTO writing(ino) VALUES (?1)")?
-            .execute([ino])?;
+        self.exec(
+            "INSERT OR IGNORE INTO writing(ino) VALUES (?1)",
+            params![ino],
+        )?;
         Ok(())
     }
 
     /// `ino` is logged again (or gone): forget [`Tx::mark_writing`].
     pub fn clear_writing(&self, ino: Ino) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("DELETE FROM writing WHERE ino=?1")?
-            .execute([ino])?;
+        self.exec("DELETE FROM writing WHERE ino=?1", params![ino])?;
         Ok(())
     }
 
@@ -1399,57 +1636,51 @@ impl Tx<'_> {
     /// gone from the backend).
     pub fn set_remote_version(&self, key: &[u8], version: Option<u64>) -> rusqlite::Result<()> {
         match version {
-            Some(v) => self
-                .txn
-                .prepare_cached("INSERT OR REPLACE INTO remote(key, version) VALUES (?1, ?2)")?
-                .execute(params![key, v as i64])?,
-            None => self
-                .txn
-                .prepare_cached("DELETE FROM remote WHERE key=?1")?
-                .execute([key])?,
+            Some(v) => self.exec(
+                "INSERT OR REPLACE INTO remote(key, version) VALUES (?1, ?2)",
+                params![key, v as i64],
+            )?,
+            None => self.exec("DELETE FROM remote WHERE key=?1", params![key])?,
         };
         Ok(())
     }
 
     /// Keeps a conflict; the object is not shipped again until it is settled.
     pub fn add_conflict(&self, key: &[u8], object: &str, detail: &str) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO conflict(key, at, object, detail) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![key, now(), object, detail])?;
+        self.exec(
+            "INSERT OR REPLACE INTO conflict(key, at, object, detail) VALUES (?1, ?2, ?3, ?4)",
+            params![key, now(), object, detail],
+        )?;
         Ok(())
     }
 
     /// A conflict is settled: the object ships again.
     pub fn clear_conflict(&self, key: &[u8]) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("DELETE FROM conflict WHERE key=?1")?
-            .execute([key])?;
+        self.exec("DELETE FROM conflict WHERE key=?1", params![key])?;
         Ok(())
     }
 
     /// Records how a conflict on `path` was resolved, for `ferry status`.
     pub fn add_resolved(&self, path: &str, how: &str) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("INSERT INTO resolved(at, path, how) VALUES (?1, ?2, ?3)")?
-            .execute(params![now(), path, how])?;
+        self.exec(
+            "INSERT INTO resolved(at, path, how) VALUES (?1, ?2, ?3)",
+            params![now(), path, how],
+        )?;
         Ok(())
     }
 
     /// Down-sync must fetch and try `key` again (see [`VERSION_3`]).
     pub fn add_recheck(&self, key: &[u8]) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("INSERT OR IGNORE INTO recheck(key) VALUES (?1)")?
-            .execute([key])?;
+        self.exec(
+            "INSERT OR IGNORE INTO recheck(key) VALUES (?1)",
+            params![key],
+        )?;
         Ok(())
     }
 
     /// `key` applied (or needs nothing more).
     pub fn remove_recheck(&self, key: &[u8]) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("DELETE FROM recheck WHERE key=?1")?
-            .execute([key])?;
+        self.exec("DELETE FROM recheck WHERE key=?1", params![key])?;
         Ok(())
     }
 
@@ -1469,9 +1700,10 @@ impl Tx<'_> {
     /// `Unlink`. Times are the backend's and links are recounted by the
     /// caller ([`Tx::recount`]).
     pub fn drop_entry(&self, parent: Ino, name: &[u8], ino: Ino) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("DELETE FROM dentry WHERE parent=?1 AND name=?2")?
-            .execute(params![parent, name])?;
+        self.exec(
+            "DELETE FROM dentry WHERE parent=?1 AND name=?2",
+            params![parent, name],
+        )?;
         self.log(&Change::Unlink { ino, parent, name })
     }
 
@@ -1479,8 +1711,8 @@ impl Tx<'_> {
     /// non-directory, 2 plus subdirectories for a directory (whose single
     /// name is not counted, as everywhere in this store).
     pub fn recount(&self, ino: Ino) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached(&format!(
+        self.exec(
+            &format!(
                 "UPDATE inode SET nlink = CASE WHEN mode & {ifmt} = {ifdir}
                      THEN 2 + (SELECT count(*) FROM dentry d JOIN inode c ON c.ino = d.ino
                                WHERE d.parent = inode.ino AND c.mode & {ifmt} = {ifdir})
@@ -1488,8 +1720,9 @@ impl Tx<'_> {
                  WHERE ino = ?1",
                 ifmt = libc::S_IFMT,
                 ifdir = libc::S_IFDIR
-            ))?
-            .execute([ino])?;
+            ),
+            params![ino],
+        )?;
         Ok(())
     }
 
@@ -1503,19 +1736,14 @@ impl Tx<'_> {
         // A counter from the inode sequence: larger than every local inode
         // number so far, so no inode of this host ever had it, and it keeps
         // the store's high-water mark honest (see `crate::binding`).
-        self.txn
-            .prepare_cached(
-                "INSERT INTO inode(host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, version)
-                 VALUES (?1, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)",
-            )?
-            .execute([self.host])?;
+        self.exec("INSERT INTO inode(host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, version)
+                 VALUES (?1, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)", params![self.host])?;
         let counter = self.txn.last_insert_rowid();
-        self.txn
-            .prepare_cached("DELETE FROM inode WHERE ino=?1")?
-            .execute([counter])?;
-        self.txn
-            .prepare_cached("UPDATE inode SET host=?2, counter=?3 WHERE ino=?1")?
-            .execute(params![ino, self.host, counter])?;
+        self.exec("DELETE FROM inode WHERE ino=?1", params![counter])?;
+        self.exec(
+            "UPDATE inode SET host=?2, counter=?3 WHERE ino=?1",
+            params![ino, self.host, counter],
+        )?;
         self.relog(ino)?;
         Ok((self.host, counter as u64))
     }
@@ -1529,14 +1757,12 @@ impl Tx<'_> {
 
     /// Replaces the chunk list of a file.
     pub fn set_chunks(&self, ino: Ino, chunks: &[(ChunkHash, u32)]) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("DELETE FROM chunk WHERE ino=?1")?
-            .execute([ino])?;
-        let mut stmt = self
-            .txn
-            .prepare_cached("INSERT INTO chunk(ino, idx, hash, len) VALUES (?1, ?2, ?3, ?4)")?;
+        self.exec("DELETE FROM chunk WHERE ino=?1", params![ino])?;
         for (idx, (hash, len)) in chunks.iter().enumerate() {
-            stmt.execute(params![ino, idx as i64, &hash.0[..], len])?;
+            self.exec(
+                "INSERT INTO chunk(ino, idx, hash, len) VALUES (?1, ?2, ?3, ?4)",
+                params![ino, idx as i64, &hash.0[..], len],
+            )?;
         }
         Ok(())
     }
@@ -1545,17 +1771,19 @@ impl Tx<'_> {
     /// takes over the size and mtime its data file held. Not logged: the
     /// file did not change.
     pub fn set_evicted(&self, ino: Ino, size: u64, mtime: Nanos) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("UPDATE inode SET cached=0, size=?2, mtime=?3 WHERE ino=?1")?
-            .execute(params![ino, size as i64, mtime])?;
+        self.exec(
+            "UPDATE inode SET cached=0, size=?2, mtime=?3 WHERE ino=?1",
+            params![ino, size as i64, mtime],
+        )?;
         Ok(())
     }
 
     /// Marks whether a file's data file holds its bytes.
     pub fn set_cached(&self, ino: Ino, cached: bool) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("UPDATE inode SET cached=?2 WHERE ino=?1")?
-            .execute(params![ino, cached])?;
+        self.exec(
+            "UPDATE inode SET cached=?2 WHERE ino=?1",
+            params![ino, cached],
+        )?;
         Ok(())
     }
 
@@ -1567,21 +1795,15 @@ impl Tx<'_> {
         let ino = match existing {
             Some(ino) => ino,
             None => {
-                self.txn
-                    .prepare_cached(
-                        "INSERT INTO inode(host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, version)
-                         VALUES (?1, ?2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)",
-                    )?
-                    .execute(params![inode.host, inode.counter as i64])?;
+                self.exec("INSERT INTO inode(host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, version)
+                         VALUES (?1, ?2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)", params![inode.host, inode.counter as i64])?;
                 Ino(self.txn.last_insert_rowid() as u64)
             }
         };
-        self.txn
-            .prepare_cached(
-                "UPDATE inode SET mode=?2, uid=?3, gid=?4, size=?5, atime=?6, mtime=?7, ctime=?8,
+        self.exec(
+            "UPDATE inode SET mode=?2, uid=?3, gid=?4, size=?5, atime=?6, mtime=?7, ctime=?8,
                  crtime=?8, rdev=?9, target=?10, cached=?11 WHERE ino=?1",
-            )?
-            .execute(params![
+            params![
                 ino,
                 inode.mode,
                 inode.uid,
@@ -1593,20 +1815,20 @@ impl Tx<'_> {
                 inode.rdev,
                 target,
                 inode.cached
-            ])?;
+            ],
+        )?;
         self.log(&Change::Import { ino })?;
         Ok(ino)
     }
 
     /// Replaces the xattrs of an imported inode.
     pub fn import_xattrs(&self, ino: Ino, xattrs: &[(Vec<u8>, Vec<u8>)]) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("DELETE FROM xattr WHERE ino=?1")?
-            .execute([ino])?;
+        self.exec("DELETE FROM xattr WHERE ino=?1", params![ino])?;
         for (name, value) in xattrs {
-            self.txn
-                .prepare_cached("INSERT INTO xattr(ino, name, value) VALUES (?1, ?2, ?3)")?
-                .execute(params![ino, name, value])?;
+            self.exec(
+                "INSERT INTO xattr(ino, name, value) VALUES (?1, ?2, ?3)",
+                params![ino, name, value],
+            )?;
         }
         Ok(())
     }
@@ -1619,47 +1841,59 @@ impl Tx<'_> {
 
     /// Recomputes every link count from the entries, after an import.
     pub fn recount_links(&self) -> rusqlite::Result<()> {
-        self.txn.execute_batch(&format!(
-            "UPDATE inode SET nlink = (SELECT count(*) FROM dentry d WHERE d.ino = inode.ino)
-                 WHERE mode & {ifmt} != {ifdir};
-             UPDATE inode SET nlink = 2 + (SELECT count(*) FROM dentry d JOIN inode c ON c.ino = d.ino
-                 WHERE d.parent = inode.ino AND c.mode & {ifmt} = {ifdir})
-                 WHERE mode & {ifmt} = {ifdir};",
-            ifmt = libc::S_IFMT,
-            ifdir = libc::S_IFDIR
-        ))
+        self.exec(
+            &format!(
+                "UPDATE inode SET nlink = (SELECT count(*) FROM dentry d WHERE d.ino = inode.ino)
+                     WHERE mode & {ifmt} != {ifdir}",
+                ifmt = libc::S_IFMT,
+                ifdir = libc::S_IFDIR
+            ),
+            params![],
+        )?;
+        self.exec(
+            &format!(
+                "UPDATE inode SET nlink = 2 + (SELECT count(*) FROM dentry d JOIN inode c ON c.ino = d.ino
+                     WHERE d.parent = inode.ino AND c.mode & {ifmt} = {ifdir})
+                     WHERE mode & {ifmt} = {ifdir}",
+                ifmt = libc::S_IFMT,
+                ifdir = libc::S_IFDIR
+            ),
+            params![],
+        )?;
+        Ok(())
     }
 
     fn insert_dentry(&self, parent: Ino, name: &[u8], ino: Ino) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("INSERT INTO dentry(parent, name, ino) VALUES (?1, ?2, ?3)")?
-            .execute(params![parent, name, ino])?;
+        self.exec(
+            "INSERT INTO dentry(parent, name, ino) VALUES (?1, ?2, ?3)",
+            params![parent, name, ino],
+        )?;
         Ok(())
     }
 
     fn add_nlink(&self, dir: Ino, delta: i64) -> rusqlite::Result<()> {
         if delta != 0 {
-            self.txn
-                .prepare_cached("UPDATE inode SET nlink=nlink+?2 WHERE ino=?1")?
-                .execute(params![dir, delta])?;
+            self.exec(
+                "UPDATE inode SET nlink=nlink+?2 WHERE ino=?1",
+                params![dir, delta],
+            )?;
         }
         Ok(())
     }
 
     /// Sets the ctime of `ino`: its status changed at `t`.
     fn touch_ctime(&self, ino: Ino, t: Nanos) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("UPDATE inode SET ctime=?2 WHERE ino=?1")?
-            .execute(params![ino, t])?;
+        self.exec("UPDATE inode SET ctime=?2 WHERE ino=?1", params![ino, t])?;
         Ok(())
     }
 
     /// A directory's mtime and ctime change with its entries. The directory
     /// itself is not versioned for this: its entries are logged on their own.
     fn touch_dir(&self, dir: Ino, t: Nanos) -> rusqlite::Result<()> {
-        self.txn
-            .prepare_cached("UPDATE inode SET mtime=?2, ctime=?2 WHERE ino=?1")?
-            .execute(params![dir, t])?;
+        self.exec(
+            "UPDATE inode SET mtime=?2, ctime=?2 WHERE ino=?1",
+            params![dir, t],
+        )?;
         Ok(())
     }
 
@@ -1671,19 +1905,14 @@ impl Tx<'_> {
     /// [`Tx::log`], returning the inode's new version.
     fn log_version(&self, change: &Change<'_>) -> rusqlite::Result<u64> {
         let ino = change.ino();
-        let (version, host, counter): (i64, i64, i64) = self
-            .txn
-            .prepare_cached(
-                "UPDATE inode SET version=version+1 WHERE ino=?1 RETURNING version, host, counter",
-            )?
-            .query_row([ino], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let (version, host, counter): (i64, i64, i64) = self.exec_row(
+            "UPDATE inode SET version=version+1 WHERE ino=?1 RETURNING version, host, counter",
+            params![ino],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
         let (parent, name, parent2, name2) = change.places();
-        self.txn
-            .prepare_cached(
-                "INSERT INTO log(op, ino, host, counter, version, parent, name, parent2, name2, at, pulled)
-                 VALUES (?1, ?2, ?9, ?10, ?3, ?4, ?5, ?6, ?7, ?8, ?11)",
-            )?
-            .execute(params![
+        self.exec("INSERT INTO log(op, ino, host, counter, version, parent, name, parent2, name2, at, pulled)
+                 VALUES (?1, ?2, ?9, ?10, ?3, ?4, ?5, ?6, ?7, ?8, ?11)", params![
                 change.op(),
                 ino,
                 version,

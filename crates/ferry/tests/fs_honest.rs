@@ -270,7 +270,9 @@ fn the_wal_is_checkpointed_and_checked() {
     let wal = m.store().join("meta.db-wal");
     assert_eq!(fs::metadata(&wal).map_or(0, |w| w.len()), 0, "WAL left");
     m.remount();
-    for i in 200..400 {
+    // Enough writes for batches to commit to the WAL (see the journal's
+    // BATCH_RECORDS); what follows the last batch is in the journal.
+    for i in 200..1400 {
         fs::write(m.join(&format!("f{i}")), b"x").unwrap();
     }
     m.kill9();
@@ -294,6 +296,49 @@ fn the_wal_is_checkpointed_and_checked() {
     assert!(!out.status.success(), "damaged store mounted");
     assert!(err.contains("write-ahead log is damaged"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// The journal holds the writes since the last batch commit: after a
+/// crash they are replayed, every one; a journal damaged before records
+/// that follow is refused in one line, never half replayed.
+#[test]
+fn the_journal_is_replayed_and_checked() {
+    if skip_unless_ferry("store") {
+        return;
+    }
+    let mut m = Mount::new();
+    for i in 0..100 {
+        fs::write(m.join(&format!("f{i}")), format!("{i}")).unwrap();
+    }
+    m.kill9();
+    // Its first record damaged (40 bytes of header, then its statements).
+    let journal = m.store().join("journal");
+    let whole = fs::read(&journal).unwrap();
+    let mut damaged = whole.clone();
+    damaged[40 + 2] ^= 0x5a;
+    fs::write(&journal, &damaged).unwrap();
+    let out = run_bounded(
+        Command::new(support::ferry_bin())
+            .arg("mount")
+            .arg("--store")
+            .arg(m.store())
+            .arg(m.path()),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "damaged store mounted");
+    assert!(err.contains("journal is damaged"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Whole again, it replays: every file, byte for byte.
+    fs::write(&journal, &whole).unwrap();
+    m.remount();
+    for i in 0..100 {
+        assert_eq!(
+            fs::read_to_string(m.join(&format!("f{i}"))).unwrap(),
+            format!("{i}")
+        );
+    }
 }
 
 /// A store on a 64 MiB tmpfs, mounted as a user would (a daemon, whose
