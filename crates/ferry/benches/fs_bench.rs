@@ -328,12 +328,13 @@ fn main() {
     };
     println!("## ferry-fs vs raw directory vs bindfs\n");
     println!(
-        "Machine: {} cores, kernel {}, {} on {} ({}). {} UTC. Medians of {reps} runs, targets interleaved.",
+        "Machine: {} cores, kernel {}, {} on {} ({}), scratch under {}. {} UTC. Medians of {reps} runs, targets interleaved.",
         shell("nproc"),
         shell("uname -r"),
-        shell("df -T /tmp | awk 'NR==2{print $2}'"),
-        shell("df /tmp | awk 'NR==2{print $1}'"),
+        shell("df -T \"${TMPDIR:-/tmp}\" | awk 'NR==2{print $2}'"),
+        shell("df \"${TMPDIR:-/tmp}\" | awk 'NR==2{print $1}'"),
         shell("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'"),
+        shell("echo \"${TMPDIR:-/tmp}\""),
         shell("date -u '+%Y-%m-%d %H:%M'"),
     );
     println!(

@@ -109,17 +109,20 @@ pub fn init_process() {
     });
 }
 
-/// A temp directory `/tmp/ferry-test-XXXXXX`, mode 0755 so that
-/// unprivileged uids can traverse it (permission tests and allow_other).
-/// Removed on drop.
+/// A temp directory `$TMPDIR/ferry-test-XXXXXX` (`/tmp` without `TMPDIR`),
+/// mode 0755 so that unprivileged uids can traverse it (permission tests
+/// and allow_other). Removed on drop.
 pub struct TempDir {
     path: PathBuf,
 }
 
 impl TempDir {
-    /// Creates a fresh temp dir under /tmp (every component o+x).
+    /// Creates a fresh temp dir under `$TMPDIR` or /tmp (every component
+    /// must be o+x). A benchmark points `TMPDIR` away from a file system
+    /// area that years of test churn made slow to allocate in.
     pub fn new(prefix: &str) -> TempDir {
-        let template = format!("/tmp/{prefix}-XXXXXX\0");
+        let root = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
+        let template = format!("{root}/{prefix}-XXXXXX\0");
         let mut buf = template.into_bytes();
         // SAFETY: buf is a writable NUL-terminated template ending in XXXXXX.
         let ret = unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) };
