@@ -611,7 +611,11 @@ impl Store {
             })?;
         }
         std::mem::forget(undo);
-        exec_cached(&db.conn, "RELEASE write")?;
+        // The write is journaled, so it happened: a savepoint left on the
+        // stack only nests the next ones, and the batch commit takes all.
+        if let Err(e) = exec_cached(&db.conn, "RELEASE write") {
+            tracing::warn!("releasing a store write's savepoint: {e}");
+        }
         if !record.is_empty() {
             self.commits.fetch_add(1, Ordering::SeqCst);
             db.writes += 1;
