@@ -23,16 +23,25 @@
 //! The file is written from its start again (a new *epoch*) once it passes
 //! [`WRAP_BYTES`], right after a batch commit that recorded the new epoch
 //! and was made durable: every record older than that commit is in it.
-//! Records carry their epoch and a sequence number, so a reader stops at
-//! the first record that is not the next one of the current epoch: a torn
-//! tail (a write the crash cut short, never acknowledged), or the remains
-//! of an older epoch. A damaged record followed by valid ones is
-//! corruption, and refused.
+//! Opening the store does the same after its replay, so whatever a crash
+//! left beyond the last good record (a torn write, or after a power cut,
+//! pages of unsynced records that did reach the disk) can never be read as
+//! part of a later history.
+//!
+//! Records carry their epoch, a sequence number and how far the journal was
+//! synced when they were written. A reader applies the records that follow
+//! the store's last one in order, and stops where they end: the zeros after
+//! the last, a write the crash cut short (never acknowledged), or after a
+//! power cut a record that was not synced. A record missing or damaged
+//! where a later one says it had been synced is corruption, and refused;
+//! so is a record that fails to change, on replay, the rows it changed.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, ToSql};
@@ -57,11 +66,15 @@ pub const WRAP_BYTES: u64 = 2 << 20;
 /// `"FJRN"`: the start of every record.
 const MAGIC: u32 = 0x464a_524e;
 
-/// magic, payload length, epoch, sequence number, 16 bytes of BLAKE3.
-const HEADER: usize = 4 + 4 + 8 + 8 + 16;
+/// magic, payload length, epoch, sequence number, synced-through sequence
+/// number, 16 bytes of BLAKE3 over the rest.
+const HEADER: usize = 4 + 4 + 8 + 8 + 8 + 16;
 
-/// The largest payload a reader believes; a length beyond it is damage.
-const MAX_PAYLOAD: u32 = 1 << 30;
+/// The largest payload a writer makes and a reader believes.
+const MAX_PAYLOAD: usize = 1 << 30;
+
+/// The largest journal a reader reads: a full one plus one record.
+const MAX_FILE: u64 = WRAP_BYTES + (HEADER + MAX_PAYLOAD) as u64;
 
 /// Where the journal stands in the store's `meta` table, written by the
 /// batch commit that covers it.
@@ -79,6 +92,38 @@ pub struct Journal {
     next: u64,
     /// Where the next record goes.
     offset: u64,
+    /// What [`Syncer`] shares.
+    marks: Arc<Marks>,
+}
+
+/// The last record appended and the last one known synced.
+#[derive(Default)]
+struct Marks {
+    appended: AtomicU64,
+    synced: AtomicU64,
+}
+
+/// Makes the journal durable against power loss, from any thread, without
+/// the store's lock.
+pub struct Syncer {
+    file: File,
+    marks: Arc<Marks>,
+}
+
+impl Syncer {
+    /// Syncs every record appended so far; nothing when that is done
+    /// already (an fsync loop on one open file costs the journal nothing
+    /// after its first write).
+    pub fn sync(&self) -> io::Result<()> {
+        // Read before the sync: a record after this point is not covered.
+        let upto = self.marks.appended.load(Ordering::SeqCst);
+        if self.marks.synced.load(Ordering::SeqCst) >= upto {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        self.marks.synced.fetch_max(upto, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 /// Why the journal cannot be replayed.
@@ -86,9 +131,10 @@ pub struct Journal {
 pub enum ReplayError {
     /// Reading it failed.
     Io(io::Error),
-    /// A statement failed, or changed another number of rows than it did.
+    /// A statement failed.
     Db(rusqlite::Error),
-    /// The file is damaged where valid records follow.
+    /// The journal does not hold together: a synced record is missing or
+    /// damaged, or replay changed other rows than the first run did.
     Damaged(String),
 }
 
@@ -115,53 +161,73 @@ impl From<io::Error> for ReplayError {
 }
 
 impl Journal {
-    /// Opens (creating) the journal at `path`; `fresh`: the store is new,
-    /// so whatever the file holds belongs to no store and is dropped.
-    /// Appends start where [`replay`] says.
-    pub fn open(path: &Path, fresh: bool) -> io::Result<Journal> {
+    /// Makes an empty journal at `path` (replacing any file there, which
+    /// belongs to no store: see [`crate::store`]'s version 4) and syncs it
+    /// and its directory, so a store that records a journal always has one.
+    pub fn create(path: &Path) -> io::Result<()> {
         let file = OpenOptions::new()
-            .read(true)
             .write(true)
             .create(true)
-            .truncate(fresh)
+            .truncate(true)
             .mode(0o600)
             .open(path)?;
-        let len = file.metadata()?.len();
-        if len < WRAP_BYTES {
-            // Zeros, not a hole or fallocate's unwritten extents: either
-            // would make each append's sync write metadata. A reader stops
-            // at them (a zero magic is no record).
-            let zeros = vec![0u8; (WRAP_BYTES - len) as usize];
-            file.write_all_at(&zeros, len)?;
+        zero_fill(&file, 0)?;
+        file.sync_all()?;
+        match path.parent() {
+            Some(dir) => File::open(dir)?.sync_all(),
+            None => Ok(()),
         }
+    }
+
+    /// Opens the journal at `path`, which must exist. Appends start where
+    /// [`replay`] says.
+    pub fn open(path: &Path) -> io::Result<Journal> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = file.metadata()?.len();
+        zero_fill(&file, len)?;
         Ok(Journal {
             file,
             path: path.to_path_buf(),
             epoch: 0,
             next: 1,
             offset: 0,
+            marks: Arc::default(),
         })
     }
 
-    /// A second descriptor of the file, for [`Journal::sync`] without the
-    /// store's lock.
-    pub fn syncer(&self) -> io::Result<File> {
-        self.file.try_clone()
+    /// What syncs this journal from other threads.
+    pub fn syncer(&self) -> io::Result<Syncer> {
+        Ok(Syncer {
+            file: self.file.try_clone()?,
+            marks: Arc::clone(&self.marks),
+        })
     }
 
     /// Appends one record (a [`Record`]'s bytes) as the next of this epoch.
     /// On error nothing counts: the next append goes to the same place.
     pub fn append(&mut self, record: &Record) -> io::Result<()> {
         let payload = &record.0;
+        if payload.len() > MAX_PAYLOAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a store write of {} bytes is too large to journal",
+                    payload.len()
+                ),
+            ));
+        }
+        let synced = self.marks.synced.load(Ordering::SeqCst);
         let mut buf = Vec::with_capacity(HEADER + payload.len());
         buf.extend_from_slice(&MAGIC.to_le_bytes());
         buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         buf.extend_from_slice(&self.epoch.to_le_bytes());
         buf.extend_from_slice(&self.next.to_le_bytes());
-        buf.extend_from_slice(&digest(self.epoch, self.next, payload));
+        buf.extend_from_slice(&synced.to_le_bytes());
+        buf.extend_from_slice(&digest(&buf[4..], payload));
         buf.extend_from_slice(payload);
         self.file.write_all_at(&buf, self.offset)?;
         self.offset += buf.len() as u64;
+        self.marks.appended.store(self.next, Ordering::SeqCst);
         self.next += 1;
         Ok(())
     }
@@ -182,17 +248,34 @@ impl Journal {
         self.offset >= WRAP_BYTES
     }
 
+    /// Whether this epoch holds records.
+    pub fn holds_records(&self) -> bool {
+        self.offset > 0
+    }
+
     /// Starts epoch `epoch` at offset 0. The caller has made the commit
-    /// that recorded it durable, with every record before it applied.
+    /// that recorded it durable, with every record before it applied, so
+    /// every record so far is as good as synced.
     pub fn restart(&mut self, epoch: u64) {
         self.epoch = epoch;
         self.offset = 0;
+        self.marks.synced.fetch_max(self.last(), Ordering::SeqCst);
     }
 
     /// The journal's file, for messages.
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Writes zeros from `from` to [`WRAP_BYTES`]: not a hole or fallocate's
+/// unwritten extents, either of which would make each append's sync write
+/// metadata. A reader stops at them (a zero magic is no record).
+fn zero_fill(file: &File, from: u64) -> io::Result<()> {
+    if from < WRAP_BYTES {
+        file.write_all_at(&vec![0u8; (WRAP_BYTES - from) as usize], from)?;
+    }
+    Ok(())
 }
 
 /// One write's statements, encoded as they run: for each, the SQL text,
@@ -253,10 +336,9 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-fn digest(epoch: u64, seq: u64, payload: &[u8]) -> [u8; 16] {
+fn digest(header: &[u8], payload: &[u8]) -> [u8; 16] {
     let mut h = blake3::Hasher::new();
-    h.update(&epoch.to_le_bytes());
-    h.update(&seq.to_le_bytes());
+    h.update(header);
     h.update(payload);
     let mut out = [0u8; 16];
     out.copy_from_slice(&h.finalize().as_bytes()[..16]);
@@ -272,51 +354,60 @@ pub struct Replayed {
 
 /// Brings the store on `conn` (no transaction open) up to the journal:
 /// applies, in one transaction, every record of the store's epoch after
-/// the last one it holds, and positions `journal` after the last valid
-/// record. What is found after it (a torn tail, an older epoch) is left to
-/// be overwritten.
+/// the last one it holds, and positions `journal` after the last of them.
 pub fn replay(conn: &Connection, journal: &mut Journal) -> Result<Replayed, ReplayError> {
-    let meta = |key: &str| -> rusqlite::Result<u64> {
-        conn.query_row("SELECT value FROM meta WHERE key=?1", [key], |r| {
-            r.get::<_, i64>(0)
-        })
-        .map(|v| v as u64)
+    let meta = |key: &str| -> Result<u64, ReplayError> {
+        let v: i64 = conn.query_row("SELECT value FROM meta WHERE key=?1", [key], |r| r.get(0))?;
+        u64::try_from(v).map_err(|_| ReplayError::Damaged(format!("{key} is {v}")))
     };
     let (epoch, applied) = (meta(META_EPOCH)?, meta(META_APPLIED)?);
-    let mut bytes = vec![0; journal.file.metadata()?.len() as usize];
+    let len = journal.file.metadata()?.len();
+    if len > MAX_FILE {
+        return Err(ReplayError::Damaged(format!("{len} bytes")));
+    }
+    let mut bytes = vec![0; len as usize];
     journal.file.read_exact_at(&mut bytes, 0)?;
-    let mut offset = 0usize;
-    let mut last = applied;
-    let mut todo = Vec::new();
+    let (mut offset, mut last, mut todo) = (0, applied, Vec::new());
     loop {
-        let Some((rec, len)) = parse(&bytes[offset..], epoch) else {
-            match damaged_before_valid(&bytes[offset..], epoch) {
-                // Damage in a record the store already holds (the next one
-                // is at most the first it lacks) costs nothing: skip it.
-                Some((after, next)) if next <= applied + 1 => {
-                    offset += after;
-                    continue;
-                }
-                Some((after, _)) => {
+        if let Some((rec, len)) = parse(&bytes[offset..], epoch) {
+            if rec.seq > applied {
+                if Some(rec.seq) != last.checked_add(1) {
                     return Err(ReplayError::Damaged(format!(
-                        "the record at byte {offset} is damaged, and a record of this epoch follows at byte {}",
-                        offset + after
-                    )))
+                        "record {} follows record {last}",
+                        rec.seq
+                    )));
                 }
-                None => break,
+                todo.push(rec.payload);
             }
-        };
-        if rec.seq > applied {
-            if rec.seq != last + 1 {
-                return Err(ReplayError::Damaged(format!(
-                    "record {} follows record {last}",
-                    rec.seq
-                )));
-            }
-            todo.push(rec.payload);
+            last = last.max(rec.seq);
+            offset += len;
+            continue;
         }
-        last = last.max(rec.seq);
-        offset += len;
+        // No record here: the end, or a gap. What the records of this
+        // epoch after it say decides which.
+        let Some((at, next)) = next_record(&bytes, offset + 1, epoch) else {
+            break;
+        };
+        // A damaged record the store already holds costs nothing.
+        if next.seq <= applied.saturating_add(1) {
+            offset = at;
+            continue;
+        }
+        let (mut from, mut synced) = (at, 0);
+        while let Some((at, rec)) = next_record(&bytes, from, epoch) {
+            synced = synced.max(rec.synced);
+            from = at + 1;
+        }
+        if synced > last {
+            return Err(ReplayError::Damaged(format!(
+                "record {} at byte {offset} is missing or damaged, and a later record says records up to {synced} were synced",
+                last.saturating_add(1),
+            )));
+        }
+        // A torn last write, or records a power cut kept although an
+        // earlier unsynced one was lost: none was synced, so none was
+        // promised.
+        break;
     }
     if !todo.is_empty() {
         conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -339,8 +430,11 @@ pub fn replay(conn: &Connection, journal: &mut Journal) -> Result<Replayed, Repl
         }
     }
     journal.epoch = epoch;
-    journal.next = last + 1;
+    journal.next = last
+        .checked_add(1)
+        .ok_or_else(|| ReplayError::Damaged("record numbers run out".into()))?;
     journal.offset = offset as u64;
+    journal.marks.appended.store(last, Ordering::SeqCst);
     Ok(Replayed {
         records: todo.len() as u64,
     })
@@ -349,6 +443,7 @@ pub fn replay(conn: &Connection, journal: &mut Journal) -> Result<Replayed, Repl
 /// A record read back.
 struct Parsed<'a> {
     seq: u64,
+    synced: u64,
     payload: &'a [u8],
 }
 
@@ -358,27 +453,34 @@ fn parse(bytes: &[u8], epoch: u64) -> Option<(Parsed<'_>, usize)> {
     let header = bytes.get(..HEADER)?;
     let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().unwrap());
     let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap());
-    if u32_at(0) != MAGIC || u32_at(4) > MAX_PAYLOAD || u64_at(8) != epoch {
+    if u32_at(0) != MAGIC || u64_at(8) != epoch {
         return None;
     }
-    let len = HEADER + u32_at(4) as usize;
+    let len = HEADER.checked_add(u32_at(4) as usize)?;
     let payload = bytes.get(HEADER..len)?;
-    let seq = u64_at(16);
-    (digest(epoch, seq, payload) == header[24..HEADER]).then_some((Parsed { seq, payload }, len))
+    let intact = digest(&header[4..HEADER - 16], payload) == header[HEADER - 16..];
+    intact.then_some((
+        Parsed {
+            seq: u64_at(16),
+            synced: u64_at(24),
+            payload,
+        },
+        len,
+    ))
 }
 
-/// Where a valid record of `epoch` follows the invalid one at the start of
-/// `bytes`, and its sequence number, if the invalid header's length can be
-/// believed: damage in the middle of the journal, not a torn end.
-fn damaged_before_valid(bytes: &[u8], epoch: u64) -> Option<(usize, u64)> {
-    let header = bytes.get(..HEADER)?;
-    let magic = u32::from_le_bytes(header[0..4].try_into().unwrap());
-    let len = u32::from_le_bytes(header[4..8].try_into().unwrap());
-    if magic != MAGIC || len > MAX_PAYLOAD {
-        return None;
+/// The first intact record of `epoch` at or after `from`, and where it is.
+fn next_record(bytes: &[u8], from: usize, epoch: u64) -> Option<(usize, Parsed<'_>)> {
+    let magic = MAGIC.to_le_bytes();
+    let mut at = from;
+    while let Some(found) = bytes.get(at..)?.windows(4).position(|w| w == magic) {
+        at += found;
+        if let Some((rec, _)) = parse(&bytes[at..], epoch) {
+            return Some((at, rec));
+        }
+        at += 1;
     }
-    let next = HEADER + len as usize;
-    parse(bytes.get(next..)?, epoch).map(|(rec, _)| (next, rec.seq))
+    None
 }
 
 /// Runs the statements of one record, checking each changes what it did.
@@ -571,16 +673,35 @@ mod tests {
         }
     }
 
+    /// A copy of the store files in `dir`, to check without touching what
+    /// the crash left for the next child to replay.
+    fn snapshot(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let to = dir.with_extension(name);
+        let _ = std::fs::remove_dir_all(&to);
+        std::fs::create_dir_all(to.join("data")).unwrap();
+        for f in ["meta.db", "meta.db-wal", "journal"] {
+            if dir.join(f).exists() {
+                std::fs::copy(dir.join(f), to.join(f)).unwrap();
+            }
+        }
+        to
+    }
+
     #[test]
     fn journal_survives_kill_9_anywhere() {
         let seed = crate::store::now() as u64 | 1;
         let dir = std::env::temp_dir().join(format!("ferry-journal-{}-{seed}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut rng = seed;
-        for round in 0..12 {
+        let mut before = 0;
+        for round in 0..16 {
             // Up to 20,000 writes a round: dozens of batch commits, and
-            // journal wraps (one per 3,500 writes or so).
-            let target = step(&mut rng) % 20_000;
+            // journal wraps (one per 3,500 writes or so); one round in four
+            // is killed on a timer instead, often inside the replay of the
+            // last crash or the new epoch that follows it.
+            let timer = step(&mut rng).is_multiple_of(4);
+            let target = before + step(&mut rng) % 20_000;
+            let pause = std::time::Duration::from_micros(step(&mut rng) % 20_000);
             let mut child = Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
@@ -611,13 +732,18 @@ mod tests {
                     }
                 }
             };
-            heard(&mut lines, true);
+            if timer {
+                std::thread::sleep(pause);
+            } else {
+                heard(&mut lines, true);
+            }
             child.kill().unwrap();
             child.wait().unwrap();
             heard(&mut lines, false);
-            let store = Store::open(&dir).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let copy = snapshot(&dir, "check");
+            let store = Store::open(&copy).unwrap_or_else(|e| panic!("round {round}: {e}"));
             let (done, names) = state(&store);
-            let acked = acked.map_or(0, |i| i + 1);
+            let acked = acked.map_or(before, |i| i + 1);
             assert!(
                 done == acked || done == acked + 1,
                 "seed {seed} round {round}: {acked} writes returned, the store holds {done}"
@@ -641,6 +767,9 @@ mod tests {
                 logged >= done,
                 "seed {seed} round {round}: {logged} log records for {done} writes"
             );
+            drop(store);
+            let _ = std::fs::remove_dir_all(&copy);
+            before = done;
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -681,27 +810,34 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferry-journal-damage-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = Store::open(&dir).unwrap();
-        for i in 0..5 {
+        for i in 0..3 {
+            write(&store, i, op(9, i));
+        }
+        store.sync().unwrap();
+        for i in 3..5 {
             write(&store, i, op(9, i));
         }
         // A crash: the batch never commits. The leaked store keeps its lock,
         // so each case opens a copy of what the crash left.
         std::mem::forget(store);
-        let whole = std::fs::read(dir.join("journal")).unwrap();
-        let copy = |name: &str, journal: &[u8]| {
-            let to = dir.with_extension(name);
-            let _ = std::fs::remove_dir_all(&to);
-            std::fs::create_dir_all(to.join("data")).unwrap();
-            for f in ["meta.db", "meta.db-wal"] {
-                let _ = std::fs::copy(dir.join(f), to.join(f));
-            }
-            std::fs::write(to.join("journal"), journal).unwrap();
+        let journal = std::fs::read(dir.join("journal")).unwrap();
+        let case = |name: &str, bytes: &[u8]| {
+            let to = snapshot(&dir, name);
+            std::fs::write(to.join("journal"), bytes).unwrap();
             to
         };
+        // Where each record starts (the file is zeros after the last).
+        let mut starts = vec![0];
+        while let Some((_, len)) =
+            super::parse(&journal[*starts.last().unwrap()..], epoch_of(&journal))
+        {
+            starts.push(starts.last().unwrap() + len);
+        }
+        assert_eq!(starts.len(), 6, "five records and the end");
         // A torn tail is no damage: the last write is simply not there...
-        // (The file is zeros after its last record.)
-        let end = whole.iter().rposition(|&b| b != 0).unwrap() + 1;
-        let torn = copy("torn", &whole[..end - 3]);
+        // (Cut inside the SQL text: zeros would refill a cut that only
+        // took zeros, and the record would be whole again.)
+        let torn = case("torn", &journal[..starts[4] + super::HEADER + 8]);
         let store = Store::open(&torn).unwrap();
         assert_eq!(
             state(&store).0,
@@ -709,21 +845,40 @@ mod tests {
             "the torn write is dropped, the others replayed"
         );
         drop(store);
-        // Damage in a record the store already holds is harmless.
+        // ...nor is the loss of a record no later one says was synced
+        // (the fourth: records 4 and 5 were written after the sync of 3)...
+        let mut lost = journal.clone();
+        lost[starts[3] + super::HEADER + 2] ^= 0xff;
+        let unsynced = case("unsynced", &lost);
+        let store = Store::open(&unsynced).unwrap();
+        assert_eq!(
+            state(&store).0,
+            3,
+            "what follows an unsynced gap is not replayed"
+        );
+        drop(store);
+        // ...and damage in a record the store already holds is harmless
+        // (the torn copy's replay committed records 1 to 4).
         let mut held = std::fs::read(torn.join("journal")).unwrap();
         held[super::HEADER + 2] ^= 0xff;
         std::fs::write(torn.join("journal"), &held).unwrap();
         let store = Store::open(&torn).unwrap();
         assert_eq!(state(&store).0, 4);
         drop(store);
-        // ...but damage in the first record, with valid ones after it, is.
-        let mut bytes = whole.clone();
+        // But damage in the first record, which the later ones say was
+        // synced, is refused.
+        let mut bytes = journal.clone();
         bytes[super::HEADER + 2] ^= 0xff;
-        let damaged = copy("damaged", &bytes);
+        let damaged = case("damaged", &bytes);
         let err = Store::open(&damaged).err().expect("refused").to_string();
         assert!(err.contains("journal is damaged"), "{err}");
-        for d in [&dir, &torn, &damaged] {
+        for d in [&dir, &torn, &unsynced, &damaged] {
             let _ = std::fs::remove_dir_all(d);
         }
+    }
+
+    /// The epoch of the journal's first record.
+    fn epoch_of(journal: &[u8]) -> u64 {
+        u64::from_le_bytes(journal[8..16].try_into().unwrap())
     }
 }

@@ -639,7 +639,7 @@ pub fn check_store_access(dir: &Path) -> Result<(), MountError> {
         AccessFlags::R_OK | AccessFlags::W_OK | AccessFlags::X_OK,
     )
     .map_err(|e| denied(e.into()))?;
-    for file in ["meta.db", "lock"] {
+    for file in ["meta.db", "journal", "lock"] {
         let path = dir.join(file);
         if path.try_exists().map_err(denied)? {
             nix::unistd::access(&path, AccessFlags::R_OK | AccessFlags::W_OK)

@@ -28,7 +28,6 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use ferry_backend::ChunkHash;
@@ -283,12 +282,8 @@ pub struct Entry {
 /// the journal.
 pub struct Store {
     db: Mutex<Db>,
-    /// The journal's file, for [`Store::sync`] without the lock.
-    journal_file: File,
-    /// A batch commit started a new journal epoch, and the WAL that holds it
-    /// could not be synced then: [`Store::sync`] must sync it before it
-    /// counts the new epoch's records durable.
-    epoch_unsynced: std::sync::atomic::AtomicBool,
+    /// Syncs the journal for [`Store::sync`] without the lock.
+    syncer: journal::Syncer,
     dir: PathBuf,
     host: u32,
     /// Held for the life of the store: a second daemon on the same store
@@ -300,12 +295,6 @@ pub struct Store {
     /// When [`Store::make_room`] last looked at the free space, and what it
     /// found.
     room: Mutex<Option<(std::time::Instant, u64)>>,
-    /// Journaled writes so far (from 1: what opening did is not known to be
-    /// synced), and how many of them the last [`Store::sync`] made durable.
-    /// A sync with nothing new costs no fsync: an fsync loop on one open
-    /// file writes the store only at its first write.
-    commits: AtomicU64,
-    synced: AtomicU64,
 }
 
 /// What the store's lock guards: the connection, with the batch open on
@@ -314,6 +303,8 @@ pub struct Store {
 struct Db {
     conn: Connection,
     journal: Journal,
+    /// The store directory (its WAL is synced before a new epoch starts).
+    dir: PathBuf,
     /// Whether a batch (a SQLite transaction spanning writes) is open.
     open: bool,
     /// Writes and record bytes in it.
@@ -322,6 +313,10 @@ struct Db {
     /// SQLite rolled an open batch back (an I/O error, a full disk): the
     /// connection lacks journaled writes until the journal is replayed.
     lost: bool,
+    /// A new journal epoch committed, waiting for its commit to be durable
+    /// before the journal starts again at offset 0 (overwriting records
+    /// that only the commit covers). No write is journaled meanwhile.
+    epoch: Option<u64>,
 }
 
 /// What [`Store::wait_for_log`] waits on.
@@ -367,12 +362,14 @@ impl Db {
     }
 
     /// Brings the connection back to every journaled write if SQLite rolled
-    /// the batch back behind the store's back.
+    /// the batch back behind the store's back, and finishes a new epoch
+    /// whose commit could not be made durable before.
     fn heal(&mut self) -> rusqlite::Result<()> {
         if self.open && self.conn.is_autocommit() {
             self.open = false;
             self.lost = true;
         }
+        self.finish_epoch()?;
         if self.lost {
             tracing::warn!("the store's open batch was rolled back; replaying the journal");
             journal::replay(&self.conn, &mut self.journal).map_err(replay_failed)?;
@@ -382,24 +379,14 @@ impl Db {
     }
 
     /// Commits the open batch, recording how far the journal is applied
-    /// (and, once the journal is full, a new epoch: then the journal starts
-    /// again at offset 0, which needs the commit durable first). Returns
-    /// whether the WAL holding a new epoch could not be synced.
-    fn commit(&mut self, dir: &Path) -> rusqlite::Result<bool> {
+    /// and, once the journal is full or `new_epoch` asks, a new epoch.
+    fn commit(&mut self, new_epoch: bool) -> rusqlite::Result<()> {
+        self.heal()?;
         if !self.open {
-            return Ok(false);
+            return Ok(());
         }
-        let wrap = self.journal.full();
-        let set = "UPDATE meta SET value=?2 WHERE key=?1";
-        self.conn
-            .prepare_cached(set)?
-            .execute(params![journal::META_APPLIED, self.journal.last() as i64])?;
-        let epoch = self.journal.epoch().wrapping_add(1);
-        if wrap {
-            self.conn
-                .prepare_cached(set)?
-                .execute(params![journal::META_EPOCH, epoch as i64])?;
-        }
+        let wrap = new_epoch || self.journal.full();
+        self.set_journal_meta(wrap)?;
         if let Err(e) = exec_cached(&self.conn, "COMMIT") {
             // Still open: it commits with the next batch. Rolled back:
             // healed from the journal.
@@ -407,18 +394,68 @@ impl Db {
             return Err(e);
         }
         self.open = false;
-        if !wrap {
-            return Ok(false);
+        if wrap {
+            self.epoch = Some(self.journal.epoch().wrapping_add(1));
+            self.finish_epoch()?;
         }
-        self.journal.restart(epoch);
-        Ok(match sync_wal(dir) {
-            Ok(()) => false,
-            Err(e) => {
-                tracing::warn!("syncing the store's WAL: {e}");
-                true
-            }
-        })
+        Ok(())
     }
+
+    /// Starts a new epoch outside any batch (after a replay).
+    fn new_epoch(&mut self) -> rusqlite::Result<()> {
+        exec_cached(&self.conn, "BEGIN IMMEDIATE")?;
+        self.open = true;
+        self.commit(true)
+    }
+
+    /// Records, in the open batch, the last journaled write as applied and,
+    /// with `new_epoch`, the next epoch.
+    fn set_journal_meta(&self, new_epoch: bool) -> rusqlite::Result<()> {
+        let set = "UPDATE meta SET value=?2 WHERE key=?1";
+        self.conn
+            .prepare_cached(set)?
+            .execute(params![journal::META_APPLIED, self.journal.last() as i64])?;
+        if new_epoch {
+            let epoch = self.journal.epoch().wrapping_add(1) as i64;
+            self.conn
+                .prepare_cached(set)?
+                .execute(params![journal::META_EPOCH, epoch])?;
+        }
+        Ok(())
+    }
+
+    /// Starts the committed new epoch once its commit is durable.
+    fn finish_epoch(&mut self) -> rusqlite::Result<()> {
+        if let Some(epoch) = self.epoch {
+            sync_wal(&self.dir).map_err(|e| {
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                    Some(format!("syncing the store's WAL: {e}")),
+                )
+            })?;
+            self.journal.restart(epoch);
+            self.epoch = None;
+        }
+        Ok(())
+    }
+}
+
+/// The error of a statement run after SQLite rolled the batch back.
+fn batch_lost() -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+        Some("the store's batch was rolled back".into()),
+    )
+}
+
+/// Whether a SQLite error is the disk's (full, failing, read-only), not the
+/// data's.
+fn is_io_error(code: rusqlite::ErrorCode) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        code,
+        DiskFull | SystemIoFailure | ReadOnly | PermissionDenied | CannotOpen | OutOfMemory
+    )
 }
 
 /// The error a failed replay of the journal becomes inside the store.
@@ -487,10 +524,21 @@ impl Store {
         // keeps the WAL index in memory. It must precede the first read.
         conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
             .map_err(bad)?;
+        let version = if fresh {
+            0
+        } else {
+            check_store(&conn, &db_path)?
+        };
+        let journal_path = dir.join("journal");
+        let io = |e| StoreError::io(&journal_path, e);
+        if version < 4 {
+            // Before the store records a journal, so it never lacks one.
+            Journal::create(&journal_path).map_err(io)?;
+        }
         if fresh {
             init_schema(&conn).map_err(bad)?;
         } else {
-            check_store(&conn, &db_path)?;
+            migrate(&conn, version).map_err(bad)?;
         }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(bad)?;
@@ -507,13 +555,54 @@ impl Store {
         let host: i64 = conn
             .query_row("SELECT value FROM meta WHERE key='host'", [], |r| r.get(0))
             .map_err(bad)?;
-        let journal_path = dir.join("journal");
-        let mut journal =
-            Journal::open(&journal_path, fresh).map_err(|e| StoreError::io(&journal_path, e))?;
-        let replayed = journal::replay(&conn, &mut journal).map_err(|e| match e {
-            journal::ReplayError::Io(e) => StoreError::io(&journal_path, e),
+        let journal = match Journal::open(&journal_path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::Corrupt {
+                    path: dir.to_path_buf(),
+                    detail: "its journal is missing".into(),
+                })
+            }
+            opened => opened.map_err(io)?,
+        };
+        let syncer = journal.syncer().map_err(io)?;
+        let store = Store {
+            db: Mutex::new(Db {
+                conn,
+                journal,
+                dir: dir.to_path_buf(),
+                open: false,
+                writes: 0,
+                bytes: 0,
+                lost: false,
+                epoch: None,
+            }),
+            syncer,
+            dir: dir.to_path_buf(),
+            host: host as u32,
+            _lock: lock,
+            log_generation: (Mutex::default(), std::sync::Condvar::new()),
+            room: Mutex::new(None),
+        };
+        // Room first: replay writes to the database.
+        store.make_room();
+        store.catch_up(&db_path, &journal_path)?;
+        Ok(store)
+    }
+
+    /// Replays the journal into the store after a crash, then starts a
+    /// new epoch, so nothing a crash left in the journal past its last good
+    /// record is ever read again.
+    fn catch_up(&self, db_path: &Path, journal_path: &Path) -> Result<(), StoreError> {
+        let mut guard = self.lock();
+        let db = &mut *guard;
+        let replayed = journal::replay(&db.conn, &mut db.journal).map_err(|e| match e {
+            journal::ReplayError::Io(e) => StoreError::io(journal_path, e),
+            // The disk, not the journal: full, failing, read-only.
+            journal::ReplayError::Db(e) if e.sqlite_error_code().is_some_and(is_io_error) => {
+                StoreError::db(db_path, e)
+            }
             e => StoreError::Corrupt {
-                path: dir.to_path_buf(),
+                path: self.dir.clone(),
                 detail: e.to_string(),
             },
         })?;
@@ -523,30 +612,10 @@ impl Store {
                 replayed.records
             );
         }
-        let journal_file = journal
-            .syncer()
-            .map_err(|e| StoreError::io(&journal_path, e))?;
-        let store = Store {
-            db: Mutex::new(Db {
-                conn,
-                journal,
-                open: false,
-                writes: 0,
-                bytes: 0,
-                lost: false,
-            }),
-            journal_file,
-            epoch_unsynced: std::sync::atomic::AtomicBool::new(false),
-            dir: dir.to_path_buf(),
-            host: host as u32,
-            _lock: lock,
-            log_generation: (Mutex::default(), std::sync::Condvar::new()),
-            room: Mutex::new(None),
-            commits: AtomicU64::new(1),
-            synced: AtomicU64::new(0),
-        };
-        store.make_room();
-        Ok(store)
+        if db.journal.holds_records() {
+            db.new_epoch().map_err(|e| StoreError::db(db_path, e))?;
+        }
+        Ok(())
     }
 
     /// The store directory.
@@ -592,6 +661,11 @@ impl Store {
         let out = f(&tx)?;
         let (logged, record, changes) = (tx.logged.get(), tx.record.take(), tx.changes.get());
         drop(tx);
+        if db.conn.is_autocommit() {
+            // SQLite rolled the batch back under `f`, which went on: what it
+            // did is not in the batch. The next write replays the journal.
+            return Err(batch_lost().into());
+        }
         if db.conn.total_changes() - before != changes {
             // A change the journal would not replay: a bug, refused.
             return Err(rusqlite::Error::SqliteFailure(
@@ -617,7 +691,6 @@ impl Store {
             tracing::warn!("releasing a store write's savepoint: {e}");
         }
         if !record.is_empty() {
-            self.commits.fetch_add(1, Ordering::SeqCst);
             db.writes += 1;
             db.bytes += record.len() as u64;
             if db.writes >= journal::BATCH_RECORDS
@@ -657,13 +730,8 @@ impl Store {
     /// every write in it is already journaled: the batch stays open (or is
     /// replayed) and commits later.
     fn commit_batch(&self, db: &mut Db) {
-        match db.commit(&self.dir) {
-            Ok(unsynced) => {
-                if unsynced {
-                    self.epoch_unsynced.store(true, Ordering::SeqCst);
-                }
-            }
-            Err(e) => tracing::warn!("committing the store's batch: {e}"),
+        if let Err(e) = db.commit(false) {
+            tracing::warn!("committing the store's batch: {e}");
         }
     }
 
@@ -689,19 +757,7 @@ impl Store {
 
     /// Makes every write that returned durable against power loss.
     pub fn sync(&self) -> io::Result<()> {
-        // Read before the fsync: a commit after this point is not covered.
-        let upto = self.commits.load(Ordering::SeqCst);
-        if self.synced.load(Ordering::SeqCst) >= upto {
-            return Ok(());
-        }
-        // Replay needs the journal's epoch, which a batch commit recorded.
-        if self.epoch_unsynced.swap(false, Ordering::SeqCst) {
-            sync_wal(&self.dir)
-                .inspect_err(|_| self.epoch_unsynced.store(true, Ordering::SeqCst))?;
-        }
-        self.journal_file.sync_data()?;
-        self.synced.fetch_max(upto, Ordering::SeqCst);
-        Ok(())
+        self.syncer.sync()
     }
 
     /// Moves everything in the WAL into the database and empties the WAL:
@@ -836,7 +892,8 @@ fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("COMMIT;")
 }
 
-fn check_store(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+/// Checks an existing store and returns its format version.
+fn check_store(conn: &Connection, path: &Path) -> Result<i32, StoreError> {
     let bad = |e| StoreError::db(path, e);
     let app: i32 = conn
         .pragma_query_value(None, "application_id", |r| r.get(0))
@@ -863,13 +920,17 @@ fn check_store(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             detail: verdict,
         });
     }
+    Ok(version)
+}
+
+/// Brings a checked store of format `version` to [`FORMAT_VERSION`], in
+/// one transaction.
+fn migrate(conn: &Connection, version: i32) -> rusqlite::Result<()> {
     if version < FORMAT_VERSION {
-        // Only a checked store is migrated, in one transaction.
         let steps = MIGRATIONS[version as usize - 1..].join("\n");
         conn.execute_batch(&format!(
             "BEGIN; {steps} PRAGMA user_version={FORMAT_VERSION}; COMMIT;"
-        ))
-        .map_err(bad)?;
+        ))?;
     }
     Ok(())
 }
@@ -1342,6 +1403,7 @@ impl Tx<'_> {
     /// [`Tx::exec_row`]: [`Store::write`] refuses a transaction that changed
     /// rows its record does not account for.
     fn exec(&self, sql: &str, params: &[&dyn ToSql]) -> rusqlite::Result<u64> {
+        self.in_batch()?;
         let changes = journal::run(self.txn, sql, params)?;
         self.note(sql, params, changes)?;
         Ok(changes)
@@ -1354,11 +1416,22 @@ impl Tx<'_> {
         params: &[&dyn ToSql],
         f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
+        self.in_batch()?;
         let before = self.txn.total_changes();
         let out = self.txn.prepare_cached(sql)?.query_row(params, f)?;
         // Counted once the statement is reset, as replay counts it.
         self.note(sql, params, self.txn.total_changes() - before)?;
         Ok(out)
+    }
+
+    /// Refuses to run a statement once SQLite rolled the batch back (a full
+    /// disk, an I/O error): it would commit on its own, outside the batch
+    /// the journal replays into.
+    fn in_batch(&self) -> rusqlite::Result<()> {
+        if self.txn.is_autocommit() {
+            return Err(batch_lost());
+        }
+        Ok(())
     }
 
     fn note(&self, sql: &str, params: &[&dyn ToSql], changes: u64) -> rusqlite::Result<()> {

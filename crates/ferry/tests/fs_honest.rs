@@ -299,8 +299,8 @@ fn the_wal_is_checkpointed_and_checked() {
 }
 
 /// The journal holds the writes since the last batch commit: after a
-/// crash they are replayed, every one; a journal damaged before records
-/// that follow is refused in one line, never half replayed.
+/// crash they are replayed, every one; a record damaged where later ones
+/// say it was synced is refused in one line, never half replayed.
 #[test]
 fn the_journal_is_replayed_and_checked() {
     if skip_unless_ferry("store") {
@@ -310,12 +310,43 @@ fn the_journal_is_replayed_and_checked() {
     for i in 0..100 {
         fs::write(m.join(&format!("f{i}")), format!("{i}")).unwrap();
     }
+    // An fsync syncs the journal; the records after it say so.
+    fs::File::open(m.join("f0")).unwrap().sync_all().unwrap();
+    for i in 100..105 {
+        fs::write(m.join(&format!("f{i}")), format!("{i}")).unwrap();
+    }
     m.kill9();
-    // Its first record damaged (40 bytes of header, then its statements).
+    // The records (magic, length, epoch, sequence number, synced through,
+    // digest: 48 bytes; then the statements) and what the store holds.
     let journal = m.store().join("journal");
     let whole = fs::read(&journal).unwrap();
+    let field = |at: usize, n: usize| {
+        let mut b = [0u8; 8];
+        b[..n].copy_from_slice(&whole[at..at + n]);
+        u64::from_le_bytes(b)
+    };
+    let mut records = Vec::new(); // (offset, sequence number, synced through)
+    let mut at = 0;
+    while field(at, 4) == 0x464a_524e && field(at + 8, 8) == field(8, 8) {
+        records.push((at, field(at + 16, 8), field(at + 24, 8)));
+        at += 48 + field(at + 4, 4) as usize;
+    }
+    let applied: u64 = rusqlite::Connection::open(m.store().join("meta.db"))
+        .and_then(|c| {
+            c.query_row(
+                "SELECT value FROM meta WHERE key='journal_applied'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .unwrap() as u64;
+    let synced = records.iter().map(|r| r.2).max().unwrap_or(0);
+    let &(target, seq, _) = records
+        .iter()
+        .find(|r| r.1 > applied && r.1 <= synced)
+        .unwrap_or_else(|| panic!("no synced record after {applied} in {records:?}"));
     let mut damaged = whole.clone();
-    damaged[40 + 2] ^= 0x5a;
+    damaged[target + 48 + 2] ^= 0x5a;
     fs::write(&journal, &damaged).unwrap();
     let out = run_bounded(
         Command::new(support::ferry_bin())
@@ -327,13 +358,13 @@ fn the_journal_is_replayed_and_checked() {
     )
     .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "damaged store mounted");
+    assert!(!out.status.success(), "mounted with record {seq} damaged");
     assert!(err.contains("journal is damaged"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     // Whole again, it replays: every file, byte for byte.
     fs::write(&journal, &whole).unwrap();
     m.remount();
-    for i in 0..100 {
+    for i in 0..105 {
         assert_eq!(
             fs::read_to_string(m.join(&format!("f{i}"))).unwrap(),
             format!("{i}")

@@ -748,13 +748,14 @@ fn keep_logs(t: &Trial, hosts: &[Mount], report: &mut Report) {
     }
 }
 
-/// A copy of `host`'s store metadata in `to` (a directory), for `sqlite3`:
-/// the database and its write-ahead log, copied as bytes, because the
+/// A copy of `host`'s store metadata in `to` (a directory): the database,
+/// its write-ahead log and the journal, copied as bytes, because the
 /// daemon, still running, holds the database in exclusive mode. It is
-/// quiet by now (converged, or given up on), so the copy holds together.
+/// quiet by now (converged, or given up on), so the copy holds together;
+/// `ferry fsck --store` on it replays the journal's last writes.
 fn keep_store(host: &Mount, to: &Path) -> std::io::Result<()> {
     fs::create_dir_all(to)?;
-    for name in ["meta.db", "meta.db-wal"] {
+    for name in ["meta.db", "meta.db-wal", "journal"] {
         fs::copy(host.store().join(name), to.join(name))?;
     }
     Ok(())
