@@ -560,6 +560,8 @@ mod tests {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
+    use rusqlite::Connection;
+
     use crate::store::{NewInode, Queries, Store, ROOT_INO};
 
     const CHILD_DIR: &str = "FERRY_JOURNAL_CHILD_DIR";
@@ -875,6 +877,37 @@ mod tests {
         for d in [&dir, &torn, &unsynced, &damaged] {
             let _ = std::fs::remove_dir_all(d);
         }
+    }
+
+    #[test]
+    fn a_store_of_format_3_gets_its_journal_and_one_without_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferry-journal-v3-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        write(&store, 0, op(3, 0));
+        drop(store);
+        // What a build of format 3 left: no journal, no journal rows.
+        let conn = Connection::open(dir.join("meta.db")).unwrap();
+        conn.execute_batch(
+            "DELETE FROM meta WHERE key IN ('journal_epoch', 'journal_applied');
+             PRAGMA user_version=3;",
+        )
+        .unwrap();
+        drop(conn);
+        std::fs::remove_file(dir.join("journal")).unwrap();
+        let store = Store::open(&dir).unwrap();
+        write(&store, 1, op(3, 1));
+        let mut model = Model::new();
+        play(&mut model, 0, op(3, 0));
+        play(&mut model, 1, op(3, 1));
+        assert_eq!(state(&store), (2, model));
+        drop(store);
+        // A store of format 4 never lacks its journal; one that does (copied
+        // without it, say) may lack writes, so it is refused.
+        std::fs::remove_file(dir.join("journal")).unwrap();
+        let err = Store::open(&dir).err().expect("refused").to_string();
+        assert!(err.contains("journal is missing"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The epoch of the journal's first record.

@@ -504,6 +504,13 @@ impl Store {
         }
         std::fs::create_dir_all(dir.join("data")).map_err(|e| StoreError::io(dir, e))?;
         let lock = lock_store(dir)?;
+        let journal_path = dir.join("journal");
+        let io = |e| StoreError::io(&journal_path, e);
+        if fresh {
+            // The journal first: a store never lacks the one it records.
+            Journal::create(&journal_path).map_err(io)?;
+            create_db(dir)?;
+        }
         let wal_path = dir.join("meta.db-wal");
         match crate::wal::check(&wal_path) {
             Ok(Ok(())) => {}
@@ -524,22 +531,12 @@ impl Store {
         // keeps the WAL index in memory. It must precede the first read.
         conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
             .map_err(bad)?;
-        let version = if fresh {
-            0
-        } else {
-            check_store(&conn, &db_path)?
-        };
-        let journal_path = dir.join("journal");
-        let io = |e| StoreError::io(&journal_path, e);
+        let version = check_store(&conn, &db_path)?;
         if version < 4 {
             // Before the store records a journal, so it never lacks one.
             Journal::create(&journal_path).map_err(io)?;
         }
-        if fresh {
-            init_schema(&conn).map_err(bad)?;
-        } else {
-            migrate(&conn, version).map_err(bad)?;
-        }
+        migrate(&conn, version).map_err(bad)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(bad)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
@@ -837,6 +834,8 @@ fn holds_only_ferry_files(dir: &Path) -> Result<bool, StoreError> {
         let name = entry.file_name();
         let ours = match name.to_str() {
             Some("lock" | "ferry.log" | "reserve" | "journal") => true,
+            // What a crash while creating the store can leave.
+            Some(name) if name.starts_with(NEW_DB) => true,
             Some("data" | "spare") => std::fs::read_dir(entry.path())
                 .map(|mut d| d.next().is_none())
                 .unwrap_or(false),
@@ -866,6 +865,30 @@ fn lock_store(dir: &Path) -> Result<nix::fcntl::Flock<File>, StoreError> {
         }
     })
 }
+
+/// Makes `dir/meta.db`, a fresh store, whole under another name and then
+/// renamed into place: a daemon killed while it creates a store leaves no
+/// half-made database that the next start would refuse, only a leftover
+/// the next creation replaces.
+fn create_db(dir: &Path) -> Result<(), StoreError> {
+    let new = dir.join(NEW_DB);
+    let io = |e| StoreError::io(&new, e);
+    for leftover in [new.clone(), dir.join(format!("{NEW_DB}-journal"))] {
+        match std::fs::remove_file(&leftover) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+    }
+    let conn = Connection::open(&new).map_err(|e| StoreError::db(&new, e))?;
+    init_schema(&conn).map_err(|e| StoreError::db(&new, e))?;
+    conn.close().map_err(|(_, e)| StoreError::db(&new, e))?;
+    File::open(&new).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(&new, dir.join("meta.db")).map_err(io)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+}
+
+/// What [`create_db`] builds a store in.
+const NEW_DB: &str = "meta.db.new";
 
 fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "application_id", APPLICATION_ID)?;
