@@ -6,8 +6,9 @@
 # - micro: crates/ferry/benches/fs_bench.rs (release build): small files
 #   one by one, sequential I/O, untar.
 # - small: the small-file part of micro (create + 4 KiB write + close, a
-#   first stat, unlink; one process, one directory) run from here, so it
-#   also covers the ferry-uring target, which fs_bench.rs does not know.
+#   first stat, unlink; one process, one directory) from python, with the
+#   daemon's CPU time per operation, each round right after the last one's
+#   deletes.
 # - fsmark: fs_mark (Debian package fsmark), the metadata benchmark users
 #   know: FERRY_FSMARK_PROCS processes creating 4 KiB files round robin over
 #   FERRY_FSMARK_DIRS shared directories, then `rm -rf` of the tree; files/s
@@ -69,11 +70,21 @@ if has "$targets" bindfs; then need bindfs:bindfs fusermount3:fuse3; fi
 if has "$parts" fsmark || has "$parts" profile; then need fs_mark:fsmark; fi
 if has "$parts" profile; then need perf:linux-perf strace:strace; fi
 
+enable_uring=/sys/module/fuse/parameters/enable_uring
+uring_was=""
+
+# Lets FUSE serve through io_uring for this run (ferry-uring); put back at exit.
+rings_on() {
+    [[ -w $enable_uring ]] || { say "ferry-uring: no $enable_uring (Linux 6.14+ needed)"; exit 2; }
+    [[ -n $uring_was ]] || uring_was=$(cat "$enable_uring")
+    echo Y >"$enable_uring"
+}
+restore_rings() { if [[ -n $uring_was ]]; then echo "$uring_was" >"$enable_uring"; fi; }
+trap restore_rings EXIT
+
 if has "$parts" micro; then
-    # fs_bench.rs mounts raw, bindfs and ferry only.
-    micro_targets=$(tr , '\n' <<<"$targets" | grep -vx ferry-uring | paste -sd, -)
-    [[ $micro_targets == "$targets" ]] || say "micro: ferry-uring is measured by the small part only"
-    FERRY_BENCH_TARGETS=$micro_targets cargo bench --quiet -p ferry --bench fs_bench
+    if has "$targets" ferry-uring; then rings_on; fi
+    FERRY_BENCH_TARGETS=$targets cargo bench --quiet -p ferry --bench fs_bench
 fi
 has "$parts" fsmark || has "$parts" profile || has "$parts" small || exit 0
 
@@ -87,8 +98,6 @@ fi
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/ferry-bench-XXXXXX")
 chmod 755 "$scratch"
 declare -A path=() daemon=()
-enable_uring=/sys/module/fuse/parameters/enable_uring
-uring_was=""
 
 # Unmounts and stops everything this script started, then removes the scratch
 # directory; runs on every exit, failed or not.
@@ -100,7 +109,7 @@ cleanup() {
         timeout 10 tail --pid="${daemon[$t]}" -f /dev/null 2>/dev/null || kill -9 "${daemon[$t]}" 2>/dev/null || true
     done
     # Only now: the rings need the parameter as long as they live.
-    if [[ -n $uring_was ]]; then echo "$uring_was" >"$enable_uring"; fi
+    restore_rings
     if grep -q " $scratch/" /proc/self/mounts; then
         say "still mounted under $scratch; leaving it"
     else
@@ -124,9 +133,7 @@ mount_target() {
         local extra=""
         if [[ $t == ferry-uring ]]; then
             extra=,io_uring
-            [[ -w $enable_uring ]] || { say "ferry-uring: no $enable_uring (Linux 6.14+ needed)"; exit 2; }
-            [[ -n $uring_was ]] || uring_was=$(cat "$enable_uring")
-            echo Y >"$enable_uring"
+            rings_on
         fi
         "$FERRY_BIN" mount --store "$dir/src" -o "$options$extra${FERRY_BENCH_FERRY_OPTIONS:+,$FERRY_BENCH_FERRY_OPTIONS}" \
             --foreground "$dir/mnt" 2>"$dir/log" &

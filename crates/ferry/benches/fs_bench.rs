@@ -17,7 +17,10 @@
 //! - untar: `tar xzf` of the largest `.crate` in ~/.cargo/registry/cache
 //!   (or `FERRY_BENCH_TARBALL`): seconds.
 //!
-//! `FERRY_BENCH_TARGETS=raw,bindfs,ferry` (default) selects targets.
+//! `FERRY_BENCH_TARGETS=raw,bindfs,ferry` (default) selects targets; add
+//! `ferry-uring` for ferry over FUSE's io_uring transport (`-o io_uring`:
+//! the kernel's `enable_uring` must be on, which `scripts/bench-fs.sh` sees
+//! to; the mount must say it serves through the rings, or the run stops).
 //! Run with `scripts/bench-fs.sh` (installs bindfs, release build).
 
 #[path = "../tests/support/mod.rs"]
@@ -212,17 +215,66 @@ fn shell(cmd: &str) -> String {
         .unwrap_or_default()
 }
 
+/// One column of the table: a target and how it is mounted.
+#[derive(Clone, Copy, PartialEq)]
+enum Column {
+    Raw,
+    Bindfs,
+    Ferry,
+    /// ferry with `-o io_uring`.
+    FerryUring,
+}
+
+impl Column {
+    fn parse(name: &str) -> Column {
+        match name.trim() {
+            "raw" => Column::Raw,
+            "bindfs" => Column::Bindfs,
+            "ferry" => Column::Ferry,
+            "ferry-uring" => Column::FerryUring,
+            other => panic!("unknown target {other:?} in FERRY_BENCH_TARGETS"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Column::FerryUring => "ferry-uring",
+            Column::Raw => Target::Raw.name(),
+            Column::Bindfs => Target::Bindfs.name(),
+            Column::Ferry => Target::Ferry.name(),
+        }
+    }
+
+    fn mount(self) -> Mount {
+        let target = match self {
+            Column::Raw => Target::Raw,
+            Column::Bindfs => Target::Bindfs,
+            Column::Ferry | Column::FerryUring => Target::Ferry,
+        };
+        if self != Column::FerryUring {
+            return Mount::with(target, DEFAULT_OPTIONS);
+        }
+        let m = Mount::with(target, &format!("{DEFAULT_OPTIONS},io_uring"));
+        // The daemon logs its transport just after the mount appears.
+        let rings = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            m.daemon_log().contains("transport io_uring")
+        });
+        assert!(
+            rings,
+            "ferry-uring mounted without the rings:\n{}",
+            m.daemon_log()
+        );
+        m
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
-    let targets: Vec<Target> = std::env::var("FERRY_BENCH_TARGETS")
+    let targets: Vec<Column> = std::env::var("FERRY_BENCH_TARGETS")
         .unwrap_or_else(|_| "raw,bindfs,ferry".into())
         .split(',')
-        .map(|t| match t.trim() {
-            "raw" => Target::Raw,
-            "bindfs" => Target::Bindfs,
-            "ferry" => Target::Ferry,
-            other => panic!("unknown target {other:?} in FERRY_BENCH_TARGETS"),
-        })
+        .map(Column::parse)
         .collect();
     let reps = support::env_u64("FERRY_BENCH_REPS", 5) as usize;
     let files = support::env_u64("FERRY_BENCH_FILES", 5000) as usize;
@@ -236,10 +288,7 @@ fn main() {
         "mounting {:?}",
         targets.iter().map(|t| t.name()).collect::<Vec<_>>()
     );
-    let mounts: Vec<Mount> = targets
-        .iter()
-        .map(|&t| Mount::with(t, DEFAULT_OPTIONS))
-        .collect();
+    let mounts: Vec<Mount> = targets.iter().map(|t| t.mount()).collect();
     let read_kind = if cold {
         "cold, after drop_caches"
     } else {
@@ -313,7 +362,7 @@ fn main() {
     }
     drop(mounts);
 
-    let col = |t: Target| targets.iter().position(|&x| x == t);
+    let col = |t: Column| targets.iter().position(|&x| x == t);
     let ratio = |m: &Metric, a: Option<usize>, b: Option<usize>| match (a, b) {
         (Some(a), Some(b)) => match (median(&m.samples[a]), median(&m.samples[b])) {
             (Some(x), Some(y)) if y > 0.0 => format!("{:.2}×", x / y),
@@ -338,27 +387,53 @@ fn main() {
         shell("date -u '+%Y-%m-%d %H:%M'"),
     );
     println!(
-        "All mounts: `-o {DEFAULT_OPTIONS}`. bindfs: `bindfs -f -o {DEFAULT_OPTIONS} SRC MNT`, SRC on the same disk.\n"
+        "All mounts: `-o {DEFAULT_OPTIONS}`; ferry io_uring adds `io_uring`. bindfs: `bindfs -f -o {DEFAULT_OPTIONS} SRC MNT`, SRC on the same disk.\n"
     );
-    println!("| workload | unit | raw | bindfs | ferry | ferry/raw | ferry/bindfs |");
-    println!("|---|---|---|---|---|---|---|");
+    // The io_uring columns only when that target ran.
+    let rings = col(Column::FerryUring).is_some();
+    let (head, rule) = if rings {
+        (
+            " ferry io_uring | ferry/raw | ferry/bindfs | io_uring/bindfs | io_uring/ferry |",
+            "---|---|---|---|---|",
+        )
+    } else {
+        (" ferry/raw | ferry/bindfs |", "---|---|")
+    };
+    println!("| workload | unit | raw | bindfs | ferry |{head}");
+    println!("|---|---|---|---|---|{rule}");
     for m in &metrics {
-        let cell = |t: Target| fmt(col(t).and_then(|i| median(&m.samples[i])));
+        let cell = |t: Column| fmt(col(t).and_then(|i| median(&m.samples[i])));
         let better = if m.higher_is_better {
             "higher is better"
         } else {
             "lower is better"
         };
-        println!(
-            "| {} | {} ({better}) | {} | {} | {} | {} | {} |",
+        let ferry = col(Column::Ferry);
+        let mut row = format!(
+            "| {} | {} ({better}) | {} | {} | {} |",
             m.name,
             m.unit,
-            cell(Target::Raw),
-            cell(Target::Bindfs),
-            cell(Target::Ferry),
-            ratio(m, col(Target::Ferry), col(Target::Raw)),
-            ratio(m, col(Target::Ferry), col(Target::Bindfs)),
+            cell(Column::Raw),
+            cell(Column::Bindfs),
+            cell(Column::Ferry),
         );
+        if rings {
+            row += &format!(" {} |", cell(Column::FerryUring));
+        }
+        row += &format!(
+            " {} | {} |",
+            ratio(m, ferry, col(Column::Raw)),
+            ratio(m, ferry, col(Column::Bindfs))
+        );
+        if rings {
+            let uring = col(Column::FerryUring);
+            row += &format!(
+                " {} | {} |",
+                ratio(m, uring, col(Column::Bindfs)),
+                ratio(m, uring, ferry)
+            );
+        }
+        println!("{row}");
     }
     let names: Vec<&str> = targets.iter().map(|t| t.name()).collect();
     println!(
