@@ -10,7 +10,7 @@
 //! returns: the statements it executed, with their parameters and how many
 //! rows each changed. Once that `pwrite` returned, the write survives a
 //! `kill -9` exactly as a commit did with `synchronous=NORMAL` (both sit in
-//! the page cache); [`Journal::sync`] makes it survive power loss.
+//! the page cache); [`Syncer::sync`] makes it survive power loss.
 //!
 //! After a crash the store is its last committed batch, and the records
 //! after it are replayed in order ([`replay`]). Replaying the same
