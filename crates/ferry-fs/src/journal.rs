@@ -77,10 +77,10 @@ const MAX_PAYLOAD: usize = 1 << 30;
 const MAX_FILE: u64 = WRAP_BYTES + (HEADER + MAX_PAYLOAD) as u64;
 
 /// Where the journal stands in the store's `meta` table, written by the
-/// batch commit that covers it.
-pub const META_EPOCH: &str = "journal_epoch";
+/// batch commit that covers it ([`record_position`]).
+const META_EPOCH: &str = "journal_epoch";
 /// The last record whose statements are in the committed store.
-pub const META_APPLIED: &str = "journal_applied";
+const META_APPLIED: &str = "journal_applied";
 
 /// The journal file of one store. Not synchronized: the store's connection
 /// lock guards it.
@@ -345,17 +345,29 @@ fn digest(header: &[u8], payload: &[u8]) -> [u8; 16] {
     out
 }
 
-/// What [`replay`] did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Replayed {
-    /// Records applied to the store.
-    pub records: u64,
+/// Records, in the transaction open on `conn`, that the store holds every
+/// record through `applied`, and with `epoch` that the journal goes on in
+/// that epoch: what a batch commit and a replay commit with their changes.
+pub fn record_position(
+    conn: &Connection,
+    applied: u64,
+    epoch: Option<u64>,
+) -> rusqlite::Result<()> {
+    let set = "UPDATE meta SET value=?2 WHERE key=?1";
+    conn.prepare_cached(set)?
+        .execute(rusqlite::params![META_APPLIED, applied as i64])?;
+    if let Some(epoch) = epoch {
+        conn.prepare_cached(set)?
+            .execute(rusqlite::params![META_EPOCH, epoch as i64])?;
+    }
+    Ok(())
 }
 
 /// Brings the store on `conn` (no transaction open) up to the journal:
 /// applies, in one transaction, every record of the store's epoch after
 /// the last one it holds, and positions `journal` after the last of them.
-pub fn replay(conn: &Connection, journal: &mut Journal) -> Result<Replayed, ReplayError> {
+/// Returns how many records it applied.
+pub fn replay(conn: &Connection, journal: &mut Journal) -> Result<u64, ReplayError> {
     let meta = |key: &str| -> Result<u64, ReplayError> {
         let v: i64 = conn.query_row("SELECT value FROM meta WHERE key=?1", [key], |r| r.get(0))?;
         u64::try_from(v).map_err(|_| ReplayError::Damaged(format!("{key} is {v}")))
@@ -415,11 +427,7 @@ pub fn replay(conn: &Connection, journal: &mut Journal) -> Result<Replayed, Repl
             for payload in &todo {
                 apply(conn, payload)?;
             }
-            conn.execute(
-                "UPDATE meta SET value=?2 WHERE key=?1",
-                rusqlite::params![META_APPLIED, last as i64],
-            )?;
-            Ok(())
+            Ok(record_position(conn, last, None)?)
         })();
         match applying {
             Ok(()) => conn.execute_batch("COMMIT")?,
@@ -435,9 +443,7 @@ pub fn replay(conn: &Connection, journal: &mut Journal) -> Result<Replayed, Repl
         .ok_or_else(|| ReplayError::Damaged("record numbers run out".into()))?;
     journal.offset = offset as u64;
     journal.marks.appended.store(last, Ordering::SeqCst);
-    Ok(Replayed {
-        records: todo.len() as u64,
-    })
+    Ok(todo.len() as u64)
 }
 
 /// A record read back.
@@ -489,19 +495,18 @@ fn apply(conn: &Connection, mut payload: &[u8]) -> Result<(), ReplayError> {
     while !payload.is_empty() {
         let sql =
             std::str::from_utf8(take_bytes(&mut payload).ok_or_else(bad)?).map_err(|_| bad())?;
-        let changes =
-            u64::from_le_bytes(take(&mut payload, 8).ok_or_else(bad)?.try_into().unwrap());
-        let n = u16::from_le_bytes(take(&mut payload, 2).ok_or_else(bad)?.try_into().unwrap());
+        let changes = u64::from_le_bytes(take_array(&mut payload).ok_or_else(bad)?);
+        let n = u16::from_le_bytes(take_array(&mut payload).ok_or_else(bad)?);
         let mut params = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let tag = take(&mut payload, 1).ok_or_else(bad)?[0];
+            let [tag] = take_array(&mut payload).ok_or_else(bad)?;
             params.push(match tag {
                 0 => Value::Null,
                 1 => Value::Integer(i64::from_le_bytes(
-                    take(&mut payload, 8).ok_or_else(bad)?.try_into().unwrap(),
+                    take_array(&mut payload).ok_or_else(bad)?,
                 )),
                 2 => Value::Real(f64::from_bits(u64::from_le_bytes(
-                    take(&mut payload, 8).ok_or_else(bad)?.try_into().unwrap(),
+                    take_array(&mut payload).ok_or_else(bad)?,
                 ))),
                 3 => Value::Text(
                     String::from_utf8(take_bytes(&mut payload).ok_or_else(bad)?.to_vec())
@@ -542,8 +547,12 @@ fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     Some(head)
 }
 
+fn take_array<const N: usize>(b: &mut &[u8]) -> Option<[u8; N]> {
+    take(b, N)?.try_into().ok()
+}
+
 fn take_bytes<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let n = u32::from_le_bytes(take(b, 4)?.try_into().unwrap());
+    let n = u32::from_le_bytes(take_array(b)?);
     take(b, n as usize)
 }
 
@@ -675,6 +684,13 @@ mod tests {
         }
     }
 
+    /// A path for a store of this test process, with nothing there.
+    fn fresh_dir(what: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ferry-journal-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
     /// A copy of the store files in `dir`, to check without touching what
     /// the crash left for the next child to replay.
     fn snapshot(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
@@ -692,8 +708,7 @@ mod tests {
     #[test]
     fn journal_survives_kill_9_anywhere() {
         let seed = crate::store::now() as u64 | 1;
-        let dir = std::env::temp_dir().join(format!("ferry-journal-{}-{seed}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir(&seed.to_string());
         let mut rng = seed;
         let mut before = 0;
         for round in 0..16 {
@@ -778,8 +793,7 @@ mod tests {
 
     #[test]
     fn a_lost_batch_is_replayed_from_the_journal() {
-        let dir = std::env::temp_dir().join(format!("ferry-journal-lost-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("lost");
         let store = Store::open(&dir).unwrap();
         let mut model = Model::new();
         for i in 0..10 {
@@ -809,8 +823,7 @@ mod tests {
 
     #[test]
     fn damage_before_valid_records_is_refused() {
-        let dir = std::env::temp_dir().join(format!("ferry-journal-damage-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("damage");
         let store = Store::open(&dir).unwrap();
         for i in 0..3 {
             write(&store, i, op(9, i));
@@ -881,8 +894,7 @@ mod tests {
 
     #[test]
     fn a_store_of_format_3_gets_its_journal_and_one_without_is_refused() {
-        let dir = std::env::temp_dir().join(format!("ferry-journal-v3-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("v3");
         let store = Store::open(&dir).unwrap();
         write(&store, 0, op(3, 0));
         drop(store);

@@ -313,10 +313,11 @@ struct Db {
     /// SQLite rolled an open batch back (an I/O error, a full disk): the
     /// connection lacks journaled writes until the journal is replayed.
     lost: bool,
-    /// A new journal epoch committed, waiting for its commit to be durable
-    /// before the journal starts again at offset 0 (overwriting records
-    /// that only the commit covers). No write is journaled meanwhile.
-    epoch: Option<u64>,
+    /// The next journal epoch is committed and waits for its commit to be
+    /// durable before the journal starts again at offset 0 (overwriting
+    /// records that only the commit covers). No write is journaled
+    /// meanwhile.
+    epoch_pending: bool,
 }
 
 /// What [`Store::wait_for_log`] waits on.
@@ -395,7 +396,7 @@ impl Db {
         }
         self.open = false;
         if wrap {
-            self.epoch = Some(self.journal.epoch().wrapping_add(1));
+            self.epoch_pending = true;
             self.finish_epoch()?;
         }
         Ok(())
@@ -411,40 +412,41 @@ impl Db {
     /// Records, in the open batch, the last journaled write as applied and,
     /// with `new_epoch`, the next epoch.
     fn set_journal_meta(&self, new_epoch: bool) -> rusqlite::Result<()> {
-        let set = "UPDATE meta SET value=?2 WHERE key=?1";
-        self.conn
-            .prepare_cached(set)?
-            .execute(params![journal::META_APPLIED, self.journal.last() as i64])?;
-        if new_epoch {
-            let epoch = self.journal.epoch().wrapping_add(1) as i64;
-            self.conn
-                .prepare_cached(set)?
-                .execute(params![journal::META_EPOCH, epoch])?;
-        }
-        Ok(())
+        let next = new_epoch.then(|| self.next_epoch());
+        journal::record_position(&self.conn, self.journal.last(), next)
+    }
+
+    fn next_epoch(&self) -> u64 {
+        self.journal.epoch().wrapping_add(1)
     }
 
     /// Starts the committed new epoch once its commit is durable.
     fn finish_epoch(&mut self) -> rusqlite::Result<()> {
-        if let Some(epoch) = self.epoch {
+        if self.epoch_pending {
             sync_wal(&self.dir).map_err(|e| {
-                rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-                    Some(format!("syncing the store's WAL: {e}")),
+                store_error(
+                    rusqlite::ffi::SQLITE_IOERR,
+                    format!("syncing the store's WAL: {e}"),
                 )
             })?;
-            self.journal.restart(epoch);
-            self.epoch = None;
+            self.journal.restart(self.next_epoch());
+            self.epoch_pending = false;
         }
         Ok(())
     }
 }
 
+/// A store error of SQLite's kind `code` (so the vfs maps it to an errno
+/// as it does SQLite's own), saying `what`.
+fn store_error(code: std::ffi::c_int, what: impl Into<String>) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some(what.into()))
+}
+
 /// The error of a statement run after SQLite rolled the batch back.
 fn batch_lost() -> rusqlite::Error {
-    rusqlite::Error::SqliteFailure(
-        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
-        Some("the store's batch was rolled back".into()),
+    store_error(
+        rusqlite::ffi::SQLITE_ABORT,
+        "the store's batch was rolled back",
     )
 }
 
@@ -460,10 +462,7 @@ fn is_io_error(code: rusqlite::ErrorCode) -> bool {
 
 /// The error a failed replay of the journal becomes inside the store.
 fn replay_failed(e: journal::ReplayError) -> rusqlite::Error {
-    rusqlite::Error::SqliteFailure(
-        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-        Some(e.to_string()),
-    )
+    store_error(rusqlite::ffi::SQLITE_IOERR, e.to_string())
 }
 
 /// Syncs the store's WAL (or nothing: without one, everything is in the
@@ -571,7 +570,7 @@ impl Store {
                 writes: 0,
                 bytes: 0,
                 lost: false,
-                epoch: None,
+                epoch_pending: false,
             }),
             syncer,
             dir: dir.to_path_buf(),
@@ -603,11 +602,8 @@ impl Store {
                 detail: e.to_string(),
             },
         })?;
-        if replayed.records > 0 {
-            tracing::info!(
-                "replayed {} journaled writes into the store",
-                replayed.records
-            );
+        if replayed > 0 {
+            tracing::info!("replayed {replayed} journaled writes into the store");
         }
         if db.journal.holds_records() {
             db.new_epoch().map_err(|e| StoreError::db(db_path, e))?;
@@ -665,9 +661,9 @@ impl Store {
         }
         if db.conn.total_changes() - before != changes {
             // A change the journal would not replay: a bug, refused.
-            return Err(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_MISUSE),
-                Some("a store write changed rows outside its journal record".into()),
+            return Err(store_error(
+                rusqlite::ffi::SQLITE_MISUSE,
+                "a store write changed rows outside its journal record",
             )
             .into());
         }
@@ -678,7 +674,7 @@ impl Store {
                     Some(libc::ENOSPC) => rusqlite::ffi::SQLITE_FULL,
                     _ => rusqlite::ffi::SQLITE_IOERR,
                 };
-                rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some(e.to_string()))
+                store_error(code, e.to_string())
             })?;
         }
         std::mem::forget(undo);

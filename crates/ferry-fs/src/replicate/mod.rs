@@ -48,9 +48,10 @@
 //! - **I2, crashes lose nothing.** Every change is in the local log before
 //!   it is acknowledged; the shipper reads current state, so repeating a
 //!   batch after a crash repeats the same state. A file shipped while still
-//!   open for writing is remembered durably ([`crate::store::Tx::mark_writing`], in the
-//!   commit that records the shipment) until its last writer closes and it
-//!   is logged again; a daemon killed in between logs it again at start.
+//!   open for writing is remembered durably
+//!   ([`crate::store::Tx::mark_writing`], in the commit that records the
+//!   shipment) until its last writer closes and it is logged again; a
+//!   daemon killed in between logs it again at start.
 //! - **I3, the backend stays whole.** The backend refuses any op that
 //!   would leave a state no restore can load (ferry-backend's commit
 //!   rules); such refusals are conflicts here, kept and never overwritten.
