@@ -42,6 +42,10 @@ use crate::log::{Change, LogRecord};
 /// apart from any other SQLite file before its tables are read.
 const APPLICATION_ID: i32 = 0x4652_5259;
 
+/// The version of an inode once its `Create` record is logged: versions
+/// start at 1 and every logged change bumps them, creation included.
+const CREATED_VERSION: i64 = 2;
+
 /// The store layout version this build reads and writes (`PRAGMA user_version`).
 pub const FORMAT_VERSION: i32 = 4;
 
@@ -547,6 +551,13 @@ impl Store {
         // A checkpoint restarts the WAL from its start but keeps the file;
         // this bounds what a burst leaves behind on disk.
         conn.pragma_update(None, "journal_size_limit", 32 << 20)
+            .map_err(bad)?;
+        // Each write runs under a savepoint inside the open batch (see
+        // `Db::begin`), and SQLite keeps the savepoint's page images in a
+        // statement journal that spills to a temporary file past 64 KiB:
+        // one `pwrite` per page an unlink touches. It only ever serves a
+        // rollback of this process, so memory is the right place for it.
+        conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(bad)?;
         let host: i64 = conn
             .query_row("SELECT value FROM meta WHERE key='host'", [], |r| r.get(0))
@@ -1470,8 +1481,12 @@ impl Tx<'_> {
         // reused, and so known before the row exists, which spares an
         // UPDATE of the row and of its (host, counter) index.
         let ino = Ino(self.sequence("inode")? + 1);
+        // Born at the version its `Create` record carries: the row and the
+        // record in two statements, where bumping a version 1 as every
+        // other change does would take a third.
+        let version = CREATED_VERSION;
         self.exec("INSERT INTO inode(ino, host, counter, mode, uid, gid, nlink, size, atime, mtime, ctime, crtime, rdev, target, version)
-                 VALUES (?1, ?2, ?1, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8, ?8, ?9, ?10, 1)", params![
+                 VALUES (?1, ?2, ?1, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8, ?8, ?9, ?10, ?11)", params![
                 ino,
                 self.host,
                 new.mode,
@@ -1481,14 +1496,16 @@ impl Tx<'_> {
                 size as i64,
                 t,
                 new.rdev,
-                new.target
+                new.target,
+                version
             ])?;
         self.insert_dentry(parent, name, ino)?;
         if is_dir {
             self.add_nlink(parent, 1)?;
         }
         self.touch_dir(parent, t)?;
-        let version = self.log_version(&Change::Create { ino, parent, name })?;
+        let change = Change::Create { ino, parent, name };
+        self.append_log(&change, version, self.host.into(), ino.0 as i64)?;
         Ok(Inode {
             ino,
             host: self.host,
@@ -1503,7 +1520,7 @@ impl Tx<'_> {
             ctime: t,
             crtime: t,
             rdev: new.rdev,
-            version,
+            version: version as u64,
             cached: true,
         })
     }
@@ -2000,12 +2017,25 @@ impl Tx<'_> {
 
     /// [`Tx::log`], returning the inode's new version.
     fn log_version(&self, change: &Change<'_>) -> rusqlite::Result<u64> {
-        let ino = change.ino();
         let (version, host, counter): (i64, i64, i64) = self.exec_row(
             "UPDATE inode SET version=version+1 WHERE ino=?1 RETURNING version, host, counter",
-            params![ino],
+            params![change.ino()],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
+        self.append_log(change, version, host, counter)?;
+        Ok(version as u64)
+    }
+
+    /// Appends the log record of `change` for its inode at `version`,
+    /// whose identity is (`host`, `counter`).
+    fn append_log(
+        &self,
+        change: &Change<'_>,
+        version: i64,
+        host: i64,
+        counter: i64,
+    ) -> rusqlite::Result<()> {
+        let ino = change.ino();
         let (parent, name, parent2, name2) = change.places();
         self.exec("INSERT INTO log(op, ino, host, counter, version, parent, name, parent2, name2, at, pulled)
                  VALUES (?1, ?2, ?9, ?10, ?3, ?4, ?5, ?6, ?7, ?8, ?11)", params![
@@ -2022,6 +2052,6 @@ impl Tx<'_> {
                 self.pulled.get()
             ])?;
         self.logged.set(true);
-        Ok(version as u64)
+        Ok(())
     }
 }
