@@ -1,12 +1,21 @@
 //! Data files: the bytes of each regular inode, one plain file per inode
 //! under `STORE/data/` (see [`crate::store::Store::data_path`]).
 //!
-//! Freed data files are recycled: truncated and parked in `STORE/spare/`,
-//! then renamed into place for the next new file. On an ext4 without a
-//! journal (the machines ferry is built on), allocating an inode scans the
-//! block group past every recently deleted inode (`recently_deleted`); after
-//! a burst of deletes that scan costs more than all the rest of a create,
-//! while a rename costs one directory update.
+//! Freed data files are recycled: truncated, kept as spares, then renamed
+//! into place for the next new file. On an ext4 without a journal (the
+//! machines ferry is built on), allocating an inode scans the block group
+//! past every recently deleted inode (`recently_deleted`); after a burst of
+//! deletes that scan costs more than all the rest of a create, while a
+//! rename costs one directory update.
+//!
+//! The data file of a deleted inode stays where it is, under the dead
+//! inode's number (never reused), and the store's `spare` table lists it in
+//! the transaction that deletes the inode ([`Spare::listed`]); the create
+//! that takes it unlists it in its own. That spares an unlink's rename into
+//! another directory, which cost a quarter of the daemon's CPU per unlink.
+//! A data file that leaves a live inode (an eviction) cannot stay under
+//! that inode's name, so it goes to `STORE/spare/` under a number of its
+//! own, as every spare did before.
 //!
 //! A create must not wait for any of that: a background thread keeps a few
 //! spares empty and open ([`Ready`]), so the request path only renames one
@@ -22,6 +31,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
+
+use crate::ids::Ino;
 
 /// Spare files kept at most; beyond that, freed files are deleted.
 const MAX_SPARES: usize = 65536;
@@ -41,18 +52,40 @@ pub struct DataFiles {
 /// What the request path and the preparer share.
 struct Pool {
     spare_dir: PathBuf,
-    /// Parked spares (empty, closed), and the next free spare name.
-    parked: Mutex<Vec<PathBuf>>,
+    /// Parked spares (closed, truncated unless a crash interrupted that),
+    /// and the next free name in `spare_dir`.
+    parked: Mutex<Vec<Spare>>,
     next: AtomicU64,
     ready: Mutex<Ready>,
     /// Wakes the preparer when `ready` runs low, or to stop.
     refill: Condvar,
 }
 
+/// A spare data file.
+#[derive(Debug)]
+pub struct Spare {
+    path: PathBuf,
+    /// The deleted inode whose data file this is, which the store's
+    /// `spare` table lists until a create takes it; `None` for one in
+    /// `STORE/spare/`.
+    pub listed: Option<Ino>,
+}
+
+impl Spare {
+    /// The data file of the deleted inode `ino` at `path`, which the store
+    /// lists as a spare.
+    pub fn listed(ino: Ino, path: PathBuf) -> Spare {
+        Spare {
+            path,
+            listed: Some(ino),
+        }
+    }
+}
+
 /// Spares opened read-write and known empty, for the next creates.
 #[derive(Default)]
 struct Ready {
-    files: VecDeque<(PathBuf, File)>,
+    files: VecDeque<(Spare, File)>,
     /// The preparer is waiting on `refill` (so a create must wake it).
     idle: bool,
     stop: bool,
@@ -65,6 +98,8 @@ pub struct NewData {
     pub file: File,
     /// Its attributes, so the reply needs no `statx` by path.
     pub meta: Metadata,
+    /// The listed spare it was, which the create's transaction unlists.
+    pub recycled: Option<Ino>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -74,12 +109,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl DataFiles {
     /// The pool of the store in `store_dir`, with the spares a previous run
-    /// left (a crash may leave one half-recycled: the preparer truncates
-    /// every parked spare again before it hands it out); starts the preparer.
-    pub fn open(store_dir: &Path) -> io::Result<DataFiles> {
+    /// left: those in `STORE/spare/` and the `listed` ones (a crash may
+    /// leave one half-recycled: the preparer truncates every parked spare
+    /// again before it hands it out); starts the preparer.
+    pub fn open(store_dir: &Path, listed: Vec<Spare>) -> io::Result<DataFiles> {
         let spare_dir = store_dir.join("spare");
         std::fs::create_dir_all(&spare_dir)?;
-        let mut parked = Vec::new();
+        let mut parked = listed;
         let mut next = 0;
         for entry in std::fs::read_dir(&spare_dir)? {
             let entry = entry?;
@@ -90,7 +126,10 @@ impl DataFiles {
             {
                 next = next.max(n + 1);
             }
-            parked.push(entry.path());
+            parked.push(Spare {
+                path: entry.path(),
+                listed: None,
+            });
         }
         let pool = Arc::new(Pool {
             spare_dir,
@@ -119,17 +158,20 @@ impl DataFiles {
             // The preparer fell behind: prepare one here.
             None => self.pool.prepare()?,
         };
-        let file = match std::fs::rename(&spare, path) {
-            Ok(()) => file,
+        let (file, recycled) = match std::fs::rename(&spare.path, path) {
+            Ok(()) => (file, spare.listed),
             Err(e) => {
-                tracing::warn!("recycling {}: {e}", spare.display());
-                OpenOptions::new()
+                tracing::warn!("recycling {}: {e}", spare.path.display());
+                let file = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create(true)
                     .truncate(true)
                     .mode(0o600)
-                    .open(path)?
+                    .open(path)?;
+                // A listed one stays listed: the next start finds out
+                // whether it is still there.
+                (file, None)
             }
         };
         file.set_times(
@@ -138,20 +180,53 @@ impl DataFiles {
                 .set_modified(time),
         )?;
         let meta = file.metadata()?;
-        Ok(NewData { file, meta })
+        Ok(NewData {
+            file,
+            meta,
+            recycled,
+        })
     }
 
-    /// Frees the data file at `path` (absent is fine): truncated into the
-    /// spare pool, or deleted when the pool is full.
+    /// Whether the pool keeps another spare; beyond [`MAX_SPARES`], freed
+    /// data files are deleted.
+    pub fn wants_spares(&self) -> bool {
+        self.pool.spares() < MAX_SPARES
+    }
+
+    /// Parks the listed spare `spare`: truncated where it is (absent is
+    /// fine: nothing to keep; its row goes at the next start).
+    pub fn park(&self, spare: Spare) -> io::Result<()> {
+        match OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&spare.path)
+        {
+            Ok(_) => {
+                lock(&self.pool.parked).push(spare);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Frees the data file at `path` (absent is fine) of an inode that
+    /// lives on: truncated into `STORE/spare/`, or deleted when the pool
+    /// is full.
     pub fn free(&self, path: &Path) -> io::Result<()> {
-        let result = if self.pool.spares() < MAX_SPARES {
+        let result = if self.wants_spares() {
             let spare = self.pool.new_spare_path();
             OpenOptions::new()
                 .write(true)
                 .truncate(true)
                 .open(path)
                 .and_then(|_| std::fs::rename(path, &spare))
-                .map(|()| lock(&self.pool.parked).push(spare))
+                .map(|()| {
+                    lock(&self.pool.parked).push(Spare {
+                        path: spare,
+                        listed: None,
+                    })
+                })
         } else {
             std::fs::remove_file(path)
         };
@@ -183,7 +258,7 @@ impl Pool {
     }
 
     /// A ready spare, waking the preparer when the rest run low.
-    fn take_ready(&self) -> Option<(PathBuf, File)> {
+    fn take_ready(&self) -> Option<(Spare, File)> {
         let mut ready = lock(&self.ready);
         let taken = ready.files.pop_front();
         if ready.files.len() < READY_LOW && ready.idle {
@@ -196,28 +271,28 @@ impl Pool {
 
     /// One spare, open read-write and empty: a parked one truncated again
     /// (it may be half-recycled by a crash), or else a new file.
-    fn prepare(&self) -> io::Result<(PathBuf, File)> {
+    fn prepare(&self) -> io::Result<(Spare, File)> {
         let parked = lock(&self.parked).pop();
         if let Some(spare) = parked {
             let opened = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .truncate(true)
-                .open(&spare);
+                .open(&spare.path);
             match opened {
                 Ok(file) => return Ok((spare, file)),
-                Err(e) => tracing::warn!("opening spare {}: {e}", spare.display()),
+                Err(e) => tracing::warn!("opening spare {}: {e}", spare.path.display()),
             }
         }
-        let spare = self.new_spare_path();
+        let path = self.new_spare_path();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&spare)?;
-        Ok((spare, file))
+            .open(&path)?;
+        Ok((Spare { path, listed: None }, file))
     }
 
     /// The preparer: keeps [`READY_TARGET`] spares ready until stopped.

@@ -37,8 +37,8 @@ pub struct Report {
     pub entries: u64,
     /// Log records replayed.
     pub records: u64,
-    /// Data files with no inode: left by a crash between creating the file
-    /// and committing its inode, harmless, removed by the next mount.
+    /// Data files with no inode that are not listed spares: left by a crash
+    /// between creating the file and committing its inode, harmless.
     pub stray_data_files: u64,
 }
 
@@ -138,6 +138,12 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
                 return Err(corrupt(format!("regular file {ino} has no data file")));
             }
         }
+        let spares: HashSet<Ino> = r.spares().map_err(db)?.into_iter().collect();
+        if let Some(ino) = spares.intersection(&inos).next() {
+            return Err(corrupt(format!(
+                "the data file of live inode {ino} is listed as a spare"
+            )));
+        }
         let mut stray = 0;
         let data = store.dir().join("data");
         for entry in std::fs::read_dir(&data).map_err(|e| StoreError::io(&data, e))? {
@@ -146,7 +152,7 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
                 .file_name()
                 .to_str()
                 .and_then(|n| u64::from_str_radix(n, 16).ok().map(Ino));
-            if !ino.is_some_and(|i| inos.contains(&i)) {
+            if !ino.is_some_and(|i| inos.contains(&i) || spares.contains(&i)) {
                 stray += 1;
             }
         }

@@ -928,10 +928,12 @@ mod tests {
         let store = Store::open(&dir).unwrap();
         write(&store, 0, op(3, 0));
         drop(store);
-        // What a build of format 3 left: no journal, no journal rows.
+        // What a build of format 3 left: no journal, no journal rows (and
+        // no table of spares, which format 5 added).
         let conn = Connection::open(dir.join("meta.db")).unwrap();
         conn.execute_batch(
             "DELETE FROM meta WHERE key IN ('journal_epoch', 'journal_applied');
+             DROP TABLE spare;
              PRAGMA user_version=3;",
         )
         .unwrap();

@@ -47,11 +47,11 @@ const APPLICATION_ID: i32 = 0x4652_5259;
 const CREATED_VERSION: i64 = 2;
 
 /// The store layout version this build reads and writes (`PRAGMA user_version`).
-pub const FORMAT_VERSION: i32 = 4;
+pub const FORMAT_VERSION: i32 = 5;
 
 /// What a store of each older format version needs to reach the next:
 /// `MIGRATIONS[v - 1]` takes version `v` to `v + 1`.
-const MIGRATIONS: &[&str] = &[VERSION_2, VERSION_3, VERSION_4];
+const MIGRATIONS: &[&str] = &[VERSION_2, VERSION_3, VERSION_4, VERSION_5];
 
 /// Files whose contents were shipped while a writer still had them open
 /// (version 2). Writes after that point are not visible to the daemon
@@ -89,6 +89,12 @@ CREATE TABLE resolved(id INTEGER PRIMARY KEY, at INTEGER NOT NULL, path TEXT NOT
 /// build that knows none refuses version 4, so none ignores one.
 const VERSION_4: &str = "INSERT INTO meta(key, value) VALUES
     ('journal_epoch', abs(random() >> 1)), ('journal_applied', 0);";
+
+/// Spare data files (version 5, see [`crate::data`]): deleted inodes whose
+/// data files stay in `data/`, truncated, until a create renames one into
+/// place. Listed by the transaction that deletes the inode, unlisted by the
+/// one that takes the file.
+const VERSION_5: &str = "CREATE TABLE spare(ino INTEGER PRIMARY KEY);";
 
 /// Bytes kept in reserve for operations that free space on a full disk.
 const RESERVE_BYTES: u64 = 8 << 20;
@@ -900,7 +906,7 @@ const NEW_DB: &str = "meta.db.new";
 fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "application_id", APPLICATION_ID)?;
     conn.execute_batch(&format!(
-        "BEGIN; {SCHEMA} {VERSION_4} PRAGMA user_version={FORMAT_VERSION};"
+        "BEGIN; {SCHEMA} {VERSION_4} {VERSION_5} PRAGMA user_version={FORMAT_VERSION};"
     ))?;
     let host = random_host_id()?;
     let t = now();
@@ -1186,6 +1192,13 @@ pub trait Queries {
             .query_row([table], |r| r.get::<_, i64>(0))
             .optional()
             .map(|o| o.unwrap_or(0) as u64)
+    }
+
+    /// The spare data files the store lists (see [`VERSION_5`]).
+    fn spares(&self) -> rusqlite::Result<Vec<Ino>> {
+        let mut stmt = self.conn().prepare_cached("SELECT ino FROM spare")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect()
     }
 
     /// Files shipped while a writer had them open, not yet logged again
@@ -1736,6 +1749,18 @@ impl Tx<'_> {
             "INSERT OR IGNORE INTO writing(ino) VALUES (?1)",
             params![ino],
         )?;
+        Ok(())
+    }
+
+    /// Lists the data file of the deleted inode `ino` as a spare.
+    pub fn list_spare(&self, ino: Ino) -> rusqlite::Result<()> {
+        self.exec("INSERT INTO spare(ino) VALUES (?1)", params![ino])?;
+        Ok(())
+    }
+
+    /// A create took the spare data file of `ino`, or it is gone.
+    pub fn unlist_spare(&self, ino: Ino) -> rusqlite::Result<()> {
+        self.exec("DELETE FROM spare WHERE ino=?1", params![ino])?;
         Ok(())
     }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{Errno, FileAttr, FileType, TimeOrNow};
 use tracing::{error, warn};
 
-use crate::data::{DataFiles, NewData};
+use crate::data::{DataFiles, NewData, Spare};
 use crate::error::StoreError;
 use crate::ids::{Fh, Ino};
 use crate::store::{self, Inode, Kind, Nanos, NewInode, Queries, Store, Tx, ROOT_INO};
@@ -279,23 +279,63 @@ impl Reaping {
             return Ok(());
         }
         self.store.make_room();
-        let deleted = self.store.write(|tx| -> rusqlite::Result<Vec<Ino>> {
-            let mut deleted = Vec::with_capacity(inos.len());
+        let (spared, deleted) = self.store.write(|tx| -> rusqlite::Result<_> {
+            let (mut spared, mut deleted) = (Vec::new(), Vec::new());
             for ino in inos {
-                let unlinked = tx.inode(ino)?.is_some_and(|inode| inode.nlink == 0);
-                if unlinked && !lock(&self.lookups).contains_key(&ino) {
-                    tx.delete(ino)?;
+                let Some(inode) = tx.inode(ino)? else {
+                    continue;
+                };
+                if inode.nlink != 0 || lock(&self.lookups).contains_key(&ino) {
+                    continue;
+                }
+                tx.delete(ino)?;
+                // Its data file stays where it is as a spare (see
+                // `crate::data`), listed in this same transaction.
+                if inode.kind() == Kind::File && inode.cached && self.data.wants_spares() {
+                    tx.list_spare(ino)?;
+                    spared.push(ino);
+                } else {
                     deleted.push(ino);
                 }
             }
-            Ok(deleted)
+            Ok((spared, deleted))
         })?;
+        for ino in spared {
+            lock(&self.last_open).remove(&ino);
+            let path = self.store.data_path(ino);
+            if let Err(e) = self.data.park(Spare::listed(ino, path)) {
+                warn!("recycling the data file of inode {ino}: {e}");
+            }
+        }
         for ino in deleted {
             lock(&self.last_open).remove(&ino);
             free_data(&self.store, &self.data, ino);
         }
         Ok(())
     }
+}
+
+/// The spare data files `store` lists that are there, for [`DataFiles`];
+/// the rows of any a crash took (a create renamed one and died before its
+/// transaction was journaled) are dropped. A read-only mount takes none.
+fn listed_spares(store: &Store, read_only: bool) -> Result<Vec<Spare>, StoreError> {
+    if read_only {
+        return Ok(Vec::new());
+    }
+    let db = |e| StoreError::db(store.dir(), e);
+    let listed = store.read(|r| r.spares()).map_err(db)?;
+    let (here, gone): (Vec<Ino>, Vec<Ino>) = listed
+        .into_iter()
+        .partition(|&ino| store.data_path(ino).exists());
+    if !gone.is_empty() {
+        store
+            .write(|tx| gone.iter().try_for_each(|&ino| tx.unlist_spare(ino)))
+            .map_err(db)?;
+    }
+    Ok(here
+        .into_iter()
+        .map(|ino| Spare::listed(ino, store.data_path(ino)))
+        .collect())
 }
 
 /// Frees the data file of `ino` (see [`DataFiles::free`]).
@@ -446,7 +486,8 @@ impl Vfs {
     /// interrupted: inodes with no names cannot be open after a restart.
     pub fn new(store: Store, read_only: bool) -> Result<Vfs, StoreError> {
         let io = |e| StoreError::io(store.dir(), e);
-        let data = Arc::new(DataFiles::open(store.dir()).map_err(io)?);
+        let spares = listed_spares(&store, read_only)?;
+        let data = Arc::new(DataFiles::open(store.dir(), spares).map_err(io)?);
         let store = Arc::new(store);
         let last_open = Arc::new(Mutex::new(HashMap::new()));
         let lookups = Arc::new(Mutex::new(HashMap::new()));
@@ -996,6 +1037,9 @@ impl Vfs {
                     error!("creating {}: {e}", path.display());
                     io_err(e)
                 })?;
+            if let Some(spare) = data.recycled {
+                tx.unlist_spare(spare)?;
+            }
             Ok((inode, Some(data)))
         })?)
     }
