@@ -17,20 +17,27 @@
 //! that inode's name, so it goes to `STORE/spare/` under a number of its
 //! own, as every spare did before.
 //!
+//! When there is nothing to recycle, a new data file starts as an
+//! anonymous `O_TMPFILE` in `data/` and gets its name with `linkat` at the
+//! create: one directory insert, where a named spare cost a create in
+//! `spare/` and a rename out of it, and a crash leaves nothing behind.
+//!
 //! A create must not wait for any of that: a background thread keeps a few
-//! spares empty and open ([`Ready`]), so the request path only renames one
-//! into place, sets its times and hands its descriptor over (issue 12). A
-//! spare is not part of any inode until the rename, so a crash leaves at
-//! most a spare or an orphan data file, as before.
+//! files empty and open ([`Ready`]), so the request path only puts one in
+//! place, sets its times and hands its descriptor over (issue 12). A file
+//! is not part of any inode until then, so a crash leaves at most a spare
+//! or an orphan data file, as before.
 
 use std::collections::VecDeque;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
+
+use nix::fcntl::{AtFlags, AT_FDCWD};
 
 use crate::ids::Ino;
 
@@ -52,6 +59,10 @@ pub struct DataFiles {
 /// What the request path and the preparer share.
 struct Pool {
     spare_dir: PathBuf,
+    data_dir: PathBuf,
+    /// Whether new files start anonymous (until the file system or our
+    /// privileges refuse `O_TMPFILE` or `linkat` of one).
+    anonymous: AtomicBool,
     /// Parked spares (closed, truncated unless a crash interrupted that),
     /// and the next free name in `spare_dir`.
     parked: Mutex<Vec<Spare>>,
@@ -82,10 +93,11 @@ impl Spare {
     }
 }
 
-/// Spares opened read-write and known empty, for the next creates.
+/// Files opened read-write and known empty, for the next creates: parked
+/// spares, or new anonymous files (`None`).
 #[derive(Default)]
 struct Ready {
-    files: VecDeque<(Spare, File)>,
+    files: VecDeque<(Option<Spare>, File)>,
     /// The preparer is waiting on `refill` (so a create must wake it).
     idle: bool,
     stop: bool,
@@ -133,6 +145,8 @@ impl DataFiles {
         }
         let pool = Arc::new(Pool {
             spare_dir,
+            data_dir: store_dir.join("data"),
+            anonymous: AtomicBool::new(true),
             parked: Mutex::new(parked),
             next: AtomicU64::new(next),
             ready: Mutex::new(Ready::default()),
@@ -158,10 +172,21 @@ impl DataFiles {
             // The preparer fell behind: prepare one here.
             None => self.pool.prepare()?,
         };
-        let (file, recycled) = match std::fs::rename(&spare.path, path) {
-            Ok(()) => (file, spare.listed),
+        let placed = match &spare {
+            Some(spare) => std::fs::rename(&spare.path, path),
+            None => nix::unistd::linkat(&file, "", AT_FDCWD, path, AtFlags::AT_EMPTY_PATH)
+                .map_err(io::Error::from),
+        };
+        let (file, recycled) = match placed {
+            Ok(()) => (file, spare.and_then(|s| s.listed)),
             Err(e) => {
-                tracing::warn!("recycling {}: {e}", spare.path.display());
+                match &spare {
+                    Some(spare) => tracing::warn!("recycling {}: {e}", spare.path.display()),
+                    None => {
+                        tracing::warn!("naming a new data file: {e}; new ones get names from now");
+                        self.pool.anonymous.store(false, Ordering::Relaxed);
+                    }
+                }
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -258,7 +283,7 @@ impl Pool {
     }
 
     /// A ready spare, waking the preparer when the rest run low.
-    fn take_ready(&self) -> Option<(Spare, File)> {
+    fn take_ready(&self) -> Option<(Option<Spare>, File)> {
         let mut ready = lock(&self.ready);
         let taken = ready.files.pop_front();
         if ready.files.len() < READY_LOW && ready.idle {
@@ -269,9 +294,10 @@ impl Pool {
         taken
     }
 
-    /// One spare, open read-write and empty: a parked one truncated again
-    /// (it may be half-recycled by a crash), or else a new file.
-    fn prepare(&self) -> io::Result<(Spare, File)> {
+    /// One file, open read-write and empty: a parked spare truncated again
+    /// (it may be half-recycled by a crash), or else a new file, anonymous
+    /// where the file system allows.
+    fn prepare(&self) -> io::Result<(Option<Spare>, File)> {
         let parked = lock(&self.parked).pop();
         if let Some(spare) = parked {
             let opened = OpenOptions::new()
@@ -280,8 +306,26 @@ impl Pool {
                 .truncate(true)
                 .open(&spare.path);
             match opened {
-                Ok(file) => return Ok((spare, file)),
+                Ok(file) => return Ok((Some(spare), file)),
                 Err(e) => tracing::warn!("opening spare {}: {e}", spare.path.display()),
+            }
+        }
+        if self.anonymous.load(Ordering::Relaxed) {
+            let made = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .mode(0o600)
+                .open(&self.data_dir);
+            match made {
+                Ok(file) => return Ok((None, file)),
+                Err(e) => {
+                    tracing::warn!(
+                        "O_TMPFILE in {}: {e}; new data files get names",
+                        self.data_dir.display()
+                    );
+                    self.anonymous.store(false, Ordering::Relaxed);
+                }
             }
         }
         let path = self.new_spare_path();
@@ -292,7 +336,7 @@ impl Pool {
             .truncate(true)
             .mode(0o600)
             .open(&path)?;
-        Ok((Spare { path, listed: None }, file))
+        Ok((Some(Spare { path, listed: None }), file))
     }
 
     /// The preparer: keeps [`READY_TARGET`] spares ready until stopped.
