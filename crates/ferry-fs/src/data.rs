@@ -174,8 +174,7 @@ impl DataFiles {
         };
         let placed = match &spare {
             Some(spare) => std::fs::rename(&spare.path, path),
-            None => nix::unistd::linkat(&file, "", AT_FDCWD, path, AtFlags::AT_EMPTY_PATH)
-                .map_err(io::Error::from),
+            None => link_new(&file, path),
         };
         let (file, recycled) = match placed {
             Ok(()) => (file, spare.and_then(|s| s.listed)),
@@ -259,6 +258,24 @@ impl DataFiles {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
         }
+    }
+}
+
+/// Names the anonymous file `file` at `path`. A file already there is a
+/// stray a crash left (a create that made it and died before its record
+/// was journaled; the new inode has its number again): replaced, as a
+/// rename would.
+fn link_new(file: &File, path: &Path) -> io::Result<()> {
+    let link = || {
+        nix::unistd::linkat(file, "", AT_FDCWD, path, AtFlags::AT_EMPTY_PATH)
+            .map_err(io::Error::from)
+    };
+    match link() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            link()
+        }
+        other => other,
     }
 }
 
@@ -365,5 +382,38 @@ impl Pool {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_new_data_file_replaces_a_stray_and_stays_anonymous() {
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-data-{}-{}",
+            std::process::id(),
+            crate::store::now()
+        ));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let files = DataFiles::open(&dir, Vec::new()).unwrap();
+        for n in 0..100 {
+            let path = dir.join("data").join(format!("{n:x}"));
+            // Every other name holds what a crash left there.
+            if n % 2 == 0 {
+                std::fs::write(&path, b"a stray from before a crash").unwrap();
+            }
+            let made = files.create(&path, SystemTime::now()).unwrap();
+            let at_path = std::fs::metadata(&path).unwrap();
+            assert_eq!((at_path.ino(), at_path.len()), (made.meta.ino(), 0));
+            assert_eq!(made.recycled, None);
+        }
+        assert!(files.pool.anonymous.load(Ordering::Relaxed));
+        let spares = std::fs::read_dir(dir.join("spare")).unwrap().count();
+        assert_eq!(spares, 0, "new data files got names in spare/");
+        drop(files);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
