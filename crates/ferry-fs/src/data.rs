@@ -91,6 +91,11 @@ impl Spare {
             listed: Some(ino),
         }
     }
+
+    /// A spare at `path` in `STORE/spare/`.
+    fn unlisted(path: PathBuf) -> Spare {
+        Spare { path, listed: None }
+    }
 }
 
 /// Files opened read-write and known empty, for the next creates: parked
@@ -138,10 +143,7 @@ impl DataFiles {
             {
                 next = next.max(n + 1);
             }
-            parked.push(Spare {
-                path: entry.path(),
-                listed: None,
-            });
+            parked.push(Spare::unlisted(entry.path()));
         }
         let pool = Arc::new(Pool {
             spare_dir,
@@ -220,44 +222,39 @@ impl DataFiles {
     /// Parks the listed spare `spare`: truncated where it is (absent is
     /// fine: nothing to keep; its row goes at the next start).
     pub fn park(&self, spare: Spare) -> io::Result<()> {
-        match OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(&spare.path)
-        {
-            Ok(_) => {
-                lock(&self.pool.parked).push(spare);
-                Ok(())
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        }
+        absent_is_fine(truncate(&spare.path).map(|()| lock(&self.pool.parked).push(spare)))
     }
 
-    /// Frees the data file at `path` (absent is fine) of an inode that
-    /// lives on: truncated into `STORE/spare/`, or deleted when the pool
-    /// is full.
+    /// Frees the data file at `path` (absent is fine) that cannot stay
+    /// where it is as a listed spare (its inode lives on, or the pool was
+    /// full): truncated into `STORE/spare/`, or deleted when the pool is
+    /// full.
     pub fn free(&self, path: &Path) -> io::Result<()> {
-        let result = if self.wants_spares() {
+        absent_is_fine(if self.wants_spares() {
             let spare = self.pool.new_spare_path();
-            OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(path)
-                .and_then(|_| std::fs::rename(path, &spare))
-                .map(|()| {
-                    lock(&self.pool.parked).push(Spare {
-                        path: spare,
-                        listed: None,
-                    })
-                })
+            truncate(path)
+                .and_then(|()| std::fs::rename(path, &spare))
+                .map(|()| lock(&self.pool.parked).push(Spare::unlisted(spare)))
         } else {
             std::fs::remove_file(path)
-        };
-        match result {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        }
+        })
+    }
+}
+
+/// Empties the file at `path`, giving its blocks back.
+fn truncate(path: &Path) -> io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map(drop)
+}
+
+/// `result`, where a file that is not there was nothing to do.
+fn absent_is_fine(result: io::Result<()>) -> io::Result<()> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
 }
 
@@ -353,7 +350,7 @@ impl Pool {
             .truncate(true)
             .mode(0o600)
             .open(&path)?;
-        Ok((Some(Spare { path, listed: None }), file))
+        Ok((Some(Spare::unlisted(path)), file))
     }
 
     /// The preparer: keeps [`READY_TARGET`] spares ready until stopped.

@@ -2049,18 +2049,12 @@ impl Tx<'_> {
 
     /// Bumps the version of the change's inode and appends the record.
     fn log(&self, change: &Change<'_>) -> rusqlite::Result<()> {
-        self.log_version(change).map(drop)
-    }
-
-    /// [`Tx::log`], returning the inode's new version.
-    fn log_version(&self, change: &Change<'_>) -> rusqlite::Result<u64> {
         let (version, host, counter): (i64, i64, i64) = self.exec_row(
             "UPDATE inode SET version=version+1 WHERE ino=?1 RETURNING version, host, counter",
             params![change.ino()],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        self.append_log(change, version, host, counter)?;
-        Ok(version as u64)
+        self.append_log(change, version, host, counter)
     }
 
     /// Appends the log record of `change` for its inode at `version`,

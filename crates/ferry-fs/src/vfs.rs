@@ -1821,6 +1821,8 @@ mod tests {
                     let gone = listed.first().map(|&ino| v.store().data_path(ino));
                     drop(vfs.take());
                     if let Some(path) = gone {
+                        // Its file system inode may be reused: not a spare.
+                        spares.remove(&std::fs::metadata(&path).unwrap().ino());
                         std::fs::remove_file(path).unwrap();
                     }
                     vfs = open();
