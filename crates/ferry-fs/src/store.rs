@@ -1454,29 +1454,14 @@ pub struct NewInode<'a> {
 
 impl Tx<'_> {
     /// Runs one mutating statement and records it for the journal; returns
-    /// the rows it changed. Every change goes through here or
-    /// [`Tx::exec_row`]: [`Store::write`] refuses a transaction that changed
-    /// rows its record does not account for.
+    /// the rows it changed. Every change goes through here: [`Store::write`]
+    /// refuses a transaction that changed rows its record does not account
+    /// for.
     fn exec(&self, sql: &str, params: &[&dyn ToSql]) -> rusqlite::Result<u64> {
         self.in_batch()?;
         let changes = journal::run(self.txn, sql, params)?;
         self.note(sql, params, changes)?;
         Ok(changes)
-    }
-
-    /// [`Tx::exec`] for a statement with `RETURNING`: `f` reads its row.
-    fn exec_row<T>(
-        &self,
-        sql: &str,
-        params: &[&dyn ToSql],
-        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> rusqlite::Result<T> {
-        self.in_batch()?;
-        let before = self.txn.total_changes();
-        let out = self.txn.prepare_cached(sql)?.query_row(params, f)?;
-        // Counted once the statement is reset, as replay counts it.
-        self.note(sql, params, self.txn.total_changes() - before)?;
-        Ok(out)
     }
 
     /// Refuses to run a statement once SQLite rolled the batch back (a full
@@ -1562,8 +1547,10 @@ impl Tx<'_> {
         self.log(&Change::Link { ino, parent, name })
     }
 
-    /// Removes the name `parent/name` of `victim`; logs `Unlink`. Returns
-    /// the victim's remaining link count (a directory's is 0).
+    /// Removes the name `parent/name` of `victim` (as read in this
+    /// transaction: its link count and version are taken from it); logs
+    /// `Unlink`. Returns the victim's remaining link count (a directory's
+    /// is 0).
     pub fn unlink(&self, parent: Ino, name: &[u8], victim: &Inode) -> rusqlite::Result<u32> {
         let t = now();
         self.exec(
@@ -1576,23 +1563,29 @@ impl Tx<'_> {
         } else {
             victim.nlink.saturating_sub(1)
         };
+        // The version bump rides on the row's own UPDATE: `victim` was read
+        // in this transaction, so its version is the current one.
+        let version = victim.version as i64 + 1;
         self.exec(
-            "UPDATE inode SET nlink=?2, ctime=?3 WHERE ino=?1",
-            params![victim.ino, nlink, t],
+            "UPDATE inode SET nlink=?2, ctime=?3, version=?4 WHERE ino=?1",
+            params![victim.ino, nlink, t, version],
         )?;
         self.touch_dir(parent, t)?;
-        self.log(&Change::Unlink {
+        let change = Change::Unlink {
             ino: victim.ino,
             parent,
             name,
-        })?;
+        };
+        self.append_log(&change, version, victim.host.into(), victim.counter as i64)?;
         Ok(nlink)
     }
 
     /// Deletes inode `ino` and its xattrs for good (its last name and last
     /// open handle are gone); logs `Delete`.
     pub fn delete(&self, ino: Ino) -> rusqlite::Result<()> {
-        self.log(&Change::Delete { ino })?;
+        // No version bump: the row goes; the record carries the version.
+        let (version, host, counter) = self.next_version(ino)?;
+        self.append_log(&Change::Delete { ino }, version, host, counter)?;
         self.clear_writing(ino)?;
         self.exec("DELETE FROM xattr WHERE ino=?1", params![ino])?;
         self.exec("DELETE FROM inode WHERE ino=?1", params![ino])?;
@@ -2049,12 +2042,22 @@ impl Tx<'_> {
 
     /// Bumps the version of the change's inode and appends the record.
     fn log(&self, change: &Change<'_>) -> rusqlite::Result<()> {
-        let (version, host, counter): (i64, i64, i64) = self.exec_row(
-            "UPDATE inode SET version=version+1 WHERE ino=?1 RETURNING version, host, counter",
-            params![change.ino()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        let (version, host, counter) = self.next_version(change.ino())?;
+        self.exec(
+            "UPDATE inode SET version=?2 WHERE ino=?1",
+            params![change.ino(), version],
         )?;
         self.append_log(change, version, host, counter)
+    }
+
+    /// The version the next change of `ino` gets, and its identity (host,
+    /// counter). A read apart from the UPDATE, not `UPDATE … RETURNING`:
+    /// SQLite builds a temporary table for every RETURNING, which cost more
+    /// than the rest of an unlink's statements together.
+    fn next_version(&self, ino: Ino) -> rusqlite::Result<(i64, i64, i64)> {
+        self.txn
+            .prepare_cached("SELECT version + 1, host, counter FROM inode WHERE ino=?1")?
+            .query_row([ino], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
     }
 
     /// Appends the log record of `change` for its inode at `version`,
