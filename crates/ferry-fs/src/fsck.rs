@@ -37,8 +37,9 @@ pub struct Report {
     pub entries: u64,
     /// Log records replayed.
     pub records: u64,
-    /// Data files with no inode that are not listed spares: left by a crash
-    /// between creating the file and committing its inode, harmless.
+    /// Data files with no inode that are neither listed spares nor at
+    /// reserved numbers: left by a crash between creating the file and
+    /// committing its inode, harmless.
     pub stray_data_files: u64,
 }
 
@@ -144,6 +145,16 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
                 "the data file of live inode {ino} is listed as a spare"
             )));
         }
+        let reserved: HashSet<Ino> = r.reserved().map_err(db)?.into_iter().collect();
+        if let Some(ino) = reserved.intersection(&inos).next() {
+            return Err(corrupt(format!("live inode {ino} has a reserved number")));
+        }
+        let sequence = r.sequence("inode").map_err(db)?;
+        if let Some(ino) = reserved.iter().find(|i| i.0 > sequence) {
+            return Err(corrupt(format!(
+                "reserved number {ino} is past the inode sequence ({sequence}), which would hand it out"
+            )));
+        }
         let mut stray = 0;
         let data = store.dir().join("data");
         for entry in std::fs::read_dir(&data).map_err(|e| StoreError::io(&data, e))? {
@@ -152,7 +163,8 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
                 .file_name()
                 .to_str()
                 .and_then(|n| u64::from_str_radix(n, 16).ok().map(Ino));
-            if !ino.is_some_and(|i| inos.contains(&i) || spares.contains(&i)) {
+            let known = |i: Ino| inos.contains(&i) || spares.contains(&i) || reserved.contains(&i);
+            if !ino.is_some_and(known) {
                 stray += 1;
             }
         }

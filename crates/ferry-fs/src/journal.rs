@@ -663,7 +663,7 @@ mod tests {
                             rdev: 0,
                             target: None,
                         };
-                        tx.create(ROOT_INO, &name(a), &new)?;
+                        tx.create(ROOT_INO, &name(a), &new, None)?;
                     }
                     (Some(moved), None) if a != b => {
                         tx.rename(ROOT_INO, &name(a), ROOT_INO, &name(b), &moved)?;
@@ -929,11 +929,13 @@ mod tests {
         write(&store, 0, op(3, 0));
         drop(store);
         // What a build of format 3 left: no journal, no journal rows (and
-        // no table of spares, which format 5 added).
+        // no tables of spares and reserved numbers, which formats 5 and 6
+        // added).
         let conn = Connection::open(dir.join("meta.db")).unwrap();
         conn.execute_batch(
             "DELETE FROM meta WHERE key IN ('journal_epoch', 'journal_applied');
              DROP TABLE spare;
+             DROP TABLE reserved;
              PRAGMA user_version=3;",
         )
         .unwrap();

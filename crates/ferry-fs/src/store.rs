@@ -47,11 +47,11 @@ const APPLICATION_ID: i32 = 0x4652_5259;
 const CREATED_VERSION: i64 = 2;
 
 /// The store layout version this build reads and writes (`PRAGMA user_version`).
-pub const FORMAT_VERSION: i32 = 5;
+pub const FORMAT_VERSION: i32 = 6;
 
 /// What a store of each older format version needs to reach the next:
 /// `MIGRATIONS[v - 1]` takes version `v` to `v + 1`.
-const MIGRATIONS: &[&str] = &[VERSION_2, VERSION_3, VERSION_4, VERSION_5];
+const MIGRATIONS: &[&str] = &[VERSION_2, VERSION_3, VERSION_4, VERSION_5, VERSION_6];
 
 /// Files whose contents were shipped while a writer still had them open
 /// (version 2). Writes after that point are not visible to the daemon
@@ -95,6 +95,14 @@ const VERSION_4: &str = "INSERT INTO meta(key, value) VALUES
 /// place. Listed by the transaction that deletes the inode, unlisted by the
 /// one that takes the file.
 const VERSION_5: &str = "CREATE TABLE spare(ino INTEGER PRIMARY KEY);";
+
+/// Reserved inode numbers (version 6, see [`crate::data`]): taken from the
+/// inode sequence ahead of the creates that will use them, each with its
+/// data file made in `data/` off the request path. The create that takes
+/// one gets that number and unreserves it in its transaction. No inode has
+/// a reserved number and the sequence is past all of them, so none is
+/// ever handed out twice.
+const VERSION_6: &str = "CREATE TABLE reserved(ino INTEGER PRIMARY KEY);";
 
 /// Bytes kept in reserve for operations that free space on a full disk.
 const RESERVE_BYTES: u64 = 8 << 20;
@@ -640,7 +648,7 @@ impl Store {
 
     /// Path of the data file of regular inode `ino`.
     pub fn data_path(&self, ino: Ino) -> PathBuf {
-        self.dir.join("data").join(format!("{:x}", ino.0))
+        crate::data::path_in(&self.dir.join("data"), ino)
     }
 
     /// Runs `f` as one atomic write: all its changes or none, durable
@@ -906,7 +914,7 @@ const NEW_DB: &str = "meta.db.new";
 fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "application_id", APPLICATION_ID)?;
     conn.execute_batch(&format!(
-        "BEGIN; {SCHEMA} {VERSION_4} {VERSION_5} PRAGMA user_version={FORMAT_VERSION};"
+        "BEGIN; {SCHEMA} {VERSION_4} {VERSION_5} {VERSION_6} PRAGMA user_version={FORMAT_VERSION};"
     ))?;
     let host = random_host_id()?;
     let t = now();
@@ -1213,6 +1221,13 @@ pub trait Queries {
         rows.collect()
     }
 
+    /// The reserved inode numbers (see [`VERSION_6`]).
+    fn reserved(&self) -> rusqlite::Result<Vec<Ino>> {
+        let mut stmt = self.conn().prepare_cached("SELECT ino FROM reserved")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect()
+    }
+
     /// Files shipped while a writer had them open, not yet logged again
     /// (see [`VERSION_2`]).
     fn writing(&self) -> rusqlite::Result<Vec<Ino>> {
@@ -1479,18 +1494,34 @@ impl Tx<'_> {
         self.record.borrow_mut().push(sql, params, changes)
     }
 
-    /// Creates an inode and links it as `parent/name`; logs `Create`.
-    pub fn create(&self, parent: Ino, name: &[u8], new: &NewInode<'_>) -> rusqlite::Result<Inode> {
+    /// Creates an inode and links it as `parent/name`; logs `Create`. The
+    /// inode gets the `reserved` number (unreserved here), or else the next
+    /// one of the sequence.
+    pub fn create(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new: &NewInode<'_>,
+        reserved: Option<Ino>,
+    ) -> rusqlite::Result<Inode> {
         let t = now();
         let is_dir = new.mode & libc::S_IFMT == libc::S_IFDIR;
         let nlink = if is_dir { 2 } else { 1 };
         let size = new.target.map_or(0, |t| t.len() as u64);
-        // The number AUTOINCREMENT would pick (it never goes below the
-        // sequence, and this transaction holds the write lock). A host's
-        // counter is its local inode number: unique on this host, never
-        // reused, and so known before the row exists, which spares an
+        // A host's counter is its local inode number: unique on this host,
+        // never reused, and so known before the row exists, which spares an
         // UPDATE of the row and of its (host, counter) index.
-        let ino = Ino(self.sequence("inode")? + 1);
+        let ino = match reserved {
+            Some(ino) => {
+                if self.exec("DELETE FROM reserved WHERE ino=?1", params![ino])? != 1 {
+                    return Err(rusqlite::Error::QueryReturnedNoRows);
+                }
+                ino
+            }
+            // The number AUTOINCREMENT would pick (it never goes below the
+            // sequence, and this transaction holds the write lock).
+            None => Ino(self.sequence("inode")? + 1),
+        };
         // Born at the version its `Create` record carries: the row and the
         // record in two statements, where bumping a version 1 as every
         // other change does would take a third.
@@ -1763,9 +1794,36 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// A create took the spare data file of `ino`, or it is gone.
+    /// The spare data file of `ino` became a reserved one, or it is gone.
     pub fn unlist_spare(&self, ino: Ino) -> rusqlite::Result<()> {
         self.exec("DELETE FROM spare WHERE ino=?1", params![ino])?;
+        Ok(())
+    }
+
+    /// Takes the next `count` numbers of the inode sequence and reserves
+    /// them (see [`VERSION_6`]).
+    pub fn reserve(&self, count: u64) -> rusqlite::Result<Vec<Ino>> {
+        let last = self.sequence("inode")?;
+        // The root's insert made the sequence's row, in every store.
+        if self.exec(
+            "UPDATE sqlite_sequence SET seq=?1 WHERE name='inode'",
+            params![(last + count) as i64],
+        )? != 1
+        {
+            return Err(rusqlite::Error::QueryReturnedNoRows);
+        }
+        (last + 1..=last + count)
+            .map(|n| {
+                self.exec("INSERT INTO reserved(ino) VALUES (?1)", params![n as i64])?;
+                Ok(Ino(n))
+            })
+            .collect()
+    }
+
+    /// Gives up the reservation of `ino` (its data file could not be made,
+    /// or a crash took it); the number is never handed out.
+    pub fn unreserve(&self, ino: Ino) -> rusqlite::Result<()> {
+        self.exec("DELETE FROM reserved WHERE ino=?1", params![ino])?;
         Ok(())
     }
 

@@ -315,27 +315,54 @@ impl Reaping {
     }
 }
 
-/// The spare data files `store` lists that are there, for [`DataFiles`];
-/// the rows of any a crash took (a create renamed one and died before its
-/// transaction was journaled) are dropped. A read-only mount takes none.
-fn listed_spares(store: &Store, read_only: bool) -> Result<Vec<Spare>, StoreError> {
+/// The listed spares and the reserved numbers whose data files are there,
+/// for [`DataFiles`]; the rows of any a crash took (the preparer renamed a
+/// spare and died before it unlisted it, or reserved a number and died
+/// before it made its file) are dropped. A read-only mount takes none.
+fn left_files(store: &Store, read_only: bool) -> Result<(Vec<Spare>, Vec<Ino>), StoreError> {
     if read_only {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let db = |e| StoreError::db(store.dir(), e);
-    let listed = store.read(|r| r.spares()).map_err(db)?;
-    let (here, gone): (Vec<Ino>, Vec<Ino>) = listed
-        .into_iter()
-        .partition(|&ino| store.data_path(ino).exists());
-    if !gone.is_empty() {
+    let (listed, reserved) = store
+        .read(|r| Ok((r.spares()?, r.reserved()?)))
+        .map_err(db)?;
+    let there = |ino: &Ino| store.data_path(*ino).exists();
+    let (listed, unlisted): (Vec<Ino>, Vec<Ino>) = listed.into_iter().partition(there);
+    let (reserved, unreserved): (Vec<Ino>, Vec<Ino>) = reserved.into_iter().partition(there);
+    if !unlisted.is_empty() || !unreserved.is_empty() {
         store
-            .write(|tx| gone.iter().try_for_each(|&ino| tx.unlist_spare(ino)))
+            .write(|tx| -> rusqlite::Result<()> {
+                unlisted.iter().try_for_each(|&ino| tx.unlist_spare(ino))?;
+                unreserved.iter().try_for_each(|&ino| tx.unreserve(ino))
+            })
             .map_err(db)?;
     }
-    Ok(here
+    let listed = listed
         .into_iter()
         .map(|ino| Spare::listed(ino, store.data_path(ino)))
-        .collect())
+        .collect();
+    Ok((listed, reserved))
+}
+
+/// The store's side of the data file pool (see [`crate::data::Ledger`]).
+struct StoreLedger(Arc<Store>);
+
+impl crate::data::Ledger for StoreLedger {
+    fn reserve(&self, count: usize) -> std::io::Result<Vec<Ino>> {
+        self.0
+            .write(|tx| tx.reserve(count as u64))
+            .map_err(std::io::Error::other)
+    }
+
+    fn settle(&self, renamed: &[Ino], unused: &[Ino]) -> std::io::Result<()> {
+        self.0
+            .write(|tx| -> rusqlite::Result<()> {
+                renamed.iter().try_for_each(|&ino| tx.unlist_spare(ino))?;
+                unused.iter().try_for_each(|&ino| tx.unreserve(ino))
+            })
+            .map_err(std::io::Error::other)
+    }
 }
 
 /// Frees the data file of `ino` (see [`DataFiles::free`]).
@@ -485,10 +512,13 @@ impl Vfs {
     /// Wraps an opened store, first finishing any deletion a crash
     /// interrupted: inodes with no names cannot be open after a restart.
     pub fn new(store: Store, read_only: bool) -> Result<Vfs, StoreError> {
-        let io = |e| StoreError::io(store.dir(), e);
-        let spares = listed_spares(&store, read_only)?;
-        let data = Arc::new(DataFiles::open(store.dir(), spares).map_err(io)?);
+        let (spares, reserved) = left_files(&store, read_only)?;
         let store = Arc::new(store);
+        let ledger = (!read_only)
+            .then(|| Arc::new(StoreLedger(store.clone())) as Arc<dyn crate::data::Ledger>);
+        let data = DataFiles::open(store.dir(), spares, reserved, ledger)
+            .map_err(|e| StoreError::io(store.dir(), e))?;
+        let data = Arc::new(data);
         let last_open = Arc::new(Mutex::new(HashMap::new()));
         let lookups = Arc::new(Mutex::new(HashMap::new()));
         let reaper = Reaper::start(Reaping {
@@ -993,7 +1023,11 @@ impl Vfs {
         check_name(name)?;
         let kind = Kind::from_mode(mode).ok_or(Errno::EINVAL)?;
         self.reap_if_short();
-        Ok(self.store.write(|tx| -> Result<_, TxError> {
+        let prepared = match kind {
+            Kind::File => self.data.take(),
+            _ => None,
+        };
+        let made = self.store.write(|tx| -> Result<_, TxError> {
             let dir = tx.inode(parent)?.ok_or(Errno::ENOENT)?;
             if dir.kind() != Kind::Dir {
                 return Err(Errno::ENOTDIR.into());
@@ -1013,35 +1047,53 @@ impl Vfs {
                     mode |= libc::S_ISGID;
                 }
             }
-            let inode = tx.create(
-                parent,
-                name,
-                &NewInode {
-                    mode,
-                    uid: caller.uid,
-                    gid,
-                    rdev,
-                    target,
-                },
-            )?;
+            let new = NewInode {
+                mode,
+                uid: caller.uid,
+                gid,
+                rdev,
+                target,
+            };
+            let inode = tx.create(parent, name, &new, prepared.as_ref().map(|p| p.ino))?;
             if kind != Kind::File {
                 return Ok((inode, None));
             }
-            // Created inside the transaction: a crash leaves either both
-            // or an orphan data file, never an inode without data.
+            // The data file is made (or stamped) inside the transaction: a
+            // crash leaves either both or a file no inode has yet, never an
+            // inode without data.
+            let time = to_system_time(inode.mtime);
             let path = self.store.data_path(inode.ino);
-            let data = self
-                .data
-                .create(&path, to_system_time(inode.mtime))
-                .map_err(|e| {
-                    error!("creating {}: {e}", path.display());
-                    io_err(e)
-                })?;
-            if let Some(spare) = data.recycled {
-                tx.unlist_spare(spare)?;
-            }
+            let data = match &prepared {
+                Some(p) => p.stamp(time).map(|meta| (meta, None)),
+                None => self
+                    .data
+                    .create_at(&path, time)
+                    .map(|d| (d.meta, Some(d.file))),
+            };
+            let data = data.map_err(|e| {
+                error!("creating {}: {e}", path.display());
+                io_err(e)
+            })?;
             Ok((inode, Some(data)))
-        })?)
+        });
+        match (made, prepared) {
+            // Refused (EEXIST…): the file is as it was, for the next create.
+            // After a database error it is left for the next start to sort.
+            (Err(TxError::Errno(e)), Some(prepared)) => {
+                self.data.give_back(prepared);
+                Err(e)
+            }
+            (made, prepared) => {
+                let (inode, data) = made?;
+                let data = data.map(|(meta, file)| NewData {
+                    file: file
+                        .or_else(|| prepared.map(|p| p.into_file()))
+                        .expect("a created file has a data file"),
+                    meta,
+                });
+                Ok((inode, data))
+            }
+        }
     }
 
     /// `readlink`.
@@ -1718,22 +1770,34 @@ mod tests {
         pid: 0,
     };
 
-    /// What must hold of the spares after any sequence of creates,
-    /// unlinks, restarts and crashes that take a spare's file: no live
-    /// inode is listed, every listed spare's data file is there and empty,
+    /// What must hold of the data files at rest (no preparer running)
+    /// after any sequence of creates, unlinks, restarts and crashes that
+    /// take a spare's or a reserved number's file: no live inode is listed
+    /// or reserved, the sequence is past every reserved number, every
+    /// listed spare's and reserved number's data file is there and empty,
     /// and every live file's data file holds what was written to it.
-    /// Returns the (file system) inode numbers of the listed spares' files.
-    fn check_spares(vfs: &Vfs, live: &HashMap<Vec<u8>, Vec<u8>>) -> HashSet<u64> {
-        let store = vfs.store();
+    /// Returns the (file system) inode numbers of the pool's files.
+    fn check_files(dir: &std::path::Path, live: &HashMap<Vec<u8>, Vec<u8>>) -> HashSet<u64> {
+        let store = Store::open(dir).unwrap();
         let mut files = HashSet::new();
-        for ino in store.read(|r| r.spares()).unwrap() {
+        let sequence = store.read(|r| r.sequence("inode")).unwrap();
+        let reserved = store.read(|r| r.reserved()).unwrap();
+        for &ino in &reserved {
+            assert!(ino.0 <= sequence, "reserved {ino} past the sequence");
+        }
+        for ino in store
+            .read(|r| r.spares())
+            .unwrap()
+            .into_iter()
+            .chain(reserved)
+        {
             assert!(
                 store.read(|r| r.inode(ino)).unwrap().is_none(),
-                "live {ino} listed"
+                "live {ino} listed or reserved"
             );
             let meta = std::fs::metadata(store.data_path(ino))
-                .unwrap_or_else(|e| panic!("listed spare {ino}: {e}"));
-            assert_eq!(meta.len(), 0, "listed spare {ino}");
+                .unwrap_or_else(|e| panic!("spare or reserved {ino}: {e}"));
+            assert_eq!(meta.len(), 0, "spare or reserved {ino}");
             files.insert(meta.ino());
         }
         for (name, bytes) in live {
@@ -1751,7 +1815,7 @@ mod tests {
     }
 
     #[test]
-    fn deleted_files_data_is_recycled_in_place_and_never_shared() {
+    fn data_files_are_recycled_and_prepared_and_never_shared() {
         let dir = std::env::temp_dir().join(format!(
             "ferry-spares-{}-{}",
             std::process::id(),
@@ -1760,7 +1824,7 @@ mod tests {
         let open = || Some(Vfs::new(Store::open(&dir).unwrap(), false).unwrap());
         let mut vfs = open();
         let mut live: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
-        let (mut spares, mut recycled) = (HashSet::new(), 0);
+        let (mut pool, mut recycled, mut numbers) = (HashSet::new(), 0, HashSet::new());
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
         let mut next = || {
             seed ^= seed << 13;
@@ -1772,17 +1836,18 @@ mod tests {
             let v = vfs.as_ref().unwrap();
             match next() % 16 {
                 // Create and write: a data file of its own, whatever spare
-                // it was.
+                // or reserved file it was, at a number never seen before.
                 0..=7 => {
                     let name = format!("f{step}").into_bytes();
                     let flags = libc::O_WRONLY | libc::O_CREAT;
                     let (attr, fh) = v
                         .create(ROOT, ROOT_INO, &name, libc::S_IFREG | 0o644, flags)
                         .unwrap();
+                    assert!(numbers.insert(attr.ino), "number {} twice", attr.ino.0);
                     let path = v.store().data_path(attr.ino.into());
-                    if spares.contains(&std::fs::metadata(&path).unwrap().ino()) {
-                        recycled += 1;
-                    }
+                    let meta = std::fs::metadata(&path).unwrap();
+                    assert_eq!(meta.len(), 0, "a new file's data file is empty");
+                    recycled += usize::from(pool.contains(&meta.ino()));
                     let bytes = step.to_le_bytes().repeat(1 + (next() % 600) as usize);
                     std::fs::write(path, &bytes).unwrap();
                     v.release(fh);
@@ -1811,27 +1876,36 @@ mod tests {
                 // A restart.
                 14 => {
                     drop(vfs.take());
+                    pool.extend(check_files(&dir, &live));
                     fsck_clean(&dir);
                     vfs = open();
                 }
-                // A crash took a listed spare (a create renamed it and died
-                // before its record was journaled): the next start unlists it.
+                // A crash took a listed spare's file and a reserved
+                // number's (the preparer renamed or made them and died
+                // before it recorded that): the next start drops both rows.
                 _ => {
-                    let listed = v.store().read(|r| r.spares()).unwrap();
-                    let gone = listed.first().map(|&ino| v.store().data_path(ino));
                     drop(vfs.take());
-                    if let Some(path) = gone {
-                        // Its file system inode may be reused: not a spare.
-                        spares.remove(&std::fs::metadata(&path).unwrap().ino());
+                    pool.extend(check_files(&dir, &live));
+                    let store = Store::open(&dir).unwrap();
+                    let spare = store.read(|r| r.spares()).unwrap().first().copied();
+                    let reserved = store.read(|r| r.reserved()).unwrap().first().copied();
+                    for ino in spare.into_iter().chain(reserved) {
+                        let path = store.data_path(ino);
+                        // Its file system inode may be reused: not the pool's.
+                        pool.remove(&std::fs::metadata(&path).unwrap().ino());
                         std::fs::remove_file(path).unwrap();
                     }
+                    drop(store);
                     vfs = open();
                 }
             }
-            spares.extend(check_spares(vfs.as_ref().unwrap(), &live));
         }
-        assert!(recycled > 10, "{recycled} creates took a listed spare");
+        assert!(
+            recycled > 10,
+            "{recycled} creates took a spare or reserved file"
+        );
         drop(vfs);
+        check_files(&dir, &live);
         fsck_clean(&dir);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -808,6 +808,11 @@ fn import(
     let ino = tx.import_inode(&inode, st.target.as_deref())?;
     tx.import_xattrs(ino, &st.xattrs)?;
     if kind == Some(Kind::File) {
+        if local.is_none() {
+            // A file at a new number is a stray (a create that made it
+            // and died unjournaled): the open must fetch, not serve it.
+            remove_stray(vfs, ino);
+        }
         tx.set_chunks(ino, &chunks)?;
         if same_bytes {
             // The data file holds the bytes and stands for the mtime.
@@ -822,6 +827,15 @@ fn import(
     tx.set_remote_version(&inode_key(st.id), Some(st.version))?;
     fx.inodes.insert(ino);
     Ok(ino)
+}
+
+fn remove_stray(vfs: &Vfs, ino: Ino) {
+    let path = vfs.store().data_path(ino);
+    match std::fs::remove_file(&path) {
+        Ok(()) => warn!("removed {}, a data file no inode had", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!("removing {}: {e}", path.display()),
+    }
 }
 
 fn set_data_mtime(vfs: &Vfs, ino: Ino, mtime: i64) {
@@ -1077,7 +1091,7 @@ mod tests {
                         rdev: 0,
                         target: None,
                     };
-                    let dir = tx.create(parent, name, &new)?;
+                    let dir = tx.create(parent, name, &new, None)?;
                     let pid = match tx.inode(parent)? {
                         Some(p) if parent != ROOT_INO => super::super::object_id(&p),
                         _ => ObjectId::ROOT,

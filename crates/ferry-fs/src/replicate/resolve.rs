@@ -461,6 +461,7 @@ fn lost_found(tx: &Tx<'_>) -> rusqlite::Result<Ino> {
             rdev: 0,
             target: None,
         },
+        None,
     )?;
     Ok(made.ino)
 }
