@@ -440,11 +440,11 @@ mod tests {
 
     #[test]
     fn prepared_files_sit_empty_at_reserved_numbers_and_recycle_spares() {
-        let dir = std::env::temp_dir().join(format!(
-            "ferry-data-{}-{}",
-            std::process::id(),
-            crate::store::now()
-        ));
+        let scratch = tempfile::Builder::new()
+            .prefix("ferry-data-")
+            .tempdir()
+            .unwrap();
+        let dir = scratch.path();
         let data = dir.join("data");
         std::fs::create_dir_all(&data).unwrap();
         // What a crash left at numbers the ledger hands out: strays.
@@ -460,7 +460,7 @@ mod tests {
         }
         let ledger = Arc::new(TestLedger::default());
         let files = DataFiles::open(
-            &dir,
+            dir,
             spares
                 .iter()
                 .map(|&i| Spare::listed(i, path_in(&data, i)))
@@ -491,7 +491,5 @@ mod tests {
         assert_eq!(renamed, spares, "every renamed spare was unlisted");
         assert!(spares.iter().all(|&i| !path_in(&data, i).exists()));
         assert!(lock(&ledger.unused).is_empty());
-        drop(files);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1816,11 +1816,11 @@ mod tests {
 
     #[test]
     fn data_files_are_recycled_and_prepared_and_never_shared() {
-        let dir = std::env::temp_dir().join(format!(
-            "ferry-spares-{}-{}",
-            std::process::id(),
-            store::now()
-        ));
+        let scratch = tempfile::Builder::new()
+            .prefix("ferry-spares-")
+            .tempdir()
+            .unwrap();
+        let dir = scratch.path().join("store");
         let open = || Some(Vfs::new(Store::open(&dir).unwrap(), false).unwrap());
         let mut vfs = open();
         let mut live: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
@@ -1907,6 +1907,5 @@ mod tests {
         drop(vfs);
         check_files(&dir, &live);
         fsck_clean(&dir);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
