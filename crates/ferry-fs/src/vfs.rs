@@ -1077,11 +1077,15 @@ impl Vfs {
             Ok((inode, Some(data)))
         });
         match (made, prepared) {
-            // Refused (EEXIST…): the file is as it was, for the next create.
-            // After a database error it is left for the next start to sort.
-            (Err(TxError::Errno(e)), Some(prepared)) => {
-                self.data.give_back(prepared);
-                Err(e)
+            // The transaction left the reservation as it was (refused with
+            // EEXIST, or failed on a full disk): the file serves the next
+            // create. One whose reservation is gone (`Tx::create` says so)
+            // is left for the next start to sort out.
+            (Err(e), Some(prepared)) => {
+                if !matches!(e, TxError::Db(rusqlite::Error::QueryReturnedNoRows)) {
+                    self.data.give_back(prepared);
+                }
+                Err(e.into())
             }
             (made, prepared) => {
                 let (inode, data) = made?;
@@ -1840,6 +1844,12 @@ mod tests {
                 0..=7 => {
                     let name = format!("f{step}").into_bytes();
                     let flags = libc::O_WRONLY | libc::O_CREAT;
+                    // A create refused takes a prepared file and gives it
+                    // back, untouched, with its number unused.
+                    if let Some(taken) = live.keys().next().filter(|_| step % 3 == 0) {
+                        let refused = v.create(ROOT, ROOT_INO, taken, libc::S_IFREG | 0o644, flags);
+                        assert_eq!(refused.err(), Some(Errno::EEXIST));
+                    }
                     let (attr, fh) = v
                         .create(ROOT, ROOT_INO, &name, libc::S_IFREG | 0o644, flags)
                         .unwrap();
