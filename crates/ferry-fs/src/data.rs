@@ -288,11 +288,7 @@ fn stamp(file: &File, time: SystemTime) -> io::Result<Metadata> {
 
 /// Empties the file at `path`, giving its blocks back.
 fn truncate(path: &Path) -> io::Result<()> {
-    OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(path)
-        .map(drop)
+    open_empty(path, false).map(drop)
 }
 
 /// `result`, where a file that is not there was nothing to do.

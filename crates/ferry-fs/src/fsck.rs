@@ -155,6 +155,7 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
                 "reserved number {ino} is past the inode sequence ({sequence}), which would hand it out"
             )));
         }
+        let known = |i: Ino| inos.contains(&i) || spares.contains(&i) || reserved.contains(&i);
         let mut stray = 0;
         let data = store.dir().join("data");
         for entry in std::fs::read_dir(&data).map_err(|e| StoreError::io(&data, e))? {
@@ -163,7 +164,6 @@ pub fn check(dir: &Path) -> Result<Report, StoreError> {
                 .file_name()
                 .to_str()
                 .and_then(|n| u64::from_str_radix(n, 16).ok().map(Ino));
-            let known = |i: Ino| inos.contains(&i) || spares.contains(&i) || reserved.contains(&i);
             if !ino.is_some_and(known) {
                 stray += 1;
             }

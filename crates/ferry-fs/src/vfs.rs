@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{Errno, FileAttr, FileType, TimeOrNow};
 use tracing::{error, warn};
 
-use crate::data::{DataFiles, NewData, Spare};
+use crate::data::{DataFiles, NewData, Prepared, Spare};
 use crate::error::StoreError;
 use crate::ids::{Fh, Ino};
 use crate::store::{self, Inode, Kind, Nanos, NewInode, Queries, Store, Tx, ROOT_INO};
@@ -1076,28 +1076,29 @@ impl Vfs {
             })?;
             Ok((inode, Some(data)))
         });
-        match (made, prepared) {
-            // The transaction left the reservation as it was (refused with
-            // EEXIST, or failed on a full disk): the file serves the next
-            // create. One whose reservation is gone (`Tx::create` says so)
-            // is left for the next start to sort out.
-            (Err(e), Some(prepared)) => {
-                if !matches!(e, TxError::Db(rusqlite::Error::QueryReturnedNoRows)) {
+        let (inode, data) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                // The transaction left the reservation as it was (refused
+                // with EEXIST, or failed on a full disk): the file serves the
+                // next create. One whose reservation is gone (`Tx::create`
+                // says so) is left for the next start to sort out.
+                let gone = matches!(e, TxError::Db(rusqlite::Error::QueryReturnedNoRows));
+                if let Some(prepared) = prepared.filter(|_| !gone) {
                     self.data.give_back(prepared);
                 }
-                Err(e.into())
+                return Err(e.into());
             }
-            (made, prepared) => {
-                let (inode, data) = made?;
-                let data = data.map(|(meta, file)| NewData {
-                    file: file
-                        .or_else(|| prepared.map(|p| p.into_file()))
-                        .expect("a created file has a data file"),
-                    meta,
-                });
-                Ok((inode, data))
-            }
-        }
+        };
+        // A file made here comes with its descriptor; a prepared one's is
+        // the prepared file's.
+        let data = data.map(|(meta, made_here)| NewData {
+            file: made_here
+                .or_else(|| prepared.map(Prepared::into_file))
+                .expect("a created file has a data file"),
+            meta,
+        });
+        Ok((inode, data))
     }
 
     /// `readlink`.

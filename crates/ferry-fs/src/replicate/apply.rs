@@ -808,11 +808,6 @@ fn import(
     let ino = tx.import_inode(&inode, st.target.as_deref())?;
     tx.import_xattrs(ino, &st.xattrs)?;
     if kind == Some(Kind::File) {
-        if local.is_none() {
-            // A file at a new number is a stray (a create that made it
-            // and died unjournaled): the open must fetch, not serve it.
-            remove_stray(vfs, ino);
-        }
         tx.set_chunks(ino, &chunks)?;
         if same_bytes {
             // The data file holds the bytes and stands for the mtime.
@@ -827,15 +822,6 @@ fn import(
     tx.set_remote_version(&inode_key(st.id), Some(st.version))?;
     fx.inodes.insert(ino);
     Ok(ino)
-}
-
-fn remove_stray(vfs: &Vfs, ino: Ino) {
-    let path = vfs.store().data_path(ino);
-    match std::fs::remove_file(&path) {
-        Ok(()) => warn!("removed {}, a data file no inode had", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => warn!("removing {}: {e}", path.display()),
-    }
 }
 
 fn set_data_mtime(vfs: &Vfs, ino: Ino, mtime: i64) {
