@@ -663,7 +663,10 @@ mod tests {
                             rdev: 0,
                             target: None,
                         };
-                        tx.create(ROOT_INO, &name(a), &new, None)?;
+                        let ino = tx.create(ROOT_INO, &name(a), &new, None)?.ino;
+                        if let Some(value) = tag_xattr(i) {
+                            tx.set_xattr(ino, TAG, &value)?;
+                        }
                     }
                     (Some(moved), None) if a != b => {
                         tx.rename(ROOT_INO, &name(a), ROOT_INO, &name(b), &moved)?;
@@ -678,6 +681,17 @@ mod tests {
             .expect("a write");
     }
 
+    /// The xattr a create by write `i` sets, if it sets one: every third,
+    /// so the store's index of inodes with xattrs is attacked too (a
+    /// reopen, a replay).
+    fn tag_xattr(i: u64) -> Option<[u8; 8]> {
+        i.is_multiple_of(3).then(|| i.to_le_bytes())
+    }
+
+    const TAG: &[u8] = b"user.tag";
+
+    /// The count of writes done and the names, after checking that each
+    /// file has exactly the xattrs its create gave it.
     fn state(store: &Store) -> (u64, Model) {
         store.read(|r| {
             let done = r.meta_int("test_writes").unwrap().unwrap_or(0) as u64;
@@ -687,7 +701,12 @@ mod tests {
                 .into_iter()
                 .map(|e| {
                     let k = std::str::from_utf8(&e.name[1..]).unwrap().parse().unwrap();
-                    (k, u64::from(e.inode.uid))
+                    let tag = u64::from(e.inode.uid);
+                    let want = tag_xattr(tag).map(Vec::from);
+                    assert_eq!(r.xattr(e.inode.ino, TAG).unwrap(), want, "n{k}");
+                    let names = r.xattr_names(e.inode.ino).unwrap();
+                    assert_eq!(names, want.iter().map(|_| TAG.to_vec()).collect::<Vec<_>>());
+                    (k, tag)
                 })
                 .collect();
             (done, names)

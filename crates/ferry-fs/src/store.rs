@@ -24,6 +24,8 @@
 //! file, given up by operations that free space ([`Store::make_room`]) so
 //! an unlink can still commit, and taken back once there is room again.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
@@ -336,6 +338,53 @@ struct Db {
     /// records that only the commit covers). No write is journaled
     /// meanwhile.
     epoch_pending: bool,
+    /// Which inodes may have xattrs (see [`XattrOwners`]).
+    xattr_owners: RefCell<XattrOwners>,
+}
+
+/// The inodes that may have extended attributes, so that asking one that
+/// has none costs no query: the kernel asks `security.capability` before
+/// the first write after every open or attribute refresh (passthrough
+/// writes included), and `ls -l` asks for ACLs of every file.
+///
+/// Loaded from the table when the store opens and grown by every statement
+/// that inserts an xattr, under the store's lock like the query it spares;
+/// never shrunk while the store is open. An inode wrongly in it costs a
+/// query; one wrongly missing would hide its xattrs, so every insert goes
+/// through [`Tx::set_xattr`] or [`Tx::import_xattrs`] (the journal's replay
+/// re-runs only statements those made, and at open comes before the load).
+/// Inode numbers are never reused, so a deleted inode left in it is only
+/// a few bytes.
+#[derive(Debug, Default)]
+pub struct XattrOwners {
+    inos: HashSet<Ino>,
+    /// Past [`XATTR_OWNERS_MAX`] inodes, every inode may have xattrs.
+    all: bool,
+}
+
+/// Inodes [`XattrOwners`] tracks one by one (about 32 MiB at most).
+const XATTR_OWNERS_MAX: usize = 1 << 20;
+
+impl XattrOwners {
+    fn load(conn: &Connection) -> rusqlite::Result<XattrOwners> {
+        let mut owners = XattrOwners::default();
+        let mut stmt = conn.prepare("SELECT DISTINCT ino FROM xattr LIMIT ?1")?;
+        for ino in stmt.query_map([XATTR_OWNERS_MAX as i64 + 1], |r| r.get(0))? {
+            owners.add(ino?);
+        }
+        Ok(owners)
+    }
+
+    fn add(&mut self, ino: Ino) {
+        if !self.all && self.inos.insert(ino) && self.inos.len() > XATTR_OWNERS_MAX {
+            self.all = true;
+            self.inos = HashSet::new();
+        }
+    }
+
+    fn may_have(&self, ino: Ino) -> bool {
+        self.all || self.inos.contains(&ino)
+    }
 }
 
 /// What [`Store::wait_for_log`] waits on.
@@ -596,6 +645,7 @@ impl Store {
                 bytes: 0,
                 lost: false,
                 epoch_pending: false,
+                xattr_owners: RefCell::default(),
             }),
             syncer,
             dir: dir.to_path_buf(),
@@ -633,6 +683,9 @@ impl Store {
         if db.journal.holds_records() {
             db.new_epoch().map_err(|e| StoreError::db(db_path, e))?;
         }
+        // After the replay, which may have inserted some.
+        let owners = XattrOwners::load(&db.conn).map_err(|e| StoreError::db(db_path, e))?;
+        db.xattr_owners = RefCell::new(owners);
         Ok(())
     }
 
@@ -669,6 +722,7 @@ impl Store {
         let before = db.conn.total_changes();
         let tx = Tx {
             txn: &db.conn,
+            xattr_owners: &db.xattr_owners,
             host: self.host,
             logged: std::cell::Cell::new(false),
             at: now(),
@@ -741,7 +795,10 @@ impl Store {
         if let Err(e) = db.heal() {
             tracing::error!("the store is behind its journal: {e}");
         }
-        f(&Reader { conn: &db.conn })
+        f(&Reader {
+            conn: &db.conn,
+            xattr_owners: &db.xattr_owners,
+        })
     }
 
     /// Commits the open batch; a failure is logged, not returned, because
@@ -1043,6 +1100,9 @@ pub trait Queries {
     /// The connection the queries run on.
     fn conn(&self) -> &Connection;
 
+    /// Which inodes may have xattrs.
+    fn xattr_owners(&self) -> &RefCell<XattrOwners>;
+
     /// The inode `ino`, if it exists.
     fn inode(&self, ino: Ino) -> rusqlite::Result<Option<Inode>> {
         self.conn()
@@ -1124,6 +1184,9 @@ pub trait Queries {
 
     /// The value of xattr `name` of `ino`.
     fn xattr(&self, ino: Ino, name: &[u8]) -> rusqlite::Result<Option<Vec<u8>>> {
+        if !self.xattr_owners().borrow().may_have(ino) {
+            return Ok(None);
+        }
         self.conn()
             .prepare_cached("SELECT value FROM xattr WHERE ino=?1 AND name=?2")?
             .query_row(params![ino, name], |r| r.get(0))
@@ -1132,6 +1195,9 @@ pub trait Queries {
 
     /// The xattr names of `ino`, in a stable order.
     fn xattr_names(&self, ino: Ino) -> rusqlite::Result<Vec<Vec<u8>>> {
+        if !self.xattr_owners().borrow().may_have(ino) {
+            return Ok(Vec::new());
+        }
         let mut stmt = self
             .conn()
             .prepare_cached("SELECT name FROM xattr WHERE ino=?1 ORDER BY name")?;
@@ -1419,11 +1485,16 @@ fn prefixed(prefix: &str) -> String {
 /// A read-only view of the store.
 pub struct Reader<'a> {
     conn: &'a Connection,
+    xattr_owners: &'a RefCell<XattrOwners>,
 }
 
 impl Queries for Reader<'_> {
     fn conn(&self) -> &Connection {
         self.conn
+    }
+
+    fn xattr_owners(&self) -> &RefCell<XattrOwners> {
+        self.xattr_owners
     }
 }
 
@@ -1431,6 +1502,7 @@ impl Queries for Reader<'_> {
 /// and appends the matching [`Change`] to the log, in this transaction.
 pub struct Tx<'a> {
     txn: &'a Connection,
+    xattr_owners: &'a RefCell<XattrOwners>,
     host: u32,
     /// Whether this transaction appended to the log (so, once committed,
     /// the replicator has work).
@@ -1450,6 +1522,10 @@ pub struct Tx<'a> {
 impl Queries for Tx<'_> {
     fn conn(&self) -> &Connection {
         self.txn
+    }
+
+    fn xattr_owners(&self) -> &RefCell<XattrOwners> {
+        self.xattr_owners
     }
 }
 
@@ -1719,6 +1795,7 @@ impl Tx<'_> {
 
     /// Sets xattr `name` of `ino`; logs `Xattr`.
     pub fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8]) -> rusqlite::Result<()> {
+        self.xattr_owners.borrow_mut().add(ino);
         self.exec(
             "INSERT OR REPLACE INTO xattr(ino, name, value) VALUES (?1, ?2, ?3)",
             params![ino, name, value],
@@ -2025,6 +2102,9 @@ impl Tx<'_> {
     /// Replaces the xattrs of an imported inode.
     pub fn import_xattrs(&self, ino: Ino, xattrs: &[(Vec<u8>, Vec<u8>)]) -> rusqlite::Result<()> {
         self.exec("DELETE FROM xattr WHERE ino=?1", params![ino])?;
+        if !xattrs.is_empty() {
+            self.xattr_owners.borrow_mut().add(ino);
+        }
         for (name, value) in xattrs {
             self.exec(
                 "INSERT INTO xattr(ino, name, value) VALUES (?1, ?2, ?3)",
