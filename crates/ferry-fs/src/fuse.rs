@@ -10,6 +10,12 @@
 //!   through the FUSE notify channel. So the timeout is only a backstop for
 //!   a lost invalidation, and a long one lets `stat` of a whole tree run
 //!   from the kernel's cache at local speed.
+//! * **Names that are not there are cached too**, for the same 60 s: a
+//!   lookup that finds nothing answers an entry with inode 0, which the
+//!   kernel keeps as a negative entry (an error would be forgotten at
+//!   once), so the misses of a compiler's include path, `$PATH` or Python's
+//!   imports ask once. A local create replaces it in the kernel itself; a
+//!   name replication adds is invalidated like any other it changes.
 //! * **Passthrough when the daemon may use it** (it needs CAP_SYS_ADMIN):
 //!   an open regular file is backed by its data file in the kernel, so
 //!   `read`, `write` and `mmap` run at the speed of the store's file system
@@ -394,6 +400,26 @@ fn kernel_time_or_now(t: TimeOrNow) -> TimeOrNow {
     }
 }
 
+/// The entry of a name that is not there: inode 0, which FUSE defines as
+/// ENOENT that the kernel may cache for the entry's timeout.
+const NEGATIVE: fuser::FileAttr = fuser::FileAttr {
+    ino: INodeNo(0),
+    size: 0,
+    blocks: 0,
+    atime: UNIX_EPOCH,
+    mtime: UNIX_EPOCH,
+    ctime: UNIX_EPOCH,
+    crtime: UNIX_EPOCH,
+    kind: fuser::FileType::RegularFile,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 0,
+    flags: 0,
+};
+
 /// Replies to an entry-creating request.
 fn entry(reply: ReplyEntry, result: Result<fuser::FileAttr, Errno>) {
     match result {
@@ -466,7 +492,10 @@ impl Filesystem for FerryFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _timer = self.ops.timer("lookup");
         debug!(parent = parent.0, ?name, "lookup");
-        entry(reply, self.ops.vfs.lookup(parent.into(), name.as_bytes()));
+        match self.ops.vfs.lookup(parent.into(), name.as_bytes()) {
+            Err(Errno::ENOENT) => reply.entry(&TTL, &NEGATIVE, Generation(0)),
+            found => entry(reply, found),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {

@@ -64,8 +64,12 @@ fn drop_caches() -> bool {
     fs::write("/proc/sys/vm/drop_caches", b"3\n").is_ok()
 }
 
-/// create+write+close, stat, unlink of `n` 4 KiB files: ops/s each.
-fn small_files(dir: &Path, n: usize) -> [f64; 3] {
+/// Passes over the missing names in [`small_files`].
+const MISS_PASSES: usize = 4;
+
+/// create+write+close, stat, stat of missing names, unlink of `n` 4 KiB
+/// files: ops/s each.
+fn small_files(dir: &Path, n: usize) -> [f64; 4] {
     fs::create_dir(dir).unwrap();
     let block = vec![0x5Au8; 4096];
     let names: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("f{i:05}"))).collect();
@@ -79,13 +83,24 @@ fn small_files(dir: &Path, n: usize) -> [f64; 3] {
         assert_eq!(fs::metadata(p).unwrap().len(), 4096);
     }
     let stat = rate(n as f64, t.elapsed());
+    // What a compiler's include path, `$PATH` or Python's imports do: the
+    // same misses, again and again.
+    let missing: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("g{i:05}"))).collect();
+    let t = Instant::now();
+    for _ in 0..MISS_PASSES {
+        for p in &missing {
+            let err = fs::symlink_metadata(p).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        }
+    }
+    let miss = rate((n * MISS_PASSES) as f64, t.elapsed());
     let t = Instant::now();
     for p in &names {
         fs::remove_file(p).unwrap();
     }
     let unlink = rate(n as f64, t.elapsed());
     fs::remove_dir(dir).unwrap();
-    [create, stat, unlink]
+    [create, stat, miss, unlink]
 }
 
 /// `mib` MiB written to one file in 4 KiB writes: MiB/s. Each write that
@@ -301,6 +316,11 @@ fn main() {
             true,
         ),
         ("stat".into(), "ops/s", true),
+        (
+            format!("stat of a missing name ({MISS_PASSES} passes over {files})"),
+            "ops/s",
+            true,
+        ),
         ("unlink".into(), "ops/s", true),
         (
             format!("seq write {mib} MiB, 1 MiB writes, no fsync"),

@@ -869,6 +869,39 @@ fn small_writes_cost_no_request_each() {
     assert!(data.iter().all(|&b| b == 0x5a));
 }
 
+/// A name that is not there is looked up once, not at every miss (the
+/// kernel keeps the daemon's negative entry), and a create replaces it:
+/// the new file is there at once, under the same name and through a hard
+/// link made afterwards.
+#[test]
+fn missing_names_are_asked_once_and_made_at_once() {
+    let m = Mount::with_args(&["--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&m);
+    let path = m.join("absent");
+    let before = requests(&addr, "lookup");
+    for _ in 0..50 {
+        let err = fs::metadata(&path).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    }
+    let asked = requests(&addr, "lookup") - before;
+    assert!(
+        asked <= 1.0,
+        "{asked} lookups for 50 stats of a missing name"
+    );
+    fs::write(&path, b"here").unwrap();
+    assert_eq!(fs::read(&path).unwrap(), b"here");
+    assert!(fs::metadata(m.join("again")).is_err());
+    fs::hard_link(&path, m.join("again")).unwrap();
+    assert_eq!(fs::read(m.join("again")).unwrap(), b"here");
+    fs::remove_file(&path).unwrap();
+    assert_eq!(
+        fs::metadata(&path).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    fs::create_dir(&path).unwrap();
+    assert!(fs::metadata(&path).unwrap().is_dir());
+}
+
 /// Item 7: Prometheus metrics on an opt-in address: replication numbers,
 /// FUSE latencies per operation, cache hits, misses and evictions.
 #[test]

@@ -411,7 +411,7 @@ pub(super) fn rescue(
     // A plain rename of this host's: it ships (the old name's removal
     // too, if the backend still has it).
     let was = tx.pulling(false);
-    let lf = lost_found(tx)?;
+    let lf = lost_found(tx, fx)?;
     let new = free_name(tx, lf, name)?;
     tx.rename(parent, name, lf, &new, ours)?;
     tx.pulling(was);
@@ -442,8 +442,9 @@ fn relink(
     Ok(())
 }
 
-/// `/lost+found`, made if there is none.
-fn lost_found(tx: &Tx<'_>) -> rusqlite::Result<Ino> {
+/// `/lost+found`, made if there is none (`fx` learns the new name: the
+/// kernel may hold a negative entry for it).
+fn lost_found(tx: &Tx<'_>, fx: &mut Effects) -> rusqlite::Result<Ino> {
     if let Some(dir) = tx
         .lookup(ROOT_INO, LOST_FOUND)?
         .filter(|i| i.kind() == Kind::Dir)
@@ -463,6 +464,8 @@ fn lost_found(tx: &Tx<'_>) -> rusqlite::Result<Ino> {
         },
         None,
     )?;
+    fx.added.push((ROOT_INO, name));
+    fx.inodes.insert(ROOT_INO);
     Ok(made.ino)
 }
 
