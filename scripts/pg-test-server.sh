@@ -128,6 +128,9 @@ remove() {
 
 watch() {
     local pid=$1 dir=$2
+    # A Ctrl-C reaches the whole foreground group: the watchdog must outlive
+    # it to remove the cluster once the test process is gone.
+    trap '' INT HUP TERM
     while kill -0 "$pid" 2>/dev/null; do sleep 1; done
     remove "$dir"
 }

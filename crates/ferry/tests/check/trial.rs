@@ -31,6 +31,7 @@ use std::fs;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -814,8 +815,29 @@ fn converged(url: &str, hosts: &[Mount], restored: Image, report: &mut Report) {
 
 /// Runs the trials `opts` asks for within its budget; prints each trial's
 /// outcome and a summary; returns the process exit code.
+/// Set by SIGINT or SIGTERM (see [`stop_on_signals`]).
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn ask_to_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM end the run after the trial under way instead
+/// of killing the checker on the spot, which left that trial's mounts,
+/// namespaces and temp dirs behind: its guards now tear them down as at
+/// any other end. (Ctrl-C also reaches the trial's own processes, so that
+/// trial ends early; it is reported as interrupted, not as a failure.)
+fn stop_on_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe; glibc's signal() restarts interrupted calls.
+        unsafe { libc::signal(sig, ask_to_stop as *const () as libc::sighandler_t) };
+    }
+}
+
 pub fn run_all(opts: &Options) -> i32 {
     install_panic_hook();
+    stop_on_signals();
     println!(
         "fs_check: {} trials, seed {}, backend {:?}, hosts {:?}, budget {:?}",
         opts.trials, opts.seed, opts.backends, opts.hosts, opts.budget
@@ -838,7 +860,6 @@ pub fn run_all(opts: &Options) -> i32 {
         let t = Trial::nth(opts, index, &mut seeds);
         let trial_started = Instant::now();
         let report = run(&t, opts.verbose);
-        ran += 1;
         let secs = trial_started.elapsed().as_secs_f64();
         let what = format!(
             "trial {index}: seed {} backend {} hosts {}",
@@ -846,6 +867,15 @@ pub fn run_all(opts: &Options) -> i32 {
             t.backend.name(),
             t.hosts
         );
+        if STOP.load(Ordering::SeqCst) {
+            println!("{what}: interrupted ({secs:.1} s), cleaned up; not counted");
+            println!(
+                "fs_check: interrupted after {ran} trials, {} failed",
+                failed.len()
+            );
+            return 130;
+        }
+        ran += 1;
         for note in &report.notes {
             println!("{what}: note: {note}");
         }
