@@ -344,8 +344,8 @@ struct Db {
 
 /// The inodes that may have extended attributes, so that asking one that
 /// has none costs no query: the kernel asks `security.capability` before
-/// the first write after every open or attribute refresh (passthrough
-/// writes included), and `ls -l` asks for ACLs of every file.
+/// the first write into an inode after its attributes were fetched (a
+/// create, a `stat`), and `ls -l` asks for the ACLs of every file.
 ///
 /// Loaded from the table when the store opens and grown by every statement
 /// that inserts an xattr, under the store's lock like the query it spares;
