@@ -331,18 +331,22 @@ fn left_files(store: &Store, read_only: bool) -> Result<(Vec<Spare>, Vec<Ino>), 
     let (listed, unlisted): (Vec<Ino>, Vec<Ino>) = listed.into_iter().partition(there);
     let (reserved, unreserved): (Vec<Ino>, Vec<Ino>) = reserved.into_iter().partition(there);
     if !unlisted.is_empty() || !unreserved.is_empty() {
-        store
-            .write(|tx| -> rusqlite::Result<()> {
-                unlisted.iter().try_for_each(|&ino| tx.unlist_spare(ino))?;
-                unreserved.iter().try_for_each(|&ino| tx.unreserve(ino))
-            })
-            .map_err(db)?;
+        drop_file_rows(store, &unlisted, &unreserved).map_err(db)?;
     }
     let listed = listed
         .into_iter()
         .map(|ino| Spare::listed(ino, store.data_path(ino)))
         .collect();
     Ok((listed, reserved))
+}
+
+/// Unlists the spares `unlisted` and unreserves the numbers `unreserved`,
+/// in one transaction: files that moved or never came to be.
+fn drop_file_rows(store: &Store, unlisted: &[Ino], unreserved: &[Ino]) -> rusqlite::Result<()> {
+    store.write(|tx| -> rusqlite::Result<()> {
+        unlisted.iter().try_for_each(|&ino| tx.unlist_spare(ino))?;
+        unreserved.iter().try_for_each(|&ino| tx.unreserve(ino))
+    })
 }
 
 /// The store's side of the data file pool (see [`crate::data::Ledger`]).
@@ -356,12 +360,7 @@ impl crate::data::Ledger for StoreLedger {
     }
 
     fn settle(&self, renamed: &[Ino], unused: &[Ino]) -> std::io::Result<()> {
-        self.0
-            .write(|tx| -> rusqlite::Result<()> {
-                renamed.iter().try_for_each(|&ino| tx.unlist_spare(ino))?;
-                unused.iter().try_for_each(|&ino| tx.unreserve(ino))
-            })
-            .map_err(std::io::Error::other)
+        drop_file_rows(&self.0, renamed, unused).map_err(std::io::Error::other)
     }
 }
 
